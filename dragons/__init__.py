@@ -1,0 +1,3 @@
+"""dragons: distributed batch image classification on Ray."""
+
+__version__ = "0.1.0"

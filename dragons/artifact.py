@@ -1,0 +1,102 @@
+"""The model artifact: ``model.pt`` (a state dict) + ``model.json`` (metadata).
+
+Loading needs no Ray and uses ``torch.load(..., weights_only=True)``, so an
+artifact from an untrusted bucket cannot run code. ``version`` is a content hash
+of the weights: scoring tables record it, so every row says which model made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dragons import __version__, storage
+from dragons.errors import DragonsError
+from dragons.models.registry import Classifier, build_model
+
+WEIGHTS_FILE = "model.pt"
+META_FILE = "model.json"
+
+
+@dataclass
+class Artifact:
+    model: Classifier
+    meta: dict[str, Any]
+    uri: str
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.meta["normalization"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.meta["normalization"]["std"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def base_size(self) -> int:
+        return int(self.meta.get("base_size") or round(self.image_size / 0.875))
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["version"])
+
+
+def state_dict_bytes(model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def save(out: str, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the weights, then ``model.json`` last (a reader never sees a half artifact)."""
+    weights = state_dict_bytes(model)
+    full = {**meta, "version": content_hash(weights), "dragons_version": __version__, "weights_file": WEIGHTS_FILE}
+    for key in ("arch", "classes", "image_size", "normalization", "metrics"):
+        if key not in full:
+            raise ValueError(f"artifact metadata lacks {key!r}")
+    storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights)
+    storage.write_bytes(storage.join(out, META_FILE), json.dumps(full, indent=2, sort_keys=True).encode())
+    return full
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    base = uri[: -len(META_FILE)].rstrip("/") if uri.rstrip("/").endswith(META_FILE) else uri
+    meta_uri = storage.join(base, META_FILE)
+    if not storage.exists(meta_uri):
+        raise DragonsError(f"no model artifact at {uri}: {meta_uri} is missing (train one with `dragons train --out {uri}`)")
+    try:
+        return dict(json.loads(storage.read_bytes(meta_uri)))
+    except json.JSONDecodeError as exc:
+        raise DragonsError(f"{meta_uri} is not valid JSON: {exc}") from None
+
+
+def load(uri: str, map_location: str | torch.device = "cpu") -> Artifact:
+    """Load an artifact directory (or its ``model.json``) from disk or S3."""
+    base = uri[: -len(META_FILE)].rstrip("/") if uri.rstrip("/").endswith(META_FILE) else uri
+    meta = read_meta(base)
+    raw = storage.read_bytes(storage.join(base, meta.get("weights_file", WEIGHTS_FILE)))
+    if content_hash(raw) != meta.get("version"):
+        raise DragonsError(f"{base}: weights do not match model.json's version hash; the artifact is corrupt or half-written")
+    state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+    model.load_state_dict(state)
+    model.eval()
+    return Artifact(model=model, meta=meta, uri=storage.parse(base).uri)

@@ -1,0 +1,102 @@
+"""``dragons evaluate``: validation metrics and the interpretation report.
+
+The report is written locally with matplotlib, then copied to the destination
+(local or S3), so every plot is a PNG linked from one ``index.html``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from dragons import artifact, storage
+from dragons.data import discover
+from dragons.errors import DragonsError
+from dragons.images import ImageError
+from dragons.preprocess import blend_tta, decode_to_base, eval_batch, to_tensor, tta_batches
+
+
+def _loader(uris: list[str], side: int) -> Any:
+    def load(i: int) -> np.ndarray:
+        try:
+            return decode_to_base(storage.read_bytes(uris[i]), side)
+        except (ImageError, DragonsError):
+            return np.zeros((side, side, 3), dtype=np.uint8)
+
+    return load
+
+
+def report_from_predictions(
+    report_uri: str, meta: dict[str, Any], uris: list[str], labels: np.ndarray, probs: np.ndarray,
+    history: list[dict[str, Any]] | None = None, lr_find: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+) -> str:
+    """Write the HTML report for given predictions; returns the index.html URI."""
+    from dragons.report import write_report
+
+    names = [u.rsplit("/", 1)[-1] for u in uris]
+    info = {"model_version": meta.get("version"), "arch": meta.get("arch"), **(extra or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(tmp, probs=probs, labels=labels, classes=list(meta["classes"]), names=names,
+                     image_loader=_loader(uris, 192), history=history, lr_find=lr_find,
+                     title=f"dragons: {meta.get('arch')} on {len(uris)} validation images", extra=info)
+        storage.upload_dir(tmp, report_uri)
+    return storage.join(report_uri, "index.html")
+
+
+@torch.inference_mode()
+def predict_uris(art: artifact.Artifact, uris: list[str], tta: int = 0, batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
+    """Class probabilities for each URI in-process (no Ray); errors are returned per row."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = art.model.to(device).to(memory_format=torch.channels_last).eval()
+    probs = np.full((len(uris), len(art.classes)), np.nan, dtype=np.float32)
+    errors = [""] * len(uris)
+
+    def load(i: int) -> np.ndarray | None:
+        try:
+            return decode_to_base(storage.read_bytes(uris[i]), art.base_size)
+        except (ImageError, DragonsError) as exc:
+            errors[i] = str(exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes without the GIL
+        for start in range(0, len(uris), batch_size):
+            ids = list(range(start, min(len(uris), start + batch_size)))
+            imgs = list(pool.map(load, ids))
+            ok = [i for i, im in zip(ids, imgs) if im is not None]
+            if not ok:
+                continue
+            x = to_tensor(np.stack([im for im in imgs if im is not None]), device)
+            p = model(eval_batch(x, art.image_size, art.mean, art.std)).float().softmax(1)
+            if tta:
+                views = [model(v).float().softmax(1) for v in tta_batches(x, art.image_size, art.mean, art.std, tta)]
+                p = blend_tta(p, views)
+            probs[ok] = p.cpu().numpy()
+    return probs, errors
+
+
+def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0, valid_pct: float = 0.2, seed: int = 42) -> dict[str, Any]:
+    """Score the validation split of ``data_uri`` and write the report."""
+    from dragons.metrics import classification_metrics
+
+    art = artifact.load(model_uri)
+    folder = discover(data_uri, valid_pct, seed)
+    if folder.classes != art.classes:
+        raise DragonsError(f"{data_uri} has classes {folder.classes} but the model was trained on {art.classes}")
+    uris = [s.uri for s in folder.valid]
+    probs, errors = predict_uris(art, uris, tta=tta)
+    ok = np.array([e == "" for e in errors])
+    labels = np.array([s.label for s in folder.valid])
+    for u, e in zip(uris, errors):
+        if e:
+            print(f"skipped unreadable image {u}: {e}")
+    metrics = classification_metrics(probs[ok], labels[ok], art.classes)
+    metrics["skipped"] = int((~ok).sum())
+    if report_uri:
+        page = report_from_predictions(report_uri, art.meta, [u for u, k in zip(uris, ok) if k], labels[ok], probs[ok],
+                                       history=art.meta.get("history"), lr_find=art.meta.get("lr_find"), extra={"tta": tta})
+        metrics["report"] = page
+    return metrics

@@ -1,0 +1,78 @@
+"""Connecting to Ray and sizing resource requests from what the cluster has.
+
+The trap this module exists for: on a 2-CPU machine, two workers or actors at
+1 CPU each leave nothing for Ray Data's read/decode tasks and the job hangs
+silently. Every request is sized from ``ray.cluster_resources()``, leaving a
+share of the CPUs to Ray Data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+# Ray Train's print patch echoes every worker print twice; plain stdout is enough.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+log = logging.getLogger("dragons")
+
+# CPUs kept free for Ray Data tasks (decode, read) when sizing workers/actors.
+DATA_CPU_SHARE = 0.25
+
+
+def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` (or the job's cluster), else start an embedded local Ray."""
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # Only the variables we need travel to workers: never put secrets into a
+        # runtime_env (it is shown in the dashboard); workers inherit the env.
+        # The embedded cluster keeps its dashboard (Ray Train's state API needs it)
+        # bound to 127.0.0.1, never beyond localhost.
+        kwargs = {} if address else {"dashboard_host": "127.0.0.1"}
+        ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+    if no_progress_timeout_s is not None:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.execution_no_progress_timeout_s = no_progress_timeout_s
+        ctx.enable_progress_bars = os.environ.get("DRAGONS_PROGRESS_BARS", "1") == "1"
+    # Ray Data's per-operator INFO lines drown our own progress; keep its warnings.
+    for name in ("ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float
+    gpus: int
+
+
+def cluster() -> Resources:
+    res = ray.cluster_resources()
+    return Resources(cpus=float(res.get("CPU", 0.0)), gpus=int(res.get("GPU", 0)))
+
+
+def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:
+    """(workers, CPUs per worker, use_gpu) for Ray Train.
+
+    GPUs: one worker per GPU. CPU only: as many workers as whole CPUs, each
+    asking for a fraction so that ``DATA_CPU_SHARE`` of the CPUs stay free.
+    """
+    from dragons.errors import DragonsError
+
+    if res.gpus > 0:
+        n = requested or res.gpus
+        if n > res.gpus:
+            raise DragonsError(f"--workers {n} asks for more GPUs than the cluster has ({res.gpus})")
+        cpu = max(0.5, min(4.0, (res.cpus * (1 - DATA_CPU_SHARE)) / n))
+        return n, cpu, True
+    usable = res.cpus * (1 - DATA_CPU_SHARE)
+    n = requested or max(1, int(res.cpus))
+    if n > max(1, int(res.cpus)):
+        raise DragonsError(
+            f"--workers {n} does not fit: the cluster has {res.cpus:g} CPUs and no GPU; use --workers {max(1, int(res.cpus))} or fewer"
+        )
+    return n, round(usable / n, 3), False

@@ -1,0 +1,74 @@
+"""The training configuration: one typed dataclass, a comment on each default."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from dragons.errors import DragonsError
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # image folder: local path, file:// or s3://bucket/prefix
+    out: str = ""  # where the model artifact (model.pt + model.json + report/) is written
+    storage: str = ""  # Ray Train run storage for checkpoints; "" = <out>/_runs
+    name: str = ""  # run name under storage; "" = derived from --out (so --resume finds it)
+    arch: str = "efficientnet_lite0"  # a registry name; the only one with offline ImageNet weights
+    weights: str = "imagenet"  # imagenet | none | path/S3 URI of an ImageNet-layout state dict
+    image_size: int = 224  # crop fed to the network; the cached base square is 256 for 224
+    workers: int = 0  # Ray Train workers; 0 = one per GPU, else as many as the CPUs fit
+    batch_size: int = 16  # per worker; on CPU small batches are faster per image and give more steps
+    precompute: bool = True  # fit the head on body features computed once (the notebook's trick)
+    head_epochs: int = 20  # passes over the cached features; each costs milliseconds
+    freeze_epochs: int = 1  # epochs with the body frozen on augmented images (only without precompute)
+    epochs: int = 2  # fine-tuning epochs with the whole network unfrozen
+    lr: float = 2e-3  # base learning rate (fastai's default); 0 = "auto", from the lr finder
+    head_lr_scale: float = 5.0  # the precomputed head trains on fixed features: it takes a larger rate
+    lr_mult: float = 10.0  # discriminative rates: early layers get lr / lr_mult (fastai's slice)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    augment: str = "default"  # augmentation preset: none | light | default | strong
+    tta: int = 0  # test-time augmentation views for the final validation pass (0 = off)
+    valid_pct: float = 0.2  # held-out share when there is no valid/ folder (or with ignore_valid)
+    ignore_valid: bool = False  # hold out valid_pct of train/ even if valid/ exists (for tuning)
+    seed: int = 42  # seeds the split, the head init and augmentation
+    class_weights: bool = False  # weight the loss by inverse class frequency (imbalanced data)
+    max_failures: int = 0  # worker failures Ray Train recovers from, restarting at the last checkpoint
+    resume: bool = False  # continue the run named `name` from its last checkpoint
+    amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | bf16 | fp16 | off
+    report: bool = True  # write the evaluation report (HTML + PNGs) beside the artifact
+    max_pixels: int = 64_000_000  # decompression-bomb guard for decoding
+    no_progress_timeout_s: float = 300.0  # a stalled Ray Data stage fails after this, with a message
+    lr_find_only: bool = False  # run the learning-rate sweep and stop (dragons lr-find)
+
+    def validate(self) -> None:
+        from dragons.models.registry import get_spec
+        from dragons.preprocess import get_preset
+
+        get_spec(self.arch)
+        get_preset(self.augment)
+        checks = [
+            (self.image_size >= 32, "--image-size must be at least 32"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.workers >= 0, "--workers must be 0 (auto) or more"),
+            (self.epochs >= 0 and self.head_epochs >= 0 and self.freeze_epochs >= 0, "epoch counts must be >= 0"),
+            (self.lr >= 0, "--lr must be a positive number or 'auto'"),
+            (self.lr_mult >= 1, "--lr-mult must be >= 1"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of: auto, bf16, fp16, off"),
+            (self.tta >= 0, "--tta must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise DragonsError(msg)
+        if not self.lr_find_only and not self.out:
+            raise DragonsError("--out is required: where to write the model artifact (local path or s3://...)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

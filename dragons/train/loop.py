@@ -1,0 +1,398 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+fastai's ``fine_tune`` recipe, data-parallel:
+
+1. (``precompute``) compute the frozen body's features once, each worker for its
+   shard, and fit the head on them for many cheap epochs (the learning-rate
+   finder runs here too: on cached features it costs seconds, not minutes);
+   without precompute, ``freeze_epochs`` epochs train the head on augmented images;
+2. unfreeze and fine-tune the whole network with a one-cycle schedule and
+   discriminative learning rates over layer groups.
+
+Every epoch ends with a checkpoint through ``ray.train.report``; a restarted
+worker group (``max_failures``) or a ``--resume`` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dragons.models.registry import Classifier, build_model
+from dragons.preprocess import blend_tta, eval_batch, get_preset, train_batch, tta_batches
+from dragons.train.config import TrainConfig
+from dragons.train.schedule import discriminative_lrs, exp_lrs, is_finite, one_cycle, smooth, suggest_valley
+
+STATE_FILE = "state.pt"
+PREDS_FILE = "valid_preds.npz"
+
+
+@dataclass
+class Shard:
+    """A worker's images in memory: uint8 NCHW base squares, labels and row ids."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return t.tolist()
+
+
+def _gather(arr: np.ndarray) -> np.ndarray:
+    if _world()[1] == 1:
+        return arr
+    parts: list[Any] = [None] * _world()[1]
+    dist.all_gather_object(parts, arr)
+    return np.concatenate(parts)
+
+
+def _load_shard(it: Any, rank: int, world: int, take_every: bool) -> Shard:
+    """Pull a dataset shard into memory once: it is re-read every epoch.
+
+    ``take_every``: the iterator holds the full dataset (the validation set is
+    not split by Ray, whose equal split could drop rows); keep rows rank::world.
+    """
+    xs, ys, ids = [], [], []
+    for batch in it.iter_batches(batch_size=64, batch_format="numpy"):
+        xs.append(batch["image"])
+        ys.append(batch["label"])
+        ids.append(batch["idx"])
+    if not xs:
+        return Shard(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    x, y, i = np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
+    order = np.argsort(i, kind="stable")  # deterministic order whatever the block order
+    x, y, i = x[order], y[order], i[order]
+    if take_every:
+        x, y, i = x[rank::world], y[rank::world], i[rank::world]
+    return Shard(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(i.astype(np.int64)))
+
+
+class Worker:
+    """State and steps of one Ray Train worker; the functions below drive it."""
+
+    def __init__(self, cfg: TrainConfig, classes: list[str], class_weights: list[float] | None, device: torch.device) -> None:
+        self.cfg = cfg
+        self.classes = classes
+        self.device = device
+        self.rank, self.world = _world()
+        torch.manual_seed(cfg.seed)  # identical head init on every rank
+        self.model: Classifier = build_model(cfg.arch, len(classes), cfg.weights).to(device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        from dragons.models.registry import get_spec
+
+        spec = get_spec(cfg.arch)
+        self.mean, self.std = spec.mean, spec.std
+        self.preset = get_preset(cfg.augment)
+        w = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=w, label_smoothing=cfg.label_smoothing)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda" or self.cfg.amp == "off":
+            return None  # CPU autocast is slower than fp32 without AMX
+        if self.cfg.amp == "fp16" or (self.cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    # ----- batches -------------------------------------------------------------
+    def batches(self, shard: Shard, batch_size: int, shuffle: bool, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield exactly ``steps`` batches (the same count on every rank, or DDP hangs)."""
+        n = len(shard)
+        steps = steps if steps is not None else math.ceil(n / batch_size)
+        order = torch.randperm(n, generator=self.gen) if shuffle else torch.arange(n)
+        for s in range(steps):
+            sel = order[(torch.arange(batch_size) + s * batch_size) % max(n, 1)] if shuffle else order[s * batch_size : (s + 1) * batch_size]
+            yield shard.x[sel], shard.y[sel]
+
+    def steps_per_epoch(self, shard: Shard, batch_size: int) -> int:
+        n_min = int(_all_reduce([float(len(shard))], op="min")[0])
+        return max(1, n_min // batch_size)
+
+    # ----- evaluation ------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, shard: Shard, tta: int = 0) -> np.ndarray:
+        self.model.eval()
+        out = []
+        for x, _ in self.batches(shard, 16, shuffle=False):
+            x = x.to(self.device)
+            with self.autocast():
+                plain = self.model(eval_batch(x, self.cfg.image_size, self.mean, self.std)).float().softmax(1)
+                if tta:
+                    views = [self.model(v).float().softmax(1) for v in tta_batches(x, self.cfg.image_size, self.mean, self.std, tta)]
+                    plain = blend_tta(plain, views)
+            out.append(plain.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def validate(self, shard: Shard, probs: np.ndarray) -> tuple[float, float]:
+        """(valid_loss, accuracy) over all ranks."""
+        y = shard.y.numpy()
+        p = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0) if len(y) else np.zeros(0)
+        correct = float((probs.argmax(1) == y).sum()) if len(y) else 0.0
+        loss_sum, correct, n = _all_reduce([float(-np.log(p).sum()), correct, float(len(y))])
+        return loss_sum / max(n, 1), correct / max(n, 1)
+
+    # ----- precompute ------------------------------------------------------------
+    @torch.inference_mode()
+    def features(self, shard: Shard) -> torch.Tensor:
+        self.model.eval()
+        feats = []
+        for x, _ in self.batches(shard, 16, shuffle=False):
+            with self.autocast():
+                feats.append(self.model.body(eval_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std)).float())
+        return torch.cat(feats) if feats else torch.zeros(0, self.model.num_features, device=self.device)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int) -> float:
+        """Fit the head on cached features with one cycle; returns the mean train loss."""
+        head = self._wrap(self.model.head)
+        opt = torch.optim.AdamW(self.model.head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        bs = self.cfg.batch_size
+        steps = self.steps_per_epoch(Shard(feats, labels, labels), bs)
+        sched = one_cycle(opt, [lr], steps * epochs, pct_start=0.25)
+        self.model.head.train()
+        losses = []
+        for _ in range(epochs):
+            order = torch.randperm(len(labels), generator=self.gen)
+            for s in range(steps):
+                sel = order[(torch.arange(bs) + s * bs) % len(labels)]
+                loss = self.loss_fn(head(feats[sel]), labels[sel].to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+        return float(np.mean(losses[-steps:])) if losses else float("nan")
+
+    def lr_find(self, feats: torch.Tensor, labels: torch.Tensor, start: float = 1e-6, end: float = 1.0, steps: int = 100) -> dict[str, Any]:
+        """Exponential sweep on a throw-away copy of the head; the real head is untouched."""
+        saved = {k: v.clone() for k, v in self.model.head.state_dict().items()}
+        head = self._wrap(self.model.head)
+        opt = torch.optim.AdamW(self.model.head.parameters(), lr=start, weight_decay=self.cfg.weight_decay)
+        bs = self.cfg.batch_size
+        lrs = exp_lrs(start, end, steps)
+        raw: list[float] = []
+        self.model.head.train()
+        best = float("inf")
+        for step, lr in enumerate(lrs):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            sel = torch.randint(0, len(labels), (bs,), generator=self.gen)
+            loss = self.loss_fn(head(feats[sel]), labels[sel].to(self.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = _all_reduce([loss.item()])[0] / self.world
+            raw.append(value)
+            smoothed = smooth(raw)[-1]
+            best = min(best, smoothed)
+            # Stop like fastai once the loss diverges (the same decision on every rank).
+            if not is_finite(smoothed) or (step > 10 and smoothed > 4 * best):
+                break
+        self.model.head.load_state_dict(saved)
+        sm = smooth(raw)
+        used = lrs[: len(sm)]
+        return {"lrs": used, "losses": sm, "suggestion": suggest_valley(used, sm)}
+
+    # ----- image epochs ----------------------------------------------------------
+    def set_frozen(self, frozen: bool) -> None:
+        for p in self.model.body.parameters():
+            p.requires_grad_(not frozen)
+
+    def train_images(self, shard: Shard, opt: torch.optim.Optimizer, sched: Any, steps: int, frozen: bool, net: nn.Module) -> float:
+        self.model.train()
+        if frozen:
+            self.model.body.eval()  # frozen BN keeps its ImageNet statistics, as in precompute
+        total, count = 0.0, 0
+        for x, y in self.batches(shard, self.cfg.batch_size, shuffle=True, steps=steps):
+            x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
+            with self.autocast():
+                loss = self.loss_fn(net(x).float(), y.to(self.device))
+            opt.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            sched.step()
+            total += loss.item()
+            count += 1
+        return total / max(count, 1)
+
+
+def _save_checkpoint(worker: Worker, state: dict[str, Any], metrics: dict[str, Any], preds: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """All ranks call report (it is a barrier); only rank 0 attaches files."""
+    import ray.train
+
+    if worker.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({**state, "model": {k: v.cpu() for k, v in worker.model.state_dict().items()}}, os.path.join(tmp, STATE_FILE))
+        if preds is not None:
+            np.savez(os.path.join(tmp, PREDS_FILE), idx=preds[0], probs=preds[1])
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _row(history: list[dict[str, Any]], rank: int) -> None:
+    if rank != 0:
+        return
+    h = history[-1]
+    if len(history) == 1 or history[-2].get("_header"):
+        print(f"{'epoch':>5}  {'phase':<9}{'train_loss':>11}{'valid_loss':>11}{'accuracy':>10}{'time':>8}", flush=True)
+    mins, secs = divmod(int(round(h["time"])), 60)
+    print(f"{h['epoch']:>5}  {h['phase']:<9}{h['train_loss']:>11.4f}{h['valid_loss']:>11.4f}{h['accuracy']:>10.4f}{mins:>5}:{secs:02d}", flush=True)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config`` carries the TrainConfig and data facts."""
+    import ray.train
+    import ray.train.torch
+
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our table is the progress display
+    cfg = TrainConfig.from_dict(config["cfg"])
+    classes: list[str] = config["classes"]
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    worker = Worker(cfg, classes, config.get("class_weights"), device)
+    rank, world = worker.rank, worker.world
+    pid_dir = os.environ.get("DRAGONS_WORKER_PID_DIR")
+    if pid_dir:  # lets the fault-tolerance test find and kill a worker process
+        os.makedirs(pid_dir, exist_ok=True)
+        with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+    train = _load_shard(ray.train.get_dataset_shard("train"), rank, world, take_every=False)
+    valid = _load_shard(ray.train.get_dataset_shard("valid"), rank, world, take_every=True)
+
+    history: list[dict[str, Any]] = []
+    lr_info: dict[str, Any] | None = None
+    done = 0
+    lr = cfg.lr
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        worker.model.load_state_dict(state["model"])
+        done, history = int(state["epochs_done"]), list(state["history"])
+        lr_info, lr = state.get("lr_find"), float(state["lr"])
+        if rank == 0:
+            print(f"resumed from checkpoint after epoch {done}", flush=True)
+
+    plan: list[str] = (["head"] if cfg.precompute else ["frozen"] * cfg.freeze_epochs) + ["unfrozen"] * cfg.epochs
+    need_features = (cfg.precompute and done == 0) or cfg.lr_find_only or (lr == 0 and done == 0)
+    if need_features:
+        t0 = time.perf_counter()
+        feats = worker.features(train)
+        if rank == 0:
+            print(f"precomputed body features for {len(train)} images per worker in {time.perf_counter() - t0:.1f}s", flush=True)
+        if lr == 0 or cfg.lr_find_only:
+            lr_info = worker.lr_find(feats, train.y)
+            lr = float(lr_info["suggestion"])
+            if rank == 0:
+                print(f"lr_find suggests lr={lr:.2e}", flush=True)
+            if cfg.lr_find_only:
+                _save_checkpoint(worker, {"epochs_done": 0, "history": [], "lr": lr, "lr_find": lr_info}, {"lr": lr}, None)
+                return
+
+    valid_probs = None
+    for epoch in range(done, len(plan)):
+        phase = plan[epoch]
+        t0 = time.perf_counter()
+        if phase == "head":
+            # feats exists: need_features is true whenever the head phase is not yet done.
+            train_loss = worker.fit_head(feats, train.y, lr * cfg.head_lr_scale, max(1, cfg.head_epochs))
+            epoch_lr = lr * cfg.head_lr_scale
+        else:
+            frozen = phase == "frozen"
+            worker.set_frozen(frozen)
+            net = worker._wrap(worker.model)
+            phase_epochs = plan.count(phase)
+            phase_start = plan.index(phase)
+            steps = worker.steps_per_epoch(train, cfg.batch_size)
+            if frozen:
+                params = [{"params": list(worker.model.head.parameters()), "lr": lr}]
+                max_lrs, pct, div = [lr], 0.99, 25.0
+            else:
+                # fastai fine_tune: half the base rate once unfrozen, spread over the groups.
+                max_lrs = discriminative_lrs(lr / 2, cfg.lr_mult, 3)
+                params = [{"params": g, "lr": r} for g, r in zip(worker.model.layer_groups(), max_lrs)]
+                pct, div = 0.3, 5.0
+            opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+            sched = one_cycle(opt, max_lrs, steps * phase_epochs, pct_start=pct, div=div, start_step=(epoch - phase_start) * steps)
+            train_loss = worker.train_images(train, opt, sched, steps, frozen, net)
+            epoch_lr = max_lrs[-1]
+        is_last = epoch == len(plan) - 1
+        probs = worker.predict(valid)
+        valid_loss, acc = worker.validate(valid, probs)
+        history.append({"epoch": epoch, "phase": phase, "train_loss": _mean_all(train_loss, world), "valid_loss": valid_loss,
+                        "accuracy": acc, "time": time.perf_counter() - t0, "lr": epoch_lr})
+        metrics: dict[str, Any] = {"epoch": epoch, "valid_loss": valid_loss, "accuracy": acc, "train_loss": history[-1]["train_loss"]}
+        if is_last and cfg.tta:
+            tprobs = worker.predict(valid, tta=cfg.tta)
+            tloss, tacc = worker.validate(valid, tprobs)
+            metrics.update({"valid_loss_tta": tloss, "accuracy_tta": tacc})
+            tta_all = _gather(tprobs)
+        valid_probs = (_gather(valid.idx.numpy()), _gather(probs))
+        _row(history, rank)
+        if is_last and cfg.tta and rank == 0:
+            print(f"TTA x{cfg.tta}: valid_loss {metrics['valid_loss_tta']:.4f} accuracy {metrics['accuracy_tta']:.4f}", flush=True)
+        state = {"epochs_done": epoch + 1, "history": history, "lr": lr, "lr_find": lr_info}
+        if is_last and cfg.tta:
+            state["tta"] = {"accuracy": metrics["accuracy_tta"], "valid_loss": metrics["valid_loss_tta"]}
+            valid_probs = (valid_probs[0], valid_probs[1], tta_all)  # type: ignore[assignment]
+        _save_checkpoint(worker, state, metrics, _pack_preds(valid_probs))
+    if not plan and rank == 0:
+        print("nothing to train: every epoch count is 0", flush=True)
+
+
+def _pack_preds(vp: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    if vp is None:
+        return None
+    if len(vp) == 3:  # with TTA: store plain and TTA probabilities side by side
+        return vp[0], np.stack([vp[1], vp[2]])
+    return vp[0], vp[1][None]
+
+
+def _mean_all(value: float, world: int) -> float:
+    return _all_reduce([value])[0] / world

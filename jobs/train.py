@@ -1,0 +1,17 @@
+"""Ray job entry point: fine-tune a model (`ray job submit -- python jobs/train.py ...`)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working_dir
+
+from dragons.cli import get_train_parser, guarded, train_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_train_parser("jobs/train.py").parse_args(argv)
+    return guarded(lambda: train_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

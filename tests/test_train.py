@@ -1,0 +1,98 @@
+"""End-to-end training on Ray Train (slow: each run starts a worker group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dragons import artifact, storage
+from dragons.data import discover
+
+pytestmark = pytest.mark.slow
+
+
+def test_hymenoptera_from_s3_two_workers(hymenoptera_model: dict) -> None:
+    meta = hymenoptera_model["meta"]
+    assert meta["resources"]["workers"] == 2
+    assert meta["data"]["n_train"] == 245 and meta["data"]["n_valid"] == 153
+    assert meta["metrics"]["valid_accuracy"] >= 0.90, meta["metrics"]
+    for key in ("arch", "classes", "image_size", "normalization", "metrics", "config", "dragons_version", "version"):
+        assert key in meta
+    assert meta["classes"] == ["ants", "bees"]
+    assert meta["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert [h["phase"] for h in meta["history"]][0] in ("head", "frozen")
+    assert "SECRET" not in json.dumps(meta).upper() or os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(meta)
+
+
+def test_artifact_loads_from_s3_without_ray_and_predict_agrees(hymenoptera_model: dict, hymenoptera_s3: str) -> None:
+    """Predictions of the loaded artifact reproduce the accuracy it claims."""
+    from dragons.evaluate import predict_uris
+
+    art = artifact.load(hymenoptera_model["uri"])  # plain torch.load(weights_only=True), no Ray
+    assert art.version == hymenoptera_model["meta"]["version"]
+    folder = discover(hymenoptera_s3)
+    uris = [s.uri for s in folder.valid]
+    probs, errors = predict_uris(art, uris)
+    assert not any(errors)
+    acc = float((probs.argmax(1) == np.array([s.label for s in folder.valid])).mean())
+    assert abs(acc - art.meta["metrics"]["valid_accuracy"]) <= 1.5 / len(uris), (acc, art.meta["metrics"])
+
+    # The CLI on a few of them (a subprocess: exit code, parsing, the same answers).
+    picks = [0, 1, len(uris) - 2, len(uris) - 1]
+    proc = subprocess.run([sys.executable, "-m", "dragons.cli", "predict", "--model", hymenoptera_model["uri"], "--format", "json",
+                           *[uris[i] for i in picks]], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["uri"] for r in rows] == [uris[i] for i in picks]
+    for r, i in zip(rows, picks):
+        assert r["label"] == art.classes[int(probs[i].argmax())]
+        assert abs(r["p_ants"] + r["p_bees"] - 1) < 1e-4
+
+
+def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) -> None:
+    """3 classes; a truncated JPEG, a zero-byte file, a text file and a GIF: reported, none fatal."""
+    from dragons.synth import bad_file_catalogue, write_dataset
+    from dragons.train.config import TrainConfig
+    from dragons.train.run import train
+
+    root = workdir / "three"
+    write_dataset(str(root), ["drogon", "rhaegal", "viserion"], n_train=14, n_valid=6, seed=3, size=(200, 150))
+    cat = bad_file_catalogue()
+    for name in ("truncated.jpg", "zero_byte.jpg", "notes.txt", "palette.gif"):
+        (root / "train" / "drogon" / name).write_bytes(cat[name][0])
+    out = workdir / "three-model"
+    meta = train(TrainConfig(data=str(root), out=str(out), workers=2, image_size=96, epochs=1, head_epochs=30, batch_size=8))
+    bad = {b["uri"].rsplit("/", 1)[-1]: b["error"] for b in meta["data"]["bad_images"]}
+    assert set(bad) == {"truncated.jpg", "zero_byte.jpg"}
+    assert bad["truncated.jpg"].startswith("truncated") and bad["zero_byte.jpg"].startswith("empty")
+    assert meta["data"]["skipped_non_images"] == 1  # notes.txt
+    assert meta["data"]["n_train"] == 3 * 14 + 1  # the GIF is trained on, converted to RGB
+    assert meta["classes"] == ["drogon", "rhaegal", "viserion"]
+    assert meta["metrics"]["valid_accuracy"] >= 0.7, meta["metrics"]
+    art = artifact.load(str(out))
+    assert len(art.classes) == 3 and art.model.head[-1].out_features == 3
+    assert storage.exists(str(out / "report" / "index.html"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dragons.cli", *args], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+
+
+def test_cli_unknown_arch_and_missing_bucket(s3: object, tmp_path: Path) -> None:
+    p = _cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--arch", "resnet9000")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "unknown arch 'resnet9000'" in p.stderr and "efficientnet_lite0" in p.stderr
+    p = _cli("train", "--data", "s3://no-such-bucket/data", "--out", str(tmp_path / "m"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "bucket 'no-such-bucket' does not exist" in p.stderr
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in p.stderr + p.stdout
+    p = _cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--lr", "fast")
+    assert p.returncode == 2 and "--lr must be a number or 'auto'" in p.stderr
+    p = _cli("predict", "--model", "s3://no-such-bucket/m", "x.jpg")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "no-such-bucket" in p.stderr
