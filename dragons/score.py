@@ -1,0 +1,222 @@
+"""Bulk scoring: a Ray Data pipeline from an S3 prefix to a Parquet table.
+
+    list/manifest -> read + decode + preprocess (CPU tasks) -> Scorer actors
+    (one GPU each where there are GPUs) -> the driver writes Parquet parts
+    -> a commit manifest, written last, makes the run visible.
+
+Every listed object yields exactly one row: an object that cannot be scored
+gets ``error`` and null probabilities, never a crashed job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from dragons import artifact, storage, table
+from dragons.data import DecodeBatch
+from dragons.errors import DragonsError
+from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray
+
+log = logging.getLogger("dragons.score")
+
+
+@dataclass
+class ScoreConfig:
+    model: str = ""  # model artifact: path or s3:// (model.json + model.pt)
+    input: str = ""  # prefix to score: every object under it gets a row
+    output: str = ""  # table root; rows land in dt=YYYY-MM-DD/run_id=ID/
+    manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
+    run_id: str = ""  # "" = a UTC timestamp; re-using an id replaces that run
+    batch_size: int = 16  # images per model call; on CPU small batches are as fast and stream better
+    actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
+    tta: int = 0  # test-time augmentation views (0 = off)
+    max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this
+    max_pixels: int = 64_000_000  # decompression-bomb guard
+    rows_per_file: int = 200_000  # Parquet part size
+    progress_s: float = 5.0  # seconds between progress lines
+    log_file: str = ""  # "" = ./logs/score-<run_id>.log
+    no_progress_timeout_s: float = 600.0  # a stalled pipeline fails with a message after this
+
+
+class Scorer:
+    """Ray Data actor: loads the artifact once, maps decoded batches to probabilities."""
+
+    def __init__(self, model_uri: str, tta: int, threads: int) -> None:
+        import torch
+
+        from dragons.models.fuse import fuse_for_inference
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.art = artifact.load(model_uri)
+        model = fuse_for_inference(self.art.model.eval())
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.amp = self.device.type == "cuda"
+        self.tta = tta
+        self.classes = self.art.classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        from dragons.preprocess import blend_tta, eval_batch, to_tensor, tta_batches
+
+        errors = batch["error"]
+        n = len(errors)
+        ok = np.array([e == "" for e in errors], dtype=bool)
+        probs = np.full((n, len(self.classes)), np.nan, dtype=np.float64)
+        if ok.any():
+            x = to_tensor(batch["image"][ok], self.device)
+            a = self.art
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                p = self.model(eval_batch(x, a.image_size, a.mean, a.std)).float().softmax(1)
+                if self.tta:
+                    views = [self.model(v).float().softmax(1) for v in tta_batches(x, a.image_size, a.mean, a.std, self.tta)]
+                    p = blend_tta(p, views)
+            probs[ok] = p.cpu().numpy()
+        top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
+        out: dict[str, np.ndarray] = {
+            "uri": batch["uri"],
+            "label": np.array([self.classes[t] if t >= 0 else None for t in top], dtype=object),
+            "score": np.where(ok, np.nan_to_num(probs, nan=0).max(1), np.nan),
+            "error": np.array([e if e else None for e in errors], dtype=object),
+        }
+        for j, c in enumerate(self.classes):
+            out[table.prob_column(c)] = probs[:, j]
+        return out
+
+
+def _list_inputs(cfg: ScoreConfig) -> list[str]:
+    if cfg.manifest:
+        import pyarrow.csv as pcsv
+        import pyarrow.parquet as pq
+
+        raw = storage.read_bytes(cfg.manifest)
+        import io
+
+        try:
+            t = pq.read_table(io.BytesIO(raw)) if cfg.manifest.endswith(".parquet") else pcsv.read_csv(io.BytesIO(raw))
+        except Exception as exc:
+            raise DragonsError(f"--manifest {cfg.manifest} is not a readable Parquet/CSV file: {str(exc)[:200]}") from None
+        if "uri" not in t.column_names:
+            raise DragonsError(f"--manifest {cfg.manifest} has no 'uri' column (columns: {t.column_names})")
+        return [str(u) for u in t.column("uri").to_pylist() if u]
+    if not cfg.input:
+        raise DragonsError("give --input (a prefix to score) or --manifest (a file of URIs)")
+    return [e.uri for e in storage.list_files(cfg.input)]
+
+
+def size_actors(requested: int, cpus: float, gpus: int) -> tuple[int, float, int, int]:
+    """(actors, CPUs per actor, GPUs per actor, torch threads) from the cluster's resources."""
+    if gpus > 0:
+        n = requested or gpus
+        return n, 1.0, 1, 4
+    n = requested or max(1, int(cpus))
+    cpu = round(cpus * (1 - DATA_CPU_SHARE) / n, 3)
+    return n, cpu, 0, max(1, int(round(cpus / n)))
+
+
+class _Progress:
+    """Rows scored and rate, to the terminal and the run's log file."""
+
+    def __init__(self, total: int, every_s: float) -> None:
+        self.total, self.every_s = total, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.rows = self.errors = 0
+
+    def update(self, rows: int, errors: int, force: bool = False) -> None:
+        self.rows += rows
+        self.errors += errors
+        now = time.perf_counter()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            rate = self.rows / max(now - self.t0, 1e-9)
+            eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
+            log.info("scored %d/%d rows (%.1f%%), %d errors, %.1f images/s, eta %s", self.rows, self.total,
+                     100.0 * self.rows / max(self.total, 1), self.errors, rate, "-" if math.isinf(eta) else f"{eta:.0f}s")
+
+
+def _setup_logging(path: str) -> logging.Handler:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def score(cfg: ScoreConfig) -> dict[str, Any]:
+    """Run the pipeline and commit the run; returns the run's manifest."""
+    if not cfg.output:
+        raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
+    if not 0.0 <= cfg.max_error_rate <= 1.0:
+        raise DragonsError(f"--max-error-rate must be between 0 and 1, got {cfg.max_error_rate}")
+    started = datetime.now(timezone.utc)
+    run_id = cfg.run_id or started.strftime("%Y%m%dT%H%M%SZ")
+    table.check_run_id(run_id)
+    meta = artifact.read_meta(cfg.model)  # a wrong --model fails before any Ray work
+    classes = list(meta["classes"])
+    uris = _list_inputs(cfg)
+    storage.filesystem(cfg.output)  # validates the output URI
+    handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
+    try:
+        return _run(cfg, run_id, started, meta, classes, uris)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str], uris: list[str]) -> dict[str, Any]:
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    log.info("run %s: scoring %d objects from %s with model %s (version %s)", run_id, len(uris),
+             cfg.manifest or cfg.input, cfg.model, meta["version"])
+    writer = table.RunWriter(cfg.output, run_id, started, classes, cfg.rows_per_file, model_version=meta["version"])
+    progress = _Progress(len(uris), cfg.progress_s)
+    if uris:
+        ensure_ray(cfg.no_progress_timeout_s)
+        res = cluster()
+        actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
+        log.info("%d scoring actor(s) with %g CPU%s each; decoding in CPU tasks", actors, actor_cpu, " and 1 GPU" if actor_gpu else "")
+        base = int(meta.get("base_size") or round(int(meta["image_size"]) / 0.875))
+        # ~4 batches per block keeps blocks small (images are 196 KB each) and the pool busy.
+        rows_per_block = max(cfg.batch_size * 4, 32)
+        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, math.ceil(len(uris) / rows_per_block)))
+        ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels), batch_size=cfg.batch_size, num_cpus=min(0.5, DATA_CPU_SHARE * max(res.cpus, 1) / 2))
+        ds = ds.map_batches(
+            Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            writer.add(batch)
+            progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count)
+    progress.update(0, 0, force=True)
+    manifest = writer.commit({
+        "listed": len(uris), "model": storage.redact(cfg.model), "model_version": meta["version"],
+        "input": cfg.manifest or cfg.input, "config": {k: v for k, v in asdict(cfg).items() if k != "log_file"},
+    })
+    rate = manifest["errors"] / max(manifest["listed"], 1)
+    log.info("run %s committed: listed %d, scored %d, errors %d (%.2f%%) -> %s", run_id, manifest["listed"], manifest["scored"],
+             manifest["errors"], 100 * rate, manifest["path"])
+    if manifest["rows"] != manifest["listed"]:
+        raise DragonsError(f"run {run_id}: {manifest['listed']} objects listed but {manifest['rows']} rows written")
+    if rate > cfg.max_error_rate:
+        raise DragonsError(f"run {run_id}: error rate {rate:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%} "
+                           f"({manifest['errors']} of {manifest['listed']}); the rows are committed, see the error column")
+    return manifest
+

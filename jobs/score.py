@@ -1,0 +1,18 @@
+"""Ray job entry point: bulk scoring (`ray job submit -- python jobs/score.py ...`)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working_dir
+
+from dragons.cli import guarded  # noqa: E402
+from dragons.score_cli import get_score_parser, score_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_score_parser("jobs/score.py").parse_args(argv)
+    return guarded(lambda: score_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
