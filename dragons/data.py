@@ -11,14 +11,11 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
 
 from dragons import storage
 from dragons.errors import DragonsError
-from dragons.images import ImageError, is_image_name
-from dragons.preprocess import decode_to_base
+from dragons.decode import DecodeBatch  # noqa: F401  (re-exported)
+from dragons.images import is_image_name
 
 log = logging.getLogger("dragons")
 
@@ -126,42 +123,3 @@ def _random_split(samples: list[Sample], pct: float, seed: int) -> tuple[list[Sa
         valid += group[:k]
         train += group[k:]
     return train, valid
-
-
-class DecodeBatch:
-    """Ray Data map: ``uri`` -> base-square ``image`` plus an ``error`` string.
-
-    A failure never raises: the row keeps a black image and the reason, so the
-    driver can report it by name and drop it (training) or write it (scoring).
-    """
-
-    def __init__(self, base_size: int, max_pixels: int) -> None:
-        self.base_size = base_size
-        self.max_pixels = max_pixels
-        self._fs: dict[str, Any] = {}
-
-    def _read(self, uri: str) -> bytes:
-        loc = storage.parse(uri)
-        key = loc.scheme
-        if key not in self._fs:  # one client per process, not per file
-            self._fs[key] = storage.filesystem(uri)[0]
-        return storage.read_bytes(uri, self._fs[key])
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["uri"])
-        images = np.zeros((n, self.base_size, self.base_size, 3), dtype=np.uint8)
-        errors: list[str] = []
-        for i, uri in enumerate(batch["uri"]):
-            try:
-                images[i] = decode_to_base(self._read(str(uri)), self.base_size, self.max_pixels)
-                errors.append("")
-            except ImageError as exc:
-                errors.append(f"{exc.reason}: {exc.message}")
-            except DragonsError as exc:
-                errors.append(f"read_error: {exc}")
-            except Exception as exc:  # never lose a row to an unexpected decoder bug
-                errors.append(f"decode_error: {type(exc).__name__}: {str(exc)[:200]}")
-        out = dict(batch)
-        out["image"] = images
-        out["error"] = np.array(errors, dtype=object)
-        return out

@@ -102,3 +102,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def base_square(img: Image.Image, side: int) -> np.ndarray:
+    """Resize the shorter side to ``side`` and centre-crop a square (uint8 HWC)."""
+    w, h = img.size
+    scale = side / min(w, h)
+    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
+    left, top = (nw - side) // 2, (nh - side) // 2
+    return np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.uint8)
+
+
+def decode_to_base(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> base square; raises ``images.ImageError`` on a bad image."""
+    return base_square(decode(data, DecodeOptions(max_pixels=max_pixels, min_side=side)), side)

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from dragons.images import DEFAULT_MAX_PIXELS, DecodeOptions, decode
+from dragons.images import base_square, decode_to_base  # noqa: F401  (re-exported: one preprocessing module)
 
 
 def base_size_for(image_size: int) -> int:
@@ -55,21 +54,6 @@ def get_preset(name: str) -> AugmentPreset:
         from dragons.errors import DragonsError
 
         raise DragonsError(f"unknown augmentation preset {name!r}; choose one of: {', '.join(AUGMENT_PRESETS)}") from None
-
-
-def base_square(img: Image.Image, side: int) -> np.ndarray:
-    """Resize the shorter side to ``side`` and centre-crop a square (uint8 HWC)."""
-    w, h = img.size
-    scale = side / min(w, h)
-    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
-    left, top = (nw - side) // 2, (nh - side) // 2
-    return np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.uint8)
-
-
-def decode_to_base(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes -> base square; raises ``images.ImageError`` on a bad image."""
-    return base_square(decode(data, DecodeOptions(max_pixels=max_pixels, min_side=side)), side)
 
 
 def to_tensor(batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -36,7 +36,7 @@ class ScoreConfig:
     output: str = ""  # table root; rows land in dt=YYYY-MM-DD/run_id=ID/
     manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
     run_id: str = ""  # "" = a UTC timestamp; re-using an id replaces that run
-    batch_size: int = 16  # images per model call; on CPU small batches are as fast and stream better
+    batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (jobs/bench_score.py)
     actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
     tta: int = 0  # test-time augmentation views (0 = off)
     max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this
@@ -182,7 +182,7 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
 
 def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str], uris: list[str]) -> dict[str, Any]:
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     log.info("run %s: scoring %d objects from %s with model %s (version %s)", run_id, len(uris),
              cfg.manifest or cfg.input, cfg.model, meta["version"])
@@ -194,10 +194,14 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
         log.info("%d scoring actor(s) with %g CPU%s each; decoding in CPU tasks", actors, actor_cpu, " and 1 GPU" if actor_gpu else "")
         base = int(meta.get("base_size") or round(int(meta["image_size"]) / 0.875))
-        # ~4 batches per block keeps blocks small (images are 196 KB each) and the pool busy.
-        rows_per_block = max(cfg.batch_size * 4, 32)
+        # Small blocks stream: results (and progress) arrive block by block, and a
+        # decoded block (196 KB an image) stays small. Big inputs get up to 256 rows.
+        rows_per_block = min(256, max(cfg.batch_size, math.ceil(len(uris) / (8 * actors))))
         ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, math.ceil(len(uris) / rows_per_block)))
-        ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels), batch_size=cfg.batch_size, num_cpus=min(0.5, DATA_CPU_SHARE * max(res.cpus, 1) / 2))
+        # Few decode tasks, each overlapping its S3 GETs on threads: every extra
+        # task process costs seconds of imports on a small machine.
+        ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels), batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
+                            compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
         ds = ds.map_batches(
             Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,

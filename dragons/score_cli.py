@@ -15,10 +15,11 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
     p.add_argument("--manifest", default="", help="Parquet or CSV file with a `uri` column, instead of --input")
     p.add_argument("--output", required=True, help="table root (path or s3://)")
     p.add_argument("--run-id", default="", help="run id; re-using one replaces that run (default: UTC timestamp)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--actors", type=int, default=0, help="scoring actors (0 = sized from the cluster)")
     p.add_argument("--tta", type=int, default=0, help="test-time augmentation views (0 = off)")
     p.add_argument("--max-error-rate", type=float, default=1.0, help="exit non-zero above this share of error rows")
+    p.add_argument("--rows-per-file", type=int, default=200_000, help="rows per Parquet part file")
     p.add_argument("--log-file", default="", help="progress log (default logs/score-<run_id>.log)")
     return p
 

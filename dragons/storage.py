@@ -14,6 +14,7 @@ import posixpath
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -111,12 +112,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), loc.path
 
 
-def boto3_client():  # type: ignore[no-untyped-def]
+def boto3_client(max_pool_connections: int = 10):  # type: ignore[no-untyped-def]
     """A boto3 S3 client from the same variables (boto3 reads them itself)."""
     import boto3
+    from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    return boto3.client("s3", endpoint_url=endpoint or None, config=Config(max_pool_connections=max_pool_connections))
 
 
 def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
@@ -203,6 +205,16 @@ def read_bytes(uri: str, fs: pafs.FileSystem | None = None) -> bytes:
         if fs is not None and loc.is_s3:
             _check_bucket(fs, loc)
         raise DragonsError(f"cannot read {loc.uri}: {_short(exc)}") from None
+
+
+def get_object(client: Any, loc: Location) -> bytes:
+    """One S3 GET with boto3; errors become DragonsError naming the object."""
+    bucket, _, key = loc.path.partition("/")
+    try:
+        return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        raise DragonsError(f"cannot read {loc.uri}: {code}") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -308,16 +308,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     lr_info: dict[str, Any] | None = None
     done = 0
+    resumes = 0
     lr = cfg.lr
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()  # set after a worker failure (max_failures)
+    if ckpt is None and config.get("resume_from"):  # --resume of an earlier run
+        from dragons import storage
+
+        fs, path = storage.filesystem(config["resume_from"])
+        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         worker.model.load_state_dict(state["model"])
         done, history = int(state["epochs_done"]), list(state["history"])
         lr_info, lr = state.get("lr_find"), float(state["lr"])
+        resumes = int(state.get("resumes", 0)) + 1
         if rank == 0:
-            print(f"resumed from checkpoint after epoch {done}", flush=True)
+            print(f"resumed from checkpoint after epoch {done} (restart #{resumes})", flush=True)
 
     plan: list[str] = (["head"] if cfg.precompute else ["frozen"] * cfg.freeze_epochs) + ["unfrozen"] * cfg.epochs
     need_features = (cfg.precompute and done == 0) or cfg.lr_find_only or (lr == 0 and done == 0)
@@ -377,7 +384,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _row(history, rank)
         if is_last and cfg.tta and rank == 0:
             print(f"TTA x{cfg.tta}: valid_loss {metrics['valid_loss_tta']:.4f} accuracy {metrics['accuracy_tta']:.4f}", flush=True)
-        state = {"epochs_done": epoch + 1, "history": history, "lr": lr, "lr_find": lr_info}
+        state = {"epochs_done": epoch + 1, "history": history, "lr": lr, "lr_find": lr_info, "resumes": resumes}
         if is_last and cfg.tta:
             state["tta"] = {"accuracy": metrics["accuracy_tta"], "valid_loss": metrics["valid_loss_tta"]}
             valid_probs = (valid_probs[0], valid_probs[1], tta_all)  # type: ignore[assignment]

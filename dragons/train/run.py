@@ -50,9 +50,10 @@ def decode_folder(folder: ImageFolder, base_size: int, max_pixels: int) -> tuple
     # Enough blocks to keep every CPU decoding, few enough to keep task overhead low.
     blocks = max(2, min(len(rows) // 8, int(res.cpus) * 4))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    # A callable instance runs as plain tasks (no actor pool to size); half a CPU
-    # each so that two decode tasks share a core with the driver's bookkeeping.
-    ds = ds.map_batches(DecodeBatch(base_size, max_pixels), batch_size=16, num_cpus=0.5).materialize()
+    # A callable instance runs as plain tasks; few of them (each overlaps its reads
+    # on threads), since every extra worker process costs seconds of imports.
+    ds = ds.map_batches(DecodeBatch(base_size, max_pixels), batch_size=16, num_cpus=0.25,
+                        compute=ray.data.TaskPoolStrategy(size=max(2, int(res.cpus)))).materialize()
     bad_rows = ds.filter(expr="error != ''").select_columns(["uri", "error"]).take_all()
     bad = [(str(r["uri"]), str(r["error"])) for r in bad_rows]
     good = ds.filter(expr="error == ''").drop_columns(["error", "uri"])
@@ -72,6 +73,16 @@ def _latest_checkpoint_state(result: Any) -> tuple[dict[str, Any], np.ndarray | 
             z = np.load(os.path.join(d, PREDS_FILE))
             idx, probs = z["idx"], z["probs"]
     return state, idx, probs
+
+
+def _latest_checkpoint_dir(run_dir: str) -> str | None:
+    """The newest ``checkpoint_<timestamp>`` holding a complete state file."""
+    names = sorted((d for d in storage.list_dirs(run_dir) if d.startswith("checkpoint_")), reverse=True)
+    for name in names:
+        uri = storage.join(run_dir, name)
+        if storage.exists(storage.join(uri, STATE_FILE)):
+            return uri
+    return None
 
 
 def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any]]:
@@ -111,11 +122,17 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
         storage.delete(run_dir)
     elif cfg.resume and not storage.exists(run_dir):
         raise DragonsError(f"--resume: no earlier run at {run_dir}; run without --resume first (same --out/--name)")
+    resume_from = _latest_checkpoint_dir(run_dir) if cfg.resume else None
+    if cfg.resume:
+        print(f"resuming from {resume_from}" if resume_from else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
 
     env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker))))}
+    if os.environ.get("DRAGONS_WORKER_PID_DIR"):  # the fault-tolerance test kills a worker by pid
+        env_vars["DRAGONS_WORKER_PID_DIR"] = os.environ["DRAGONS_WORKER_PID_DIR"]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights},
+        train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
@@ -174,6 +191,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "history": history,
         "lr_find": state.get("lr_find"),
         "lr": state.get("lr"),
+        "resumes": int(state.get("resumes", 0)),
         "config": cfg.to_dict(),
         "data": {"root": folder.root, "split": folder.split, "n_train": facts["n_train"], "n_valid": facts["n_valid"],
                  "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"]},

@@ -1,0 +1,65 @@
+"""Training benchmark: the default recipe on hymenoptera with 2 CPU workers.
+
+    python jobs/bench_train.py                      # defaults, scored on val/
+    python jobs/bench_train.py --tta 4              # plus the TTA figure
+    python jobs/bench_train.py --holdout            # tune on 20% of train/, never val/
+    python jobs/bench_train.py --set epochs=3 --set lr=1e-3   # try other settings
+
+Prints valid accuracy, errors and wall time from command to artifact (Ray start
+included). Not a test: figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()  # "from command": before torch and Ray are imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--tta", type=int, default=0)
+    p.add_argument("--holdout", action="store_true", help="validate on a seeded 20%% of train/ (for choosing defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    p.add_argument("--json", default="")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    from dragons.train.config import TrainConfig
+    from dragons.train.run import train
+
+    if not Path(args.data).is_dir() and not args.data.startswith("s3://"):
+        raise SystemExit(f"error: {args.data} is missing (the shared hymenoptera data set)")
+    overrides = {}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        overrides[k] = type(getattr(TrainConfig, k))(v) if not isinstance(getattr(TrainConfig, k), bool) else v in ("1", "true", "True")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(data=args.data, out=f"{tmp}/model", workers=args.workers, tta=args.tta, ignore_valid=args.holdout,
+                          report=False, **overrides)
+        meta = train(cfg)
+    wall = time.perf_counter() - T0
+    m = meta["metrics"]
+    n = meta["data"]["n_valid"]
+    fig = {"valid_accuracy": round(m["valid_accuracy"], 4), "errors": round((1 - m["valid_accuracy"]) * n), "n_valid": n,
+           "wall_s": round(wall, 1), "split": "holdout 20% of train/" if args.holdout else "val/", "overrides": overrides}
+    if "valid_accuracy_tta" in m:
+        fig.update({"valid_accuracy_tta": round(m["valid_accuracy_tta"], 4), "tta": args.tta})
+    print(json.dumps(fig), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=2))
+    return fig
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

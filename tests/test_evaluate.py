@@ -1,0 +1,58 @@
+"""lr-find, evaluate and the HTML report on real artifacts (slow)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+REPORT_PNGS = ["confusion_matrix.png", "reliability.png", "grid_random_correct.png", "grid_most_correct.png",
+               "grid_most_incorrect.png", "grid_most_uncertain.png", "top_losses.png", "training_curves.png"]
+
+
+def test_lr_find_plots_and_suggests(ray_session: None, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dragons.cli import get_lr_find_parser, lr_find_main
+    from dragons.synth import write_dataset
+
+    data = workdir / "lrf"
+    write_dataset(str(data), ["drogon", "viserion"], n_train=16, n_valid=4, seed=5, size=(160, 120))
+    args = get_lr_find_parser().parse_args(["--data", str(data), "--image-size", "64", "--plot", str(tmp_path / "lr.png")])
+    assert lr_find_main(args) == 0
+    out = capsys.readouterr().out
+    lr = float(re.search(r"suggested lr: ([0-9.e+-]+)", out).group(1))  # type: ignore[union-attr]
+    assert 1e-6 < lr < 1.0
+    with Image.open(tmp_path / "lr.png") as im:
+        assert im.size[0] > 100
+
+
+def test_evaluate_cli_writes_report(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    p = subprocess.run([sys.executable, "-m", "dragons.cli", "evaluate", "--model", hymenoptera_model["uri"], "--data", hymenoptera_s3,
+                        "--report", str(report)], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert p.returncode == 0, p.stderr[-2000:]
+    acc = float(re.search(r"accuracy ([0-9.]+)", p.stdout).group(1))  # type: ignore[union-attr]
+    assert abs(acc - hymenoptera_model["meta"]["metrics"]["valid_accuracy"]) <= 1.5 / 153
+    assert "precision" in p.stdout and "ants" in p.stdout
+    html = (report / "index.html").read_text()
+    for name in REPORT_PNGS:
+        assert name in html, name
+        with Image.open(report / name) as im:
+            im.load()
+            assert im.size[0] > 50 and im.size[1] > 50
+
+
+def test_train_writes_report_beside_artifact(hymenoptera_model: dict) -> None:
+    from dragons import storage
+
+    base = hymenoptera_model["uri"] + "/report"
+    html = storage.read_bytes(base + "/index.html").decode()
+    for name in REPORT_PNGS:
+        assert name in html
+        assert len(storage.read_bytes(f"{base}/{name}")) > 1000

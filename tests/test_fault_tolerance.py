@@ -1,0 +1,82 @@
+"""Checkpoints every epoch, --resume, and surviving a killed worker (slow)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dragons.errors import DragonsError
+from dragons.train.config import TrainConfig
+from dragons.train.run import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_data(workdir: Path) -> str:
+    from dragons.synth import write_dataset
+
+    root = workdir / "ft-data"
+    write_dataset(str(root), ["drogon", "viserion"], n_train=24, n_valid=8, seed=11, size=(160, 120))
+    return str(root)
+
+
+class _Killer(threading.Thread):
+    """Kill worker ``rank`` with SIGKILL once ``epochs`` checkpoints exist."""
+
+    def __init__(self, pid_dir: Path, run_dir: Path, rank: int = 1, epochs: int = 2) -> None:
+        super().__init__(daemon=True)
+        self.pid_file, self.run_dir, self.epochs = pid_dir / f"rank{rank}.pid", run_dir, epochs
+        self.killed: int | None = None
+
+    def run(self) -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            ckpts = list(self.run_dir.rglob("checkpoint_*")) if self.run_dir.exists() else []
+            if len(ckpts) >= self.epochs and self.pid_file.exists():
+                pid = int(self.pid_file.read_text())
+                os.kill(pid, signal.SIGKILL)
+                self.killed = pid
+                return
+            time.sleep(0.1)
+
+
+def _cfg(data: str, out: Path, **kw: object) -> TrainConfig:
+    base = dict(data=data, out=str(out), workers=2, image_size=64, epochs=4, head_epochs=5, batch_size=8, report=False)
+    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, small_data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRAGONS_WORKER_PID_DIR", str(tmp_path / "pids"))
+    out = tmp_path / "model"
+    killer = _Killer(tmp_path / "pids", out / "_runs", epochs=2)
+    killer.start()
+    meta = train(_cfg(small_data, out, max_failures=1))
+    killer.join(timeout=5)
+    assert killer.killed is not None, "no worker was killed"
+    assert meta["resumes"] == 1
+    # Every planned epoch ran exactly once, in order, across the restart.
+    assert [h["epoch"] for h in meta["history"]] == list(range(5))
+    assert int((tmp_path / "pids" / "rank1.pid").read_text()) != killer.killed  # a new worker process finished it
+
+
+def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRAGONS_WORKER_PID_DIR", str(tmp_path / "pids"))
+    out = tmp_path / "model"
+    killer = _Killer(tmp_path / "pids", out / "_runs", epochs=2)
+    killer.start()
+    with pytest.raises(DragonsError, match="training failed"):
+        train(_cfg(small_data, out, max_failures=0))
+    killer.join(timeout=5)
+    assert killer.killed is not None
+    with pytest.raises(DragonsError, match="no earlier run"):
+        train(_cfg(small_data, tmp_path / "other", resume=True))
+    meta = train(_cfg(small_data, out, resume=True))
+    assert meta["resumes"] == 1
+    assert [h["epoch"] for h in meta["history"]] == list(range(5))
+    assert meta["metrics"]["valid_accuracy"] >= 0.75

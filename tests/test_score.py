@@ -1,0 +1,190 @@
+"""Scoring into Parquet tables, querying them, and the Ray Jobs API (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dragons import storage
+from dragons.errors import DragonsError
+from dragons.query import run_sql
+from dragons.score import ScoreConfig, score
+from dragons.table import RunWriter, committed_manifests
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+ACCURACY_SQL = """
+SELECT count(*) AS n,
+       avg(CASE WHEN uri LIKE '%/' || label || '/%' THEN 1.0 ELSE 0.0 END) AS accuracy
+FROM scores WHERE run_id = '{run}'
+"""
+
+
+def test_score_hymenoptera_val_from_s3(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    table = "s3://dragons-test/tables/hymenoptera"
+    m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val", output=table, run_id="val1",
+                          log_file=str(tmp_path / "score.log")))
+    assert (m["listed"], m["rows"], m["errors"]) == (153, 153, 0)
+    # Accuracy straight from the Parquet files, with a plain Parquet reader.
+    files = [storage.join(m["path"], f) for f in m["files"]]
+    import io
+
+    rows = [r for f in files for r in pq.read_table(io.BytesIO(storage.read_bytes(f))).to_pylist()]
+    assert len(rows) == 153 and len({r["uri"] for r in rows}) == 153
+    assert set(rows[0]) >= {"uri", "label", "score", "p_ants", "p_bees", "model_version", "run_id", "scored_at", "error"}
+    acc = sum(f"/{r['label']}/" in r["uri"] for r in rows) / len(rows)
+    assert acc >= 0.90
+    assert all(abs(r["p_ants"] + r["p_bees"] - 1) < 1e-5 and r["score"] == max(r["p_ants"], r["p_bees"]) for r in rows)
+    assert {r["model_version"] for r in rows} == {hymenoptera_model["meta"]["version"]}
+    # dragons query reports the same.
+    q = run_sql(table, ACCURACY_SQL.format(run="val1")).to_pylist()[0]
+    assert q["n"] == 153 and abs(q["accuracy"] - acc) < 1e-9
+    assert "scored" in (tmp_path / "score.log").read_text()
+
+
+def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -> None:
+    from dragons.synth import bad_file_catalogue
+
+    cat = bad_file_catalogue()
+    for name, (data, _) in cat.items():
+        storage.write_bytes(f"s3://{bucket}/catalogue/{name}", data)
+    table = f"s3://{bucket}/tables/catalogue"
+    m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat"))
+    assert m["listed"] == m["rows"] == len(cat)
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores").to_pylist()}
+    assert set(rows) == set(cat)
+    for name, (_, expect) in cat.items():
+        r = rows[name]
+        if expect == "error":
+            assert r["error"] and r["label"] is None and r["p_ants"] is None, r
+        else:
+            assert r["error"] is None and r["label"] in ("ants", "bees") and 0.5 <= r["score"] <= 1.0, r
+    assert rows["bomb.png"]["error"].startswith("too_large")
+    assert rows["truncated.jpg"]["error"].startswith("truncated")
+    # The same run with a strict error budget: rows still committed, non-zero exit.
+    with pytest.raises(DragonsError, match="exceeds --max-error-rate"):
+        score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat-strict",
+                          max_error_rate=0.1))
+    assert {m["run_id"] for m in committed_manifests(table)} == {"cat", "cat-strict"}
+
+
+def test_rerun_replaces_and_uncommitted_run_is_invisible(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
+    table = str(tmp_path / "table")
+    cfg = ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val/ants", output=table, run_id="again")
+    first = score(cfg)
+    second = score(cfg)
+    assert first["attempt"] != second["attempt"]
+    counts = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u FROM scores").to_pylist()[0]
+    assert counts == {"n": 70, "u": 70}
+    parts = [p.name for p in (tmp_path / "table").rglob("*.parquet")]
+    assert len(parts) == 1 and second["attempt"] in parts[0]  # old attempt deleted
+
+    # A run that died before its commit: parts on disk, no manifest -> not visible.
+    import pyarrow as pa
+    from datetime import datetime, timezone
+
+    w = RunWriter(table, "killed", datetime.now(timezone.utc), ["ants", "bees"], rows_per_file=1)
+    w.add(pa.table({"uri": ["x.jpg"], "label": ["ants"], "score": [0.9], "p_ants": [0.9], "p_bees": [0.1], "error": [None]}))
+    assert list((tmp_path / "table").rglob("run_id=killed/*.parquet"))
+    assert run_sql(table, "SELECT count(*) AS n FROM scores WHERE run_id = 'killed'").to_pylist()[0]["n"] == 0
+
+
+def test_killed_scoring_process_leaves_no_visible_rows(ray_session: None, hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
+    """SIGKILL a real `dragons score` driver midway: its parts exist, the run does not."""
+    import ray
+
+    table = str(tmp_path / "table")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "dragons.cli", "score", "--model", hymenoptera_model["uri"],
+                             "--input", f"{hymenoptera_s3}/val", "--output", table, "--run-id", "doomed", "--rows-per-file", "16",
+                             "--log-file", str(tmp_path / "doomed.log")],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Small parts so that some exist before the end: kill as soon as the first lands.
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "table").rglob("*.parquet")) and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert list((tmp_path / "table").rglob("*.parquet")), "the run finished or never wrote a part"
+    assert not list((tmp_path / "table").rglob("_manifest.json"))
+    assert run_sql(table, "SELECT count(*) AS n FROM scores").to_pylist()[0]["n"] == 0
+
+
+def test_query_is_read_only_and_formats(hymenoptera_model: dict, tmp_path: Path) -> None:
+    table = "s3://dragons-test/tables/hymenoptera"
+    for sql in ("DROP TABLE scores", "INSERT INTO scores SELECT * FROM scores", "COPY scores TO 'x.csv'", "CREATE TABLE t AS SELECT 1"):
+        p = subprocess.run([sys.executable, "-m", "dragons.cli", "query", "--table", table, sql], capture_output=True, text=True,
+                           timeout=120, env=os.environ.copy())
+        assert p.returncode == 2 and "read-only" in p.stderr and "Traceback" not in p.stderr, (sql, p.stderr)
+    p = subprocess.run([sys.executable, "-m", "dragons.cli", "query", "--table", table, "--format", "json"], capture_output=True,
+                       text=True, timeout=120, env=os.environ.copy())
+    assert p.returncode == 0, p.stderr
+    summary = [json.loads(line) for line in p.stdout.splitlines()]
+    assert {r["label"] for r in summary if r["run_id"] == "val1"} == {"ants", "bees"}
+    assert sum(r["rows"] for r in summary if r["run_id"] == "val1") == 153
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
+    """`ray start --head` on 127.0.0.1, submit jobs/score.py through the Jobs API, check its table."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # --block keeps `ray start` in the foreground: terminating it stops exactly this
+    # cluster (a plain `ray stop` would also kill the test session's embedded Ray).
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                             "--object-store-memory=800000000", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    from urllib.request import urlopen
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2).read()
+            break
+        except OSError:
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(1)
+    try:
+        client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+        table = "s3://dragons-test/tables/jobs"
+        job = client.submit_job(
+            entrypoint=f"python jobs/score.py --model {hymenoptera_model['uri']} --input {hymenoptera_s3}/val/bees "
+                       f"--output {table} --run-id job1",
+            runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "dragons_demo", "logs", "*.egg-info"]},
+        )
+        deadline = time.time() + 420
+        status = client.get_job_status(job)
+        while time.time() < deadline and status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            time.sleep(2)
+            status = client.get_job_status(job)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "committed" in logs and os.environ["AWS_SECRET_ACCESS_KEY"] not in logs
+        q = run_sql(table, ACCURACY_SQL.format(run="job1")).to_pylist()[0]
+        assert q["n"] == 83 and q["accuracy"] >= 0.85
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
