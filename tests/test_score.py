@@ -167,11 +167,20 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
     try:
         client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
         table = "s3://dragons-test/tables/jobs"
-        job = client.submit_job(
-            entrypoint=f"python jobs/score.py --model {hymenoptera_model['uri']} --input {hymenoptera_s3}/val/bees "
-                       f"--output {table} --run-id job1",
-            runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "dragons_demo", "logs", "*.egg-info"]},
-        )
+        job = None
+        for _ in range(60):  # the dashboard answers before its job agent is ready
+            try:
+                job = client.submit_job(
+                    entrypoint=f"python jobs/score.py --model {hymenoptera_model['uri']} --input {hymenoptera_s3}/val/bees "
+                               f"--output {table} --run-id job1",
+                    runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "dragons_demo", "logs", "*.egg-info"]},
+                )
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc):
+                    raise
+                time.sleep(2)
+        assert job is not None, "the Jobs API never accepted the job"
         deadline = time.time() + 420
         status = client.get_job_status(job)
         while time.time() < deadline and status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -188,3 +197,26 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+
+
+def test_manifest_input_and_missing_objects(hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path: Path) -> None:
+    """--manifest lists URIs itself; one that does not exist still gets its row."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uris = [f"{hymenoptera_s3}/val/ants/{n}" for n in ("10308379_1b6c72e180.jpg", "1053149811_f62a3410d3.jpg")]
+    uris.append(f"s3://{bucket}/nowhere/missing.jpg")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"uri": uris}), buf)
+    storage.write_bytes(f"s3://{bucket}/manifests/m.parquet", buf.getvalue())
+    table = str(tmp_path / "t")
+    m = score(ScoreConfig(model=hymenoptera_model["uri"], manifest=f"s3://{bucket}/manifests/m.parquet", output=table, run_id="m1"))
+    assert (m["listed"], m["rows"], m["errors"]) == (3, 3, 1)
+    rows = {r["uri"]: r for r in run_sql(table, "SELECT uri, label, error FROM scores").to_pylist()}
+    assert rows[uris[2]]["error"].startswith("read_error") and "missing.jpg" in rows[uris[2]]["error"]
+    assert rows[uris[0]]["label"] in ("ants", "bees") and rows[uris[0]]["error"] is None
+    with pytest.raises(DragonsError, match="no 'uri' column"):
+        storage.write_bytes(f"s3://{bucket}/manifests/bad.csv", b"path\nx.jpg\n")
+        score(ScoreConfig(model=hymenoptera_model["uri"], manifest=f"s3://{bucket}/manifests/bad.csv", output=table))

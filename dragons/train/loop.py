@@ -154,6 +154,11 @@ class Worker:
             out.append(plain.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
+    @torch.inference_mode()
+    def predict_features(self, feats: torch.Tensor) -> np.ndarray:
+        self.model.head.eval()
+        return self.model.head(feats).float().softmax(1).cpu().numpy()
+
     def validate(self, shard: Shard, probs: np.ndarray) -> tuple[float, float]:
         """(valid_loss, accuracy) over all ranks."""
         y = shard.y.numpy()
@@ -328,9 +333,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     plan: list[str] = (["head"] if cfg.precompute else ["frozen"] * cfg.freeze_epochs) + ["unfrozen"] * cfg.epochs
     need_features = (cfg.precompute and done == 0) or cfg.lr_find_only or (lr == 0 and done == 0)
+    valid_feats = None
     if need_features:
         t0 = time.perf_counter()
         feats = worker.features(train)
+        valid_feats = worker.features(valid) if cfg.precompute and not cfg.lr_find_only else None
         if rank == 0:
             print(f"precomputed body features for {len(train)} images per worker in {time.perf_counter() - t0:.1f}s", flush=True)
         if lr == 0 or cfg.lr_find_only:
@@ -370,7 +377,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_loss = worker.train_images(train, opt, sched, steps, frozen, net)
             epoch_lr = max_lrs[-1]
         is_last = epoch == len(plan) - 1
-        probs = worker.predict(valid)
+        if phase == "head" and valid_feats is not None and not (is_last and cfg.tta):
+            probs = worker.predict_features(valid_feats)  # the body is frozen: its features are cached
+        else:
+            probs = worker.predict(valid)
         valid_loss, acc = worker.validate(valid, probs)
         history.append({"epoch": epoch, "phase": phase, "train_loss": _mean_all(train_loss, world), "valid_loss": valid_loss,
                         "accuracy": acc, "time": time.perf_counter() - t0, "lr": epoch_lr})
