@@ -74,13 +74,11 @@ def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_p
         train(_cfg(small_data, out, max_failures=0))
     killer.join(timeout=5)
     assert killer.killed is not None
-    import torch
+    from dragons.train.loop import latest_checkpoint
 
-    from dragons.train.run import _latest_checkpoint_dir
-
-    last = _latest_checkpoint_dir(str(out / "_runs" / os.listdir(out / "_runs")[0]))
-    assert last is not None
-    first_epochs = torch.load(os.path.join(last, "state.pt"), weights_only=True)["history"]
+    found = latest_checkpoint(str(out / "_runs" / os.listdir(out / "_runs")[0]))
+    assert found is not None
+    first_epochs = found[1]["history"]
     assert 2 <= len(first_epochs) < 5
     with pytest.raises(DragonsError, match="no earlier run"):
         train(_cfg(small_data, tmp_path / "other", resume=True))
@@ -89,3 +87,26 @@ def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_p
     assert [h["epoch"] for h in meta["history"]] == list(range(5))
     # The epochs before the kill come from the checkpoint, not from a second run of them.
     assert meta["history"][0]["time"] == pytest.approx(first_epochs[0]["time"])
+
+
+def test_latest_checkpoint_passes_over_one_cut_short(tmp_path: Path) -> None:
+    """A worker killed while writing leaves a truncated state file: resume from the one before."""
+    import io
+
+    import torch
+
+    from dragons.train.loop import STATE_FILE, latest_checkpoint
+
+    run = tmp_path / "run"
+    for name, epochs in (("checkpoint_2026-01-01_00-00-01.000001", 1), ("checkpoint_2026-01-01_00-00-02.000001", 2)):
+        (run / name).mkdir(parents=True)
+        torch.save({"epochs_done": epochs}, run / name / STATE_FILE)
+    assert latest_checkpoint(str(run))[1]["epochs_done"] == 2  # type: ignore[index]
+    newest = run / "checkpoint_2026-01-01_00-00-03.000001"
+    newest.mkdir()
+    buf = io.BytesIO()
+    torch.save({"epochs_done": 3}, buf)
+    (newest / STATE_FILE).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    uri, state = latest_checkpoint(str(run))  # type: ignore[misc]
+    assert state["epochs_done"] == 2 and uri.endswith("00-00-02.000001")
+    assert latest_checkpoint(str(tmp_path / "nowhere")) is None

@@ -148,10 +148,19 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs, dash = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The job's `python` is the cluster's: this venv's, even when pytest runs
+    # without the venv activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # The session's embedded Ray already holds Ray's default agent ports (52365,
+    # metrics, runtime env): a second cluster on the same machine needs its own,
+    # or its job agent never comes up and every submit answers "No available agent".
+    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                        "runtime-env-agent-port", "metrics-export-port",
+                                                        "ray-client-server-port")]
     # --block keeps `ray start` in the foreground: terminating it stops exactly this
     # cluster (a plain `ray stop` would also kill the test session's embedded Ray).
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports, "--num-cpus=2",
                              "--object-store-memory=800000000", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     from urllib.request import urlopen
@@ -168,7 +177,7 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
         client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
         table = "s3://dragons-test/tables/jobs"
         job = None
-        for _ in range(60):  # the dashboard answers before its job agent is ready
+        for _ in range(30):  # the dashboard answers before its job agent is ready
             try:
                 job = client.submit_job(
                     entrypoint=f"python jobs/score.py --model {hymenoptera_model['uri']} --input {hymenoptera_s3}/val/bees "

@@ -262,6 +262,30 @@ class Worker:
         return total / max(count, 1)
 
 
+def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """(uri, state) of the newest ``checkpoint_<timestamp>`` of a run whose state loads.
+
+    Checkpoint folder names sort by time. One cut short by a failure (its state
+    file missing or truncated) is passed over for the one before it.
+    """
+    import io
+
+    import torch
+
+    from dragons import storage
+
+    if not storage.exists(run_dir):
+        return None
+    for name in sorted((d for d in storage.list_dirs(run_dir) if d.startswith("checkpoint_")), reverse=True):
+        uri = storage.join(run_dir, name)
+        try:
+            raw = storage.read_bytes(storage.join(uri, STATE_FILE))
+            return uri, torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception:  # incomplete: take the previous one
+            continue
+    return None
+
+
 def _save_checkpoint(worker: Worker, state: dict[str, Any], metrics: dict[str, Any], preds: tuple[np.ndarray, np.ndarray] | None) -> None:
     """All ranks call report (it is a barrier); only rank 0 attaches files."""
     import ray.train
@@ -315,15 +339,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     done = 0
     resumes = 0
     lr = cfg.lr
-    ckpt = ray.train.get_checkpoint()  # set after a worker failure (max_failures)
-    if ckpt is None and config.get("resume_from"):  # --resume of an earlier run
-        from dragons import storage
-
-        fs, path = storage.filesystem(config["resume_from"])
-        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
-    if ckpt:
+    # Where to resume from, after a worker failure (--max-failures) or with
+    # --resume: the run's own newest complete checkpoint on storage. The driver
+    # deletes the run folder before a fresh run, so whatever is there belongs to
+    # this run. Not ray.train.get_checkpoint() alone: Ray's controller registers
+    # a checkpoint only when it next polls the workers, so a worker killed just
+    # after writing one restarts from an older checkpoint, or from nothing.
+    found = latest_checkpoint(config["run_dir"]) if config.get("run_dir") else None
+    state = found[1] if found else None
+    if state is None and (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    if state is not None:
         worker.model.load_state_dict(state["model"])
         done, history = int(state["epochs_done"]), list(state["history"])
         lr_info, lr = state.get("lr_find"), float(state["lr"])

@@ -21,7 +21,7 @@ from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
 from dragons.raycluster import cluster, ensure_ray, size_workers
 from dragons.train.config import TrainConfig
-from dragons.train.loop import PREDS_FILE, STATE_FILE, train_loop_per_worker
+from dragons.train.loop import PREDS_FILE, STATE_FILE, latest_checkpoint, train_loop_per_worker
 
 log = logging.getLogger("dragons")
 
@@ -75,16 +75,6 @@ def _latest_checkpoint_state(result: Any) -> tuple[dict[str, Any], np.ndarray | 
     return state, idx, probs
 
 
-def _latest_checkpoint_dir(run_dir: str) -> str | None:
-    """The newest ``checkpoint_<timestamp>`` holding a complete state file."""
-    names = sorted((d for d in storage.list_dirs(run_dir) if d.startswith("checkpoint_")), reverse=True)
-    for name in names:
-        uri = storage.join(run_dir, name)
-        if storage.exists(storage.join(uri, STATE_FILE)):
-            return uri
-    return None
-
-
 def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any]]:
     """Decode, size the workers, run TorchTrainer; returns the last checkpoint's state."""
     import ray.train
@@ -122,9 +112,9 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
         storage.delete(run_dir)
     elif cfg.resume and not storage.exists(run_dir):
         raise DragonsError(f"--resume: no earlier run at {run_dir}; run without --resume first (same --out/--name)")
-    resume_from = _latest_checkpoint_dir(run_dir) if cfg.resume else None
     if cfg.resume:
-        print(f"resuming from {resume_from}" if resume_from else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
+        found = latest_checkpoint(run_dir)
+        print(f"resuming from {found[0]}" if found else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
 
     env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker))))}
     if os.environ.get("DRAGONS_WORKER_PID_DIR"):  # the fault-tolerance test kills a worker by pid
@@ -132,7 +122,7 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights,
-                           "resume_from": resume_from},
+                           "run_dir": run_dir},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
