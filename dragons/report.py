@@ -75,7 +75,10 @@ def _saved(fig: Figure, path: str | Path) -> Iterator[Figure]:
     """
     try:
         yield fig
-        fig.tight_layout()
+        # tight_layout ignores the suptitle: keep ~0.4 in above the axes for it,
+        # or multi-line image titles run into it.
+        top = 1 - 0.4 / fig.get_figheight() if fig.get_suptitle() else 1
+        fig.tight_layout(rect=(0, 0, 1, top))
         fig.savefig(Path(path), dpi=DPI)
     finally:
         plt.close(fig)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -29,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000, help="images to score")
     p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--batch-size", type=int, default=16, help="dragons score batch size")
+    p.add_argument("--batch-size", type=int, default=0, help="dragons score batch size (0 = its default)")
     p.add_argument("--actors", type=int, default=0)
     p.add_argument("--json", default="", help="also write the figures here")
     return p
@@ -71,27 +72,58 @@ def _bound(model_uri: str, uris: list[str], sample: int) -> dict[str, float]:
     model = fuse_for_inference(art.model.eval())
     fs, _ = storage.filesystem(uris[0])
     x_all = to_tensor(np.stack([decode_to_base(storage.read_bytes(u, fs), art.base_size) for u in uris[:sample]]))
-    best = {"images_per_s": 0.0}
-    for layout in ("contiguous", "channels_last"):
+
+    def rate(layout: str, bs: int, passes: int) -> float:
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         m = model.to(memory_format=fmt)
-        for bs in (1, 2, 4, 8, 16, 32):
-            with torch.inference_mode():
-                batches = [eval_batch(x_all[i : i + bs], art.image_size, art.mean, art.std).contiguous(memory_format=fmt)
-                           for i in range(0, sample, bs)]
-                m(batches[0])  # warm-up
-                t = time.perf_counter()
+        with torch.inference_mode():
+            batches = [eval_batch(x_all[i : i + bs], art.image_size, art.mean, art.std).contiguous(memory_format=fmt)
+                       for i in range(0, sample, bs)]
+            m(batches[0])  # warm-up
+            t = time.perf_counter()
+            for _ in range(passes):
                 for b in batches:
                     m(b).softmax(1)
-                rate = sample / (time.perf_counter() - t)
-            print(f"  bound  batch {bs:>3}  {layout:<13} {rate:7.1f} images/s", flush=True)
-            if rate > best["images_per_s"]:
-                best = {"images_per_s": rate, "batch_size": bs, "layout": layout}  # type: ignore[dict-item]
+            return passes * sample / (time.perf_counter() - t)
+
+    sweep = []
+    for layout in ("contiguous", "channels_last"):
+        for bs in (1, 2, 4, 8, 16, 32):
+            r = rate(layout, bs, 1)
+            sweep.append((r, layout, bs))
+            print(f"  bound  batch {bs:>3}  {layout:<13} {r:7.1f} images/s", flush=True)
+    # A one-second sweep point on a shared VM can be a lucky burst, and the max
+    # of twelve noisy points is biased upwards. Re-measure the three best for
+    # longer and take each one's median: the bound is the best of those.
+    best = {"images_per_s": 0.0}
+    for _, layout, bs in sorted(sweep, reverse=True)[:3]:
+        r = statistics.median(rate(layout, bs, 2) for _ in range(3))
+        print(f"  bound  batch {bs:>3}  {layout:<13} {r:7.1f} images/s (median of 3 longer runs)", flush=True)
+        if r > best["images_per_s"]:
+            best = {"images_per_s": r, "batch_size": bs, "layout": layout}  # type: ignore[dict-item]
     return best
 
 
-class _PeakMemory:
-    """Peak of the machine's used memory above the baseline, sampled every 0.2 s."""
+def _cpu_group(cmdline: str, pid: int) -> str:
+    if pid == os.getpid():
+        return "driver (list, write Parquet)"
+    if "moto.server" in cmdline:
+        return "S3 endpoint (moto)"
+    if "Scorer" in cmdline:
+        return "scoring actors (model)"
+    if "DecodeBatch" in cmdline or cmdline.startswith("ray::IDLE"):
+        return "decode tasks (GET + JPEG)"
+    if "ray" in cmdline:
+        return "Ray system (raylet, GCS, dashboard, Data actors)"
+    return ""
+
+
+class _Monitor:
+    """Peak used memory above the baseline, and CPU seconds per process group.
+
+    Sampled every 0.5 s over every process on the machine, so the CPU of worker
+    processes that exit before the end (actors) is counted too.
+    """
 
     def __init__(self) -> None:
         import psutil
@@ -99,21 +131,48 @@ class _PeakMemory:
         self.psutil = psutil
         self.base = psutil.virtual_memory().used
         self.peak = 0
+        self.start: dict[int, float] = {p.pid: self._cpu(p) for p in psutil.process_iter()}
+        self.last: dict[int, tuple[str, float]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _cpu(p: "object") -> float:
+        try:
+            t = p.cpu_times()  # type: ignore[attr-defined]
+            return float(t.user + t.system)
+        except Exception:
+            return 0.0
+
+    def _sample(self) -> None:
+        for p in self.psutil.process_iter():
+            try:
+                group = _cpu_group(" ".join(p.cmdline()), p.pid)
+            except Exception:
+                continue
+            if group:
+                self.last[p.pid] = (group, self._cpu(p) - self.start.get(p.pid, 0.0))
 
     def _run(self) -> None:
         while not self.stop.is_set():
             self.peak = max(self.peak, self.psutil.virtual_memory().used - self.base)
-            time.sleep(0.2)
+            self._sample()
+            time.sleep(0.5)
 
-    def __enter__(self) -> "_PeakMemory":
+    def cpu_by_group(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for group, secs in self.last.values():
+            out[group] = out.get(group, 0.0) + max(0.0, secs)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def __enter__(self) -> "_Monitor":
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+        self._sample()
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
@@ -143,10 +202,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         bound = _bound(model_uri, uris, sample=min(192, len(uris)))
 
         ensure_ray(no_progress_timeout_s=600)
-        with tempfile.TemporaryDirectory() as tmp, _PeakMemory() as mem:
+        with tempfile.TemporaryDirectory() as tmp, _Monitor() as mem:
             t = time.perf_counter()
+            extra = {"batch_size": args.batch_size} if args.batch_size else {}
             m = score(ScoreConfig(model=model_uri, input="s3://bench/images", output=f"{tmp}/table", run_id="bench",
-                                  batch_size=args.batch_size, actors=args.actors, log_file=f"{tmp}/log"))
+                                  actors=args.actors, log_file=f"{tmp}/log", **extra))
             wall = time.perf_counter() - t
         assert m["rows"] == args.n and m["errors"] == 0, m
         e2e = args.n / wall
@@ -157,6 +217,12 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         print(f"\nbound {figures['bound_images_per_s']} images/s (batch {figures['bound_batch_size']}, {figures['bound_layout']}); "
               f"dragons score end to end {figures['e2e_images_per_s']} images/s ({args.n} images in {wall:.1f}s); "
               f"ratio {figures['ratio']}; peak memory +{figures['peak_memory_mb']} MB", flush=True)
+        cpu = mem.cpu_by_group()
+        figures["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
+        # Where the two cores went: the model's share is what the ratio can reach.
+        print(f"CPU seconds during the run ({sum(cpu.values()):.0f} of {wall * (os.cpu_count() or 1):.0f} available):")
+        for group, secs in cpu.items():
+            print(f"  {group:<50} {secs:6.1f} s  {1000 * secs / args.n:5.1f} ms/image")
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return figures

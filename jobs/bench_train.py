@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - T0
     m = meta["metrics"]
     n = meta["data"]["n_valid"]
-    fig = {"valid_accuracy": round(m["valid_accuracy"], 4), "errors": round((1 - m["valid_accuracy"]) * n), "n_valid": n,
+    fig = {"valid_accuracy": round(m["valid_accuracy"], 4), "valid_loss": round(m["valid_loss"], 4), "errors": round((1 - m["valid_accuracy"]) * n), "n_valid": n,
            "wall_s": round(wall, 1), "split": "holdout 20% of train/" if args.holdout else "val/", "overrides": overrides}
     if "valid_accuracy_tta" in m:
         fig.update({"valid_accuracy_tta": round(m["valid_accuracy_tta"], 4), "tta": args.tta})
