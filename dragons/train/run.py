@@ -199,6 +199,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         samples = [folder.valid[int(i)] for i in idx]  # idx: position in folder.valid
         report_uri = storage.join(cfg.out, "report")
         report_from_predictions(report_uri, saved, [s.uri for s in samples], np.array([s.label for s in samples]),
-                                probs[-1], history=history, lr_find=state.get("lr_find"))
+                                probs[-1], history=history, lr_find=state.get("lr_find"),
+                                # probs[-1] is the TTA pass when there is one: say so in the report.
+                                extra={"tta": cfg.tta if state.get("tta") else 0})
         print(f"report {storage.join(report_uri, 'index.html')}", flush=True)
     return saved
