@@ -29,23 +29,14 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         address = os.environ.get("RAY_ADDRESS")
         # Only the variables we need travel to workers: never put secrets into a
         # runtime_env (it is shown in the dashboard); workers inherit the env.
-        # The embedded cluster keeps its dashboard (Ray Train's state API needs it)
-        # bound to 127.0.0.1, never beyond localhost.
-        #
         # Without RAY_ADDRESS we start our own cluster ("local"), never Ray's
-        # default of attaching to whatever /tmp/ray/ray_current_cluster or a
-        # stray gcs_server on this machine points at: a crashed earlier run
-        # leaves that file behind and ray.init() then fails to connect to a
-        # dead address. Use RAY_ADDRESS=auto to attach to a `ray start` cluster.
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        else:
-            ray.init(
-                address="local",
-                dashboard_host="127.0.0.1",
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-            )
+        # default of joining whatever /tmp/ray/ray_current_cluster or a stray
+        # gcs_server points at: a crashed earlier run leaves that file behind and
+        # ray.init() then fails to connect to a dead address (RAY_ADDRESS=auto
+        # joins a local `ray start`). The embedded cluster keeps its dashboard
+        # (Ray Train's state API needs it) on 127.0.0.1, never beyond localhost.
+        local = {} if address else {"dashboard_host": "127.0.0.1"}
+        ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
     if no_progress_timeout_s is not None:
         from ray.data import DataContext
 
