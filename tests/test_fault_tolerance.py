@@ -12,6 +12,7 @@ import pytest
 
 from dragons.errors import DragonsError
 from dragons.train.config import TrainConfig
+from dragons.train.loop import latest_checkpoint
 from dragons.train.run import train
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,11 @@ def small_data(workdir: Path) -> str:
 
 
 class _Killer(threading.Thread):
-    """Kill worker ``rank`` with SIGKILL once ``epochs`` checkpoints exist."""
+    """Kill worker ``rank`` with SIGKILL once ``epochs`` checkpoints are complete.
+
+    Complete, not just present: a checkpoint folder appears before its state
+    file is fully written, and resuming rightly passes over a half-written one.
+    """
 
     def __init__(self, pid_dir: Path, run_dir: Path, rank: int = 1, epochs: int = 2) -> None:
         super().__init__(daemon=True)
@@ -38,11 +43,13 @@ class _Killer(threading.Thread):
         deadline = time.time() + 300
         while time.time() < deadline:
             ckpts = list(self.run_dir.rglob("checkpoint_*")) if self.run_dir.exists() else []
-            if len(ckpts) >= self.epochs and self.pid_file.exists():
-                pid = int(self.pid_file.read_text())
-                os.kill(pid, signal.SIGKILL)
-                self.killed = pid
-                return
+            if len(ckpts) >= 1 and self.pid_file.exists():
+                found = latest_checkpoint(str(ckpts[0].parent))
+                if found is not None and found[1]["epochs_done"] >= self.epochs:
+                    pid = int(self.pid_file.read_text())
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed = pid
+                    return
             time.sleep(0.1)
 
 
@@ -74,8 +81,6 @@ def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_p
         train(_cfg(small_data, out, max_failures=0))
     killer.join(timeout=5)
     assert killer.killed is not None
-    from dragons.train.loop import latest_checkpoint
-
     found = latest_checkpoint(str(out / "_runs" / os.listdir(out / "_runs")[0]))
     assert found is not None
     first_epochs = found[1]["history"]
@@ -95,7 +100,7 @@ def test_latest_checkpoint_passes_over_one_cut_short(tmp_path: Path) -> None:
 
     import torch
 
-    from dragons.train.loop import STATE_FILE, latest_checkpoint
+    from dragons.train.loop import STATE_FILE
 
     run = tmp_path / "run"
     for name, epochs in (("checkpoint_2026-01-01_00-00-01.000001", 1), ("checkpoint_2026-01-01_00-00-02.000001", 2)):
