@@ -95,11 +95,14 @@ def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
 
 
 def get_lr_find_parser(prog: str = "dragons lr-find") -> argparse.ArgumentParser:
+    from dragons.train.config import TrainConfig
+
     p = _Parser(prog=prog, description="Exponential learning-rate sweep; saves a loss-vs-rate plot and prints a suggestion.")
     p.add_argument("--data", required=True, help="image folder (path or s3://)")
     p.add_argument("--arch", default="efficientnet_lite0", help="backbone name")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=TrainConfig.crop_pct, help="centre crop as a share of the base square (as in train)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--valid-pct", type=float, default=0.2)

@@ -195,6 +195,30 @@ def _shade_phases(ax: Axes, spans: list[tuple[str, float, float]]) -> None:
         )
 
 
+def _expand_head_curve(history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    """Rows to plot, and their x positions when a head phase carries its per-pass curve.
+
+    The precomputed head trains for many cheap passes in one checkpointed epoch;
+    its ``head_curve`` is spread evenly over (epoch - 1, epoch] so it ends where
+    the head's row would sit and the fine-tuning epochs follow at 1, 2, ...
+    """
+    if not any(row.get("head_curve") for row in history):
+        return history, None
+    rows: list[dict[str, Any]] = []
+    xs: list[float] = []
+    for i, row in enumerate(history):
+        epoch = float(row.get("epoch", i))
+        curve = row.get("head_curve") or []
+        if curve:
+            for j, point in enumerate(curve):
+                rows.append({**point, "phase": row.get("phase", "head")})
+                xs.append(epoch - 1 + (j + 1) / len(curve))
+        else:
+            rows.append(row)
+            xs.append(epoch)
+    return rows, np.asarray(xs, dtype=np.float64)
+
+
 def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> None:
     """Loss (train/valid) and accuracy per epoch, with training phases shaded."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -203,7 +227,13 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Non
             _placeholder(ax_loss, "no training history")
             _placeholder(ax_acc, "no training history")
         else:
-            x, xlabel = _epoch_axis(history)
+            history, xs = _expand_head_curve(history)
+            if xs is not None and all(row.get("phase") == "head" for row in history):
+                x, xlabel = np.arange(1, len(history) + 1, dtype=np.float64), "pass over the cached features (head only)"
+            elif xs is not None:
+                x, xlabel = xs, "epoch (head: passes over cached features)"
+            else:
+                x, xlabel = _epoch_axis(history)
             spans = _phase_spans(history, x)
             ax_loss.plot(x, _column(history, "train_loss"), "o-", label="train loss", color="tab:blue")
             ax_loss.plot(x, _column(history, "valid_loss"), "s--", label="valid loss", color="tab:orange")

@@ -301,3 +301,20 @@ def test_empty_image_grid_still_writes_png(tmp_path: Path) -> None:
     path = tmp_path / "empty.png"
     plot_image_grid([], lambda i: _images(1)[0], [], path, "nothing here")
     _assert_png(path)
+
+
+def test_head_curve_spreads_over_the_head_epoch(tmp_path: Path) -> None:
+    from dragons.report import _expand_head_curve, plot_training_curves
+
+    curve = [{"train_loss": 1.0 / (i + 1), "valid_loss": 0.5 / (i + 1), "accuracy": 0.5 + i / 10} for i in range(4)]
+    history = [
+        {"epoch": 0, "phase": "head", "train_loss": 0.25, "valid_loss": 0.125, "accuracy": 0.8, "head_curve": curve},
+        {"epoch": 1, "phase": "unfrozen", "train_loss": 0.2, "valid_loss": 0.1, "accuracy": 0.9},
+    ]
+    rows, xs = _expand_head_curve(history)
+    assert xs is not None and xs.tolist() == [-0.75, -0.5, -0.25, 0.0, 1.0]
+    assert [r["phase"] for r in rows] == ["head"] * 4 + ["unfrozen"]
+    assert [r["accuracy"] for r in rows[:4]] == [p["accuracy"] for p in curve]
+    assert _expand_head_curve(history[1:]) == (history[1:], None)  # no curve: rows as they are
+    plot_training_curves(history, tmp_path / "curves.png")
+    _assert_png(tmp_path / "curves.png")

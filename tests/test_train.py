@@ -26,6 +26,8 @@ def test_hymenoptera_from_s3_two_workers(hymenoptera_model: dict) -> None:
         assert key in meta
     assert meta["classes"] == ["ants", "bees"]
     assert meta["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    # Evaluation and scoring decode to base_size and centre-crop image_size: crop_pct of the square.
+    assert meta["base_size"] == round(meta["image_size"] / meta["config"]["crop_pct"])
     assert [h["phase"] for h in meta["history"]][0] in ("head", "frozen")
     assert "SECRET" not in json.dumps(meta).upper() or os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(meta)
 
@@ -94,5 +96,7 @@ def test_cli_unknown_arch_and_missing_bucket(s3: object, tmp_path: Path) -> None
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in p.stderr + p.stdout
     p = _cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--lr", "fast")
     assert p.returncode == 2 and "--lr must be a number or 'auto'" in p.stderr
+    p = _cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--crop-pct", "1.5")
+    assert p.returncode == 2 and "--crop-pct must be between 0.3 and 1.0" in p.stderr and "Traceback" not in p.stderr
     p = _cli("predict", "--model", "s3://no-such-bucket/m", "x.jpg")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "no-such-bucket" in p.stderr

@@ -169,12 +169,16 @@ class Worker:
 
     # ----- precompute ------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, shard: Shard) -> torch.Tensor:
+    def features(self, shard: Shard, augment: bool = False) -> torch.Tensor:
+        """Body features of every image: the eval view, or one random augmented view."""
         self.model.eval()
         feats = []
         for x, _ in self.batches(shard, 16, shuffle=False):
+            x = x.to(self.device)
+            view = (train_batch(x, self.cfg.image_size, self.mean, self.std, self.preset, self.gen) if augment
+                    else eval_batch(x, self.cfg.image_size, self.mean, self.std))
             with self.autocast():
-                feats.append(self.model.body(eval_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std)).float())
+                feats.append(self.model.body(view).float())
         return torch.cat(feats) if feats else torch.zeros(0, self.model.num_features, device=self.device)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
@@ -183,8 +187,14 @@ class Worker:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
-    def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int) -> float:
-        """Fit the head on cached features with one cycle; returns the mean train loss."""
+    def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int,
+                 valid: tuple[torch.Tensor, Shard] | None = None, curve: list[dict[str, float]] | None = None) -> float:
+        """Fit the head on cached features with one cycle; returns the last pass's mean train loss.
+
+        With ``valid`` (cached valid features and their shard) every pass appends
+        its train loss, valid loss and accuracy to ``curve``: the head's training
+        curve costs one matrix product per pass.
+        """
         head = self._wrap(self.model.head)
         opt = torch.optim.AdamW(self.model.head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
         bs = self.cfg.batch_size
@@ -202,6 +212,10 @@ class Worker:
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
+            if valid is not None and curve is not None:
+                vloss, vacc = self.validate(valid[1], self.predict_features(valid[0]))
+                curve.append({"train_loss": _mean_all(float(np.mean(losses[-steps:])), self.world), "valid_loss": vloss, "accuracy": vacc})
+                self.model.head.train()
         return float(np.mean(losses[-steps:])) if losses else float("nan")
 
     def lr_find(self, feats: torch.Tensor, labels: torch.Tensor, start: float = 1e-6, end: float = 1.0, steps: int = 100) -> dict[str, Any]:
@@ -243,6 +257,10 @@ class Worker:
         self.model.train()
         if frozen:
             self.model.body.eval()  # frozen BN keeps its ImageNet statistics, as in precompute
+        elif not self.cfg.bn_stats:
+            for m in self.model.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         total, count = 0.0, 0
         for x, y in self.batches(shard, self.cfg.batch_size, shuffle=True, steps=steps):
             x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
@@ -364,11 +382,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if need_features:
         t0 = time.perf_counter()
         feats = worker.features(train)
+        head_labels = train.y
+        if cfg.precompute and cfg.head_views and not cfg.lr_find_only:
+            # Augmented views give the head the variety fine-tuning would see, at the
+            # price of a forward pass each (no backward): cheap augmentation.
+            feats = torch.cat([feats] + [worker.features(train, augment=True) for _ in range(cfg.head_views)])
+            head_labels = train.y.repeat(cfg.head_views + 1)
         valid_feats = worker.features(valid) if cfg.precompute and not cfg.lr_find_only else None
         if rank == 0:
-            print(f"precomputed body features for {len(train)} images per worker in {time.perf_counter() - t0:.1f}s", flush=True)
+            views = f" x {cfg.head_views + 1} views" if cfg.precompute and cfg.head_views else ""
+            print(f"precomputed body features for {len(train)} images{views} per worker in {time.perf_counter() - t0:.1f}s", flush=True)
         if lr == 0 or cfg.lr_find_only:
-            lr_info = worker.lr_find(feats, train.y)
+            lr_info = worker.lr_find(feats, head_labels)
             lr = float(lr_info["suggestion"])
             if rank == 0:
                 print(f"lr_find suggests lr={lr:.2e}", flush=True)
@@ -380,9 +405,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(done, len(plan)):
         phase = plan[epoch]
         t0 = time.perf_counter()
+        curve: list[dict[str, float]] = []
         if phase == "head":
             # feats exists: need_features is true whenever the head phase is not yet done.
-            train_loss = worker.fit_head(feats, train.y, lr * cfg.head_lr_scale, max(1, cfg.head_epochs))
+            train_loss = worker.fit_head(feats, head_labels, lr * cfg.head_lr_scale, max(1, cfg.head_epochs),
+                                         valid=(valid_feats, valid) if valid_feats is not None else None, curve=curve)
             epoch_lr = lr * cfg.head_lr_scale
         else:
             frozen = phase == "frozen"
@@ -411,6 +438,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         valid_loss, acc = worker.validate(valid, probs)
         history.append({"epoch": epoch, "phase": phase, "train_loss": _mean_all(train_loss, world), "valid_loss": valid_loss,
                         "accuracy": acc, "time": time.perf_counter() - t0, "lr": epoch_lr})
+        if phase == "head" and curve:
+            history[-1]["head_curve"] = curve  # one point per pass over the cached features, for the report
         metrics: dict[str, Any] = {"epoch": epoch, "valid_loss": valid_loss, "accuracy": acc, "train_loss": history[-1]["train_loss"]}
         if is_last and cfg.tta:
             tprobs = worker.predict(valid, tta=cfg.tta)

@@ -83,7 +83,7 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
 
     facts: dict[str, Any] = {}
     t0 = time.perf_counter()
-    train_ds, valid_ds, bad = decode_folder(folder, base_size_for(cfg.image_size), cfg.max_pixels)
+    train_ds, valid_ds, bad = decode_folder(folder, base_size_for(cfg.image_size, cfg.crop_pct), cfg.max_pixels)
     facts["decode_s"] = round(time.perf_counter() - t0, 2)
     facts["bad_images"] = [{"uri": u, "error": e} for u, e in bad]
     for uri, err in bad:
@@ -175,7 +175,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "arch": cfg.arch,
         "classes": folder.classes,
         "image_size": cfg.image_size,
-        "base_size": base_size_for(cfg.image_size),
+        "base_size": base_size_for(cfg.image_size, cfg.crop_pct),
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
         "metrics": metrics,
         "history": history,
