@@ -36,6 +36,8 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         # joins a local `ray start`). The embedded cluster keeps its dashboard
         # (Ray Train's state API needs it) on 127.0.0.1, never beyond localhost.
         local = {} if address else {"dashboard_host": "127.0.0.1"}
+        if not address:
+            _forget_dead_cluster_address()
         ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
     if no_progress_timeout_s is not None:
         from ray.data import DataContext
@@ -46,6 +48,35 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
     # Ray Data's per-operator INFO lines drown our own progress; keep its warnings.
     for name in ("ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _forget_dead_cluster_address() -> None:
+    """Delete a ``ray_current_cluster`` file whose address no longer answers.
+
+    Our embedded cluster never reads it, but Ray's own helpers inside worker
+    processes do (Ray Train's placement-group cleaner resolves "auto" through
+    it): a dead address there makes them time out and print tracebacks.
+    ``ray stop`` would delete it too; a crashed run leaves it behind.
+    """
+    import socket
+
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            host, _, port = f.read().strip().rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return  # a live cluster: leave it alone
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        pass
+    try:
+        os.remove(path)
+        log.info("removed stale Ray address file %s", path)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)

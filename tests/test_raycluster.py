@@ -50,5 +50,8 @@ def test_embedded_ray_ignores_a_stale_cluster_address():
         # rather than joining the stale address or another live cluster.
         session = proc.stdout.split("SESSION", 1)[1].strip()
         assert session.startswith(os.path.join(tmp, "ray", "session_")), session
+        # And the dead address is gone, so Ray's helpers in worker processes
+        # (which resolve "auto" through that file) no longer time out on it.
+        assert not os.path.exists(address_file)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
