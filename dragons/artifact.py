@@ -47,11 +47,18 @@ class Artifact:
 
     @property
     def base_size(self) -> int:
-        return int(self.meta.get("base_size") or round(self.image_size / 0.875))
+        return base_size_of(self.meta)
 
     @property
     def version(self) -> str:
         return str(self.meta["version"])
+
+
+def base_size_of(meta: dict[str, Any]) -> int:
+    """Side of the square images are decoded to; artifacts older than ``base_size`` used crop 87.5%."""
+    from dragons.preprocess import base_size_for
+
+    return int(meta.get("base_size") or base_size_for(int(meta["image_size"]), 0.875))
 
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:

@@ -193,7 +193,7 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         res = cluster()
         actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
         log.info("%d scoring actor(s) with %g CPU%s each; decoding in CPU tasks", actors, actor_cpu, " and 1 GPU" if actor_gpu else "")
-        base = int(meta.get("base_size") or round(int(meta["image_size"]) / 0.875))
+        base = artifact.base_size_of(meta)
         # Small blocks stream: results (and progress) arrive block by block, and a
         # decoded block (196 KB an image) stays small. Big inputs get up to 256 rows.
         rows_per_block = min(256, max(cfg.batch_size, math.ceil(len(uris) / (8 * actors))))

@@ -46,9 +46,12 @@ def test_head_fits_on_plain_plus_augmented_views() -> None:
     feats = torch.cat([w.features(shard)] + [w.features(shard, augment=True) for _ in range(2)])
     labels = shard.y.repeat(3)
     before = w.model.head[-1].weight.detach().clone()
-    loss = w.fit_head(feats, labels, lr=1e-2, epochs=5)
+    loss, curve = w.fit_head(feats, labels, lr=1e-2, epochs=5)
     assert loss == loss and loss < 0.7  # finite, and below chance (ln 2) on its own training set
     assert not torch.equal(before, w.model.head[-1].weight)
+    assert curve == []  # no valid features given: no curve
+    _, curve = w.fit_head(feats, labels, lr=1e-2, epochs=3, valid=(feats[:8], shard))
+    assert len(curve) == 3 and all(set(p) == {"train_loss", "valid_loss", "accuracy"} for p in curve)
 
 
 def test_bn_stats_off_keeps_imagenet_running_statistics() -> None:

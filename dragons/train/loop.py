@@ -188,12 +188,12 @@ class Worker:
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int,
-                 valid: tuple[torch.Tensor, Shard] | None = None, curve: list[dict[str, float]] | None = None) -> float:
-        """Fit the head on cached features with one cycle; returns the last pass's mean train loss.
+                 valid: tuple[torch.Tensor, Shard] | None = None) -> tuple[float, list[dict[str, float]]]:
+        """Fit the head on cached features with one cycle.
 
-        With ``valid`` (cached valid features and their shard) every pass appends
-        its train loss, valid loss and accuracy to ``curve``: the head's training
-        curve costs one matrix product per pass.
+        Returns the last pass's mean train loss and, with ``valid`` (cached valid
+        features and their shard), each pass's train loss, valid loss and
+        accuracy: the head's training curve costs one matrix product per pass.
         """
         head = self._wrap(self.model.head)
         opt = torch.optim.AdamW(self.model.head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
@@ -202,6 +202,7 @@ class Worker:
         sched = one_cycle(opt, [lr], steps * epochs, pct_start=0.25)
         self.model.head.train()
         losses = []
+        curve: list[dict[str, float]] = []
         for _ in range(epochs):
             order = torch.randperm(len(labels), generator=self.gen)
             for s in range(steps):
@@ -212,11 +213,11 @@ class Worker:
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
-            if valid is not None and curve is not None:
+            if valid is not None:
                 vloss, vacc = self.validate(valid[1], self.predict_features(valid[0]))
                 curve.append({"train_loss": _mean_all(float(np.mean(losses[-steps:])), self.world), "valid_loss": vloss, "accuracy": vacc})
                 self.model.head.train()
-        return float(np.mean(losses[-steps:])) if losses else float("nan")
+        return (float(np.mean(losses[-steps:])) if losses else float("nan")), curve
 
     def lr_find(self, feats: torch.Tensor, labels: torch.Tensor, start: float = 1e-6, end: float = 1.0, steps: int = 100) -> dict[str, Any]:
         """Exponential sweep on a throw-away copy of the head; the real head is untouched."""
@@ -381,17 +382,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid_feats = None
     if need_features:
         t0 = time.perf_counter()
-        feats = worker.features(train)
-        head_labels = train.y
-        if cfg.precompute and cfg.head_views and not cfg.lr_find_only:
-            # Augmented views give the head the variety fine-tuning would see, at the
-            # price of a forward pass each (no backward): cheap augmentation.
-            feats = torch.cat([feats] + [worker.features(train, augment=True) for _ in range(cfg.head_views)])
-            head_labels = train.y.repeat(cfg.head_views + 1)
+        # Augmented views give the head the variety fine-tuning would see, at the
+        # price of a forward pass each (no backward): cheap augmentation.
+        views = cfg.head_views if cfg.precompute and not cfg.lr_find_only else 0
+        feats = torch.cat([worker.features(train)] + [worker.features(train, augment=True) for _ in range(views)])
+        head_labels = train.y.repeat(views + 1)
         valid_feats = worker.features(valid) if cfg.precompute and not cfg.lr_find_only else None
         if rank == 0:
-            views = f" x {cfg.head_views + 1} views" if cfg.precompute and cfg.head_views else ""
-            print(f"precomputed body features for {len(train)} images{views} per worker in {time.perf_counter() - t0:.1f}s", flush=True)
+            shown = f" x {views + 1} views" if views else ""
+            print(f"precomputed body features for {len(train)} images{shown} per worker in {time.perf_counter() - t0:.1f}s", flush=True)
         if lr == 0 or cfg.lr_find_only:
             lr_info = worker.lr_find(feats, head_labels)
             lr = float(lr_info["suggestion"])
@@ -408,8 +407,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         curve: list[dict[str, float]] = []
         if phase == "head":
             # feats exists: need_features is true whenever the head phase is not yet done.
-            train_loss = worker.fit_head(feats, head_labels, lr * cfg.head_lr_scale, max(1, cfg.head_epochs),
-                                         valid=(valid_feats, valid) if valid_feats is not None else None, curve=curve)
+            train_loss, curve = worker.fit_head(feats, head_labels, lr * cfg.head_lr_scale, max(1, cfg.head_epochs),
+                                                valid=(valid_feats, valid) if valid_feats is not None else None)
             epoch_lr = lr * cfg.head_lr_scale
         else:
             frozen = phase == "frozen"
@@ -438,7 +437,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         valid_loss, acc = worker.validate(valid, probs)
         history.append({"epoch": epoch, "phase": phase, "train_loss": _mean_all(train_loss, world), "valid_loss": valid_loss,
                         "accuracy": acc, "time": time.perf_counter() - t0, "lr": epoch_lr})
-        if phase == "head" and curve:
+        if curve:
             history[-1]["head_curve"] = curve  # one point per pass over the cached features, for the report
         metrics: dict[str, Any] = {"epoch": epoch, "valid_loss": valid_loss, "accuracy": acc, "train_loss": history[-1]["train_loss"]}
         if is_last and cfg.tta:
