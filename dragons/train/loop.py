@@ -73,8 +73,9 @@ def _gather(arr: np.ndarray) -> np.ndarray:
 def _load_shard(it: Any, rank: int, world: int, take_every: bool) -> Shard:
     """Pull a dataset shard into memory once: it is re-read every epoch.
 
-    ``take_every``: the iterator holds the full dataset (the validation set is
-    not split by Ray, whose equal split could drop rows); keep rows rank::world.
+    ``take_every``: the iterator holds the full dataset (not split by Ray: see
+    ``run_trainer``); keep rows rank::world, in row-id order, so a seed gives
+    the same shards, and the same model, on every run.
     """
     xs, ys, ids = [], [], []
     for batch in it.iter_batches(batch_size=64, batch_format="numpy"):
@@ -350,7 +351,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
             f.write(str(os.getpid()))
 
-    train = _load_shard(ray.train.get_dataset_shard("train"), rank, world, take_every=False)
+    train = _load_shard(ray.train.get_dataset_shard("train"), rank, world, take_every=True)
     valid = _load_shard(ray.train.get_dataset_shard("valid"), rank, world, take_every=True)
 
     history: list[dict[str, Any]] = []

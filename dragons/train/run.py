@@ -134,9 +134,12 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
             worker_runtime_env={"env_vars": env_vars},
         ),
         datasets={"train": train_ds, "valid": valid_ds},
-        # Only train is split by Ray; every worker reads valid whole and keeps rank::world,
-        # so no validation image is dropped to even out the shards.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Neither is split by Ray: every worker reads both whole and keeps rows
+        # rank::world by row id. Ray's streaming split hands blocks to whichever
+        # worker asks first (the same seed gave 5 or 6 val errors from run to run)
+        # and its equal split can drop rows. Each worker holds its shard in memory
+        # anyway, so reading the decoded set twice on 2 workers is cheap.
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     t1 = time.perf_counter()
     try:
