@@ -23,6 +23,7 @@ import numpy as np
 
 from dragons import artifact, storage, table
 from dragons.data import DecodeBatch
+from dragons.decode import DEFAULT_MAX_BYTES
 from dragons.errors import DragonsError
 from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray
 
@@ -40,7 +41,8 @@ class ScoreConfig:
     actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
     tta: int = 0  # test-time augmentation views (0 = off)
     max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this
-    max_pixels: int = 64_000_000  # decompression-bomb guard
+    max_pixels: int = 64_000_000  # decompression-bomb guard: larger images become error rows `too_large`
+    max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread
     rows_per_file: int = 200_000  # Parquet part size
     progress_s: float = 5.0  # seconds between progress lines
     log_file: str = ""  # "" = ./logs/score-<run_id>.log
@@ -200,7 +202,7 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, math.ceil(len(uris) / rows_per_block)))
         # Few decode tasks, each overlapping its S3 GETs on threads: every extra
         # task process costs seconds of imports on a small machine.
-        ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels), batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
+        ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels, max_bytes=cfg.max_bytes), batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
                             compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
         ds = ds.map_batches(
             Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,

@@ -8,6 +8,12 @@ from typing import Any, Callable
 from dragons.cli import _Parser
 
 
+def _default(name: str) -> Any:
+    from dragons.score import ScoreConfig
+
+    return ScoreConfig.__dataclass_fields__[name].default
+
+
 def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Score every image under a prefix into a Parquet table of class probabilities.")
     p.add_argument("--model", required=True, help="model artifact (path or s3://)")
@@ -19,6 +25,8 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=0, help="scoring actors (0 = sized from the cluster)")
     p.add_argument("--tta", type=int, default=0, help="test-time augmentation views (0 = off)")
     p.add_argument("--max-error-rate", type=float, default=1.0, help="exit non-zero above this share of error rows")
+    p.add_argument("--max-pixels", type=int, default=_default("max_pixels"), help="larger images become error rows `too_large`")
+    p.add_argument("--max-bytes", type=int, default=_default("max_bytes"), help="larger objects become error rows `too_large`, unread")
     p.add_argument("--rows-per-file", type=int, default=200_000, help="rows per Parquet part file")
     p.add_argument("--log-file", default="", help="progress log (default logs/score-<run_id>.log)")
     return p

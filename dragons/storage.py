@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,26 +42,34 @@ class Location:
         return self.path.split("/", 1)[0] if self.is_s3 else ""
 
 
+# scheme://rest. Parsed by hand, not with urlparse: an S3 key is raw bytes, and
+# urlparse cuts it at '#' or '?' (s3://b/photo#1.jpg would read s3://b/photo).
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$", re.S)
+
+
 def parse(uri: str) -> Location:
-    """Parse a local path, ``file://`` URI or ``s3://bucket/prefix``."""
+    """Parse a local path, ``file://`` URI or ``s3://bucket/prefix``.
+
+    Everything after the bucket is the key, verbatim: '#', '?', '%', '+',
+    spaces and unicode are part of it (no percent-decoding, no fragments).
+    """
     uri = str(uri)
     if not uri:
         raise DragonsError("empty path or URI: give a local path, file:// or s3://bucket/prefix")
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if len(scheme) == 1:  # a Windows drive letter, not a scheme
-        scheme = ""
+    m = _SCHEME_RE.match(uri)
+    scheme, rest = (m.group(1).lower(), m.group(2)) if m else ("", uri)
     if scheme not in _SCHEMES:
         raise DragonsError(
             f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, file:// or s3://bucket/prefix"
         )
     if scheme == "s3":
-        if not parsed.netloc:
+        bucket, _, key = rest.partition("/")
+        if not bucket:
             raise DragonsError(f"S3 URI {uri!r} has no bucket: write it as s3://bucket/prefix")
-        key = parsed.path.strip("/")
-        path = f"{parsed.netloc}/{key}" if key else parsed.netloc
+        key = key.strip("/")
+        path = f"{bucket}/{key}" if key else bucket
         return Location(uri=f"s3://{path}", scheme="s3", path=path)
-    local = parsed.path if scheme == "file" else uri
+    local = rest if scheme == "file" else uri
     absolute = os.path.abspath(os.path.expanduser(local))
     return Location(uri=absolute, scheme="file", path=absolute)
 
@@ -73,8 +82,19 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(loc.path, *parts)
 
 
+# Attempts per S3 request (first try included) for pyarrow and boto3 alike:
+# S3 answers 503 SlowDown / 500 now and then and expects clients to back off.
+S3_MAX_ATTEMPTS = 4  # pyarrow's backoff makes a 5th attempt cost ~10 s more
+
+
 def s3_options() -> dict[str, object]:
-    """pyarrow S3FileSystem options from the standard AWS variables."""
+    """pyarrow S3FileSystem options from the standard AWS variables.
+
+    Credentials are deliberately *not* passed: pyarrow then uses the AWS default
+    chain (env vars, profile, instance role) in whichever process uses it, and a
+    pickled S3FileSystem (Ray Train's ``storage_filesystem`` travels to every
+    worker and into ``trainer.pkl``) carries no key or secret.
+    """
     opts: dict[str, object] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -84,15 +104,11 @@ def s3_options() -> dict[str, object]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         opts["region"] = region
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        opts["access_key"] = key
-        opts["secret_key"] = secret
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            opts["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    # A missing object should fail at once, not after minutes of retries.
+    # A missing object should fail at once, not after minutes of retries; an
+    # unreachable endpoint within seconds.
     opts["connect_timeout"] = 5.0
     opts["request_timeout"] = 60.0
+    opts["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
     return opts
 
 
@@ -118,7 +134,11 @@ def boto3_client(max_pool_connections: int = 10):  # type: ignore[no-untyped-def
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None, config=Config(max_pool_connections=max_pool_connections))
+    # "standard" retries back off with jitter on 5xx, SlowDown and connection
+    # errors; short timeouts make an unreachable endpoint an error in seconds.
+    config = Config(max_pool_connections=max_pool_connections, connect_timeout=5, read_timeout=60,
+                    retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
 
 def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
@@ -127,13 +147,19 @@ def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
     try:
         info = fs.get_file_info(loc.bucket)
     except OSError as exc:
-        raise DragonsError(f"cannot reach S3 for {loc.uri}: {_short(exc)}. Check AWS_ENDPOINT_URL and credentials") from None
+        raise _unreachable(loc, exc) from None
     if info.type == pafs.FileType.NotFound:
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "AWS")
         raise DragonsError(
             f"bucket {loc.bucket!r} does not exist (endpoint {endpoint}) for {loc.uri}: "
             "check the bucket name or create it"
         )
+
+
+def _unreachable(loc: Location, exc: BaseException) -> DragonsError:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    return DragonsError(f"cannot reach S3 ({endpoint}) for {loc.uri}: {_short(exc)}. "
+                        "Check that the endpoint is up, AWS_ENDPOINT_URL and the credentials")
 
 
 def _short(exc: BaseException) -> str:
@@ -172,49 +198,116 @@ def list_files(uri: str) -> list[FileEntry]:
     return sorted(out, key=lambda e: e.uri)
 
 
+def _fail(fs: pafs.FileSystem, loc: Location, what: str, exc: OSError) -> DragonsError:
+    """A DragonsError for a failed filesystem call: a missing bucket or an
+    unreachable endpoint is named as such, anything else with its first line."""
+    if loc.is_s3 and "NETWORK_CONNECTION" in str(exc):
+        raise _unreachable(loc, exc)  # asking again about the bucket would only wait out the retries again
+    if loc.is_s3:
+        _check_bucket(fs, loc)  # raises the clearer message when that is the cause
+    if isinstance(exc, PermissionError) or "ACCESS_DENIED" in str(exc).upper() or "ACCESSDENIED" in str(exc).upper():
+        return DragonsError(f"access denied: cannot {what} {loc.uri}: check the credentials' permissions on it")
+    return DragonsError(f"cannot {what} {loc.uri}: {_short(exc)}")
+
+
+def _info(uri: str, what: str) -> tuple[pafs.FileSystem, Location, pafs.FileInfo]:
+    fs, path = filesystem(uri)
+    loc = parse(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise _fail(fs, loc, what, exc) from None
+    if info.type == pafs.FileType.NotFound:
+        _check_bucket(fs, loc)  # "not there" must not hide "no such bucket"
+    return fs, loc, info
+
+
 def list_dirs(uri: str) -> list[str]:
     """Immediate sub-directory names of a prefix, sorted."""
     fs, path = filesystem(uri)
-    _check_bucket(fs, parse(uri))
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    loc = parse(uri)
+    _check_bucket(fs, loc)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise _fail(fs, loc, "list", exc) from None
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
 
 
 def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _info(uri, "check")[2].type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return _info(uri, "check")[2].type == pafs.FileType.Directory
 
 
-def read_bytes(uri: str, fs: pafs.FileSystem | None = None) -> bytes:
-    """Read a whole object. Pass ``fs`` when reading many (saves a client per call)."""
+def size_of(uri: str) -> int | None:
+    """Bytes of an object or file (a HEAD on S3); None when it does not exist."""
+    info = _info(uri, "check")[2]
+    return None if info.type == pafs.FileType.NotFound else int(info.size or 0)
+
+
+class ObjectError(DragonsError):
+    """One object that cannot be read; ``code`` is a stable word for error rows
+    (``not_found``, ``too_large``, ``access_denied``, ``read_error``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _too_large(loc: Location, size: int, max_bytes: int) -> ObjectError:
+    return ObjectError("too_large", f"{loc.uri} is {size} bytes, over the {max_bytes}-byte limit (--max-bytes)")
+
+
+def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) -> bytes:
+    """Read a whole object. Pass ``fs`` when reading many (saves a client per call).
+
+    ``max_bytes`` > 0 refuses a bigger object from its size alone, before reading it.
+    """
     loc = parse(uri)
     if fs is None:
         fs, _ = filesystem(uri)
     try:
-        with fs.open_input_stream(loc.path) as f:
+        # A random-access file knows its size before any read (a HEAD on S3).
+        with (fs.open_input_file if max_bytes else fs.open_input_stream)(loc.path) as f:
+            if max_bytes and int(f.size()) > max_bytes:
+                raise _too_large(loc, int(f.size()), max_bytes)
             return f.read()
     except FileNotFoundError:
         _check_bucket(fs, loc)
-        raise DragonsError(f"{loc.uri} does not exist: check the path") from None
+        raise ObjectError("not_found", f"{loc.uri} does not exist: check the path") from None
     except OSError as exc:
-        if fs is not None and loc.is_s3:
-            _check_bucket(fs, loc)
-        raise DragonsError(f"cannot read {loc.uri}: {_short(exc)}") from None
+        err = _fail(fs, loc, "read", exc)
+        raise ObjectError("access_denied" if str(err).startswith("access denied") else "read_error", str(err)) from None
 
 
-def get_object(client: Any, loc: Location) -> bytes:
-    """One S3 GET with boto3; errors become DragonsError naming the object."""
+def get_object(client: Any, loc: Location, max_bytes: int = 0, size: int | None = None) -> bytes:
+    """One S3 GET with boto3; errors become ObjectError naming the object.
+
+    The size limit is checked before any byte of the body is read: from the
+    listing's ``size`` when the caller has it, else from the response's
+    Content-Length (the body is then closed unread). A HEAD per object instead
+    would double the requests, and S3's bill, for every normal image.
+    """
+    if max_bytes and size is not None and size > max_bytes:
+        raise _too_large(loc, size, max_bytes)
     bucket, _, key = loc.path.partition("/")
     try:
-        return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        resp = client.get_object(Bucket=bucket, Key=key)
+        length = int(resp.get("ContentLength", 0))
+        if max_bytes and length > max_bytes:
+            resp["Body"].close()
+            raise _too_large(loc, length, max_bytes)
+        return bytes(resp["Body"].read())
+    except ObjectError:
+        raise
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-        raise DragonsError(f"cannot read {loc.uri}: {code}") from None
+        kind = {"NoSuchKey": "not_found", "404": "not_found", "NoSuchBucket": "not_found",
+                "AccessDenied": "access_denied", "403": "access_denied"}.get(str(code), "read_error")
+        raise ObjectError(kind, f"cannot read {loc.uri}: {code}") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -229,18 +322,23 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)  # atomic: a reader sees the old or the new file
         return
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as exc:
+        raise _fail(fs, loc, "write", exc) from None
 
 
 def delete(uri: str) -> None:
     """Delete a file or a whole prefix; missing is fine."""
-    fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+    fs, loc, info = _info(uri, "delete")
+    try:
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(loc.path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(loc.path)
+    except OSError as exc:
+        raise _fail(fs, loc, "delete", exc) from None
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:

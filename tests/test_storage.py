@@ -48,3 +48,71 @@ def test_secrets_are_redacted(s3: object) -> None:
 
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in storage.redact(f"failed with key {secret}")
+
+
+ODD_KEYS = ["odd/photo#1.jpg", "odd/what?x=1.jpg", "odd/a b.jpg", "odd/100%.jpg", "odd/c+d.jpg",
+            "odd/drăgon-龍.jpg", "odd/deep/er/and/deeper/x.jpg"]
+
+
+def test_parse_keeps_raw_keys() -> None:
+    for key in ODD_KEYS:
+        loc = storage.parse(f"s3://b/{key}")
+        assert loc.path == f"b/{key}" and loc.uri == f"s3://b/{key}"
+    assert storage.parse("/tmp/a#b?c").path == "/tmp/a#b?c"
+    assert storage.parse("file:///tmp/a#b").path == "/tmp/a#b"
+
+
+def test_odd_keys_round_trip_on_s3(bucket: str) -> None:
+    root = f"s3://{bucket}/oddkeys"
+    for i, key in enumerate(ODD_KEYS):
+        storage.write_bytes(f"{root}/{key}", f"object {i}".encode())
+    # a decoy: what urlparse would have read for 'photo#1.jpg'
+    storage.write_bytes(f"{root}/odd/photo", b"decoy")
+    listed = {e.uri: e for e in storage.list_files(root)}
+    for i, key in enumerate(ODD_KEYS):
+        uri = f"{root}/{key}"
+        assert uri in listed, (uri, sorted(listed))
+        assert storage.read_bytes(uri) == f"object {i}".encode()
+        assert listed[uri].size == len(f"object {i}")
+        assert storage.size_of(uri) == len(f"object {i}")
+        bucket_name, _, k = storage.parse(uri).path.partition("/")
+        assert storage.get_object(storage.boto3_client(), storage.parse(uri)) == f"object {i}".encode()
+    assert storage.exists(f"{root}/odd/photo#1.jpg")
+    storage.delete(f"{root}/odd/photo#1.jpg")
+    assert not storage.exists(f"{root}/odd/photo#1.jpg") and storage.exists(f"{root}/odd/photo")
+
+
+def test_every_call_on_a_missing_bucket_is_a_dragons_error(bucket: str) -> None:
+    for call in (lambda: storage.exists("s3://no-such-bucket/x"), lambda: storage.delete("s3://no-such-bucket/x"),
+                 lambda: storage.list_dirs("s3://no-such-bucket/x"), lambda: storage.is_dir("s3://no-such-bucket/x"),
+                 lambda: storage.write_bytes("s3://no-such-bucket/x", b"1")):
+        with pytest.raises(DragonsError, match="bucket 'no-such-bucket' does not exist"):
+            call()
+
+
+def test_unreachable_endpoint_is_a_dragons_error_in_seconds(s3: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from dragons.s3server import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for call in (lambda: storage.exists("s3://b/x"), lambda: storage.delete("s3://b/x"),
+                 lambda: storage.list_dirs("s3://b/x"), lambda: storage.list_files("s3://b/x"),
+                 lambda: storage.read_bytes("s3://b/x"), lambda: storage.write_bytes("s3://b/x", b"1")):
+        t0 = time.monotonic()
+        with pytest.raises(DragonsError, match="cannot reach S3"):
+            call()
+        assert time.monotonic() - t0 < 20
+
+
+def test_pickled_s3_filesystem_holds_no_secret(s3: object) -> None:
+    import os
+    import pickle
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    fs = storage.s3_filesystem()
+    blob = pickle.dumps(fs)
+    assert secret.encode() not in blob
+    assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob
+    # ...and the unpickled copy still authenticates (from the environment).
+    pickle.loads(blob).get_file_info("dragons-test")

@@ -1,0 +1,35 @@
+"""Shared helpers for the hardening tests: a tiny untrained model artifact and
+small JPEGs. Untrained weights are enough where a test compares rows with rows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 64
+
+
+def jpeg(seed: int, size: tuple[int, int] = (96, 80)) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def save_tiny_model(out: str, classes: tuple[str, ...] = ("ants", "bees")) -> dict:
+    import torch
+
+    from dragons import artifact
+    from dragons.models.registry import build_model, get_spec
+    from dragons.preprocess import base_size_for
+
+    torch.manual_seed(0)
+    spec = get_spec("efficientnet_lite0")
+    model = build_model("efficientnet_lite0", len(classes), weights="none").eval()
+    meta = {"arch": "efficientnet_lite0", "classes": list(classes), "image_size": IMAGE_SIZE,
+            "base_size": base_size_for(IMAGE_SIZE, 0.875),
+            "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "metrics": {}}
+    return artifact.save(out, model, meta)
