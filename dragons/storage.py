@@ -341,6 +341,22 @@ def delete(uri: str) -> None:
         raise _fail(fs, loc, "delete", exc) from None
 
 
+def check_writable(uri: str, flag: str = "--out") -> None:
+    """Fail now, before hours of work, if nothing can be written under ``uri``:
+    a missing bucket, a dead endpoint or a denied PUT. Writes and deletes a probe."""
+    import uuid
+
+    probe = join(uri, f".dragons-write-probe-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes(probe, b"")
+    except DragonsError as exc:
+        raise DragonsError(f"{flag} {parse(uri).uri} is not writable: {exc}") from None
+    try:
+        delete(probe)
+    except DragonsError:
+        pass  # writable is what we needed to know; a delete-denied probe is harmless
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local directory tree to a URI (local or S3)."""
     loc = parse(uri)
