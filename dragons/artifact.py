@@ -75,7 +75,9 @@ def content_hash(data: bytes) -> str:
 def save(out: str, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     """Write the weights, then ``model.json`` last (a reader never sees a half artifact)."""
     weights = state_dict_bytes(model)
-    full = {**meta, "version": content_hash(weights), "dragons_version": __version__, "weights_file": WEIGHTS_FILE}
+    # Redacted: meta carries the training config, whose URIs may hold a secret.
+    full = storage.redact_obj({**meta, "version": content_hash(weights), "dragons_version": __version__,
+                               "weights_file": WEIGHTS_FILE})
     for key in ("arch", "classes", "image_size", "normalization", "metrics"):
         if key not in full:
             raise ValueError(f"artifact metadata lacks {key!r}")

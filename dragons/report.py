@@ -20,6 +20,8 @@ from urllib.parse import quote
 
 import matplotlib
 
+from dragons.storage import redact_obj
+
 # Workers and CI have no display; select the file-only backend before pyplot
 # is imported so it never tries to open a GUI.
 matplotlib.use("Agg")
@@ -590,7 +592,7 @@ def write_report(
 
     # Metrics first: they validate the inputs before any plotting work.
     metrics = classification_metrics(p, y, classes)
-    metrics["extra"] = dict(extra) if extra else {}
+    metrics["extra"] = redact_obj(dict(extra)) if extra else {}  # extra may carry configs and URIs
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n", encoding="utf-8")
 
     images: list[tuple[str, str]] = []

@@ -187,7 +187,7 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     log.info("run %s: scoring %d objects from %s with model %s (version %s)", run_id, len(uris),
-             cfg.manifest or cfg.input, cfg.model, meta["version"])
+             storage.redact(cfg.manifest or cfg.input), storage.redact(cfg.model), meta["version"])
     writer = table.RunWriter(cfg.output, run_id, started, classes, cfg.rows_per_file, model_version=meta["version"])
     progress = _Progress(len(uris), cfg.progress_s)
     if uris:
@@ -212,10 +212,10 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
             writer.add(batch)
             progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count)
     progress.update(0, 0, force=True)
-    manifest = writer.commit({
-        "listed": len(uris), "model": storage.redact(cfg.model), "model_version": meta["version"],
+    manifest = writer.commit(storage.redact_obj({  # one redaction for everything the manifest stores
+        "listed": len(uris), "model": cfg.model, "model_version": meta["version"],
         "input": cfg.manifest or cfg.input, "config": {k: v for k, v in asdict(cfg).items() if k != "log_file"},
-    })
+    }))
     rate = manifest["errors"] / max(manifest["listed"], 1)
     log.info("run %s committed: listed %d, scored %d, errors %d (%.2f%%) -> %s", run_id, manifest["listed"], manifest["scored"],
              manifest["errors"], 100 * rate, manifest["path"])

@@ -379,10 +379,30 @@ def download_dir(uri: str, local_dir: str | Path) -> None:
         dest.write_bytes(read_bytes(entry.uri, fs))
 
 
+# Secret-bearing parts of URLs: user:password@ and presigned-URL signatures.
+_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_SIGNED_RE = re.compile(r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId)=[^&\s\"']+")
+SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
+
+
 def redact(text: str) -> str:
-    """Remove secret values from text before it is logged or stored."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"):
+    """Remove secret values from text before it is logged or stored: the values
+    of SECRET_VARS, passwords in URLs, presigned-URL signatures."""
+    for var in SECRET_VARS:
         value = os.environ.get(var)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    text = _USERINFO_RE.sub(lambda m: m.group("scheme") + "***@", text)
+    return _SIGNED_RE.sub(lambda m: m.group(1) + "=***", text)
+
+
+def redact_obj(obj: Any) -> Any:
+    """:func:`redact` applied to every string (keys too) in a JSON-like object:
+    the one redaction for every config, manifest, artifact and report written."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {redact_obj(k): redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_obj(v) for v in obj]
+    return obj

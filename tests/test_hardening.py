@@ -99,3 +99,69 @@ def test_max_bytes_refuses_from_the_listing_size_without_a_get() -> None:
         if saved is not None:
             decode._CLIENTS["s3"] = saved
     assert out["error"][0].startswith("too_large:")
+
+
+def _all_objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
+    client = storage.boto3_client()
+    out: dict[str, bytes] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def test_configs_are_redacted_everywhere(ray_session: None, bucket: str, tmp_path: Path) -> None:
+    """A secret inside a URI is redacted in the model's config, the run manifest and the log alike."""
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    model = f"s3://{bucket}/redact/models/{secret}"
+    out = f"s3://{bucket}/redact/table"
+    try:
+        meta = save_tiny_model(model)
+        meta["config"] = {"out": model}
+        from dragons import artifact
+
+        artifact.save(f"s3://{bucket}/redact/models/m2", artifact.load(model).model, meta)
+        storage.write_bytes(f"s3://{bucket}/redact/images/a.jpg", jpeg(3))
+        log = tmp_path / "score.log"
+        m = score(ScoreConfig(model=model, input=f"s3://{bucket}/redact/images", output=out, run_id="redact",
+                              log_file=str(log)))
+        assert m["rows"] == 1 and m["errors"] == 0
+        written = {k: v for k, v in _all_objects(bucket, "redact/").items() if not k.startswith("redact/models/" + secret)}
+        assert any(k.endswith("model.json") for k in written) and len(written) >= 4
+        for key, data in written.items():
+            assert secret.encode() not in data, key
+        assert secret not in log.read_text() and "***" in log.read_text()
+        assert b"***" in written["redact/models/m2/model.json"]
+    finally:
+        for uri in (f"s3://{bucket}/redact",):
+            storage.delete(uri)
+
+
+@pytest.mark.slow
+def test_no_secret_in_anything_a_run_writes(hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path: Path) -> None:
+    """Train (the shared fixture: Ray Train from S3, checkpoints on S3) and score, then grep
+    every object in the bucket, the logs and Ray's session directory for the secret."""
+    import ray
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    key_id = os.environ["AWS_ACCESS_KEY_ID"].encode()
+    log = tmp_path / "score.log"
+    m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val/ants", output=f"s3://{bucket}/tables/secrets",
+                          run_id="secrets", log_file=str(log)))
+    assert m["rows"] > 0
+    objects = _all_objects(bucket)
+    assert any("_runs" in k for k in objects), "the training run's checkpoints were expected on S3"
+    leaks = [k for k, data in objects.items() if secret in data]
+    assert not leaks, leaks
+    local = [log]
+    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    local += [p for p in session_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    results = Path.home() / "ray_results"
+    if results.is_dir():
+        local += [p for p in results.rglob("*") if p.is_file()]
+    assert len(local) > 10
+    leaks = [str(p) for p in local if secret in p.read_bytes()]
+    assert not leaks, leaks
+    # The access key id is no secret, but it was pickled alongside the secret: check the pickles too.
+    pickles = [k for k, data in objects.items() if k.endswith((".pkl", ".pickle")) and key_id in data]
+    assert not pickles, pickles
