@@ -64,3 +64,59 @@ def test_weights_from_s3_uri(bucket: str) -> None:
     storage.write_bytes(f"s3://{bucket}/weights/junk.pth", b"not a checkpoint")
     with pytest.raises(DragonsError, match="weights_only"):
         build_model("efficientnet_lite0", 2, weights=f"s3://{bucket}/weights/junk.pth")
+
+
+class _Payload:
+    """Unpickling this runs a command: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(path: Path, marker: Path) -> bytes:
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = pickle.dumps({"conv1.weight": _Payload(marker)})
+    path.write_bytes(data)
+    return data
+
+
+def test_planted_torchvision_checkpoint_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--arch resnet18 --weights imagenet` with a malicious file in the hub cache: refused by hash, never run."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torch.hub.get_dir() is $TORCH_HOME/hub
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    marker = tmp_path / "pwned"
+    _plant(tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1], marker)
+    with pytest.raises(DragonsError, match="does not match the published"):
+        build_model("resnet18", 2, weights="imagenet")
+    assert not marker.exists()
+
+
+def test_checkpoint_with_matching_hash_still_loads_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a file whose hash matches its name is unpickled with weights_only=True: the payload never runs."""
+    import hashlib
+
+    from dragons.models.registry import load_hub_checkpoint
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    marker = tmp_path / "pwned"
+    data = _plant(tmp_path / "tmp.pth", marker)
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    _plant(tmp_path / "hub" / "checkpoints" / f"evil-{prefix}.pth", marker)
+    with pytest.raises(DragonsError, match="weights_only=True"):
+        load_hub_checkpoint(f"https://download.example/models/evil-{prefix}.pth")
+    assert not marker.exists()
+    # A genuine state dict with a matching hash loads.
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    good = hashlib.sha256(buf.getvalue()).hexdigest()[:8]
+    (tmp_path / "hub" / "checkpoints" / f"good-{good}.pth").write_bytes(buf.getvalue())
+    assert torch.equal(load_hub_checkpoint(f"https://download.example/good-{good}.pth")["w"], torch.ones(2))

