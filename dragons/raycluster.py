@@ -36,6 +36,7 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         # joins a local `ray start`). The embedded cluster keeps its dashboard
         # (Ray Train's state API needs it) on 127.0.0.1, never beyond localhost.
         local = {} if address else {"dashboard_host": "127.0.0.1"}
+        _check_token_auth()
         if not address:
             _forget_dead_cluster_address()
         ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
@@ -48,6 +49,26 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
     # Ray Data's per-operator INFO lines drown our own progress; keep its warnings.
     for name in ("ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _check_token_auth() -> None:
+    """Refuse to start or join a cluster without token auth (see dragons.rayauth).
+
+    Ray fixes its auth mode when it is first imported; if something imported
+    ray before dragons, setting the variable now would be silently ignored.
+    ``RAY_AUTH_MODE=disabled``, set explicitly, is the only way to opt out.
+    """
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    if get_authentication_mode() == AuthenticationMode.TOKEN:
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: this Ray cluster accepts jobs from anyone who can reach its ports")
+        return
+    from dragons.errors import DragonsError
+
+    raise DragonsError("Ray token authentication is off because ray was imported before dragons; "
+                       "export RAY_AUTH_MODE=token (and a token: RAY_AUTH_TOKEN_PATH) or import dragons first")
 
 
 def _forget_dead_cluster_address() -> None:

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import pytest
 
+import dragons  # noqa: F401  (first: turns on Ray token auth before anything imports ray)
+
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera"
 

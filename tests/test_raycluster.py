@@ -55,3 +55,62 @@ def test_embedded_ray_ignores_a_stale_cluster_address():
         assert not os.path.exists(address_file)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Ray 2.58's C++ gRPC servers (GCS, raylet, object manager, core workers, the
+# driver) and the dashboard agent's gRPC/metrics listeners bind every interface
+# ('::' / 0.0.0.0); Ray offers no option to bind them to loopback (ray.init maps
+# 127.0.0.1 to the node IP). They all sit behind token auth, checked below.
+WILDCARD_OK = ("gcs_server", "raylet", "ray::", "python", "DashboardAgent")
+
+
+def _ray_listeners() -> list[tuple[str, int, str, str]]:
+    import psutil
+
+    me = psutil.Process()
+    pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
+    out = []
+    for c in psutil.net_connections("inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            p = psutil.Process(c.pid)
+            out.append((c.laddr.ip, c.laddr.port, p.name(), " ".join(p.cmdline())))
+    return out
+
+
+def test_embedded_cluster_uses_token_auth_and_loopback_dashboard(ray_session: None, tmp_path) -> None:
+    import stat
+    import urllib.error
+    import urllib.request
+
+    import ray
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert os.environ["RAY_AUTH_MODE"] == "token" and get_authentication_mode() == AuthenticationMode.TOKEN
+    token_file = os.environ["RAY_AUTH_TOKEN_PATH"]
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    token = open(token_file).read().strip()
+    assert len(token) >= 32
+
+    listeners = _ray_listeners()
+    dashboard = [(ip, port) for ip, port, name, cmd in listeners if "dashboard/dashboard.py" in cmd]
+    assert dashboard and all(ip == "127.0.0.1" for ip, _ in dashboard), listeners
+    for ip, port, name, cmd in listeners:
+        if ip in ("0.0.0.0", "::"):
+            assert any(k in name or k in cmd for k in WILDCARD_OK), (ip, port, name, cmd[:200])
+            assert "dashboard/dashboard.py" not in cmd
+
+    dash = f"http://127.0.0.1:{dashboard[0][1]}/api/version"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(dash, timeout=10)
+    assert info.value.code == 401
+    ok = urllib.request.urlopen(urllib.request.Request(dash, headers={"Authorization": f"Bearer {token}"}), timeout=10)
+    assert ok.status == 200
+
+    # A client without the token is refused by the GCS.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    gcs = ray.get_runtime_context().gcs_address
+    code = f"import ray; ray.init(address={gcs!r}); print('CONNECTED')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "CONNECTED" not in proc.stdout
+    assert "Authentication" in proc.stderr or "InvalidAuthToken" in proc.stderr, proc.stderr[-2000:]

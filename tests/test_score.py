@@ -163,12 +163,18 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports, "--num-cpus=2",
                              "--object-store-memory=800000000", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    from urllib.request import urlopen
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
 
+    # The cluster inherits RAY_AUTH_MODE=token and the token file (dragons.rayauth).
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2).read()
+            urlopen(Request(f"http://127.0.0.1:{dash}/api/version", headers={"Authorization": f"Bearer {token}"}),
+                    timeout=2).read()
+            with pytest.raises(HTTPError, match="401"):  # ...and refuses a client without it
+                urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
             break
         except OSError:
             assert head.poll() is None, "ray start --head exited"
