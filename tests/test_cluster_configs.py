@@ -200,6 +200,52 @@ def test_head_not_exposed(where: str, kind: str, spec: dict):
         assert host == "127.0.0.1", where
 
 
+# Files whose RayJob heads serve the dashboard on the pod network (KubeRay's
+# default with dashboard-host unset: the submitter pod and the operator need it).
+RAYJOB_FILES = sorted(CLUSTER.glob("rayjob-*.yaml"))
+
+
+@pytest.mark.parametrize("path", RAYJOB_FILES, ids=lambda p: p.name)
+def test_rayjob_dashboard_fenced_by_network_policy(path: Path):
+    """Unset dashboard-host means 0.0.0.0 in the head pod: then the same file must ship a
+    NetworkPolicy that admits to 8265 only this job's submitter pod and the KubeRay operator."""
+    docs = _load(path)
+    jobs = [d for d in docs if d.get("kind") == "RayJob"]
+    assert len(jobs) == 1, path
+    job = jobs[0]
+    name = job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    host = (spec["rayClusterSpec"]["headGroupSpec"].get("rayStartParams") or {}).get("dashboard-host")
+    if host == "127.0.0.1":  # loopback: only a submitter inside the head pod could reach it
+        assert spec.get("submissionMode") == "SidecarMode", path
+        return
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    assert policies, f"{path.name}: dashboard on the pod network without a NetworkPolicy"
+    heads = [p for p in policies if (p["spec"]["podSelector"].get("matchLabels") or {}).get("ray.io/node-type") == "head"]
+    assert len(heads) == 1, path
+    pol = heads[0]["spec"]
+    assert pol["podSelector"]["matchLabels"]["ray.io/originated-from-cr-name"] == name
+    assert "Ingress" in pol["policyTypes"]
+    dashboard_rules, other_rules = [], []
+    for rule in pol["ingress"]:
+        ports = {p["port"] for p in rule.get("ports") or []}
+        assert rule.get("from"), f"{path.name}: an ingress rule without `from` admits everyone"
+        (dashboard_rules if 8265 in ports else other_rules).append(rule)
+        assert not ports or ports == {8265}, ports
+    # 8265: only the submitter (the Job named after the RayJob) and the operator.
+    assert len(dashboard_rules) == 1
+    peers = dashboard_rules[0]["from"]
+    assert {"batch.kubernetes.io/job-name": name} in [p.get("podSelector", {}).get("matchLabels") for p in peers]
+    operator = [p for p in peers if p.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "kuberay-operator"}]
+    assert len(operator) == 1 and len(peers) == 2, peers
+    for p in peers:
+        assert "ipBlock" not in p
+    # Any other rule admits only this job's own Ray pods (they need the GCS).
+    for rule in other_rules:
+        assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/originated-from-cr-name": name}}}], rule
+
+
 def test_no_externally_exposing_objects():
     for where, doc in MANIFESTS:
         assert doc["kind"] not in {"Ingress", "Route", "Gateway", "HTTPRoute"}, where
