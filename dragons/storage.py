@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,11 +272,23 @@ def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) 
     if fs is None:
         fs, _ = filesystem(uri)
     try:
-        # A random-access file knows its size before any read (a HEAD on S3).
-        with (fs.open_input_file if max_bytes else fs.open_input_stream)(loc.path) as f:
-            if max_bytes and int(f.size()) > max_bytes:
-                raise _too_large(loc, int(f.size()), max_bytes)
-            return f.read()
+        for attempt in range(S3_MAX_ATTEMPTS if loc.is_s3 else 1):
+            try:
+                # A random-access file knows its size before any read (a HEAD on S3).
+                with (fs.open_input_file if max_bytes else fs.open_input_stream)(loc.path) as f:
+                    if max_bytes and int(f.size()) > max_bytes:
+                        raise _too_large(loc, int(f.size()), max_bytes)
+                    return f.read()
+            except (FileNotFoundError, PermissionError):
+                raise
+            except OSError as exc:
+                # pyarrow does not retry a 5xx on a ranged GET of a small object: the
+                # SDK writes the error body into the object's buffer, overflows it and
+                # reports a non-retryable "Failed to flush response stream".
+                if attempt + 1 >= S3_MAX_ATTEMPTS or "ACCESS_DENIED" in str(exc).upper():
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
     except FileNotFoundError:
         _check_bucket(fs, loc)
         raise ObjectError("not_found", f"{loc.uri} does not exist: check the path") from None

