@@ -120,3 +120,52 @@ def test_training_through_flaky_s3(bucket: str, proxy_factory, tmp_path: Path) -
     meta = json.loads(storage.read_bytes(f"{out}/model.json"))
     assert (meta["data"]["n_train"], meta["data"]["n_valid"]) == (24, 12) and meta["data"]["bad_images"] == 0
     assert sum(proxy.stats.faults.values()) >= 5
+
+
+@pytest.mark.slow
+def test_killed_scoring_actor_every_row_exactly_once(ray_session: None, tiny_model: str, bucket: str, tmp_path: Path) -> None:
+    """SIGKILL a scoring actor mid-run: Ray Data restarts it and retries its batches."""
+    import signal
+    import threading
+
+    import ray
+    from ray.util.state import list_actors
+
+    from dragons.score import ScoreConfig, score
+
+    prefix = f"s3://{bucket}/drill-actor"
+    n = 240
+    client = storage.boto3_client()
+    for i in range(n):
+        client.put_object(Bucket=bucket, Key=f"drill-actor/img{i:04d}.jpg", Body=jpeg(i % 20, size=(320, 240)))
+    out = f"s3://{bucket}/tables/drill-actor"
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["manifest"] = score(ScoreConfig(model=tiny_model, input=prefix, output=out, run_id="actor-kill", batch_size=4,
+                                                   progress_s=0.3, log_file=str(tmp_path / "score.log")))
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            result["error"] = exc
+
+    gcs = ray.get_runtime_context().gcs_address  # this session's cluster, not another on the machine
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    killed = None
+    deadline = time.time() + 180
+    while time.time() < deadline and t.is_alive() and killed is None:
+        for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+            if "MapWorker" in a.class_name and "Scorer" in (a.repr_name or ""):
+                log = tmp_path / "score.log"
+                if a.pid and log.exists() and "scored " in log.read_text():  # some rows are already written
+                    os.kill(a.pid, signal.SIGKILL)
+                    killed = a.pid
+                    break
+        time.sleep(0.2)
+    t.join(timeout=300)
+    assert killed is not None, "no scoring actor was found to kill while the run was in progress"
+    assert "error" not in result, result.get("error")
+    m = result["manifest"]
+    assert m["listed"] == m["rows"] == n and m["errors"] == 0
+    counts = Counter(r["uri"] for r in _rows(out, "actor-kill"))
+    assert len(counts) == n and set(counts.values()) == {1}
