@@ -194,7 +194,7 @@ def list_files(uri: str) -> list[FileEntry]:
     except DragonsError:
         raise
     except OSError as exc:
-        raise DragonsError(f"cannot list {loc.uri}: {_short(exc)}") from None
+        raise _fail(fs, loc, "list", exc) from None
     prefix = "s3://" if loc.is_s3 else ""
     out = [FileEntry(prefix + i.path, int(i.size or 0)) for i in infos if i.type == pafs.FileType.File]
     return sorted(out, key=lambda e: e.uri)

@@ -153,7 +153,7 @@ class FaultProxy:
             if any(s in key for s in plan.always_fail):
                 self.stats.faults["always_fail"] += 1
                 return "always_fail"
-            if method in plan.deny_methods and any(s in key for s in plan.deny):
+            if method in plan.deny_methods and any(s in unquote(path) for s in plan.deny):  # query too: listings
                 self.stats.faults["deny"] += 1
                 return "deny"
             if method == "GET" and key not in self._deleted and any(s in key for s in plan.delete_on_get) and "?" not in path:

@@ -169,3 +169,35 @@ def test_killed_scoring_actor_every_row_exactly_once(ray_session: None, tiny_mod
     assert m["listed"] == m["rows"] == n and m["errors"] == 0
     counts = Counter(r["uri"] for r in _rows(out, "actor-kill"))
     assert len(counts) == n and set(counts.values()) == {1}
+
+
+def _objects(bucket: str, prefix: str) -> list[str]:
+    client = storage.boto3_client()
+    return [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+
+
+@pytest.mark.slow
+def test_permission_denied_on_input_and_output(tiny_model: str, bucket: str, hymenoptera_s3: str, proxy_factory, tmp_path: Path) -> None:
+    """403 AccessDenied on the input (listing and GETs) or the output (PUTs): exit 2, a clear
+    `error: access denied ...` naming the URI, and nothing half-written under the output."""
+    for i in range(6):
+        storage.write_bytes(f"s3://{bucket}/drill-perm-in/img{i}.jpg", jpeg(i))
+        storage.write_bytes(f"s3://{bucket}/drill-perm-ok/img{i}.jpg", jpeg(i))
+    proxy = proxy_factory(FaultPlan(rate=0.0, deny=("drill-perm-in", "drill-perm-out")))
+    cases = {
+        "score-input": ["score", "--model", tiny_model, "--input", f"s3://{bucket}/drill-perm-in",
+                        "--output", f"s3://{bucket}/tables/drill-perm-a"],
+        "score-output": ["score", "--model", tiny_model, "--input", f"s3://{bucket}/drill-perm-ok",
+                         "--output", f"s3://{bucket}/drill-perm-out/table"],
+        "train-output": ["train", "--data", hymenoptera_s3, "--out", f"s3://{bucket}/drill-perm-out/model"],
+    }
+    for name, args in cases.items():
+        p = _cli(args, proxy.endpoint, tmp_path)
+        assert p.returncode == 2, (name, (p.stdout + p.stderr)[-3000:])
+        assert "Traceback" not in p.stderr, (name, p.stderr[-3000:])
+        assert "error: " in p.stderr and "access denied" in p.stderr.lower(), (name, p.stderr[-2000:])
+        assert "drill-perm" in p.stderr, (name, p.stderr[-2000:])  # names the input
+    assert _objects(bucket, "drill-perm-out") == []
+    assert _objects(bucket, "tables/drill-perm-a") == []
+    assert proxy.stats.faults["deny"] >= 3
