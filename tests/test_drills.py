@@ -201,3 +201,46 @@ def test_permission_denied_on_input_and_output(tiny_model: str, bucket: str, hym
     assert _objects(bucket, "drill-perm-out") == []
     assert _objects(bucket, "tables/drill-perm-a") == []
     assert proxy.stats.faults["deny"] >= 3
+
+
+def _node_drill(args: list[str], tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = Path("/tmp") / f"rn{os.getpid()}{int(time.time() * 1000) % 100000}"
+    ray_tmp.mkdir()
+    env.update({"RAY_TMPDIR": str(ray_tmp), "DRAGONS_PROGRESS_BARS": "0"})
+    try:
+        p = subprocess.run([sys.executable, str(REPO / "tests" / "drill_node_loss.py"), *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=540)
+    finally:
+        subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("DRILL ")]
+    assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-5000:]
+    return json.loads(lines[-1][len("DRILL "):])
+
+
+@pytest.mark.slow
+def test_node_lost_during_scoring(tiny_model: str, bucket: str, tmp_path: Path) -> None:
+    n = 160
+    client = storage.boto3_client()
+    for i in range(n):
+        client.put_object(Bucket=bucket, Key=f"drill-node/img{i:04d}.jpg", Body=jpeg(i % 20, size=(320, 240)))
+    out = f"s3://{bucket}/tables/drill-node"
+    res = _node_drill(["score", tiny_model, f"s3://{bucket}/drill-node", out, "node-loss"], tmp_path)
+    assert res["killed"], res
+    assert res["listed"] == res["rows"] == n and res["errors"] == 0, res
+    counts = Counter(r["uri"] for r in _rows(out, "node-loss"))
+    assert len(counts) == n and set(counts.values()) == {1}
+
+
+@pytest.mark.slow
+def test_node_lost_during_training_resumes(bucket: str, tmp_path: Path) -> None:
+    from dragons.synth import write_dataset
+
+    local = tmp_path / "data"
+    write_dataset(str(local), ["drogon", "viserion"], n_train=12, n_valid=6, seed=5, size=(96, 72))
+    storage.upload_dir(local, f"s3://{bucket}/drill-node-train")
+    res = _node_drill(["train", f"s3://{bucket}/drill-node-train", f"s3://{bucket}/models/drill-node",
+                       f"s3://{bucket}/drill-node-runs"], tmp_path)
+    assert res["killed"] and res["added"], res
+    assert res["resumes"] >= 1 and res["epochs"] >= 3, res
+    assert storage.exists(f"s3://{bucket}/models/drill-node/model.json")

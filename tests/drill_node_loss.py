@@ -1,0 +1,114 @@
+"""Run in a subprocess by tests/test_drills.py: a 2-node Ray cluster on this
+machine (ray.cluster_utils.Cluster, own RAY_TMPDIR), one node killed while
+dragons scores or trains on it. Prints one JSON line with what happened.
+
+    python tests/drill_node_loss.py score MODEL INPUT OUTPUT RUN_ID
+    python tests/drill_node_loss.py train DATA OUT STORAGE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import dragons  # noqa: F401  (token auth before ray is imported)
+
+NODE = {"num_cpus": 2, "object_store_memory": 150 * 1024 * 1024}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def node_args() -> dict:
+    """Each node's agents on ports of their own: the test session's Ray holds the defaults."""
+    return {**NODE, "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port(),
+            "runtime_env_agent_port": _free_port()}
+
+
+def main() -> None:
+    from ray.cluster_utils import Cluster
+
+    mode, *args = sys.argv[1:]
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args(), "include_dashboard": True,
+                                                                 "dashboard_port": _free_port()})
+    victim = cluster.add_node(**node_args())
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address  # dragons' ensure_ray joins it
+    events: dict = {"killed": None, "added": False}
+    try:
+        if mode == "score":
+            out = _score(cluster, victim, events, *args)
+        else:
+            out = _train(cluster, victim, events, *args)
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+    print("DRILL " + json.dumps({**events, **out}), flush=True)
+
+
+def _kill_when(cluster, victim, events: dict, ready, replace: bool) -> threading.Thread:  # type: ignore[no-untyped-def]
+    def run() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if ready():
+                events["killed"] = time.time()
+                cluster.remove_node(victim, allow_graceful=False)  # SIGKILL its raylet and workers
+                if replace:  # what an autoscaler does: a fresh node takes the lost one's place
+                    time.sleep(3)
+                    cluster.add_node(**node_args())
+                    events["added"] = True
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _score(cluster, victim, events: dict, model: str, input_: str, output: str, run_id: str) -> dict:  # type: ignore[no-untyped-def]
+    from dragons.score import ScoreConfig, score
+
+    log = f"/tmp/drill-node-{os.getpid()}.log"
+    # Kill once rows are flowing: the progress log has its first "scored" line.
+    killer = _kill_when(cluster, victim, events,
+                        lambda: os.path.exists(log) and "scored " in open(log).read(), replace=False)
+    m = score(ScoreConfig(model=model, input=input_, output=output, run_id=run_id, batch_size=4, actors=2,
+                          progress_s=0.3, log_file=log, no_progress_timeout_s=240))
+    killer.join(timeout=1)
+    return {"listed": m["listed"], "rows": m["rows"], "errors": m["errors"]}
+
+
+def _train(cluster, victim, events: dict, data: str, out: str, storage_uri: str) -> dict:  # type: ignore[no-untyped-def]
+    from dragons.train.config import TrainConfig
+    from dragons.train.loop import latest_checkpoint
+    from dragons.train.run import train
+
+    run_dir = f"{storage_uri.rstrip('/')}/drill"
+
+    def checkpointed() -> bool:
+        try:
+            found = latest_checkpoint(run_dir)
+        except Exception:
+            return False
+        return found is not None and found[1]["epochs_done"] >= 1
+
+    killer = _kill_when(cluster, victim, events, checkpointed, replace=True)
+    meta = train(TrainConfig(data=data, out=out, storage=storage_uri, name="drill", workers=2, image_size=64, epochs=3,
+                             head_epochs=3, head_views=0, batch_size=8, report=False, max_failures=1,
+                             no_progress_timeout_s=240))
+    killer.join(timeout=1)
+    return {"resumes": meta["resumes"], "epochs": len(meta["history"]), "accuracy": meta["metrics"]["valid_accuracy"]}
+
+
+if __name__ == "__main__":
+    main()
