@@ -37,7 +37,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     mode, *args = sys.argv[1:]
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args(), "include_dashboard": True,
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args(), "include_dashboard": os.environ.get("DRILL_DASHBOARD", "1") == "1",
                                                                  "dashboard_port": _free_port()})
     victim = cluster.add_node(**node_args())
     cluster.wait_for_nodes()
@@ -56,23 +56,36 @@ def main() -> None:
     print("DRILL " + json.dumps({**events, **out}), flush=True)
 
 
-def _kill_when(cluster, victim, events: dict, ready, replace: bool) -> threading.Thread:  # type: ignore[no-untyped-def]
+def _kill_during(cluster, victim, events: dict, ready, work, replace: bool):  # type: ignore[no-untyped-def]
+    """Run ``work`` in a thread; kill ``victim`` from this (main) thread once ``ready()``:
+    Ray starts a node's processes only from the main thread (signal handlers)."""
+    result: dict = {}
+
     def run() -> None:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if ready():
-                events["killed"] = time.time()
-                cluster.remove_node(victim, allow_graceful=False)  # SIGKILL its raylet and workers
-                if replace:  # what an autoscaler does: a fresh node takes the lost one's place
-                    time.sleep(3)
-                    cluster.add_node(**node_args())
-                    events["added"] = True
-                return
-            time.sleep(0.2)
+        try:
+            result["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 (re-raised below)
+            result["error"] = exc
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    return t
+    deadline = time.time() + 240
+    while t.is_alive() and time.time() < deadline and events["killed"] is None:
+        if ready():
+            events["killed"] = time.time()
+            cluster.remove_node(victim, allow_graceful=False)  # SIGKILL its raylet and workers
+            if replace:  # what an autoscaler does: a fresh node takes the lost one's place
+                time.sleep(3)
+                # Twice the CPUs: the lost worker group's bundle on the head is only
+                # released once its placement group is removed, which Ray retries
+                # against the dead node for a while; the new group must fit meanwhile.
+                cluster.add_node(**{**node_args(), "num_cpus": 2 * NODE["num_cpus"]})
+                events["added"] = True
+        time.sleep(0.2)
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _score(cluster, victim, events: dict, model: str, input_: str, output: str, run_id: str) -> dict:  # type: ignore[no-untyped-def]
@@ -80,11 +93,10 @@ def _score(cluster, victim, events: dict, model: str, input_: str, output: str, 
 
     log = f"/tmp/drill-node-{os.getpid()}.log"
     # Kill once rows are flowing: the progress log has its first "scored" line.
-    killer = _kill_when(cluster, victim, events,
-                        lambda: os.path.exists(log) and "scored " in open(log).read(), replace=False)
-    m = score(ScoreConfig(model=model, input=input_, output=output, run_id=run_id, batch_size=4, actors=2,
-                          progress_s=0.3, log_file=log, no_progress_timeout_s=240))
-    killer.join(timeout=1)
+    m = _kill_during(cluster, victim, events, lambda: os.path.exists(log) and "scored " in open(log).read(),
+                     lambda: score(ScoreConfig(model=model, input=input_, output=output, run_id=run_id, batch_size=4,
+                                               actors=2, progress_s=0.3, log_file=log, no_progress_timeout_s=240)),
+                     replace=False)
     return {"listed": m["listed"], "rows": m["rows"], "errors": m["errors"]}
 
 
@@ -102,11 +114,9 @@ def _train(cluster, victim, events: dict, data: str, out: str, storage_uri: str)
             return False
         return found is not None and found[1]["epochs_done"] >= 1
 
-    killer = _kill_when(cluster, victim, events, checkpointed, replace=True)
-    meta = train(TrainConfig(data=data, out=out, storage=storage_uri, name="drill", workers=2, image_size=64, epochs=3,
-                             head_epochs=3, head_views=0, batch_size=8, report=False, max_failures=1,
-                             no_progress_timeout_s=240))
-    killer.join(timeout=1)
+    cfg = TrainConfig(data=data, out=out, storage=storage_uri, name="drill", workers=2, image_size=64, epochs=3,
+                      head_epochs=3, head_views=0, batch_size=8, report=False, max_failures=1, no_progress_timeout_s=240)
+    meta = _kill_during(cluster, victim, events, checkpointed, lambda: train(cfg), replace=True)
     return {"resumes": meta["resumes"], "epochs": len(meta["history"]), "accuracy": meta["metrics"]["valid_accuracy"]}
 
 

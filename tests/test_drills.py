@@ -49,6 +49,21 @@ def _rows(table_uri: str, run_id: str) -> list[dict]:
     return run_sql(table_uri, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pylist()
 
 
+def _run_group(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run in a session of its own, so that on a timeout its whole Ray cluster dies with it."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[1:4]} timed out after {timeout:.0f}s:\n{(out + err)[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _cli(args: list[str], endpoint: str, tmp: Path, timeout: float = 420, **env: str) -> subprocess.CompletedProcess[str]:
     """A dragons command in its own process with its own embedded Ray, talking to S3 through ``endpoint``."""
     full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -58,8 +73,7 @@ def _cli(args: list[str], endpoint: str, tmp: Path, timeout: float = 420, **env:
                  # A second Ray beside the session's: keep its object store small.
                  "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05", **env})
     try:
-        return subprocess.run([sys.executable, "-m", "dragons.cli", *args], cwd=tmp, env=full, capture_output=True,
-                              text=True, timeout=timeout)
+        return _run_group([sys.executable, "-m", "dragons.cli", *args], tmp, full, timeout)
     finally:
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
 
@@ -209,8 +223,7 @@ def _node_drill(args: list[str], tmp_path: Path) -> dict:
     ray_tmp.mkdir()
     env.update({"RAY_TMPDIR": str(ray_tmp), "DRAGONS_PROGRESS_BARS": "0"})
     try:
-        p = subprocess.run([sys.executable, str(REPO / "tests" / "drill_node_loss.py"), *args], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=540)
+        p = _run_group([sys.executable, str(REPO / "tests" / "drill_node_loss.py"), *args], tmp_path, env, 540)
     finally:
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
     lines = [line for line in p.stdout.splitlines() if line.startswith("DRILL ")]
