@@ -114,7 +114,7 @@ def _train(cluster, victim, events: dict, data: str, out: str, storage_uri: str)
             return False
         return found is not None and found[1]["epochs_done"] >= 1
 
-    cfg = TrainConfig(data=data, out=out, storage=storage_uri, name="drill", workers=2, image_size=64, epochs=3,
+    cfg = TrainConfig(data=data, out=out, storage=storage_uri, name="drill", workers=2, image_size=64, epochs=2,
                       head_epochs=3, head_views=0, batch_size=8, report=False, max_failures=1, no_progress_timeout_s=240)
     meta = _kill_during(cluster, victim, events, checkpointed, lambda: train(cfg), replace=True)
     return {"resumes": meta["resumes"], "epochs": len(meta["history"]), "accuracy": meta["metrics"]["valid_accuracy"]}
