@@ -244,6 +244,24 @@ def _list(cfg: ScoreConfig, model_version: str) -> _Listed:
     return out
 
 
+def _reblock(refs: list[Any], rows: int) -> list[Any]:
+    """Listing pages -> blocks of ``rows`` rows, one page in the driver at a time.
+
+    (Ray Data's streaming repartition would do this in a task that waits for a
+    whole CPU the scoring actors hold on a small cluster.) ``take`` copies, so a
+    block does not carry its page's buffers into the object store.
+    """
+    import ray
+
+    out = []
+    while refs:
+        page = ray.get(refs.pop(0))
+        for start in range(0, page.num_rows, rows):
+            out.append(ray.put(page.take(pa.array(range(start, min(start + rows, page.num_rows))))))
+        del page
+    return out
+
+
 def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str]) -> dict[str, Any]:
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -273,7 +291,7 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
             # Small blocks stream: results (and progress) arrive block by block, and a
             # decoded block (196 KB an image) stays small. Big inputs get up to 256 rows.
             rows_per_block = min(256, max(cfg.batch_size, math.ceil(n / (8 * actors))))
-            ds = ray.data.from_arrow_refs(todo.refs).repartition(target_num_rows_per_block=rows_per_block)
+            ds = ray.data.from_arrow_refs(_reblock(todo.refs, rows_per_block))
             # Few decode tasks, each overlapping its S3 GETs on threads: every extra
             # task process costs seconds of imports on a small machine.
             ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels), batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
