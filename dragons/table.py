@@ -229,10 +229,12 @@ class RunWriter:
             if f.name in extra:
                 cols.append(extra[f.name])
             elif f.name in t.column_names:
-                col = pc.cast(t.column(f.name), f.type)
-                if pa.types.is_floating(f.type):  # NaN probabilities (error rows) become SQL NULLs
-                    col = pc.if_else(pc.is_nan(col), pa.scalar(None, f.type), col)
-                cols.append(col)
+                col = t.column(f.name)
+                if pa.types.is_floating(col.type):
+                    # NaN probabilities (error rows), and nulls that numpy batches turned
+                    # into NaN (a --manifest has no sizes), become SQL NULLs.
+                    col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+                cols.append(pc.cast(col, f.type))
             else:
                 cols.append(pa.nulls(n, f.type))
         out = pa.Table.from_arrays(cols, schema=self.schema)
