@@ -263,14 +263,14 @@ def _reblock(refs: list[Any], rows: int) -> list[Any]:
 
 
 def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str]) -> dict[str, Any]:
-    import ray.data
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    import psutil
 
     source = cfg.manifest or cfg.input
     if not cfg.dry_run:
         ensure_ray(cfg.no_progress_timeout_s)
     todo = _list(cfg, meta["version"])
     counts = {"listed": todo.listed, "skipped": todo.skipped}
+    log.info("listing done: %d objects, driver RSS %.0f MB", todo.listed, psutil.Process().memory_info().rss / 2**20)
     if cfg.dry_run:
         log.info("dry run %s: listed %d, skipped %d (unchanged), would score %d from %s", run_id, todo.listed,
                  todo.skipped, todo.to_score, source)
@@ -278,6 +278,9 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
                 "path": table.table_uri(cfg.output), "dry_run": True}
     log.info("run %s: listed %d, skipped %d unchanged, scoring %d objects from %s with model %s (version %s)", run_id,
              todo.listed, todo.skipped, todo.to_score, source, storage.redact(cfg.model), meta["version"])
+    import ray.data
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
     writer = table.RunWriter(cfg.output, run_id, started, classes, model_version=meta["version"], spool_dir=cfg.spool_dir,
                              target_file_size=cfg.file_size_mb * 2**20 if cfg.file_size_mb else None)
     progress = _Progress(todo.to_score, cfg.progress_s)
