@@ -1,7 +1,7 @@
 """Benchmarks for the Delta scores table (issue 9).
 
     python benchmarks/bench_table.py query   [--rows 5000000]   # dragons query peak RSS and time
-    python benchmarks/bench_table.py listing [--objects 200000] # incremental --dry-run driver RSS
+    python benchmarks/bench_table.py listing [--objects 200000] [--local] # incremental --dry-run driver RSS
 
 query: writes ROWS rows straight through the table writer (no Ray, no model) into
 a local Delta table, then runs `dragons query ... GROUP BY label` in a child
@@ -14,6 +14,12 @@ version) straight through the table writer, then runs `dragons score
 --incremental --dry-run` in a child process and prints its peak RSS, time and
 counts. The dry run lists page by page, filters against the table and prints
 the URIs it would score.
+
+With --local the objects are tiny files in a temp folder (same code path after
+the page source: os.scandir pages instead of list_objects_v2 pages). moto's
+listing cost grows with the bucket (about 0.7 s a 1000-key page at 20k keys,
+33 s a page at 200k keys on this machine), so 200k objects are measured locally
+and the S3 path at 20k.
 """
 
 from __future__ import annotations
@@ -93,34 +99,43 @@ def bench_query(rows: int) -> dict[str, object]:
             "latest_count_s": round(wall_l, 2), "latest_peak_rss_mb": round(peak_l)}
 
 
-def bench_listing(objects: int, threads: int = 32) -> dict[str, object]:
+def bench_listing(objects: int, threads: int = 32, local: bool = False) -> dict[str, object]:
     from dragons import s3server, storage
     from dragons.listing import iter_listing
 
-    server = s3server.start()
-    server.apply_env()
+    server = None if local else s3server.start()
+    tmpdir = tempfile.TemporaryDirectory(prefix="bench-listing-")
     try:
         bucket = "bench-listing"
-        s3server.create_bucket(bucket)
-        client = storage.boto3_client(max_pool_connections=threads)
+        if server is not None:
+            server.apply_env()
+            s3server.create_bucket(bucket)
+            client = storage.boto3_client(max_pool_connections=threads)
 
         def put(i: int) -> None:
-            client.put_object(Bucket=bucket, Key=f"archive/2026-11-{i % 28 + 1:02d}/img_{i:07d}.jpg", Body=b"x" * (i % 7 + 1))
+            key = f"archive/2026-11-{i % 28 + 1:02d}/img_{i:07d}.jpg"
+            if local:
+                path = Path(tmpdir.name, key)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"x" * (i % 7 + 1))
+            else:
+                client.put_object(Bucket=bucket, Key=key, Body=b"x" * (i % 7 + 1))
 
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(1 if local else threads) as pool:
             list(pool.map(put, range(objects), chunksize=256))
         t_upload = time.perf_counter() - t0
+        archive = os.path.join(tmpdir.name, "archive") if local else f"s3://{bucket}/archive"
 
         # The table already holds 3/4 of the objects, scored by this model version.
         from dragons.table import RunWriter
 
-        table = f"s3://{bucket}/tables/scores"
+        table = os.path.join(tmpdir.name, "tables", "scores") if local else f"s3://{bucket}/tables/scores"
         known = objects * 3 // 4
         t0 = time.perf_counter()
         w = RunWriter(table, "night1", datetime.now(timezone.utc), ["drogon", "viserion"], model_version="bench-v1")
         seen = 0
-        for page in iter_listing(f"s3://{bucket}/archive"):
+        for page in iter_listing(archive):
             take = page.slice(0, max(0, min(page.num_rows, known - seen)))
             seen += take.num_rows
             if take.num_rows:
@@ -133,15 +148,22 @@ def bench_listing(objects: int, threads: int = 32) -> dict[str, object]:
             Path(tmp, "model.json").write_text(json.dumps({"classes": ["drogon", "viserion"], "version": "bench-v1",
                                                            "arch": "efficientnet_lite0", "image_size": 224}))
             peak, wall, p = _child([sys.executable, "-m", "dragons.cli", "score", "--model", tmp, "--input",
-                                    f"s3://{bucket}/archive", "--output", table, "--incremental", "--dry-run",
+                                    archive, "--output", table, "--incremental", "--dry-run",
                                     "--log-file", os.path.join(tmp, "dry.log")], stdout=subprocess.PIPE)
         assert p.returncode == 0, p.stderr
         would = len(p.stdout.splitlines())
         assert would == objects - known, (would, objects - known, p.stderr[-500:])
         summary = p.stderr.strip().splitlines()[-1]
+        rss_line = next((ln for ln in p.stderr.splitlines() if "listing done" in ln), "")
+        base = subprocess.run([sys.executable, "-c", "import resource, dragons.score, dragons.incremental, deltalake, duckdb; "
+                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True)
+        base_peak = int(base.stdout.strip()) / 1024  # the driver's imports alone (torch, ray, pyarrow, duckdb, deltalake)
     finally:
-        server.stop()
-    return {"bench": "incremental_dry_run", "objects": objects, "upload_s": round(t_upload, 1),
+        if server is not None:
+            server.stop()
+        tmpdir.cleanup()
+    return {"bench": "incremental_dry_run", "source": "local folder" if local else "local S3 (moto)", "objects": objects,
+            "driver_rss_after_listing": rss_line.strip(), "imports_only_peak_rss_mb": round(base_peak), "upload_s": round(t_upload, 1),
             "upload_objects_per_s": round(objects / t_upload), "table_rows": known, "table_write_s": round(t_table, 1),
             "dry_run_s": round(wall, 1), "dry_run_driver_peak_rss_mb": round(peak), "would_score": would, "summary": summary}
 
@@ -151,8 +173,9 @@ def main() -> int:
     ap.add_argument("which", choices=["query", "listing"])
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--objects", type=int, default=200_000)
+    ap.add_argument("--local", action="store_true", help="tiny files in a temp folder instead of the local S3 endpoint")
     args = ap.parse_args()
-    out = bench_query(args.rows) if args.which == "query" else bench_listing(args.objects)
+    out = bench_query(args.rows) if args.which == "query" else bench_listing(args.objects, local=args.local)
     print(json.dumps(out, indent=2))
     return 0
 

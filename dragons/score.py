@@ -313,7 +313,8 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         manifest = writer.commit({
             **counts, "model": storage.redact(cfg.model), "model_version": meta["version"], "input": storage.redact(source),
             "incremental": cfg.incremental,
-            "config": {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "spool_dir")},
+            "config": {k: storage.redact(v) if isinstance(v, str) else v for k, v in asdict(cfg).items()
+                       if k not in ("log_file", "spool_dir")},
         })
     finally:
         writer.discard()

@@ -282,7 +282,9 @@ def write_run(uri: str, run_id: str, data: pa.RecordBatchReader, meta: dict[str,
 
     check_run_id(run_id)
     opts = storage_options(uri)
-    custom = {k: v for k, v in meta.items() if v is not None}
+    # Finds this commit's version afterwards even if other writers committed since.
+    attempt = uuid.uuid4().hex[:16]
+    custom = {k: v for k, v in meta.items() if v is not None} | {"dragons_attempt": attempt}
     json.dumps(custom)  # fail here, not inside delta-rs, on anything not JSON-able
     try:
         write_deltalake(
@@ -298,7 +300,11 @@ def write_run(uri: str, run_id: str, data: pa.RecordBatchReader, meta: dict[str,
             "re-run later with the same --run-id to replace it, or use another --run-id") from None
     except OSError as exc:
         raise DragonsError(f"cannot write the table at {uri}: {_short(exc)}") from None
-    return int(open_table(uri).version())
+    dt = open_table(uri)
+    for h in dt.history(50):
+        if h.get("dragons_attempt") == attempt:
+            return int(h["version"])
+    return int(dt.version())
 
 
 def run_history(root: str, limit: int | None = None) -> list[dict[str, Any]]:

@@ -154,6 +154,10 @@ def test_incremental_scores_only_new_and_changed(hymenoptera_model: dict, hymeno
     assert run_sql(table, "SELECT count(*) AS n FROM scores").to_pylist()[0]["n"] == 115
     runs = {r["run_id"]: r for r in run_sql(table, "SELECT * FROM runs").to_pylist()}
     assert (runs["night2"]["listed"], runs["night2"]["skipped"], runs["night2"]["scored"]) == (110, 95, 15)
+    # No secret in anything the runs wrote (data files, commit log).
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix="tables/incremental/")["Contents"]:
+        assert secret not in client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read(), obj["Key"]
     # Nothing changed since: the third night scores nothing and still commits its counts.
     third = score(ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night3", incremental=True))
     assert (third["listed"], third["skipped"], third["rows"]) == (110, 110, 0)

@@ -266,3 +266,47 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
         con.execute(f"LOAD '{ext}'")
         duck = dict(con.execute(f"SELECT run_id, count(*) FROM delta_scan('{table}') GROUP BY 1").fetchall())
         assert duck == ours
+
+
+def test_known_objects_per_model_version_and_etag(tmp_path: Path) -> None:
+    """--incremental's filter: same model version + same etag and size = skip; anything else is scored."""
+    from dragons.incremental import known_objects
+    from dragons.listing import LISTING_SCHEMA
+
+    table = str(tmp_path / "t")
+    assert len(known_objects(table, "v1")) == 0  # no table yet: everything is new
+    _commit(table, "n1", 6)  # uris s3://x/n1/0..5.jpg, etag e0..e5, size 100, model v1
+    w = RunWriter(table, "n2", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
+    w.add(pa.table({"uri": ["s3://x/n1/5.jpg"], "error": ["read_error: timeout"], "etag": ["e5"], "size": [100]}))
+    w.commit({})  # the newest row for 5.jpg is a (transient) read error
+    now = datetime.now(timezone.utc)
+    page = pa.Table.from_pylist([
+        {"uri": "s3://x/n1/0.jpg", "etag": "e0", "size": 100, "last_modified": now},   # unchanged -> skip
+        {"uri": "s3://x/n1/1.jpg", "etag": "CHANGED", "size": 100, "last_modified": now},  # new etag
+        {"uri": "s3://x/n1/2.jpg", "etag": "e2", "size": 101, "last_modified": now},   # new size
+        {"uri": "s3://x/n1/3.jpg", "etag": "e3", "size": 100, "last_modified": now},   # unchanged -> skip
+        {"uri": "s3://x/n1/5.jpg", "etag": "e5", "size": 100, "last_modified": now},   # last row a read_error
+        {"uri": "s3://x/new.jpg", "etag": "e9", "size": 100, "last_modified": now},    # new object
+    ], schema=LISTING_SCHEMA)
+    v1 = known_objects(table, "v1")
+    assert len(v1) == 5
+    assert v1.unseen(page).column("uri").to_pylist() == ["s3://x/n1/1.jpg", "s3://x/n1/2.jpg", "s3://x/n1/5.jpg",
+                                                          "s3://x/new.jpg"]
+    assert known_objects(table, "v2").unseen(page).num_rows == 6  # a new model version scores everything
+
+
+def test_local_listing_streams_pages(tmp_path: Path) -> None:
+    from dragons.listing import iter_listing
+
+    for i in range(25):
+        d = tmp_path / "in" / f"d{i % 3}" / "deep"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"photo #{i}?%20 x.jpg").write_bytes(b"x" * i)
+    pages = list(iter_listing(str(tmp_path / "in"), page_rows=10))
+    assert [p.num_rows for p in pages] == [10, 10, 5]
+    rows = [r for p in pages for r in p.to_pylist()]
+    assert {Path(r["uri"]).name for r in rows} == {f"photo #{i}?%20 x.jpg" for i in range(25)}
+    assert all(r["etag"].startswith("W/") and r["size"] == int(Path(r["uri"]).name.split("#")[1].split("?")[0])
+               for r in rows)
+    with pytest.raises(DragonsError, match="does not exist"):
+        list(iter_listing(str(tmp_path / "missing")))
