@@ -7,6 +7,8 @@ apiece before the first image is read.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -76,7 +78,8 @@ class DecodeBatch:
             _POOLS[self.io_threads] = ThreadPoolExecutor(max_workers=self.io_threads)
         errors: list[str] = []
         # A "size" column (the listing's) lets the byte limit act before any request.
-        sizes = [int(x) for x in batch["size"]] if "size" in batch else [None] * n
+        # A --manifest lists no sizes: nulls arrive as None or NaN, and the GET's length decides.
+        sizes = [_size(x) for x in batch["size"]] if "size" in batch else [None] * n
         items = list(zip([str(u) for u in batch["uri"]], sizes))
         for i, (img, err) in enumerate(_POOLS[self.io_threads].map(self._one, items)):
             if img is not None:
@@ -86,3 +89,11 @@ class DecodeBatch:
         out["image"] = images
         out["error"] = np.array(errors, dtype=object)
         return out
+
+
+def _size(value: object) -> int | None:
+    """A listing size, or None where the input gave none (null, or NaN after numpy)."""
+    if value is None:
+        return None
+    f = float(value)  # type: ignore[arg-type]
+    return None if math.isnan(f) else int(f)

@@ -2,9 +2,10 @@
 
 Starts a local S3 endpoint (moto on 127.0.0.1), draws two dragon classes
 (Drogon and Viserion) plus a few broken files, uploads them, trains with two
-Ray Train workers, scores the bucket into a Parquet table and prints the query
-summary. With ``--data`` it trains on a real image folder and scores its
-validation split instead.
+Ray Train workers, scores the archive into a Delta Lake table, then simulates
+a second night: new photos arrive and an ``--incremental`` run scores only
+those. It prints the per-run summary from the table's commit log. With
+``--data`` it trains on a real image folder and scores its validation split.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run_demo(data: str, workdir: str, epochs: int = 1) -> None:
             n = s3server.upload_tree(local, BUCKET, "dragons")
             n += s3server.upload_tree(os.path.join(workdir, "unlabelled"), BUCKET, "archive/2026-11-28")
             print(f"uploaded {n} objects to s3://{BUCKET}/", flush=True)
-            data_uri, score_input = f"s3://{BUCKET}/dragons", f"s3://{BUCKET}/archive/2026-11-28"
+            data_uri, score_input = f"s3://{BUCKET}/dragons", f"s3://{BUCKET}/archive"
         else:
             data_uri = data
             valid = next((storage.join(data, d) for d in ("valid", "val") if storage.exists(storage.join(data, d))), None)
@@ -59,18 +60,34 @@ def run_demo(data: str, workdir: str, epochs: int = 1) -> None:
 
         print("\n== train (Ray Train, 2 workers)", flush=True)
         meta = train(TrainConfig(data=data_uri, out=model_uri, workers=2, epochs=epochs))
-        print("\n== score (Ray Data: decode tasks -> model actors -> Parquet)", flush=True)
-        manifest = score(ScoreConfig(model=model_uri, input=score_input, output=table_uri, run_id="demo",
-                                     log_file=os.path.join(workdir, "score-demo.log")))
-        print("\n== query (dragons query --table ...)", flush=True)
+        print("\n== score night 1 (Ray Data: decode tasks -> model actors -> one Delta commit)", flush=True)
+        log_file = os.path.join(workdir, "score-demo.log")
+        manifest = score(ScoreConfig(model=model_uri, input=score_input, output=table_uri, run_id="night-1",
+                                     incremental=True, log_file=log_file))
+        if server is not None:
+            new_dir = os.path.join(workdir, "unlabelled-night2")
+            if not os.path.isdir(new_dir):
+                write_dataset(new_dir, ["drogon", "viserion"], n_train=8, n_valid=0, seed=9)
+            added = s3server.upload_tree(new_dir, BUCKET, "archive/2026-11-29")
+            print(f"\n== night 2: {added} new photos arrived under {score_input}/2026-11-29; "
+                  "score --incremental scores only those", flush=True)
+        else:
+            print("\n== night 2: nothing new in the folder; score --incremental skips everything", flush=True)
+        manifest = score(ScoreConfig(model=model_uri, input=score_input, output=table_uri, run_id="night-2",
+                                     incremental=True, log_file=log_file))
+        print("\n== query: runs from the table's commit log (dragons query --table ...)", flush=True)
         print(format_table(run_sql(table_uri)))
+        print(format_table(run_sql(table_uri, "SELECT run_id, coalesce(label, '<error>') AS label, count(*) AS n "
+                                              "FROM latest GROUP BY ALL ORDER BY ALL")))
         print(format_table(run_sql(table_uri, "SELECT regexp_extract(uri, '[^/]+$') AS file, label, round(score, 3) AS score, error "
-                                              "FROM scores ORDER BY error NULLS LAST, score LIMIT 8")))
+                                              "FROM latest ORDER BY error NULLS LAST, score LIMIT 8")))
         report = storage.join(model_uri, "report", "index.html")
         local_report = os.path.join(workdir, "report")
         storage.download_dir(storage.join(model_uri, "report"), local_report)
         print(f"\nmodel   {model_uri}  (valid accuracy {meta['metrics']['valid_accuracy']:.3f}, version {meta['version']})")
-        print(f"table   {table_uri}  ({manifest['rows']} rows, {manifest['errors']} errors)")
+        total = run_sql(table_uri, "SELECT count(*) AS n, count(error) AS e FROM latest").to_pylist()[0]
+        print(f"table   {table_uri}  (Delta Lake, version {manifest['version']}: {total['n']} objects, {total['e']} errors; "
+              f"night 2 listed {manifest['listed']}, skipped {manifest['skipped']}, scored {manifest['rows']})")
         print(f"report  {report}  (copied to {os.path.join(local_report, 'index.html')})")
         print(f"log     {os.path.join(workdir, 'score-demo.log')}")
         print(f"demo finished in {time.perf_counter() - t0:.0f}s", flush=True)

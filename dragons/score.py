@@ -1,8 +1,9 @@
-"""Bulk scoring: a Ray Data pipeline from an S3 prefix to a Parquet table.
+"""Bulk scoring: a Ray Data pipeline from an S3 prefix to a Delta Lake table.
 
-    list/manifest -> read + decode + preprocess (CPU tasks) -> Scorer actors
-    (one GPU each where there are GPUs) -> the driver writes Parquet parts
-    -> a commit manifest, written last, makes the run visible.
+    streaming listing (pages; --incremental drops unchanged objects)
+    -> read + decode + preprocess (CPU tasks) -> Scorer actors (one GPU each
+    where there are GPUs) -> the driver spools rows locally -> ONE Delta commit
+    (rows + counts in its metadata) makes the run visible.
 
 Every listed object yields exactly one row: an object that cannot be scored
 gets ``error`` and null probabilities, never a crashed job.
@@ -17,11 +18,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
-from dragons import artifact, storage, table
+from dragons import artifact, listing, storage, table
 from dragons.data import DecodeBatch
 from dragons.decode import DEFAULT_MAX_BYTES
 from dragons.errors import DragonsError
@@ -34,7 +36,7 @@ log = logging.getLogger("dragons.score")
 class ScoreConfig:
     model: str = ""  # model artifact: path or s3:// (model.json + model.pt)
     input: str = ""  # prefix to score: every object under it gets a row
-    output: str = ""  # table root; rows land in dt=YYYY-MM-DD/run_id=ID/
+    output: str = ""  # Delta table root (path or s3://); one run = one commit, partitioned by dt
     manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
     run_id: str = ""  # "" = a UTC timestamp; re-using an id replaces that run
     batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (jobs/bench_score.py)
@@ -43,10 +45,17 @@ class ScoreConfig:
     max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this
     max_pixels: int = 64_000_000  # decompression-bomb guard: larger images become error rows `too_large`
     max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread
-    rows_per_file: int = 200_000  # Parquet part size
+    incremental: bool = False  # score only objects new or changed (etag/size) since this model version's rows
+    dry_run: bool = False  # list (and filter) only: print what would be scored, write nothing
+    file_size_mb: int = 0  # target Delta data file size; 0 = delta-rs' default (about 100 MB)
+    spool_dir: str = ""  # local folder for the run's row spool before its commit; "" = the temp dir
     progress_s: float = 5.0  # seconds between progress lines
     log_file: str = ""  # "" = ./logs/score-<run_id>.log
     no_progress_timeout_s: float = 600.0  # a stalled pipeline fails with a message after this
+
+
+# Listing columns carried through decode and scoring into the row.
+PASSTHROUGH = ("etag", "size", "last_modified")
 
 
 class Scorer:
@@ -94,27 +103,34 @@ class Scorer:
         }
         for j, c in enumerate(self.classes):
             out[table.prob_column(c)] = probs[:, j]
+        for col in PASSTHROUGH:  # what the listing knew about the object, for --incremental
+            if col in batch:
+                out[col] = batch[col]
         return out
 
 
-def _list_inputs(cfg: ScoreConfig) -> list[str]:
+def _listing_pages(cfg: ScoreConfig) -> Iterator[pa.Table]:
+    """The objects to score, one Arrow page at a time (never one Python list)."""
     if cfg.manifest:
+        import io
+
         import pyarrow.csv as pcsv
         import pyarrow.parquet as pq
 
         raw = storage.read_bytes(cfg.manifest)
-        import io
-
         try:
             t = pq.read_table(io.BytesIO(raw)) if cfg.manifest.endswith(".parquet") else pcsv.read_csv(io.BytesIO(raw))
         except Exception as exc:
             raise DragonsError(f"--manifest {cfg.manifest} is not a readable Parquet/CSV file: {str(exc)[:200]}") from None
         if "uri" not in t.column_names:
             raise DragonsError(f"--manifest {cfg.manifest} has no 'uri' column (columns: {t.column_names})")
-        return [str(u) for u in t.column("uri").to_pylist() if u]
+        uris = [str(u) for u in t.column("uri").to_pylist() if u]
+        for i in range(0, len(uris), listing.PAGE_ROWS):
+            yield listing.from_uris(uris[i : i + listing.PAGE_ROWS])
+        return
     if not cfg.input:
         raise DragonsError("give --input (a prefix to score) or --manifest (a file of URIs)")
-    return [e.uri for e in storage.list_files(cfg.input)]
+    yield from listing.iter_listing(cfg.input)
 
 
 def size_actors(requested: int, cpus: float, gpus: int) -> tuple[int, float, int, int]:
@@ -162,67 +178,152 @@ def _setup_logging(path: str) -> logging.Handler:
 
 
 def score(cfg: ScoreConfig) -> dict[str, Any]:
-    """Run the pipeline and commit the run; returns the run's manifest."""
+    """Run the pipeline and commit the run; returns the run's commit metadata."""
     if not cfg.output:
         raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
     if not 0.0 <= cfg.max_error_rate <= 1.0:
         raise DragonsError(f"--max-error-rate must be between 0 and 1, got {cfg.max_error_rate}")
+    if cfg.incremental and cfg.manifest:
+        raise DragonsError("--incremental needs --input (a listing gives each object's etag and size); "
+                           "a --manifest names URIs only")
     started = datetime.now(timezone.utc)
     run_id = cfg.run_id or started.strftime("%Y%m%dT%H%M%SZ")
     table.check_run_id(run_id)
     meta = artifact.read_meta(cfg.model)  # a wrong --model fails before any Ray work
     classes = list(meta["classes"])
-    uris = _list_inputs(cfg)
-    storage.filesystem(cfg.output)  # validates the output URI
+    table.check_classes(classes)
+    if not cfg.dry_run:
+        table.check_output(cfg.output)  # a missing/read-only output fails before any image is read
     handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
     try:
-        return _run(cfg, run_id, started, meta, classes, uris)
+        return _run(cfg, run_id, started, meta, classes)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str], uris: list[str]) -> dict[str, Any]:
+@dataclass
+class _Listed:
+    """The listing after --incremental's filter: Arrow pages in Ray's object store."""
+
+    refs: list[Any]
+    listed: int = 0
+    skipped: int = 0
+    to_score: int = 0
+
+
+def _list(cfg: ScoreConfig, model_version: str) -> _Listed:
+    """Stream the listing page by page; keep only what needs scoring.
+
+    Pages go to Ray's object store (which spills to disk) as they arrive, so the
+    driver holds object references, not rows. A dry run prints the URIs instead.
+    """
+    import sys
+
+    known = None
+    if cfg.incremental:
+        from dragons.incremental import known_objects
+
+        known = known_objects(cfg.output, model_version)
+        log.info("--incremental: the table holds %d objects scored by model version %s", len(known), model_version)
+    out = _Listed(refs=[])
+    if not cfg.dry_run:
+        import ray
+
+    for page in _listing_pages(cfg):
+        out.listed += page.num_rows
+        todo = known.unseen(page) if known is not None else page
+        out.skipped += page.num_rows - todo.num_rows
+        out.to_score += todo.num_rows
+        if not todo.num_rows:
+            continue
+        if cfg.dry_run:
+            sys.stdout.write("".join(f"{u}\n" for u in todo.column("uri").to_pylist()))
+        else:
+            out.refs.append(ray.put(todo))
+    if known is not None:
+        known.close()
+    return out
+
+
+def _reblock(refs: list[Any], rows: int) -> list[Any]:
+    """Listing pages -> blocks of ``rows`` rows, one page in the driver at a time.
+
+    (Ray Data's streaming repartition would do this in a task that waits for a
+    whole CPU the scoring actors hold on a small cluster.) ``take`` copies, so a
+    block does not carry its page's buffers into the object store.
+    """
+    import ray
+
+    out = []
+    while refs:
+        page = ray.get(refs.pop(0))
+        for start in range(0, page.num_rows, rows):
+            out.append(ray.put(page.take(pa.array(range(start, min(start + rows, page.num_rows))))))
+        del page
+    return out
+
+
+def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    import psutil
+
+    source = cfg.manifest or cfg.input
+    if not cfg.dry_run:
+        ensure_ray(cfg.no_progress_timeout_s)
+    todo = _list(cfg, meta["version"])
+    counts = {"listed": todo.listed, "skipped": todo.skipped}
+    log.info("listing done: %d objects, driver RSS %.0f MB", todo.listed, psutil.Process().memory_info().rss / 2**20)
+    if cfg.dry_run:
+        log.info("dry run %s: listed %d, skipped %d (unchanged), would score %d from %s", run_id, todo.listed,
+                 todo.skipped, todo.to_score, source)
+        return {**counts, "scored": 0, "errors": 0, "rows": 0, "would_score": todo.to_score, "run_id": run_id,
+                "path": table.table_uri(cfg.output), "dry_run": True}
+    log.info("run %s: listed %d, skipped %d unchanged, scoring %d objects from %s with model %s (version %s)", run_id,
+             todo.listed, todo.skipped, todo.to_score, storage.redact(source), storage.redact(cfg.model), meta["version"])
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    log.info("run %s: scoring %d objects from %s with model %s (version %s)", run_id, len(uris),
-             storage.redact(cfg.manifest or cfg.input), storage.redact(cfg.model), meta["version"])
-    writer = table.RunWriter(cfg.output, run_id, started, classes, cfg.rows_per_file, model_version=meta["version"])
-    progress = _Progress(len(uris), cfg.progress_s)
-    if uris:
-        ensure_ray(cfg.no_progress_timeout_s)
-        res = cluster()
-        actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
-        log.info("%d scoring actor(s) with %g CPU%s each; decoding in CPU tasks", actors, actor_cpu, " and 1 GPU" if actor_gpu else "")
-        base = artifact.base_size_of(meta)
-        # Small blocks stream: results (and progress) arrive block by block, and a
-        # decoded block (196 KB an image) stays small. Big inputs get up to 256 rows.
-        rows_per_block = min(256, max(cfg.batch_size, math.ceil(len(uris) / (8 * actors))))
-        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, math.ceil(len(uris) / rows_per_block)))
-        # Few decode tasks, each overlapping its S3 GETs on threads: every extra
-        # task process costs seconds of imports on a small machine.
-        ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels, max_bytes=cfg.max_bytes), batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
-                            compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
-        ds = ds.map_batches(
-            Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            writer.add(batch)
-            progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count)
-    progress.update(0, 0, force=True)
-    manifest = writer.commit(storage.redact_obj({  # one redaction for everything the manifest stores
-        "listed": len(uris), "model": cfg.model, "model_version": meta["version"],
-        "input": cfg.manifest or cfg.input, "config": {k: v for k, v in asdict(cfg).items() if k != "log_file"},
-    }))
-    rate = manifest["errors"] / max(manifest["listed"], 1)
-    log.info("run %s committed: listed %d, scored %d, errors %d (%.2f%%) -> %s", run_id, manifest["listed"], manifest["scored"],
-             manifest["errors"], 100 * rate, manifest["path"])
-    if manifest["rows"] != manifest["listed"]:
-        raise DragonsError(f"run {run_id}: {manifest['listed']} objects listed but {manifest['rows']} rows written")
+    writer = table.RunWriter(cfg.output, run_id, started, classes, model_version=meta["version"], spool_dir=cfg.spool_dir,
+                             target_file_size=cfg.file_size_mb * 2**20 if cfg.file_size_mb else None)
+    progress = _Progress(todo.to_score, cfg.progress_s)
+    n = todo.to_score
+    try:
+        if n:
+            res = cluster()
+            actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
+            log.info("%d scoring actor(s) with %g CPU%s each; decoding in CPU tasks", actors, actor_cpu, " and 1 GPU" if actor_gpu else "")
+            base = artifact.base_size_of(meta)
+            # Small blocks stream: results (and progress) arrive block by block, and a
+            # decoded block (196 KB an image) stays small. Big inputs get up to 256 rows.
+            rows_per_block = min(256, max(cfg.batch_size, math.ceil(n / (8 * actors))))
+            ds = ray.data.from_arrow_refs(_reblock(todo.refs, rows_per_block))
+            # Few decode tasks, each overlapping its S3 GETs on threads: every extra
+            # task process costs seconds of imports on a small machine.
+            ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels, max_bytes=cfg.max_bytes), batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
+                                compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
+            ds = ds.map_batches(
+                Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,
+                compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                writer.add(batch)
+                progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count)
+        progress.update(0, 0, force=True)
+        todo.refs.clear()
+        if writer.rows != n:
+            raise DragonsError(f"run {run_id}: {n} objects to score but {writer.rows} rows came back; nothing committed")
+        manifest = writer.commit(storage.redact_obj({  # one redaction for everything the commit stores
+            **counts, "model": cfg.model, "model_version": meta["version"], "input": source,
+            "incremental": cfg.incremental,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "spool_dir")},
+        }))
+    finally:
+        writer.discard()
+    rate = manifest["errors"] / max(n, 1)
+    log.info("run %s committed as table version %d: listed %d, skipped %d, scored %d, errors %d (%.2f%%) -> %s", run_id,
+             manifest["version"], manifest["listed"], manifest["skipped"], manifest["scored"], manifest["errors"], 100 * rate,
+             manifest["path"])
     if rate > cfg.max_error_rate:
         raise DragonsError(f"run {run_id}: error rate {rate:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%} "
-                           f"({manifest['errors']} of {manifest['listed']}); the rows are committed, see the error column")
+                           f"({manifest['errors']} of {n}); the rows are committed, see the error column")
     return manifest
-

@@ -1,25 +1,30 @@
-"""The scores table: schema, committed writes, and reading committed rows.
+"""The scores table: a Delta Lake table (delta-rs) that every engine can read.
 
-Layout under the table root::
+One run = one Delta commit. The driver spools the run's scored rows to a local
+Parquet file while they stream in (so memory stays bounded and the counts are
+known), then writes them with ONE ``write_deltalake`` call in ``overwrite`` mode
+with the predicate ``run_id = '<id>'``: a first run adds its rows, a re-run
+removes the old rows and adds the new ones in the same commit, and the counts
+go into that commit's metadata. Data files a crashed run wrote are referenced
+by no commit, so no Delta reader ever sees them; ``dragons table vacuum`` removes them.
 
-    dt=YYYY-MM-DD/run_id=ID/part-<attempt>-00000.parquet
-    dt=YYYY-MM-DD/run_id=ID/_manifest.json      <- written last: the commit
-
-Readers only read files named by a manifest, so a run killed midway (parts but
-no manifest) is invisible, and re-running a run id writes new parts under a new
-attempt, swaps the manifest in one write, then deletes the old parts: no
-duplicate rows at any moment. Ray's ``write_parquet`` appends by default, which
-is why the driver writes the parts itself.
+Concurrency comes from Delta's optimistic commits (on S3 with conditional puts,
+``conditional_put=etag``): two different run ids never read each other's rows,
+so delta-rs rebases and both land; two writers of the same run id both read
+"rows where run_id = X", so the second commit conflicts and fails with a clear
+error instead of leaving both runs' rows.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import os
 import re
+import tempfile
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,13 +33,33 @@ import pyarrow.parquet as pq
 from dragons import storage
 from dragons.errors import DragonsError
 
-MANIFEST = "_manifest.json"
+PARTITION = "dt"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Rows per batch read back from the spool into delta-rs: bounds the commit's memory.
+SPOOL_BATCH_ROWS = 65_536
 
 
 def prob_column(cls: str) -> str:
     """``p_<class>`` with anything but letters, digits and _ replaced: a plain SQL name."""
     return "p_" + re.sub(r"[^0-9A-Za-z_]", "_", cls)
+
+
+def check_classes(classes: list[str]) -> None:
+    """Refuse class sets whose ``p_<class>`` columns collide (``a-b`` and ``a_b``).
+
+    Called at train time (before any work) and again at score time for artifacts
+    trained before the check existed. SQL engines compare column names without
+    case, so names differing only in case collide too.
+    """
+    seen: dict[str, str] = {}
+    for c in classes:
+        col = prob_column(c).lower()
+        if col in seen:
+            raise DragonsError(
+                f"classes {seen[col]!r} and {c!r} both map to the table column {prob_column(c)!r}: "
+                "rename one of the class folders (only letters, digits and '_' survive in column names)"
+            )
+        seen[col] = c
 
 
 def check_run_id(run_id: str) -> None:
@@ -46,125 +71,260 @@ def schema(classes: list[str]) -> pa.Schema:
     cols = [pa.field("uri", pa.string(), nullable=False), pa.field("label", pa.string()), pa.field("score", pa.float64())]
     cols += [pa.field(prob_column(c), pa.float64()) for c in classes]
     cols += [pa.field("model_version", pa.string()), pa.field("run_id", pa.string()),
-             pa.field("scored_at", pa.timestamp("us", tz="UTC")), pa.field("error", pa.string())]
+             pa.field("scored_at", pa.timestamp("us", tz="UTC")), pa.field("error", pa.string()),
+             # What was scored: incremental runs skip objects whose etag and size are unchanged.
+             pa.field("etag", pa.string()), pa.field("size", pa.int64()),
+             pa.field("last_modified", pa.timestamp("us", tz="UTC")),
+             pa.field(PARTITION, pa.string())]
     return pa.schema(cols)
 
 
-class RunWriter:
-    """Buffers scored batches, writes Parquet parts, commits with a manifest."""
+# ---------------------------------------------------------------- location
 
-    def __init__(self, root: str, run_id: str, started: datetime, classes: list[str], rows_per_file: int,
-                 model_version: str = "") -> None:
-        self.root = storage.parse(root).uri.rstrip("/")
-        self.run_id = run_id
-        self.dt = started.strftime("%Y-%m-%d")
-        self.started = started
-        self.classes = classes
-        self.schema = schema(classes)
-        self.rows_per_file = rows_per_file
-        self.model_version = model_version
-        self.attempt = uuid.uuid4().hex[:8]
-        self.run_dir = storage.join(self.root, f"dt={self.dt}", f"run_id={run_id}")
-        self.files: list[str] = []
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.rows = self.errors = 0
-        self.fs, _ = storage.filesystem(self.root)
+
+def table_uri(root: str) -> str:
+    """The table's URI as delta-rs wants it: ``s3://bucket/prefix`` or an absolute path."""
+    return storage.parse(root).uri.rstrip("/")
+
+
+def storage_options(uri: str) -> dict[str, str]:
+    """delta-rs object-store options from the standard AWS variables.
+
+    The one place the secret is read for delta-rs: never log or store the result.
+    """
+    if not storage.parse(uri).is_s3:
+        return {}
+    opts: dict[str, str] = {}
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if os.environ.get(var):
+            opts[var] = os.environ[var]
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    opts["AWS_REGION"] = region
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    # Commits are put-if-absent on the _delta_log entry: safe concurrent writers
+    # without a DynamoDB lock (AWS S3 and moto support conditional puts).
+    opts["conditional_put"] = "etag"
+    return opts
+
+
+def open_table(root: str, version: int | str | datetime | None = None) -> Any:
+    """The Delta table at ``root`` (optionally as of a version or timestamp)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    uri = table_uri(root)
+    try:
+        dt = DeltaTable(uri, storage_options=storage_options(uri))
+    except TableNotFoundError:
+        hint = ""
+        try:
+            if storage.exists(uri) and any(e.uri.endswith("_manifest.json") for e in storage.list_files(uri)):
+                hint = " (it holds an old Parquet+_manifest.json table: re-score into a new --output)"
+        except DragonsError:
+            pass
+        raise DragonsError(f"no Delta table at {uri}{hint}: nothing has been scored there (check --table)") from None
+    except OSError as exc:
+        raise DragonsError(f"cannot open the table at {uri}: {_short(exc)}") from None
+    if version is not None:
+        try:
+            dt.load_as_version(version)
+        except Exception as exc:  # delta-rs raises several types for a bad version/time
+            raise DragonsError(f"--as-of {version}: no such table version ({_short(exc)}); "
+                               f"versions run from 0 to {dt.version()}, see `dragons table history`") from None
+    return dt
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return storage.redact(text[0][:300]) if text else type(exc).__name__
+
+
+def check_output(root: str) -> None:
+    """Fail before any image is read when the output cannot be written.
+
+    Writes and deletes a probe object under the table root: this catches a
+    missing bucket, a wrong endpoint and a read-only credential alike. The probe
+    name starts with '_', which Delta and Hive readers ignore.
+    """
+    uri = table_uri(root)
+    probe = storage.join(uri, f"_dragons_write_check-{uuid.uuid4().hex[:12]}")
+    loc = storage.parse(uri)
+    if loc.is_s3:
+        client = storage.boto3_client()
+        bucket, _, key = storage.parse(probe).path.partition("/")
+        try:
+            client.head_bucket(Bucket=bucket)
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            what = "does not exist" if str(code) in ("404", "NoSuchBucket") else f"is not usable ({code})"
+            raise DragonsError(f"--output {uri}: bucket {bucket!r} {what} at "
+                               f"{os.environ.get('AWS_ENDPOINT_URL', 'AWS')}: create it or fix the name/credentials") from None
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=b"")
+            client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+            raise DragonsError(f"--output {uri} is not writable ({code}): check the credentials' permissions") from None
+        return
+    try:
+        os.makedirs(uri, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise DragonsError(f"--output {uri} is not writable: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class RunWriter:
+    """Spools a run's rows locally, then commits them as one Delta version.
+
+    ``add`` normalises each scored batch to the table schema and appends it to a
+    local Parquet spool; ``commit`` streams the spool into one ``write_deltalake``
+    call. A killed driver leaves at most a spool file in the temp dir and data
+    files no commit names.
+    """
+
+    root: str
+    run_id: str
+    started: datetime
+    classes: list[str]
+    model_version: str = ""
+    spool_dir: str = ""  # "" = the system temp dir
+    target_file_size: int | None = None  # bytes per data file; None = delta-rs' default (~100 MB)
+    rows: int = 0
+    errors: int = 0
+    schema: pa.Schema = field(init=False)
+    _spool: str = field(init=False, default="")
+    _writer: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
+        check_classes(self.classes)
+        self.uri = table_uri(self.root)
+        self.dt = self.started.strftime("%Y-%m-%d")
+        self.schema = schema(self.classes)
 
     def add(self, batch: pa.Table | pa.RecordBatch, model_version: str | None = None) -> None:
         t = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         n = t.num_rows
-        now = pa.scalar(datetime.now(timezone.utc), type=pa.timestamp("us", tz="UTC"))
+        if n == 0:
+            return
+        now = datetime.now(timezone.utc)
         extra = {
             "model_version": pa.array([model_version or self.model_version] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
-            "scored_at": pa.array([now.as_py()] * n, pa.timestamp("us", tz="UTC")),
+            "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            PARTITION: pa.array([self.dt] * n, pa.string()),
         }
         cols = []
-        for field in self.schema:
-            if field.name in extra:
-                cols.append(extra[field.name])
-            elif field.name in t.column_names:
-                cols.append(pc.cast(t.column(field.name), field.type))
+        for f in self.schema:
+            if f.name in extra:
+                cols.append(extra[f.name])
+            elif f.name in t.column_names:
+                col = t.column(f.name)
+                if pa.types.is_floating(col.type):
+                    # NaN probabilities (error rows), and nulls that numpy batches turned
+                    # into NaN (a --manifest has no sizes), become SQL NULLs.
+                    col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+                cols.append(pc.cast(col, f.type))
             else:
-                cols.append(pa.nulls(n, field.type))
-        # NaN probabilities (rows with an error) become SQL NULLs.
+                cols.append(pa.nulls(n, f.type))
         out = pa.Table.from_arrays(cols, schema=self.schema)
-        for name in ["score"] + [prob_column(c) for c in self.classes]:
-            col = out.column(name)
-            out = out.set_column(out.schema.get_field_index(name), name, pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float64()), col))
-        self.buffer.append(out)
-        self.buffered += n
+        if self._writer is None:
+            fd, self._spool = tempfile.mkstemp(prefix=f"dragons-spool-{self.run_id}-", suffix=".parquet",
+                                               dir=self.spool_dir or None)
+            os.close(fd)
+            self._writer = pq.ParquetWriter(self._spool, self.schema, compression="zstd")
+        self._writer.write_table(out)
         self.rows += n
         self.errors += n - out.column("error").null_count
-        if self.buffered >= self.rows_per_file:
-            self._flush()
 
-    def _flush(self) -> None:
-        if not self.buffered:
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        if self._writer is None:
             return
-        name = f"part-{self.attempt}-{len(self.files):05d}.parquet"
-        data = pa.concat_tables(self.buffer)
-        sink = io.BytesIO()
-        pq.write_table(data, sink, compression="zstd")
-        storage.write_bytes(storage.join(self.run_dir, name), sink.getvalue())
-        self.files.append(name)
-        self.buffer, self.buffered = [], 0
+        self._writer.close()
+        yield from pq.ParquetFile(self._spool).iter_batches(batch_size=SPOOL_BATCH_ROWS)
 
     def commit(self, info: dict[str, Any]) -> dict[str, Any]:
-        if "model_version" in info and not self.model_version:
-            self.model_version = str(info["model_version"])
-        self._flush()
-        manifest = {
-            "run_id": self.run_id, "dt": self.dt, "attempt": self.attempt, "files": self.files,
-            "rows": self.rows, "scored": self.rows - self.errors, "errors": self.errors,
-            "classes": self.classes, "columns": self.schema.names,
-            "started_at": self.started.isoformat(), "committed_at": datetime.now(timezone.utc).isoformat(),
-            **info,
-        }
-        storage.write_bytes(storage.join(self.run_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
-        self._cleanup()
-        manifest["path"] = self.run_dir
-        return manifest
+        """One Delta commit holding the run's rows (replacing any earlier rows of
+        this run id) and ``info`` plus the counts in its metadata."""
+        meta = {"dragons_run_id": self.run_id, "rows": self.rows, "scored": self.rows - self.errors,
+                "errors": self.errors, "started_at": self.started.isoformat(), **info}
+        try:
+            version = write_run(self.uri, self.run_id, pa.RecordBatchReader.from_batches(self.schema, self._batches()),
+                                meta, self.target_file_size)
+        finally:
+            self.discard()
+        return {**meta, "version": version, "path": self.uri, "run_id": self.run_id, "dt": self.dt}
 
-    def _cleanup(self) -> None:
-        """Delete what the new manifest replaced: old attempts' parts, and the same
-        run id committed under another date."""
-        keep = set(self.files) | {MANIFEST}
-        for entry in storage.list_files(self.run_dir):
-            if entry.uri.rsplit("/", 1)[-1] not in keep:
-                storage.delete(entry.uri)
-        for dt_dir in storage.list_dirs(self.root):
-            if dt_dir.startswith("dt=") and dt_dir != f"dt={self.dt}":
-                other = storage.join(self.root, dt_dir, f"run_id={self.run_id}")
-                if storage.exists(other):
-                    storage.delete(other)
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._spool and os.path.exists(self._spool):
+            os.remove(self._spool)
+        self._spool, self._writer = "", None
 
 
-def committed_manifests(root: str) -> list[dict[str, Any]]:
-    """Manifests of committed runs; if a run id appears twice (a re-run on another
-    day interrupted before its clean-up), the newest commit wins."""
-    root_uri = storage.parse(root).uri.rstrip("/")
-    if not storage.exists(root_uri):
-        raise DragonsError(f"no table at {root_uri}: nothing has been scored there (check --table)")
-    runs: dict[str, dict[str, Any]] = {}
-    for entry in storage.list_files(root_uri):
-        if entry.uri.endswith("/" + MANIFEST):
-            m = json.loads(storage.read_bytes(entry.uri))
-            m["dir"] = entry.uri[: -len(MANIFEST) - 1]
-            if m["run_id"] not in runs or m["committed_at"] > runs[m["run_id"]]["committed_at"]:
-                runs[m["run_id"]] = m
-    return sorted(runs.values(), key=lambda m: m["committed_at"])
+def write_run(uri: str, run_id: str, data: pa.RecordBatchReader, meta: dict[str, Any],
+              target_file_size: int | None = None) -> int:
+    """Commit ``data`` as run ``run_id``: exactly one table version; returns it."""
+    from deltalake import write_deltalake
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import CommitProperties
+
+    check_run_id(run_id)
+    opts = storage_options(uri)
+    # Finds this commit's version afterwards even if other writers committed since.
+    attempt = uuid.uuid4().hex[:16]
+    custom = {k: v for k, v in meta.items() if v is not None} | {"dragons_attempt": attempt}
+    json.dumps(custom)  # fail here, not inside delta-rs, on anything not JSON-able
+    try:
+        write_deltalake(
+            uri, data, mode="overwrite", predicate=f"run_id = '{run_id}'", partition_by=[PARTITION],
+            # A model with other classes adds its p_<class> columns (older rows read NULL there).
+            schema_mode="merge", storage_options=opts, target_file_size=target_file_size,
+            commit_properties=CommitProperties(custom_metadata=custom),
+        )
+    except CommitFailedError as exc:
+        raise DragonsError(
+            f"run {run_id}: another writer committed the same run id to {uri} while this run was scoring "
+            f"({_short(exc)}); the table holds that run's rows and nothing of this one: "
+            "re-run later with the same --run-id to replace it, or use another --run-id") from None
+    except OSError as exc:
+        raise DragonsError(f"cannot write the table at {uri}: {_short(exc)}") from None
+    dt = open_table(uri)
+    for h in dt.history(50):
+        if h.get("dragons_attempt") == attempt:
+            return int(h["version"])
+    return int(dt.version())
 
 
-def read_committed(root: str) -> pa.Table:
-    """Every committed row, with ``dt`` added; runs with other classes get null columns."""
-    tables = []
-    for m in committed_manifests(root):
-        fs, _ = storage.filesystem(m["dir"])
-        for name in m["files"]:
-            t = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(m["dir"], name), fs)))
-            tables.append(t.append_column("dt", pa.array([m["dt"]] * t.num_rows, pa.string())))
-    if not tables:
-        return schema([]).append(pa.field("dt", pa.string())).empty_table()
-    return pa.concat_tables(tables, promote_options="default")
+def run_history(root: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The table's commits, newest first, with dragons' run metadata flattened."""
+    dt = open_table(root)
+    out = []
+    for h in dt.history(limit):
+        params = h.get("operationParameters") or {}
+        metrics = h.get("operationMetrics") or {}
+        out.append({
+            "version": h.get("version"),
+            "committed_at": datetime.fromtimestamp(h.get("timestamp", 0) / 1000, timezone.utc).isoformat(timespec="seconds"),
+            "operation": h.get("operation"),
+            "run_id": h.get("dragons_run_id"),
+            "listed": h.get("listed"), "skipped": h.get("skipped"), "scored": h.get("scored"), "errors": h.get("errors"),
+            "rows": h.get("rows", metrics.get("num_added_rows")),
+            "model_version": h.get("model_version"), "model": h.get("model"), "input": h.get("input"),
+            "incremental": h.get("incremental"),
+            "files_added": metrics.get("num_added_files"), "files_removed": metrics.get("num_removed_files"),
+            "predicate": params.get("predicate"),
+        })
+    return out
+

@@ -1,4 +1,4 @@
-"""Scoring into Parquet tables, querying them, and the Ray Jobs API (slow)."""
+"""Scoring into the Delta table, incremental runs, querying, and the Ray Jobs API (slow)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dragons import storage
 from dragons.errors import DragonsError
 from dragons.query import run_sql
 from dragons.score import ScoreConfig, score
-from dragons.table import RunWriter, committed_manifests
+from dragons.table import open_table, run_history
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -30,19 +30,16 @@ FROM scores WHERE run_id = '{run}'
 
 
 def test_score_hymenoptera_val_from_s3(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
-    import pyarrow.parquet as pq
-
     table = "s3://dragons-test/tables/hymenoptera"
     m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val", output=table, run_id="val1",
                           log_file=str(tmp_path / "score.log")))
-    assert (m["listed"], m["rows"], m["errors"]) == (153, 153, 0)
-    # Accuracy straight from the Parquet files, with a plain Parquet reader.
-    files = [storage.join(m["path"], f) for f in m["files"]]
-    import io
-
-    rows = [r for f in files for r in pq.read_table(io.BytesIO(storage.read_bytes(f))).to_pylist()]
+    assert (m["listed"], m["rows"], m["errors"], m["skipped"]) == (153, 153, 0, 0)
+    # Accuracy straight from the Delta table, read with deltalake (no dragons code in the way).
+    rows = open_table(table).to_pyarrow_table().to_pylist()
     assert len(rows) == 153 and len({r["uri"] for r in rows}) == 153
-    assert set(rows[0]) >= {"uri", "label", "score", "p_ants", "p_bees", "model_version", "run_id", "scored_at", "error"}
+    assert set(rows[0]) >= {"uri", "label", "score", "p_ants", "p_bees", "model_version", "run_id", "scored_at", "error",
+                            "etag", "size", "last_modified", "dt"}
+    assert all(r["etag"] and r["size"] > 0 and r["last_modified"] is not None for r in rows)
     acc = sum(f"/{r['label']}/" in r["uri"] for r in rows) / len(rows)
     assert acc >= 0.90
     assert all(abs(r["p_ants"] + r["p_bees"] - 1) < 1e-5 and r["score"] == max(r["p_ants"], r["p_bees"]) for r in rows)
@@ -76,49 +73,94 @@ def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -
     with pytest.raises(DragonsError, match="exceeds --max-error-rate"):
         score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat-strict",
                           max_error_rate=0.1))
-    assert {m["run_id"] for m in committed_manifests(table)} == {"cat", "cat-strict"}
+    assert {h["run_id"] for h in run_history(table)} == {"cat", "cat-strict"}
 
 
-def test_rerun_replaces_and_uncommitted_run_is_invisible(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
+def test_rerun_replaces_in_one_commit(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
     table = str(tmp_path / "table")
     cfg = ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val/ants", output=table, run_id="again")
     first = score(cfg)
     second = score(cfg)
-    assert first["attempt"] != second["attempt"]
+    assert (first["version"], second["version"]) == (0, 1)  # one commit per run
     counts = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u FROM scores").to_pylist()[0]
     assert counts == {"n": 70, "u": 70}
-    parts = [p.name for p in (tmp_path / "table").rglob("*.parquet")]
-    assert len(parts) == 1 and second["attempt"] in parts[0]  # old attempt deleted
-
-    # A run that died before its commit: parts on disk, no manifest -> not visible.
-    import pyarrow as pa
-    from datetime import datetime, timezone
-
-    w = RunWriter(table, "killed", datetime.now(timezone.utc), ["ants", "bees"], rows_per_file=1)
-    w.add(pa.table({"uri": ["x.jpg"], "label": ["ants"], "score": [0.9], "p_ants": [0.9], "p_bees": [0.1], "error": [None]}))
-    assert list((tmp_path / "table").rglob("run_id=killed/*.parquet"))
-    assert run_sql(table, "SELECT count(*) AS n FROM scores WHERE run_id = 'killed'").to_pylist()[0]["n"] == 0
+    assert run_sql(table, "SELECT count(*) AS n FROM scores", as_of="0").to_pylist()[0]["n"] == 70
+    assert open_table(table).history(1)[0]["operationMetrics"]["num_removed_files"] >= 1
 
 
-def test_killed_scoring_process_leaves_no_visible_rows(ray_session: None, hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
-    """SIGKILL a real `dragons score` driver midway: its parts exist, the run does not."""
+def test_killed_scoring_process_leaves_no_visible_rows(ray_session: None, hymenoptera_model: dict, hymenoptera_s3: str,
+                                                       tmp_path: Path) -> None:
+    """SIGKILL a real `dragons score` driver midway: the table is exactly as before."""
     import ray
 
     table = str(tmp_path / "table")
+    score(ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val/ants", output=table, run_id="kept"))
+    spool = tmp_path / "spool"
+    spool.mkdir()
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "dragons.cli", "score", "--model", hymenoptera_model["uri"],
-                             "--input", f"{hymenoptera_s3}/val", "--output", table, "--run-id", "doomed", "--rows-per-file", "16",
-                             "--log-file", str(tmp_path / "doomed.log")],
+                             "--input", f"{hymenoptera_s3}/val", "--output", table, "--run-id", "doomed",
+                             "--spool-dir", str(spool), "--log-file", str(tmp_path / "doomed.log")],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Small parts so that some exist before the end: kill as soon as the first lands.
+    # Kill as soon as scored rows have reached the driver (its spool exists).
     deadline = time.time() + 240
-    while time.time() < deadline and not list((tmp_path / "table").rglob("*.parquet")) and proc.poll() is None:
+    while time.time() < deadline and not list(spool.glob("*.parquet")) and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert list((tmp_path / "table").rglob("*.parquet")), "the run finished or never wrote a part"
-    assert not list((tmp_path / "table").rglob("_manifest.json"))
-    assert run_sql(table, "SELECT count(*) AS n FROM scores").to_pylist()[0]["n"] == 0
+    assert list(spool.glob("*.parquet")), "the run finished or never scored a row"
+    assert run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist() == [{"run_id": "kept", "n": 70}]
+    assert open_table(table).version() == 0
+
+
+def test_incremental_scores_only_new_and_changed(hymenoptera_model: dict, hymenoptera: Path, bucket: str, tmp_path: Path) -> None:
+    """Score 100 objects, add 10, overwrite 5: the next --incremental run scores exactly 15."""
+    from dragons.storage import boto3_client
+
+    client = boto3_client()
+    photos = sorted((hymenoptera / "train").rglob("*.jpg"))
+    assert len(photos) >= 115
+    prefix = "incremental/archive"
+    # Keys with characters URL parsing gets wrong round-trip into the row's uri unchanged.
+    names = [f"{p.parent.name}/{i:03d} {p.stem}.jpg" for i, p in enumerate(photos[:110])]
+    for p, name in zip(photos[:100], names[:100]):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=p.read_bytes())
+    table = f"s3://{bucket}/tables/incremental"
+    model = hymenoptera_model["uri"]
+    first = score(ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night1", incremental=True))
+    assert (first["listed"], first["skipped"], first["rows"]) == (100, 0, 100)
+    for p, name in zip(photos[100:110], names[100:110]):  # 10 new objects
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=p.read_bytes())
+    changed = names[:5]
+    for p, name in zip(photos[110:115], changed):  # 5 overwritten with other photos
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=p.read_bytes())
+    expected = {f"s3://{bucket}/{prefix}/{n}" for n in names[100:110] + changed}
+
+    # --dry-run prints exactly those and writes nothing.
+    version = open_table(table).version()
+    p = subprocess.run([sys.executable, "-m", "dragons.cli", "score", "--model", model, "--input", f"s3://{bucket}/{prefix}",
+                        "--output", table, "--incremental", "--dry-run", "--log-file", str(tmp_path / "dry.log")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert set(p.stdout.splitlines()) == expected
+    assert "listed 110  skipped 95  would score 15" in p.stderr
+    assert open_table(table).version() == version
+
+    second = score(ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night2", incremental=True))
+    assert (second["listed"], second["skipped"], second["rows"], second["errors"]) == (110, 95, 15, 0)
+    scored = {r["uri"] for r in run_sql(table, "SELECT uri FROM scores WHERE run_id = 'night2'").to_pylist()}
+    assert scored == expected
+    assert run_sql(table, "SELECT count(*) AS n FROM latest").to_pylist()[0]["n"] == 110
+    assert run_sql(table, "SELECT count(*) AS n FROM scores").to_pylist()[0]["n"] == 115
+    runs = {r["run_id"]: r for r in run_sql(table, "SELECT * FROM runs").to_pylist()}
+    assert (runs["night2"]["listed"], runs["night2"]["skipped"], runs["night2"]["scored"]) == (110, 95, 15)
+    # No secret in anything the runs wrote (data files, commit log).
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix="tables/incremental/")["Contents"]:
+        assert secret not in client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read(), obj["Key"]
+    # Nothing changed since: the third night scores nothing and still commits its counts.
+    third = score(ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night3", incremental=True))
+    assert (third["listed"], third["skipped"], third["rows"]) == (110, 110, 0)
 
 
 def test_query_is_read_only_and_formats(hymenoptera_model: dict, tmp_path: Path) -> None:
@@ -130,9 +172,9 @@ def test_query_is_read_only_and_formats(hymenoptera_model: dict, tmp_path: Path)
     p = subprocess.run([sys.executable, "-m", "dragons.cli", "query", "--table", table, "--format", "json"], capture_output=True,
                        text=True, timeout=120, env=os.environ.copy())
     assert p.returncode == 0, p.stderr
-    summary = [json.loads(line) for line in p.stdout.splitlines()]
-    assert {r["label"] for r in summary if r["run_id"] == "val1"} == {"ants", "bees"}
-    assert sum(r["rows"] for r in summary if r["run_id"] == "val1") == 153
+    summary = [json.loads(line) for line in p.stdout.splitlines()]  # one line per run, from the commit log
+    val1 = [r for r in summary if r["run_id"] == "val1"]
+    assert len(val1) == 1 and (val1[0]["listed"], val1[0]["scored"], val1[0]["errors"]) == (153, 153, 0)
 
 
 def _free_port() -> int:

@@ -20,6 +20,7 @@ from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
 from dragons.raycluster import cluster, ensure_ray, size_workers
+from dragons.table import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.loop import PREDS_FILE, STATE_FILE, latest_checkpoint, train_loop_per_worker
 
@@ -163,6 +164,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             storage.check_writable(uri, flag)  # a missing or read-only output fails before any image is read
     folder = discover(cfg.data, cfg.valid_pct, cfg.seed, cfg.ignore_valid)  # bad input fails before Ray starts
     print(folder.summary(), flush=True)
+    check_classes(folder.classes)  # p_<class> table columns must not collide; refuse before any training
     ensure_ray(cfg.no_progress_timeout_s)
     state, idx, probs, facts = run_trainer(cfg, folder)
 

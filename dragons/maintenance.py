@@ -1,0 +1,59 @@
+"""``dragons table history|vacuum|optimize``: Delta's own maintenance operations.
+
+* history: the commit log, one row per version, with each run's counts.
+* optimize: compaction of the small files nightly runs leave (one commit,
+  ``data_change=false``: readers and time travel are unaffected).
+* vacuum: deletes files no version within the retention references, and files
+  no commit ever referenced (what a killed run left), older than the retention.
+  Time travel to versions older than the retention stops working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dragons.errors import DragonsError
+from dragons.table import open_table, run_history
+
+
+@dataclass
+class MaintenanceConfig:
+    limit: int = 20  # history: newest N commits (0 = all)
+    retention_hours: float = 168.0  # vacuum: Delta's default, one week of time travel
+    dry_run: bool = False  # vacuum: list only
+    target_size_mb: int = 128  # optimize: target data file size
+
+
+def run(action: str, root: str, cfg: MaintenanceConfig | None = None) -> pa.Table:
+    cfg = cfg or MaintenanceConfig()
+    if action == "history":
+        rows = run_history(root, cfg.limit or None)
+        return pa.Table.from_pylist([{k: v for k, v in r.items() if k != "predicate"} for r in rows]) if rows else pa.table({})
+    if action == "vacuum":
+        return pa.table({"file": pa.array(vacuum(root, cfg.retention_hours, cfg.dry_run), pa.string())})
+    if action == "optimize":
+        return pa.Table.from_pylist([optimize(root, cfg.target_size_mb)])
+    raise DragonsError(f"unknown table action {action!r}: use history, vacuum or optimize")
+
+
+def vacuum(root: str, retention_hours: float, dry_run: bool = False) -> list[str]:
+    """Delete unreferenced files older than the retention; returns their paths."""
+    if retention_hours < 0:
+        raise DragonsError(f"--retention-hours must be >= 0, got {retention_hours}")
+    dt = open_table(root)
+    # full=True: also files no commit ever named (a killed run's), not only removed ones.
+    # Below Delta's configured retention the caller has chosen so explicitly.
+    return list(dt.vacuum(retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False,
+                          full=True))
+
+
+def optimize(root: str, target_size_mb: int) -> dict[str, object]:
+    """Compact small files into ~target-size files; returns delta-rs' metrics."""
+    if target_size_mb <= 0:
+        raise DragonsError(f"--target-size-mb must be > 0, got {target_size_mb}")
+    dt = open_table(root)
+    m = dt.optimize.compact(target_size=target_size_mb * 2**20)
+    return {"version": dt.version(), "files_added": m.get("numFilesAdded"), "files_removed": m.get("numFilesRemoved"),
+            "partitions_optimized": m.get("partitionsOptimized"), "total_considered": m.get("totalConsideredFiles")}
