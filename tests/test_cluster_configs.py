@@ -430,6 +430,30 @@ def test_nightly_cronjob():
     assert rule["resources"] == ["rayjobs"] and set(rule["verbs"]) <= {"create", "get"}
 
 
+def test_nightly_dashboard_fenced_by_network_policy():
+    """Each night's RayJob has a new name, so its pods are fenced by fixed labels: the
+    head's 8265 admits only the submitter pod and the operator, other head ports only
+    the night's own Ray pods; every Ray pod of the template carries the label."""
+    docs = _load(CLUSTER / "nightly-score-cronjob.yaml")
+    (job,) = [d for w, d in RAY_JOBS if d["metadata"]["labels"]["app.kubernetes.io/component"] == "nightly-score"]
+    spec = job["spec"]
+    assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    ray_label = {"dragons/nightly-ray": "true"}
+    groups = [spec["rayClusterSpec"]["headGroupSpec"]] + spec["rayClusterSpec"]["workerGroupSpecs"]
+    for g in groups:
+        assert g["template"]["metadata"]["labels"].items() >= ray_label.items(), g.get("groupName", "head")
+    submitter = spec["submitterPodTemplate"]["metadata"]["labels"]
+    (pol,) = [d["spec"] for d in docs if d.get("kind") == "NetworkPolicy"]
+    assert pol["podSelector"]["matchLabels"] == {**ray_label, "ray.io/node-type": "head"}
+    assert pol["policyTypes"] == ["Ingress"]
+    dashboard = [r for r in pol["ingress"] if {p["port"] for p in r.get("ports") or []} == {8265}]
+    others = [r for r in pol["ingress"] if r not in dashboard]
+    assert len(dashboard) == 1 and len(others) == 1
+    peers = [p.get("podSelector", {}).get("matchLabels") for p in dashboard[0]["from"]]
+    assert peers == [submitter, {"app.kubernetes.io/name": "kuberay-operator"}]
+    assert others[0]["from"] == [{"podSelector": {"matchLabels": ray_label}}] and not others[0].get("ports")
+
+
 # --------------------------------------------------------------------------
 # submit.sh
 
