@@ -82,6 +82,10 @@ def _iter_s3(loc: storage.Location, page_rows: int) -> Iterator[pa.Table]:
                                f"(endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}): check the bucket name") from None
         if code in ("404", "NoSuchKey"):
             raise DragonsError(f"--input {loc.uri} does not exist: check the path or prefix") from None
+        if code in ("AccessDenied", "403", "AllAccessDisabled"):
+            raise DragonsError(f"access denied: cannot list --input {loc.uri}: check the credentials' permissions on it") from None
+        if code in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
+            raise storage.unreachable(loc, exc) from None
         raise DragonsError(f"cannot list --input {loc.uri}: {storage.redact(str(code))}; check AWS_ENDPOINT_URL and credentials") from None
     if not found:
         raise DragonsError(f"--input {loc.uri} does not exist or holds no objects: check the path or prefix")

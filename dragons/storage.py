@@ -149,7 +149,7 @@ def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
     try:
         info = fs.get_file_info(loc.bucket)
     except OSError as exc:
-        raise _unreachable(loc, exc) from None
+        raise unreachable(loc, exc) from None
     if info.type == pafs.FileType.NotFound:
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "AWS")
         raise DragonsError(
@@ -158,7 +158,7 @@ def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
         )
 
 
-def _unreachable(loc: Location, exc: BaseException) -> DragonsError:
+def unreachable(loc: Location, exc: BaseException) -> DragonsError:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
     return DragonsError(f"cannot reach S3 ({endpoint}) for {loc.uri}: {_short(exc)}. "
                         "Check that the endpoint is up, AWS_ENDPOINT_URL and the credentials")
@@ -204,7 +204,7 @@ def _fail(fs: pafs.FileSystem, loc: Location, what: str, exc: OSError) -> Dragon
     """A DragonsError for a failed filesystem call: a missing bucket or an
     unreachable endpoint is named as such, anything else with its first line."""
     if loc.is_s3 and "NETWORK_CONNECTION" in str(exc):
-        raise _unreachable(loc, exc)  # asking again about the bucket would only wait out the retries again
+        raise unreachable(loc, exc)  # asking again about the bucket would only wait out the retries again
     if loc.is_s3:
         _check_bucket(fs, loc)  # raises the clearer message when that is the cause
     if isinstance(exc, PermissionError) or "ACCESS_DENIED" in str(exc).upper() or "ACCESSDENIED" in str(exc).upper():
@@ -361,6 +361,27 @@ def check_writable(uri: str, flag: str = "--out") -> None:
     import uuid
 
     probe = join(uri, f".dragons-write-probe-{uuid.uuid4().hex[:12]}")
+    loc = parse(probe)
+    if loc.is_s3:
+        # One plain PUT and DELETE: pyarrow's filesystem would also leave directory
+        # marker objects behind, and an output that was refused must stay untouched.
+        try:
+            _check_bucket(s3_filesystem(), loc)
+        except DragonsError as exc:
+            raise DragonsError(f"{flag} {parse(uri).uri} is not writable: {exc}") from None
+        client = boto3_client()
+        bucket, _, key = loc.path.partition("/")
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=b"")
+        except Exception as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
+            why = "access denied: check the credentials' permissions on it" if code in ("AccessDenied", "403") else code
+            raise DragonsError(f"{flag} {parse(uri).uri} is not writable: {why}") from None
+        try:
+            client.delete_object(Bucket=bucket, Key=key)
+        except Exception:
+            pass  # writable is what we needed to know; a delete-denied probe is harmless
+        return
     try:
         write_bytes(probe, b"")
     except DragonsError as exc:
@@ -368,7 +389,7 @@ def check_writable(uri: str, flag: str = "--out") -> None:
     try:
         delete(probe)
     except DragonsError:
-        pass  # writable is what we needed to know; a delete-denied probe is harmless
+        pass
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:

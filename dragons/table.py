@@ -128,6 +128,7 @@ def open_table(root: str, version: int | str | datetime | None = None) -> Any:
             pass
         raise DragonsError(f"no Delta table at {uri}{hint}: nothing has been scored there (check --table)") from None
     except OSError as exc:
+        storage.exists(uri)  # raises the clearer cause: endpoint unreachable, no bucket, access denied
         raise DragonsError(f"cannot open the table at {uri}: {_short(exc)}") from None
     if version is not None:
         try:
@@ -144,39 +145,10 @@ def _short(exc: BaseException) -> str:
 
 
 def check_output(root: str) -> None:
-    """Fail before any image is read when the output cannot be written.
-
-    Writes and deletes a probe object under the table root: this catches a
-    missing bucket, a wrong endpoint and a read-only credential alike. The probe
-    name starts with '_', which Delta and Hive readers ignore.
-    """
-    uri = table_uri(root)
-    probe = storage.join(uri, f"_dragons_write_check-{uuid.uuid4().hex[:12]}")
-    loc = storage.parse(uri)
-    if loc.is_s3:
-        client = storage.boto3_client()
-        bucket, _, key = storage.parse(probe).path.partition("/")
-        try:
-            client.head_bucket(Bucket=bucket)
-        except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-            what = "does not exist" if str(code) in ("404", "NoSuchBucket") else f"is not usable ({code})"
-            raise DragonsError(f"--output {uri}: bucket {bucket!r} {what} at "
-                               f"{os.environ.get('AWS_ENDPOINT_URL', 'AWS')}: create it or fix the name/credentials") from None
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=b"")
-            client.delete_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-            raise DragonsError(f"--output {uri} is not writable ({code}): check the credentials' permissions") from None
-        return
-    try:
-        os.makedirs(uri, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as exc:
-        raise DragonsError(f"--output {uri} is not writable: {exc.strerror or exc}") from None
+    """Fail before any image is read when the output cannot be written (a missing
+    bucket, a wrong endpoint, a read-only credential): storage's write probe, whose
+    name starts with '.', which Delta and Hive readers ignore."""
+    storage.check_writable(table_uri(root), "--output")
 
 
 # ---------------------------------------------------------------- writing

@@ -272,7 +272,7 @@ def test_manifest_input_and_missing_objects(hymenoptera_model: dict, hymenoptera
     m = score(ScoreConfig(model=hymenoptera_model["uri"], manifest=f"s3://{bucket}/manifests/m.parquet", output=table, run_id="m1"))
     assert (m["listed"], m["rows"], m["errors"]) == (3, 3, 1)
     rows = {r["uri"]: r for r in run_sql(table, "SELECT uri, label, error FROM scores").to_pylist()}
-    assert rows[uris[2]]["error"].startswith("read_error") and "missing.jpg" in rows[uris[2]]["error"]
+    assert rows[uris[2]]["error"].startswith("not_found") and "missing.jpg" in rows[uris[2]]["error"]
     assert rows[uris[0]]["label"] in ("ants", "bees") and rows[uris[0]]["error"] is None
     with pytest.raises(DragonsError, match="no 'uri' column"):
         storage.write_bytes(f"s3://{bucket}/manifests/bad.csv", b"path\nx.jpg\n")

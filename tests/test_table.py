@@ -83,7 +83,8 @@ def test_score_refuses_colliding_artifact_and_missing_output_bucket_before_readi
     t0 = time.perf_counter()
     p = subprocess.run(cmd + ["--output", "s3://no-such-bucket-dragons/tables/t"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert "error: --output s3://no-such-bucket-dragons/tables/t: bucket 'no-such-bucket-dragons' does not exist" in p.stderr
+    assert "error: --output s3://no-such-bucket-dragons/tables/t " in p.stderr
+    assert "bucket 'no-such-bucket-dragons' does not exist" in p.stderr
     assert "no/such/input" not in p.stderr  # failed on the output, before the input was even listed
     assert time.perf_counter() - t0 < 60
 

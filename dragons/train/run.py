@@ -159,12 +159,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     spec = get_spec(cfg.arch)
     if cfg.weights == "imagenet" and not spec.offline:
         build_model(cfg.arch, 2, cfg.weights)  # fail early (before Ray work) if the download is impossible
+    folder = discover(cfg.data, cfg.valid_pct, cfg.seed, cfg.ignore_valid)  # bad input fails before Ray starts
+    check_classes(folder.classes)  # p_<class> table columns must not collide; refuse before any training
     for flag, uri in (("--out", cfg.out), ("--storage", cfg.storage)):
         if uri and not cfg.lr_find_only:
             storage.check_writable(uri, flag)  # a missing or read-only output fails before any image is read
-    folder = discover(cfg.data, cfg.valid_pct, cfg.seed, cfg.ignore_valid)  # bad input fails before Ray starts
     print(folder.summary(), flush=True)
-    check_classes(folder.classes)  # p_<class> table columns must not collide; refuse before any training
     ensure_ray(cfg.no_progress_timeout_s)
     state, idx, probs, facts = run_trainer(cfg, folder)
 
