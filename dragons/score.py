@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator

@@ -21,10 +21,11 @@ import json
 import os
 import re
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +38,8 @@ PARTITION = "dt"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Rows per batch read back from the spool into delta-rs: bounds the commit's memory.
 SPOOL_BATCH_ROWS = 65_536
+# Tries of one run's table write when S3 fails on the way (delta-rs retries single requests itself).
+WRITE_ATTEMPTS = 4
 
 
 def prob_column(cls: str) -> str:
@@ -220,9 +223,10 @@ class RunWriter:
         self.errors += n - out.column("error").null_count
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
-        if self._writer is None:
+        if not self._spool:
             return
-        self._writer.close()
+        if self._writer is not None and self._writer.is_open:
+            self._writer.close()
         yield from pq.ParquetFile(self._spool).iter_batches(batch_size=SPOOL_BATCH_ROWS)
 
     def commit(self, info: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +235,8 @@ class RunWriter:
         meta = {"dragons_run_id": self.run_id, "rows": self.rows, "scored": self.rows - self.errors,
                 "errors": self.errors, "started_at": self.started.isoformat(), **info}
         try:
-            version = write_run(self.uri, self.run_id, pa.RecordBatchReader.from_batches(self.schema, self._batches()),
+            # A factory, not a reader: a retried write reads the spool again from the start.
+            version = write_run(self.uri, self.run_id, lambda: pa.RecordBatchReader.from_batches(self.schema, self._batches()),
                                 meta, self.target_file_size)
         finally:
             self.discard()
@@ -245,9 +250,16 @@ class RunWriter:
         self._spool, self._writer = "", None
 
 
-def write_run(uri: str, run_id: str, data: pa.RecordBatchReader, meta: dict[str, Any],
-              target_file_size: int | None = None) -> int:
-    """Commit ``data`` as run ``run_id``: exactly one table version; returns it."""
+def write_run(uri: str, run_id: str, data: pa.RecordBatchReader | Callable[[], pa.RecordBatchReader],
+              meta: dict[str, Any], target_file_size: int | None = None) -> int:
+    """Commit ``data`` as run ``run_id``: exactly one table version; returns it.
+
+    With ``data`` a factory, a write that fails on the way (an S3 5xx or a reset
+    that delta-rs' own retries did not absorb) is tried again, up to
+    ``WRITE_ATTEMPTS`` times, unless the commit log shows this attempt landed
+    (only its answer was lost). Data files of a failed try are referenced by no
+    commit: invisible, and ``dragons table vacuum`` removes them.
+    """
     from deltalake import write_deltalake
     from deltalake.exceptions import CommitFailedError
     from deltalake.transaction import CommitProperties
@@ -258,25 +270,41 @@ def write_run(uri: str, run_id: str, data: pa.RecordBatchReader, meta: dict[str,
     attempt = uuid.uuid4().hex[:16]
     custom = {k: v for k, v in meta.items() if v is not None} | {"dragons_attempt": attempt}
     json.dumps(custom)  # fail here, not inside delta-rs, on anything not JSON-able
+    tries = WRITE_ATTEMPTS if callable(data) else 1
+    for n in range(1, tries + 1):
+        try:
+            write_deltalake(
+                uri, data() if callable(data) else data, mode="overwrite", predicate=f"run_id = '{run_id}'",
+                partition_by=[PARTITION],
+                # A model with other classes adds its p_<class> columns (older rows read NULL there).
+                schema_mode="merge", storage_options=opts, target_file_size=target_file_size,
+                commit_properties=CommitProperties(custom_metadata=custom),
+            )
+            break
+        except CommitFailedError as exc:
+            raise DragonsError(
+                f"run {run_id}: another writer committed the same run id to {uri} while this run was scoring "
+                f"({_short(exc)}); the table holds that run's rows and nothing of this one: "
+                "re-run later with the same --run-id to replace it, or use another --run-id") from None
+        except OSError as exc:
+            if _attempt_version(uri, attempt) is not None:
+                break  # it landed; only the answer was lost
+            if n == tries:
+                raise DragonsError(f"cannot write the table at {uri} ({tries} tries): {_short(exc)}") from None
+            time.sleep(min(30.0, 2.0 ** n))
+    version = _attempt_version(uri, attempt)
+    return int(version if version is not None else open_table(uri).version())
+
+
+def _attempt_version(uri: str, attempt: str) -> int | None:
+    """The version of the commit tagged ``attempt``, if it is in the recent log."""
     try:
-        write_deltalake(
-            uri, data, mode="overwrite", predicate=f"run_id = '{run_id}'", partition_by=[PARTITION],
-            # A model with other classes adds its p_<class> columns (older rows read NULL there).
-            schema_mode="merge", storage_options=opts, target_file_size=target_file_size,
-            commit_properties=CommitProperties(custom_metadata=custom),
-        )
-    except CommitFailedError as exc:
-        raise DragonsError(
-            f"run {run_id}: another writer committed the same run id to {uri} while this run was scoring "
-            f"({_short(exc)}); the table holds that run's rows and nothing of this one: "
-            "re-run later with the same --run-id to replace it, or use another --run-id") from None
-    except OSError as exc:
-        raise DragonsError(f"cannot write the table at {uri}: {_short(exc)}") from None
-    dt = open_table(uri)
-    for h in dt.history(50):
-        if h.get("dragons_attempt") == attempt:
-            return int(h["version"])
-    return int(dt.version())
+        for h in open_table(uri).history(50):
+            if h.get("dragons_attempt") == attempt:
+                return int(h["version"])
+    except (DragonsError, OSError):
+        pass  # no table yet, or the endpoint is still failing
+    return None
 
 
 def run_history(root: str, limit: int | None = None) -> list[dict[str, Any]]:

@@ -96,3 +96,13 @@ def hymenoptera_model(ray_session: None, hymenoptera_s3: str) -> dict:
     out = "s3://dragons-test/models/hymenoptera"
     meta = train(TrainConfig(data=hymenoptera_s3, out=out, workers=2))
     return {"uri": out, "meta": meta}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(bucket: str) -> str:
+    """An untrained Lite0 artifact at 64 px: enough where a test compares rows with rows."""
+    from helpers_hardening import save_tiny_model
+
+    uri = f"s3://{bucket}/models/tiny"
+    save_tiny_model(uri)
+    return uri

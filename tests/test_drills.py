@@ -17,8 +17,7 @@ from typing import Iterator
 import pytest
 
 from dragons import storage
-from dragons.query import run_sql
-from helpers_hardening import jpeg, save_tiny_model
+from helpers_hardening import jpeg, rows_of
 from s3_fault_proxy import FaultPlan, FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,15 +37,6 @@ def proxy_factory(s3: object) -> Iterator:
         p.stop()
 
 
-@pytest.fixture(scope="module")
-def tiny_model(bucket: str) -> str:
-    uri = f"s3://{bucket}/models/tiny-drills"
-    save_tiny_model(uri)
-    return uri
-
-
-def _rows(table_uri: str, run_id: str) -> list[dict]:
-    return run_sql(table_uri, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pylist()
 
 
 def _run_group(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -108,7 +98,7 @@ def test_scoring_through_flaky_s3_loses_nothing(tiny_model: str, bucket: str, pr
     p = _cli(["score", "--model", tiny_model, "--input", prefix, "--output", out, "--run-id", "faults"], proxy.endpoint, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "Traceback" not in p.stderr
-    rows = _rows(out, "faults")
+    rows = rows_of(out, "faults")
     counts = Counter(r["uri"] for r in rows)
     assert len(counts) == n + 2 and set(counts.values()) == {1}, counts.most_common(3)
     by_name = {r["uri"].rsplit("/", 1)[-1]: r for r in rows}
@@ -181,7 +171,7 @@ def test_killed_scoring_actor_every_row_exactly_once(ray_session: None, tiny_mod
     assert "error" not in result, result.get("error")
     m = result["manifest"]
     assert m["listed"] == m["rows"] == n and m["errors"] == 0
-    counts = Counter(r["uri"] for r in _rows(out, "actor-kill"))
+    counts = Counter(r["uri"] for r in rows_of(out, "actor-kill"))
     assert len(counts) == n and set(counts.values()) == {1}
 
 
@@ -241,7 +231,7 @@ def test_node_lost_during_scoring(tiny_model: str, bucket: str, tmp_path: Path) 
     res = _node_drill(["score", tiny_model, f"s3://{bucket}/drill-node", out, "node-loss"], tmp_path)
     assert res["killed"], res
     assert res["listed"] == res["rows"] == n and res["errors"] == 0, res
-    counts = Counter(r["uri"] for r in _rows(out, "node-loss"))
+    counts = Counter(r["uri"] for r in rows_of(out, "node-loss"))
     assert len(counts) == n and set(counts.values()) == {1}
 
 

@@ -4,32 +4,19 @@ odd keys, size limits, clear errors for a missing bucket or a dead endpoint."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dragons import storage
-from dragons.query import run_sql
 from dragons.score import ScoreConfig, score
-from helpers_hardening import jpeg, save_tiny_model
+from helpers_hardening import jpeg, rows_of, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 ODD_KEYS = ["photo#1.jpg", "what?x=1&y=2.jpg", "a b.jpg", "100%25 sure%.jpg", "c+d.jpg", "drăgon-龍.jpg",
             "deep/er/and/deeper/x.jpg"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(bucket: str) -> str:
-    uri = f"s3://{bucket}/models/tiny"
-    save_tiny_model(uri)
-    return uri
-
-
-def _rows(table_uri: str, run_id: str) -> list[dict]:
-    return run_sql(table_uri, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pylist()
 
 
 def test_odd_keys_score_the_right_object(ray_session: None, tiny_model: str, bucket: str, tmp_path: Path) -> None:
@@ -45,7 +32,7 @@ def test_odd_keys_score_the_right_object(ray_session: None, tiny_model: str, buc
     out = f"s3://{bucket}/tables/odd"
     m = score(ScoreConfig(model=tiny_model, input=root, output=out, run_id="odd", log_file=str(tmp_path / "log")))
     assert m["errors"] == 0 and m["rows"] == len(listed)
-    rows = {r["uri"]: r for r in _rows(out, "odd")}
+    rows = {r["uri"]: r for r in rows_of(out, "odd")}
     assert sorted(rows) == sorted(listed)
     for i, key in enumerate(ODD_KEYS):
         odd, plain = rows[f"{root}/odd/{key}"], rows[f"{root}/plain/{i}.jpg"]
@@ -65,7 +52,7 @@ def test_max_bytes_and_max_pixels_give_too_large_rows(ray_session: None, tiny_mo
     m = score(ScoreConfig(model=tiny_model, input=root, output=out, run_id="sizes", max_bytes=20_000,
                           max_pixels=1_000_000, log_file=str(tmp_path / "log")))
     assert m["rows"] == 3 and m["errors"] == 2
-    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in _rows(out, "sizes")}
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in rows_of(out, "sizes")}
     assert rows["big.jpg"]["error"].startswith("too_large:") and "--max-bytes" in rows["big.jpg"]["error"]
     assert rows["bomb.png"]["error"].startswith("too_large")
     assert rows["small.jpg"]["error"] is None

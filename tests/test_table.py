@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from dragons.errors import DragonsError
-from dragons.query import QueryLimits, run_sql
+from dragons.query import run_sql
 from dragons.table import RunWriter, check_classes, open_table, prob_column, run_history
 
 REPO = Path(__file__).resolve().parents[1]
