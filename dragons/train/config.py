@@ -28,7 +28,7 @@ class TrainConfig:
     lr: float = 1e-3  # base learning rate (the head gets head_lr_scale x); chosen on held-out splits; 0 = "auto" (lr finder)
     head_lr_scale: float = 5.0  # the precomputed head trains on fixed features: it takes a larger rate
     lr_mult: float = 10.0  # discriminative rates: early layers get lr / lr_mult (fastai's slice)
-    bn_stats: bool = True  # update BatchNorm running statistics while fine-tuning (off: keep ImageNet's)
+    bn_stats: bool = False  # BatchNorm in train mode while fine-tuning (per-batch statistics, running ones updated); off = frozen BN, the standard for EfficientNet transfer: at per-worker batch 16 train mode wrecked the head's fit (docs/training.md)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     augment: str = "light"  # augmentation preset (head views, fine-tuning): none | light | default | strong
