@@ -47,6 +47,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | bf16 | fp16 | off
     report: bool = True  # write the evaluation report (HTML + PNGs) beside the artifact
     max_pixels: int = 64_000_000  # decompression-bomb guard for decoding
+    max_images: int = 0  # benchmarks only: cap every pass (precompute, epochs, validation) at this many images, through the same data path (0 = all)
     progress_s: float = 15.0  # seconds between two progress lines of a long step (decode, precompute, epochs)
     log_file: str = ""  # the run's log (terminal output, workers' lines included); "" = logs/train-<run name>.log, copied to <out>/train.log
     no_progress_timeout_s: float = 300.0  # a stalled Ray Data stage fails after this, with a message
@@ -73,6 +74,7 @@ class TrainConfig:
             (self.tta >= 0, "--tta must be >= 0"),
             (self.head_views >= -1, "--head-views must be >= 0 (or auto)"),
             (self.progress_s > 0, "--progress-s must be positive"),
+            (self.max_images >= 0, "--max-images must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -406,8 +406,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rows = config["rows"]
     rows = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in rows.items()}
     decode_tasks = int(config.get("decode_tasks", 2))
-    train = StreamShard(rows["train"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks)
-    valid = StreamShard(rows["valid"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks)
+    cap = -(-cfg.max_images // world_size) if cfg.max_images else 0
+    train = StreamShard(rows["train"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks, cap)
+    valid = StreamShard(rows["valid"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks, cap)
     spill_dir = os.path.join(tempfile.gettempdir(), "dragons-features")
 
     history: list[dict[str, Any]] = []
@@ -520,7 +521,7 @@ def valid_rows(src: Source) -> np.ndarray:
     """Row ids of an unshuffled pass over ``src``, without decoding an image."""
     if isinstance(src, Shard):
         return src.idx.numpy().astype(np.int64)
-    positions = shard_rows(src.n_total, src.rank, src.world, src.seed, 0, False)
+    positions = shard_rows(src.n_total, src.rank, src.world, src.seed, 0, False)[: len(src)]
     return np.asarray(src.rows["idx"])[positions].astype(np.int64)
 
 

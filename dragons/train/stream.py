@@ -110,14 +110,16 @@ class StreamShard:
     """
 
     def __init__(self, rows: dict[str, np.ndarray], rank: int, world_size: int, base_size: int, max_pixels: int,
-                 seed: int, decode_tasks: int = 2) -> None:
+                 seed: int, decode_tasks: int = 2, limit: int = 0) -> None:
         self.rows, self.rank, self.world = rows, rank, world_size
+        self.limit = limit  # rows per pass and rank (0 = all): the benchmark's cap
         self.base_size, self.max_pixels, self.seed, self.decode_tasks = base_size, max_pixels, seed, decode_tasks
         self.n_total = len(rows["idx"])
 
     def __len__(self) -> int:
         """Rows of this rank (the same for every epoch: only which ones changes)."""
-        return len(range(self.rank, self.n_total, self.world))
+        n = len(range(self.rank, self.n_total, self.world))
+        return min(n, self.limit) if self.limit else n
 
     def dataset(self, positions: np.ndarray) -> Any:
         import ray.data
@@ -133,7 +135,7 @@ class StreamShard:
                               num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=self.decode_tasks))
 
     def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
-        positions = shard_rows(self.n_total, self.rank, self.world, self.seed, epoch, shuffle)
+        positions = shard_rows(self.n_total, self.rank, self.world, self.seed, epoch, shuffle)[: len(self)]
         sizes = split_sizes(len(positions), num_steps(len(positions), batch_size))
         if len(positions) == 0:
             for _ in sizes:  # an empty rank still joins every collective step
