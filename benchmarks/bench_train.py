@@ -14,7 +14,9 @@ affordable at 100k while time per image and memory are measured on the real path
 Memory: MemTotal - MemAvailable of the whole machine, sampled every 0.25 s over
 the run, minus the idle figure measured before Ray starts: driver, Ray system
 processes, workers, decode tasks and object store together (other processes
-on the machine count too: run it on a quiet machine). Not a test: figures
+on the machine count too: run it on a quiet machine). Also the peak PSS of this
+process and its descendants (the embedded Ray session, object store included),
+which other jobs on a shared machine do not disturb. Not a test: figures
 depend on the machine.
 """
 
@@ -59,14 +61,50 @@ def _meminfo() -> int:
     return fields["MemTotal"] - fields["MemAvailable"]
 
 
+def _session_pss() -> int:
+    """PSS (bytes) of this process and all its descendants: the driver, the local
+    Ray cluster it started (GCS, raylet, workers, decode tasks) and the object
+    store's shared memory, shared pages counted once. Unlike MemAvailable it
+    does not see other jobs on the machine."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
 class MemSampler(threading.Thread):
+    """Peaks of the machine's used memory and of this session's PSS."""
+
     def __init__(self, every_s: float = 0.25) -> None:
         super().__init__(daemon=True)
-        self.every_s, self.peak, self.stop_flag = every_s, 0, threading.Event()
+        self.every_s, self.peak, self.peak_pss, self.stop_flag = every_s, 0, 0, threading.Event()
+        self.tick = 0
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
             self.peak = max(self.peak, _meminfo())
+            if self.tick % 4 == 0:  # walking /proc costs more: once a second
+                self.peak_pss = max(self.peak_pss, _session_pss())
+            self.tick += 1
             time.sleep(self.every_s)
 
     def stop(self) -> int:
@@ -148,6 +186,7 @@ def _one(args: argparse.Namespace, overrides: dict, data: str, t0: float) -> dic
     from dragons.train.run import train
 
     idle = min(_meminfo() for _ in range(3) if time.sleep(0.1) is None)
+    idle_pss = _session_pss()
     sampler = MemSampler()
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +207,7 @@ def _one(args: argparse.Namespace, overrides: dict, data: str, t0: float) -> dic
            "errors": round((1 - m["valid_accuracy"]) * min(n, cap or n)), "n_valid": n, "n_train": n_train,
            "images_per_pass": per_pass, "wall_s": round(wall, 1), "decode_check_s": meta["timing"]["decode_s"],
            "peak_mem_gb_above_idle": round((peak - idle) / 2**30, 2), "idle_gb": round(idle / 2**30, 2),
+           "peak_session_pss_gb_above_idle": round((sampler.peak_pss - idle_pss) / 2**30, 2),
            "epochs": epochs, "recipe": meta.get("recipe"), "image_size": meta["image_size"],
            "split": "holdout 20% of train/" if args.holdout else "valid/", "overrides": overrides}
     if "valid_accuracy_tta" in m:
