@@ -80,3 +80,14 @@ def test_progress_lines(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(lines) == 3 and all(line.startswith("epoch 1 unfrozen") for line in lines)
     assert "20/100 images" in lines[0] and "60/100 images" in lines[1] and "ETA" in lines[1]
     assert "100/100 images" in lines[2] and "images/s" in lines[2] and lines[2].endswith("done")
+
+
+def test_capped_passes_sample_every_class() -> None:
+    """``max_images`` (benchmarks) caps a pass with a seeded sample, not the first (one-class) rows."""
+    rows = {"uri": np.array([f"u{i}" for i in range(1000)], dtype=object), "label": np.repeat(np.arange(5), 200),
+            "idx": np.arange(1000)}
+    s = StreamShard(rows, 0, 2, base_size=32, max_pixels=10**8, seed=1, limit=50)
+    plain = s.positions(0, False)
+    assert len(s) == 50 and len(plain) == 50 and np.array_equal(plain, s.positions(3, False))  # the same rows each pass
+    assert set(rows["label"][plain].tolist()) == set(range(5)) and np.all(np.diff(plain) > 0)
+    assert len(s.positions(1, True)) == 50

@@ -32,7 +32,7 @@ from dragons.models.registry import Classifier, build_model
 from dragons.preprocess import blend_tta, eval_batch, get_preset, train_batch, tta_batches
 from dragons.train.config import TrainConfig
 from dragons.train.progress import Progress
-from dragons.train.stream import Shard, StreamShard, all_reduce, num_steps, shard_rows, world
+from dragons.train.stream import Shard, StreamShard, all_reduce, num_steps, world
 from dragons.train.schedule import discriminative_lrs, exp_lrs, is_finite, one_cycle, smooth, suggest_valley
 
 STATE_FILE = "state.pt"
@@ -521,7 +521,7 @@ def valid_rows(src: Source) -> np.ndarray:
     """Row ids of an unshuffled pass over ``src``, without decoding an image."""
     if isinstance(src, Shard):
         return src.idx.numpy().astype(np.int64)
-    positions = shard_rows(src.n_total, src.rank, src.world, src.seed, 0, False)[: len(src)]
+    positions = src.positions(0, False)
     return np.asarray(src.rows["idx"])[positions].astype(np.int64)
 
 

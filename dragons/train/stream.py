@@ -62,7 +62,7 @@ def shard_rows(n: int, rank: int, world_size: int, seed: int, epoch: int, shuffl
     Shuffled: a seeded permutation per epoch, identical on every rank, then
     rows ``rank::world``: disjoint, complete, reproducible.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = np.random.default_rng([seed, epoch + 1]).permutation(n) if shuffle else np.arange(n)
     return order[rank::world_size]
 
 
@@ -137,8 +137,17 @@ class StreamShard:
         return ds.map_batches(DecodeBatch(self.base_size, self.max_pixels, io_threads=4), batch_size=ROWS_PER_BLOCK // 2,
                               num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=self.decode_tasks))
 
+    def positions(self, epoch: int, shuffle: bool) -> np.ndarray:
+        """This rank's rows for one pass. Capped (``limit``), an unshuffled pass
+        takes a fixed seeded sample in row order: the first rows alone would be
+        one class (rows are sorted by class)."""
+        if self.limit and not shuffle:
+            sample = shard_rows(self.n_total, self.rank, self.world, self.seed, -1, True)[: len(self)]
+            return np.sort(sample)
+        return shard_rows(self.n_total, self.rank, self.world, self.seed, epoch, shuffle)[: len(self)]
+
     def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
-        positions = shard_rows(self.n_total, self.rank, self.world, self.seed, epoch, shuffle)[: len(self)]
+        positions = self.positions(epoch, shuffle)
         sizes = split_sizes(len(positions), num_steps(len(positions), batch_size))
         if len(positions) == 0:
             for _ in sizes:  # an empty rank still joins every collective step
