@@ -15,7 +15,6 @@ worker group (``max_failures``) or a ``--resume`` continues from the last one.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -25,7 +24,6 @@ from typing import Any, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dragons.models.registry import Classifier, build_model

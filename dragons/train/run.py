@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from typing import Any
