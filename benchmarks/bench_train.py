@@ -152,6 +152,26 @@ def main(args: argparse.Namespace) -> dict:
     overrides = _overrides(args.set)
     if args.max_images:
         overrides["max_images"] = args.max_images
+    if len(args.scale) > 1:
+        # One process per point: each must start from the same idle machine,
+        # with no Ray session (or imported torch) left over from the previous one.
+        import subprocess
+
+        figs = []
+        for n in args.scale:
+            argv = [a for a in sys.argv[1:]]
+            cmd = [sys.executable, __file__, *_without_scales(argv), "--scale", str(n)]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            print(proc.stdout, end="", flush=True)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not found:
+                raise SystemExit(f"error: the point --scale {n} failed (exit {proc.returncode})")
+            figs.append(json.loads(found[-1][len("RESULT "):]))
+        print("SUMMARY " + json.dumps([{k: f[k] for k in ("n_train", "wall_s", "peak_mem_gb_above_idle", "peak_session_pss_gb_above_idle")}
+                                       | {"images_per_s": [e.get("images_per_s") for e in f["epochs"] if "images_per_s" in e]}
+                                       for f in figs]), flush=True)
+        _save(args, {"runs": figs})
+        return {"runs": figs}
     if args.scale:
         figs = []
         for n in args.scale:
@@ -174,6 +194,22 @@ def main(args: argparse.Namespace) -> dict:
     print("TOTAL " + json.dumps(total), flush=True)
     _save(args, {"total": total, "runs": figs})
     return total
+
+
+def _without_scales(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--scale":
+            skip = True
+            continue
+        if a.startswith("--scale=") or a.startswith("--json"):
+            skip = a == "--json"
+            continue
+        out.append(a)
+    return out
 
 
 def _save(args: argparse.Namespace, obj: dict) -> None:
