@@ -148,8 +148,9 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
         print(f"resuming from {found[0]}" if found else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
 
     # MALLOC_ARENA_MAX: Ray Data's prefetch threads and torch allocate from
-    # different threads; glibc's per-thread arenas then keep freed batches
-    # mapped (hundreds of MB per worker).
+    # different threads, and glibc's per-thread arenas can keep freed batches
+    # mapped. (Most of a worker's ~1.4 GB is torch itself and the backward
+    # pass's activations, ~0.5 GB at 128 px and batch 16: docs/training.md.)
     env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker)))), "MALLOC_ARENA_MAX": "2"}
     if os.environ.get("DRAGONS_WORKER_PID_DIR"):  # the fault-tolerance test kills a worker by pid
         env_vars["DRAGONS_WORKER_PID_DIR"] = os.environ["DRAGONS_WORKER_PID_DIR"]
