@@ -91,3 +91,19 @@ def test_capped_passes_sample_every_class() -> None:
     assert len(s) == 50 and len(plain) == 50 and np.array_equal(plain, s.positions(3, False))  # the same rows each pass
     assert set(rows["label"][plain].tolist()) == set(range(5)) and np.all(np.diff(plain) > 0)
     assert len(s.positions(1, True)) == 50
+
+
+def test_empty_batch_trains_with_zero_gradients() -> None:
+    """A rank whose shard is one row short can get an empty batch; it must not poison the model."""
+    from dragons.train.config import TrainConfig
+    from dragons.train.loop import Worker
+    from dragons.train.schedule import one_cycle
+
+    w = Worker(TrainConfig(data="x", out="y", image_size=32, batch_size=1), ["a", "b"], None, torch.device("cpu"))
+    empty = Shard(torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    before = [p.detach().clone() for p in w.model.parameters()]
+    opt = torch.optim.SGD(w.model.parameters(), lr=0.1)
+    w.set_frozen(False)
+    w.train_images(empty, opt, one_cycle(opt, [0.1], 2), frozen=False, net=w.model)
+    assert all(torch.isfinite(p).all() for p in w.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, w.model.parameters()))

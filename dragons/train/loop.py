@@ -308,9 +308,15 @@ class Worker:
         total, count = 0.0, 0
         prog = self.progress(what, len(src)) if what else None
         for x, y, _ in src.batches(self.cfg.batch_size, shuffle=True, epoch=epoch):
-            x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
+            if len(y):
+                x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
+            else:
+                x = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, device=self.device).contiguous(memory_format=torch.channels_last)
             with self.autocast():
-                loss = self.loss_fn(net(x).float(), y.to(self.device))
+                out = net(x).float()
+                # A rank with one row fewer can get an empty batch (batch size 1):
+                # it must still join DDP's all-reduce, with zero gradients, not NaN.
+                loss = self.loss_fn(out, y.to(self.device)) if len(y) else out.sum() * 0.0
             opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -320,8 +326,9 @@ class Worker:
                 loss.backward()
                 opt.step()
             sched.step()
-            total += loss.item()
-            count += 1
+            if len(y):
+                total += loss.item()
+                count += 1
             if prog:
                 prog.update(len(y))
         if prog:
