@@ -52,6 +52,21 @@ def _lr(value: str) -> float:
     return v
 
 
+def _auto(name: str, sentinel: float) -> Any:
+    """A number, or the word 'auto' (the field's sentinel: the recipe decides)."""
+    cast = int if isinstance(sentinel, int) else float
+
+    def parse(value: str) -> Any:
+        if value == "auto":
+            return sentinel
+        try:
+            return cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} must be a number or 'auto', got {value!r}") from None
+
+    return parse
+
+
 def _add_dataclass_args(p: argparse.ArgumentParser, cls: Any, skip: set[str], help_from: dict[str, str]) -> None:
     """Flags from a config dataclass: one source of truth for names and defaults."""
     for f in dataclasses.fields(cls):
@@ -62,6 +77,8 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls: Any, skip: set[str], he
         h = help_from.get(f.name, "")
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
+        elif f.name in getattr(cls, "AUTO_FIELDS", {}):
+            p.add_argument(flag, type=_auto(f.name, cls.AUTO_FIELDS[f.name]), default=default, help=h, metavar=f.name.upper() + "|auto")
         elif f.name == "lr":
             p.add_argument(flag, type=_lr, default=default, help=h + " ('auto' runs the lr finder)")
         else:

@@ -6,7 +6,8 @@ import torch
 
 from dragons.preprocess import base_size_for, eval_batch
 from dragons.train.config import TrainConfig
-from dragons.train.loop import Shard, Worker
+from dragons.train.loop import Worker
+from dragons.train.stream import Shard
 
 
 def _worker(**kw: object) -> Worker:
@@ -23,34 +24,37 @@ def _shard(n: int = 6, side: int = 80) -> Shard:
 def test_base_size_follows_crop_pct() -> None:
     assert base_size_for(224, 0.875) == 256  # torchvision's resize 256 / crop 224
     assert base_size_for(224, 0.7) == 320
-    assert base_size_for(224) == base_size_for(224, TrainConfig.crop_pct)
+    assert base_size_for(224) == 320  # the photo default (recipe.HIGH_RES)
 
 
 def test_eval_view_is_the_centre_crop_and_augmented_views_differ() -> None:
     w = _worker()
     shard = _shard()
-    plain = w.features(shard)
-    assert plain.shape == (6, w.model.num_features)
+    plain, labels = w.features(shard)
+    assert plain.shape == (6, w.model.num_features) and plain.dtype == torch.float16  # stored compactly
+    assert torch.equal(labels, shard.y)
     # The plain features are those of the centre crop, the view evaluation and scoring use.
     with torch.inference_mode():
         expect = w.model.body(eval_batch(shard.x, 64, w.mean, w.std))
-    assert torch.allclose(plain, expect, atol=1e-4)
-    a1, a2 = w.features(shard, augment=True), w.features(shard, augment=True)
-    assert a1.shape == plain.shape
+    assert torch.allclose(plain.float(), expect, atol=2e-2, rtol=1e-2)
+    three, labels3 = w.features(shard, views=2)
+    assert three.shape == (18, w.model.num_features) and torch.equal(labels3, shard.y.repeat(3))
+    assert torch.allclose(three[:6].float(), plain.float())  # rows 0..n-1: the plain view
+    a1, a2 = three[6:12].float(), three[12:].float()
+    plain = plain.float()
     assert (a1 - plain).abs().max() > 1e-3 and (a1 - a2).abs().max() > 1e-3  # random views, new each pass
 
 
 def test_head_fits_on_plain_plus_augmented_views() -> None:
     w = _worker(head_views=2, batch_size=4)
     shard = _shard(8)
-    feats = torch.cat([w.features(shard)] + [w.features(shard, augment=True) for _ in range(2)])
-    labels = shard.y.repeat(3)
+    feats, labels = w.features(shard, views=2)
     before = w.model.head[-1].weight.detach().clone()
     loss, curve = w.fit_head(feats, labels, lr=1e-2, epochs=5)
     assert loss == loss and loss < 0.7  # finite, and below chance (ln 2) on its own training set
     assert not torch.equal(before, w.model.head[-1].weight)
     assert curve == []  # no valid features given: no curve
-    _, curve = w.fit_head(feats, labels, lr=1e-2, epochs=3, valid=(feats[:8], shard))
+    _, curve = w.fit_head(feats, labels, lr=1e-2, epochs=3, valid=(feats[:8], shard.y.numpy()))
     assert len(curve) == 3 and all(set(p) == {"train_loss", "valid_loss", "accuracy"} for p in curve)
 
 
@@ -62,6 +66,6 @@ def test_bn_stats_off_keeps_imagenet_running_statistics() -> None:
         bn = next(m for m in w.model.body.modules() if isinstance(m, torch.nn.BatchNorm2d))
         before = bn.running_mean.clone()
         opt = torch.optim.AdamW(w.model.parameters(), lr=1e-4)
-        w.train_images(_shard(8), opt, one_cycle(opt, [1e-4], 2), steps=2, frozen=False, net=w.model)
+        w.train_images(_shard(8), opt, one_cycle(opt, [1e-4], 2), frozen=False, net=w.model)
         assert torch.equal(bn.running_mean, before) is (not bn_stats)
         assert w.model.head[-1].weight.grad is not None  # the network itself still trained

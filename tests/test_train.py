@@ -21,7 +21,9 @@ def test_hymenoptera_from_s3_two_workers(hymenoptera_model: dict) -> None:
     meta = hymenoptera_model["meta"]
     assert meta["resources"]["workers"] == 2
     assert meta["data"]["n_train"] == 245 and meta["data"]["n_valid"] == 153
-    assert meta["metrics"]["valid_accuracy"] >= 0.90, meta["metrics"]
+    # The bar for the defaults: 5 or fewer wrong of 153 (training is reproducible for a seed).
+    assert meta["metrics"]["valid_accuracy"] >= 0.967, meta["metrics"]
+    assert meta["recipe"]["auto"]["epochs"] == 0 and meta["image_size"] == 224  # photos, few images: head only
     for key in ("arch", "classes", "image_size", "normalization", "metrics", "config", "dragons_version", "version"):
         assert key in meta
     assert meta["classes"] == ["ants", "bees"]
@@ -69,7 +71,9 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     for name in ("truncated.jpg", "zero_byte.jpg", "notes.txt", "palette.gif"):
         (root / "train" / "drogon" / name).write_bytes(cat[name][0])
     out = workdir / "three-model"
-    meta = train(TrainConfig(data=str(root), out=str(out), workers=2, image_size=96, epochs=1, head_epochs=30, batch_size=8))
+    log_file = workdir / "three.log"
+    meta = train(TrainConfig(data=str(root), out=str(out), workers=2, image_size=96, epochs=1, head_epochs=30, batch_size=8,
+                             log_file=str(log_file), progress_s=0.5))
     bad = {b["uri"].rsplit("/", 1)[-1]: b["error"] for b in meta["data"]["bad_images"]}
     assert set(bad) == {"truncated.jpg", "zero_byte.jpg"}
     assert bad["truncated.jpg"].startswith("truncated") and bad["zero_byte.jpg"].startswith("empty")
@@ -80,6 +84,13 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     art = artifact.load(str(out))
     assert len(art.classes) == 3 and art.model.head[-1].out_features == 3
     assert storage.exists(str(out / "report" / "index.html"))
+    # Progress of every long step, printed once (rank 0), in the run's log and beside the artifact.
+    text = log_file.read_text()
+    for step in ("decode check", "precompute train", "epoch 1 unfrozen"):
+        lines = [ln for ln in text.splitlines() if step in ln and "images/s" in ln]
+        assert lines and "elapsed" in lines[-1], (step, text[-2000:])
+        assert len({ln.split(")")[0] for ln in lines if "RayTrainWorker" in ln}) <= 1  # one process prints
+    assert "decode check" in (out / "train.log").read_text()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

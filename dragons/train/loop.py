@@ -15,51 +15,36 @@ worker group (``max_failures``) or a ``--resume`` continues from the last one.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dragons.models.registry import Classifier, build_model
 from dragons.preprocess import blend_tta, eval_batch, get_preset, train_batch, tta_batches
 from dragons.train.config import TrainConfig
+from dragons.train.progress import Progress
+from dragons.train.stream import Shard, StreamShard, all_reduce, num_steps, world
 from dragons.train.schedule import discriminative_lrs, exp_lrs, is_finite, one_cycle, smooth, suggest_valley
 
 STATE_FILE = "state.pt"
 PREDS_FILE = "valid_preds.npz"
-
-
-@dataclass
-class Shard:
-    """A worker's images in memory: uint8 NCHW base squares, labels and row ids."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    idx: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
+# Images per forward pass when nothing is learnt (features, validation).
+EVAL_BATCH = 32
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return world()
 
 
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if _world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
-    return t.tolist()
+    return all_reduce(values, op)
 
 
 def _gather(arr: np.ndarray) -> np.ndarray:
@@ -70,26 +55,32 @@ def _gather(arr: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _load_shard(it: Any, rank: int, world: int, take_every: bool) -> Shard:
-    """Pull a dataset shard into memory once: it is re-read every epoch.
+Source = Union[Shard, StreamShard]
 
-    ``take_every``: the iterator holds the full dataset (not split by Ray: see
-    ``run_trainer``); keep rows rank::world, in row-id order, so a seed gives
-    the same shards, and the same model, on every run.
-    """
-    xs, ys, ids = [], [], []
-    for batch in it.iter_batches(batch_size=64, batch_format="numpy"):
-        xs.append(batch["image"])
-        ys.append(batch["label"])
-        ids.append(batch["idx"])
-    if not xs:
-        return Shard(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-    x, y, i = np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
-    order = np.argsort(i, kind="stable")  # deterministic order whatever the block order
-    x, y, i = x[order], y[order], i[order]
-    if take_every:
-        x, y, i = x[rank::world], y[rank::world], i[rank::world]
-    return Shard(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(i.astype(np.int64)))
+
+@dataclass
+class Preds:
+    """One rank's predictions: row ids, labels and class probabilities."""
+
+    idx: np.ndarray
+    y: np.ndarray
+    probs: np.ndarray
+
+
+# Precomputed features above this many bytes (per worker) go to a memory-mapped
+# file on local disk instead of RAM: fp16, 2.5 KB per image and view for Lite0.
+SPILL_BYTES = 256 * 1024 * 1024
+
+
+def _feature_buffer(rows: int, dim: int, spill_dir: str | None) -> torch.Tensor:
+    if rows * dim * 2 <= SPILL_BYTES or spill_dir is None:
+        return torch.zeros(rows, dim, dtype=torch.float16)
+    os.makedirs(spill_dir, exist_ok=True)
+    fd, path = tempfile.mkstemp(suffix=".f16", dir=spill_dir)
+    os.close(fd)
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=(rows, dim))
+    os.unlink(path)  # the mapping keeps the file alive; nothing is left behind
+    return torch.from_numpy(mm)
 
 
 class Worker:
@@ -126,43 +117,45 @@ class Worker:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    # ----- batches -------------------------------------------------------------
-    def batches(self, shard: Shard, batch_size: int, shuffle: bool, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield exactly ``steps`` batches (the same count on every rank, or DDP hangs)."""
-        n = len(shard)
-        steps = steps if steps is not None else math.ceil(n / batch_size)
-        order = torch.randperm(n, generator=self.gen) if shuffle else torch.arange(n)
-        for s in range(steps):
-            sel = order[(torch.arange(batch_size) + s * batch_size) % max(n, 1)] if shuffle else order[s * batch_size : (s + 1) * batch_size]
-            yield shard.x[sel], shard.y[sel]
-
-    def steps_per_epoch(self, shard: Shard, batch_size: int) -> int:
-        n_min = int(_all_reduce([float(len(shard))], op="min")[0])
-        return max(1, n_min // batch_size)
+    def progress(self, what: str, total_local: int, unit: str = "images") -> Progress:
+        """Rank 0 prints for everyone: its count x world is the step's (equal shards)."""
+        total = int(_all_reduce([float(total_local)])[0])
+        return Progress(what, total, enabled=self.rank == 0, every_s=self.cfg.progress_s, scale=self.world, unit=unit)
 
     # ----- evaluation ------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, shard: Shard, tta: int = 0) -> np.ndarray:
+    def predict(self, src: Source, tta: int = 0, what: str = "") -> Preds:
+        """Class probabilities of every row of ``src`` (eval mode, centre crop)."""
         self.model.eval()
-        out = []
-        for x, _ in self.batches(shard, 16, shuffle=False):
+        out, ys, ids = [], [], []
+        prog = self.progress(what, len(src)) if what else None
+        for x, y, idx in src.batches(EVAL_BATCH):
             x = x.to(self.device)
             with self.autocast():
-                plain = self.model(eval_batch(x, self.cfg.image_size, self.mean, self.std)).float().softmax(1)
-                if tta:
+                plain = self.model(eval_batch(x, self.cfg.image_size, self.mean, self.std)).float().softmax(1) if len(x) else torch.zeros(0, len(self.classes))
+                if tta and len(x):
                     views = [self.model(v).float().softmax(1) for v in tta_batches(x, self.cfg.image_size, self.mean, self.std, tta)]
                     plain = blend_tta(plain, views)
             out.append(plain.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+            ys.append(y.numpy())
+            ids.append(idx.numpy())
+            if prog:
+                prog.update(len(y))
+        if prog:
+            prog.finish()
+        probs = np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+        return Preds(np.concatenate(ids).astype(np.int64), np.concatenate(ys).astype(np.int64), probs)
 
     @torch.inference_mode()
     def predict_features(self, feats: torch.Tensor) -> np.ndarray:
         self.model.head.eval()
-        return self.model.head(feats).float().softmax(1).cpu().numpy()
+        out = [self.model.head(feats[i : i + 4096].float().to(self.device)).float().softmax(1).cpu().numpy()
+               for i in range(0, len(feats), 4096)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
-    def validate(self, shard: Shard, probs: np.ndarray) -> tuple[float, float]:
+    def validate(self, y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
         """(valid_loss, accuracy) over all ranks."""
-        y = shard.y.numpy()
+        y = np.asarray(y)
         p = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0) if len(y) else np.zeros(0)
         correct = float((probs.argmax(1) == y).sum()) if len(y) else 0.0
         loss_sum, correct, n = _all_reduce([float(-np.log(p).sum()), correct, float(len(y))])
@@ -170,17 +163,34 @@ class Worker:
 
     # ----- precompute ------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, shard: Shard, augment: bool = False) -> torch.Tensor:
-        """Body features of every image: the eval view, or one random augmented view."""
+    def features(self, src: Source, views: int = 0, what: str = "", spill_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Body features of every image in one streaming pass: the eval view and
+        ``views`` random augmented views of each (rows ``k * n + i`` hold view k of
+        image i). Stored as fp16 (half the memory; the head trains in fp32), in a
+        memory-mapped file beyond ``SPILL_BYTES``. Returns (features, labels)."""
         self.model.eval()
-        feats = []
-        for x, _ in self.batches(shard, 16, shuffle=False):
+        n = len(src)
+        feats = _feature_buffer(n * (views + 1), self.model.num_features, spill_dir)
+        labels = torch.zeros(n * (views + 1), dtype=torch.long)
+        prog = self.progress(what, n) if what else None
+        done = 0
+        for x, y, _ in src.batches(EVAL_BATCH):
             x = x.to(self.device)
-            view = (train_batch(x, self.cfg.image_size, self.mean, self.std, self.preset, self.gen) if augment
-                    else eval_batch(x, self.cfg.image_size, self.mean, self.std))
-            with self.autocast():
-                feats.append(self.model.body(view).float())
-        return torch.cat(feats) if feats else torch.zeros(0, self.model.num_features, device=self.device)
+            b = len(y)
+            for k in range(views + 1):
+                if b == 0:
+                    break
+                view = (eval_batch(x, self.cfg.image_size, self.mean, self.std) if k == 0
+                        else train_batch(x, self.cfg.image_size, self.mean, self.std, self.preset, self.gen))
+                with self.autocast():
+                    feats[k * n + done : k * n + done + b] = self.model.body(view).float().cpu().half()
+                labels[k * n + done : k * n + done + b] = y
+            done += b
+            if prog:
+                prog.update(b)
+        if prog:
+            prog.finish()
+        return feats, labels
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if self.world == 1:
@@ -188,18 +198,22 @@ class Worker:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
+    def _head_steps(self, n: int) -> int:
+        n_min = int(_all_reduce([float(n)], op="min")[0])
+        return max(1, n_min // self.cfg.batch_size)
+
     def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int,
-                 valid: tuple[torch.Tensor, Shard] | None = None) -> tuple[float, list[dict[str, float]]]:
+                 valid: tuple[torch.Tensor, np.ndarray] | None = None) -> tuple[float, list[dict[str, float]]]:
         """Fit the head on cached features with one cycle.
 
         Returns the last pass's mean train loss and, with ``valid`` (cached valid
-        features and their shard), each pass's train loss, valid loss and
+        features and their labels), each pass's train loss, valid loss and
         accuracy: the head's training curve costs one matrix product per pass.
         """
         head = self._wrap(self.model.head)
         opt = torch.optim.AdamW(self.model.head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
         bs = self.cfg.batch_size
-        steps = self.steps_per_epoch(Shard(feats, labels, labels), bs)
+        steps = self._head_steps(len(labels))
         sched = one_cycle(opt, [lr], steps * epochs, pct_start=0.25)
         self.model.head.train()
         losses = []
@@ -208,7 +222,7 @@ class Worker:
             order = torch.randperm(len(labels), generator=self.gen)
             for s in range(steps):
                 sel = order[(torch.arange(bs) + s * bs) % len(labels)]
-                loss = self.loss_fn(head(feats[sel]), labels[sel].to(self.device))
+                loss = self.loss_fn(head(feats[sel].float().to(self.device)), labels[sel].to(self.device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -234,7 +248,7 @@ class Worker:
             for g in opt.param_groups:
                 g["lr"] = lr
             sel = torch.randint(0, len(labels), (bs,), generator=self.gen)
-            loss = self.loss_fn(head(feats[sel]), labels[sel].to(self.device))
+            loss = self.loss_fn(head(feats[sel].float().to(self.device)), labels[sel].to(self.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -255,19 +269,54 @@ class Worker:
         for p in self.model.body.parameters():
             p.requires_grad_(not frozen)
 
-    def train_images(self, shard: Shard, opt: torch.optim.Optimizer, sched: Any, steps: int, frozen: bool, net: nn.Module) -> float:
+    def train_mode(self, frozen: bool) -> None:
+        """Train mode for the head and dropout; BatchNorm layers stay in eval mode
+        unless ``bn_stats``.
+
+        Why frozen BN by default: the head was fitted on features computed with
+        BN's running (ImageNet) statistics. In train mode BN normalises by each
+        per-worker batch's own statistics instead (16 images, 4x4 maps in the
+        last stages): the features shift under the head and the first unfrozen
+        epoch starts far off (train loss 0.07 -> 1.43 on 300 flowers, chance
+        1.61). And with EfficientNet's BN momentum of 0.01 the running statistics
+        lag the changing weights, so eval-mode validation degrades too.
+        """
         self.model.train()
-        if frozen:
-            self.model.body.eval()  # frozen BN keeps its ImageNet statistics, as in precompute
-        elif not self.cfg.bn_stats:
+        if frozen or not self.cfg.bn_stats:
             for m in self.model.body.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+
+    def unfrozen_optimizer(self, lr: float, total_steps: int, start_step: int = 0) -> tuple[torch.optim.Optimizer, Any, list[float]]:
+        """fastai ``fine_tune`` after the freeze: half the base rate, spread over
+        the layer groups (early body lr/2/lr_mult ... head lr/2), one cycle with a
+        short warm-up from max/5. Returns (optimizer, scheduler, max rates)."""
+        max_lrs = discriminative_lrs(lr / 2, self.cfg.lr_mult, 3)
+        params = [{"params": g, "lr": r} for g, r in zip(self.model.layer_groups(), max_lrs)]
+        opt = torch.optim.AdamW(params, weight_decay=self.cfg.weight_decay)
+        sched = one_cycle(opt, max_lrs, total_steps, pct_start=0.3, div=5.0, start_step=start_step)
+        return opt, sched, max_lrs
+
+    def steps_per_epoch(self, src: Source) -> int:
+        """Optimiser steps of one image epoch: every image once, the same count on every rank."""
+        return num_steps(len(src), self.cfg.batch_size)
+
+    def train_images(self, src: Source, opt: torch.optim.Optimizer, sched: Any, frozen: bool, net: nn.Module,
+                     epoch: int = 0, what: str = "") -> float:
+        """One epoch over every image of the shard (a new seeded order each epoch)."""
+        self.train_mode(frozen)
         total, count = 0.0, 0
-        for x, y in self.batches(shard, self.cfg.batch_size, shuffle=True, steps=steps):
-            x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
+        prog = self.progress(what, len(src)) if what else None
+        for x, y, _ in src.batches(self.cfg.batch_size, shuffle=True, epoch=epoch):
+            if len(y):
+                x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
+            else:
+                x = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, device=self.device).contiguous(memory_format=torch.channels_last)
             with self.autocast():
-                loss = self.loss_fn(net(x).float(), y.to(self.device))
+                out = net(x).float()
+                # A rank with one row fewer can get an empty batch (batch size 1):
+                # it must still join DDP's all-reduce, with zero gradients, not NaN.
+                loss = self.loss_fn(out, y.to(self.device)) if len(y) else out.sum() * 0.0
             opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -277,8 +326,13 @@ class Worker:
                 loss.backward()
                 opt.step()
             sched.step()
-            total += loss.item()
-            count += 1
+            if len(y):
+                total += loss.item()
+                count += 1
+            if prog:
+                prog.update(len(y))
+        if prog:
+            prog.finish()
         return total / max(count, 1)
 
 
@@ -338,21 +392,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import logging
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our table is the progress display
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-execution banners would drown the progress lines
     cfg = TrainConfig.from_dict(config["cfg"])
     classes: list[str] = config["classes"]
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     worker = Worker(cfg, classes, config.get("class_weights"), device)
-    rank, world = worker.rank, worker.world
+    rank, world_size = worker.rank, worker.world
     pid_dir = os.environ.get("DRAGONS_WORKER_PID_DIR")
     if pid_dir:  # lets the fault-tolerance test find and kill a worker process
         os.makedirs(pid_dir, exist_ok=True)
         with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
             f.write(str(os.getpid()))
 
-    train = _load_shard(ray.train.get_dataset_shard("train"), rank, world, take_every=True)
-    valid = _load_shard(ray.train.get_dataset_shard("valid"), rank, world, take_every=True)
+    import ray
+
+    rows = config["rows"]
+    rows = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in rows.items()}
+    decode_tasks = int(config.get("decode_tasks", 2))
+    cap = -(-cfg.max_images // world_size) if cfg.max_images else 0
+    train = StreamShard(rows["train"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks, cap)
+    valid = StreamShard(rows["valid"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks, cap)
+    spill_dir = os.path.join(tempfile.gettempdir(), "dragons-features")
 
     history: list[dict[str, Any]] = []
     lr_info: dict[str, Any] | None = None
@@ -380,18 +442,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     plan: list[str] = (["head"] if cfg.precompute else ["frozen"] * cfg.freeze_epochs) + ["unfrozen"] * cfg.epochs
     need_features = (cfg.precompute and done == 0) or cfg.lr_find_only or (lr == 0 and done == 0)
-    valid_feats = None
+    valid_feats = valid_y = None
     if need_features:
-        t0 = time.perf_counter()
         # Augmented views give the head the variety fine-tuning would see, at the
         # price of a forward pass each (no backward): cheap augmentation.
         views = cfg.head_views if cfg.precompute and not cfg.lr_find_only else 0
-        feats = torch.cat([worker.features(train)] + [worker.features(train, augment=True) for _ in range(views)])
-        head_labels = train.y.repeat(views + 1)
-        valid_feats = worker.features(valid) if cfg.precompute and not cfg.lr_find_only else None
-        if rank == 0:
-            shown = f" x {views + 1} views" if views else ""
-            print(f"precomputed body features for {len(train)} images{shown} per worker in {time.perf_counter() - t0:.1f}s", flush=True)
+        shown = f" (+{views} augmented views each)" if views else ""
+        feats, head_labels = worker.features(train, views, what=f"precompute train{shown}", spill_dir=spill_dir)
+        if cfg.precompute and not cfg.lr_find_only:
+            valid_feats, valid_y = worker.features(valid, 0, what="precompute valid", spill_dir=spill_dir)
+            valid_y = valid_y.numpy()
         if lr == 0 or cfg.lr_find_only:
             lr_info = worker.lr_find(feats, head_labels)
             lr = float(lr_info["suggestion"])
@@ -401,62 +461,73 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _save_checkpoint(worker, {"epochs_done": 0, "history": [], "lr": lr, "lr_find": lr_info}, {"lr": lr}, None)
                 return
 
-    valid_probs = None
     for epoch in range(done, len(plan)):
         phase = plan[epoch]
         t0 = time.perf_counter()
         curve: list[dict[str, float]] = []
+        is_last = epoch == len(plan) - 1
         if phase == "head":
             # feats exists: need_features is true whenever the head phase is not yet done.
             train_loss, curve = worker.fit_head(feats, head_labels, lr * cfg.head_lr_scale, max(1, cfg.head_epochs),
-                                                valid=(valid_feats, valid) if valid_feats is not None else None)
+                                                valid=(valid_feats, valid_y) if valid_feats is not None else None)
             epoch_lr = lr * cfg.head_lr_scale
+            if not is_last:
+                del feats, head_labels  # the features are not needed again: free them before fine-tuning
         else:
             frozen = phase == "frozen"
             worker.set_frozen(frozen)
             net = worker._wrap(worker.model)
             phase_epochs = plan.count(phase)
             phase_start = plan.index(phase)
-            steps = worker.steps_per_epoch(train, cfg.batch_size)
+            steps = worker.steps_per_epoch(train)
             if frozen:
                 params = [{"params": list(worker.model.head.parameters()), "lr": lr}]
-                max_lrs, pct, div = [lr], 0.99, 25.0
+                opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+                sched = one_cycle(opt, [lr], steps * phase_epochs, pct_start=0.99, div=25.0, start_step=(epoch - phase_start) * steps)
+                max_lrs = [lr]
             else:
-                # fastai fine_tune: half the base rate once unfrozen, spread over the groups.
-                max_lrs = discriminative_lrs(lr / 2, cfg.lr_mult, 3)
-                params = [{"params": g, "lr": r} for g, r in zip(worker.model.layer_groups(), max_lrs)]
-                pct, div = 0.3, 5.0
-            opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-            sched = one_cycle(opt, max_lrs, steps * phase_epochs, pct_start=pct, div=div, start_step=(epoch - phase_start) * steps)
-            train_loss = worker.train_images(train, opt, sched, steps, frozen, net)
+                opt, sched, max_lrs = worker.unfrozen_optimizer(lr, steps * phase_epochs, (epoch - phase_start) * steps)
+            train_loss = worker.train_images(train, opt, sched, frozen, net, epoch=epoch, what=f"epoch {epoch} {phase}")
             epoch_lr = max_lrs[-1]
-        is_last = epoch == len(plan) - 1
         if phase == "head" and valid_feats is not None and not (is_last and cfg.tta):
-            probs = worker.predict_features(valid_feats)  # the body is frozen: its features are cached
+            # The body is frozen: the valid features are cached.
+            preds = Preds(valid_rows(valid), valid_y, worker.predict_features(valid_feats))  # type: ignore[arg-type]
         else:
-            probs = worker.predict(valid)
-        valid_loss, acc = worker.validate(valid, probs)
-        history.append({"epoch": epoch, "phase": phase, "train_loss": _mean_all(train_loss, world), "valid_loss": valid_loss,
+            preds = worker.predict(valid, what=f"epoch {epoch} validate")
+        valid_loss, acc = worker.validate(preds.y, preds.probs)
+        history.append({"epoch": epoch, "phase": phase, "train_loss": _mean_all(train_loss, world_size), "valid_loss": valid_loss,
                         "accuracy": acc, "time": time.perf_counter() - t0, "lr": epoch_lr})
         if curve:
             history[-1]["head_curve"] = curve  # one point per pass over the cached features, for the report
         metrics: dict[str, Any] = {"epoch": epoch, "valid_loss": valid_loss, "accuracy": acc, "train_loss": history[-1]["train_loss"]}
+        # Only (row id, probabilities) travel to rank 0, for the report.
+        valid_probs: Any = (_gather(preds.idx), _gather(preds.probs))
         if is_last and cfg.tta:
-            tprobs = worker.predict(valid, tta=cfg.tta)
-            tloss, tacc = worker.validate(valid, tprobs)
+            tpreds = worker.predict(valid, tta=cfg.tta, what=f"TTA x{cfg.tta}")
+            tloss, tacc = worker.validate(tpreds.y, tpreds.probs)
             metrics.update({"valid_loss_tta": tloss, "accuracy_tta": tacc})
-            tta_all = _gather(tprobs)
-        valid_probs = (_gather(valid.idx.numpy()), _gather(probs))
+            order = _gather(tpreds.idx)
+            tprobs = _gather(tpreds.probs)
+            # The same rows in the same order as the plain pass (streams are reproducible, but say so).
+            pos = {int(i): k for k, i in enumerate(order)}
+            valid_probs = (valid_probs[0], valid_probs[1], tprobs[[pos[int(i)] for i in valid_probs[0]]])
         _row(history, rank)
         if is_last and cfg.tta and rank == 0:
             print(f"TTA x{cfg.tta}: valid_loss {metrics['valid_loss_tta']:.4f} accuracy {metrics['accuracy_tta']:.4f}", flush=True)
         state = {"epochs_done": epoch + 1, "history": history, "lr": lr, "lr_find": lr_info, "resumes": resumes}
         if is_last and cfg.tta:
             state["tta"] = {"accuracy": metrics["accuracy_tta"], "valid_loss": metrics["valid_loss_tta"]}
-            valid_probs = (valid_probs[0], valid_probs[1], tta_all)  # type: ignore[assignment]
         _save_checkpoint(worker, state, metrics, _pack_preds(valid_probs))
     if not plan and rank == 0:
         print("nothing to train: every epoch count is 0", flush=True)
+
+
+def valid_rows(src: Source) -> np.ndarray:
+    """Row ids of an unshuffled pass over ``src``, without decoding an image."""
+    if isinstance(src, Shard):
+        return src.idx.numpy().astype(np.int64)
+    positions = src.positions(0, False)
+    return np.asarray(src.rows["idx"])[positions].astype(np.int64)
 
 
 def _pack_preds(vp: Any) -> tuple[np.ndarray, np.ndarray] | None:

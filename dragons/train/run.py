@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
-import tempfile
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -15,13 +14,15 @@ import numpy as np
 import torch
 
 from dragons import artifact, storage
-from dragons.data import DecodeBatch, ImageFolder, discover
+from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
 from dragons.raycluster import cluster, ensure_ray, size_workers
 from dragons.table import check_classes
 from dragons.train.config import TrainConfig
+from dragons.train.progress import tee_stdout
+from dragons.train.recipe import describe, resolve
 from dragons.train.loop import PREDS_FILE, STATE_FILE, latest_checkpoint, train_loop_per_worker
 
 log = logging.getLogger("dragons")
@@ -38,29 +39,53 @@ def _storage_uri(cfg: TrainConfig) -> str:
     return cfg.storage or storage.join(cfg.out or os.path.expanduser("~/dragons_results"), "_runs")
 
 
-def decode_folder(folder: ImageFolder, base_size: int, max_pixels: int) -> tuple[Any, Any, list[tuple[str, str]]]:
-    """Decode every image once in Ray Data tasks; returns (train_ds, valid_ds, bad).
+def scan_folder(folder: ImageFolder, max_pixels: int, progress_s: float) -> tuple[dict[str, np.ndarray], list[tuple[str, str]], int]:
+    """Read and decode every image once in Ray Data tasks, keeping no pixels.
 
-    Bad images are reported by name and dropped: they never stop training.
+    Returns the good rows of each split ({"train": positions, "valid": ...}, as
+    positions in ``folder.train`` / ``folder.valid``), the bad images (reported by
+    name and dropped: they never stop training) and the median shorter side.
+    Memory: only a few numbers per image come back to the driver.
     """
     import ray.data
 
-    rows = [{"uri": s.uri, "label": s.label, "idx": i, "split": "train"} for i, s in enumerate(folder.train)]
-    rows += [{"uri": s.uri, "label": s.label, "idx": i, "split": "valid"} for i, s in enumerate(folder.valid)]
+    from dragons.data import ScanBatch
+    from dragons.train.progress import Progress
+
+    rows = [{"uri": s.uri, "pos": i, "split": "train"} for i, s in enumerate(folder.train)]
+    rows += [{"uri": s.uri, "pos": i, "split": "valid"} for i, s in enumerate(folder.valid)]
     res = cluster()
     # Enough blocks to keep every CPU decoding, few enough to keep task overhead low.
-    blocks = max(2, min(len(rows) // 8, int(res.cpus) * 4))
+    blocks = max(2, min(len(rows) // 32, max(int(res.cpus) * 4, len(rows) // 512)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     # A callable instance runs as plain tasks; few of them (each overlaps its reads
     # on threads), since every extra worker process costs seconds of imports.
-    ds = ds.map_batches(DecodeBatch(base_size, max_pixels), batch_size=16, num_cpus=0.25,
-                        compute=ray.data.TaskPoolStrategy(size=max(2, int(res.cpus)))).materialize()
-    # Select first: finding the bad rows must not drag 196 KB images through a filter.
-    bad_rows = ds.select_columns(["uri", "error"]).filter(expr="error != ''").take_all()
-    bad = [(str(r["uri"]), str(r["error"])) for r in bad_rows]
-    train_ds = ds.filter(expr="split == 'train' and error == ''").drop_columns(["split", "error", "uri"]).materialize()
-    valid_ds = ds.filter(expr="split == 'valid' and error == ''").drop_columns(["split", "error", "uri"]).materialize()
-    return train_ds, valid_ds, bad
+    ds = ds.map_batches(ScanBatch(max_pixels), batch_size=32, num_cpus=0.25,
+                        compute=ray.data.TaskPoolStrategy(size=max(2, int(res.cpus))))
+    good: dict[str, list[int]] = {"train": [], "valid": []}
+    bad: list[tuple[str, str]] = []
+    sides: list[int] = []
+    prog = Progress("decode check", len(rows), every_s=progress_s)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for split, pos, side, err in zip(batch["split"], batch["pos"], batch["short_side"], batch["error"]):
+            if err:
+                samples = folder.train if split == "train" else folder.valid
+                bad.append((samples[int(pos)].uri, str(err)))
+            else:
+                good[str(split)].append(int(pos))
+                if split == "train":
+                    sides.append(int(side))
+        prog.update(len(batch["pos"]))
+    prog.finish()
+    short_side = int(np.median(sides)) if sides else 0
+    return {k: np.array(sorted(v), dtype=np.int64) for k, v in good.items()}, sorted(bad), short_side
+
+
+def _rows(samples: list[Any], positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The workers' row table: uri, label and row id (= position in the split)."""
+    return {"uri": np.array([samples[int(p)].uri for p in positions], dtype=object),
+            "label": np.array([samples[int(p)].label for p in positions], dtype=np.int64),
+            "idx": positions.astype(np.int64)}
 
 
 def _latest_checkpoint_state(result: Any) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
@@ -76,23 +101,29 @@ def _latest_checkpoint_state(result: Any) -> tuple[dict[str, Any], np.ndarray | 
     return state, idx, probs
 
 
-def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any]]:
-    """Decode, size the workers, run TorchTrainer; returns the last checkpoint's state."""
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any], TrainConfig]:
+    """Check the images, decide the recipe, run TorchTrainer; returns the last
+    checkpoint's state and the resolved configuration."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     facts: dict[str, Any] = {}
     t0 = time.perf_counter()
-    train_ds, valid_ds, bad = decode_folder(folder, base_size_for(cfg.image_size, cfg.crop_pct), cfg.max_pixels)
+    good, bad, short_side = scan_folder(folder, cfg.max_pixels, cfg.progress_s)
     facts["decode_s"] = round(time.perf_counter() - t0, 2)
     facts["bad_images"] = [{"uri": u, "error": e} for u, e in bad]
     for uri, err in bad:
         print(f"skipped unreadable image {uri}: {err}", flush=True)
-    n_train, n_valid = train_ds.count(), valid_ds.count()
-    facts.update({"n_train": n_train, "n_valid": n_valid})
+    n_train, n_valid = len(good["train"]), len(good["valid"])
+    facts.update({"n_train": n_train, "n_valid": n_valid, "median_short_side": short_side})
     if n_train == 0 or n_valid == 0:
         raise DragonsError(f"{folder.root}: no decodable images left in the {'train' if n_train == 0 else 'valid'} split")
+    cfg, chosen = resolve(cfg, n_train, short_side)
+    facts["auto"] = chosen
+    if chosen:
+        print(describe(chosen, n_train, short_side), flush=True)
+    base_size = base_size_for(cfg.image_size, cfg.crop_pct)
 
     workers, cpu_per_worker, use_gpu = size_workers(cfg.workers, cluster())
     facts.update({"workers": workers, "cpu_per_worker": cpu_per_worker, "use_gpu": use_gpu})
@@ -117,13 +148,21 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
         found = latest_checkpoint(run_dir)
         print(f"resuming from {found[0]}" if found else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
 
-    env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker))))}
+    # MALLOC_ARENA_MAX: Ray Data's prefetch threads and torch allocate from
+    # different threads, and glibc's per-thread arenas can keep freed batches
+    # mapped. (Most of a worker's ~1.4 GB is torch itself and the backward
+    # pass's activations, ~0.5 GB at 128 px and batch 16: docs/training.md.)
+    env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker)))), "MALLOC_ARENA_MAX": "2"}
     if os.environ.get("DRAGONS_WORKER_PID_DIR"):  # the fault-tolerance test kills a worker by pid
         env_vars["DRAGONS_WORKER_PID_DIR"] = os.environ["DRAGONS_WORKER_PID_DIR"]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights,
-                           "run_dir": run_dir},
+                           "run_dir": run_dir, "base_size": base_size,
+                           # Row tables go through the object store once, not pickled per worker.
+                           "rows": {"train": ray.put(_rows(folder.train, good["train"])),
+                                    "valid": ray.put(_rows(folder.valid, good["valid"]))},
+                           "decode_tasks": 2},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
@@ -134,13 +173,8 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env_vars},
         ),
-        datasets={"train": train_ds, "valid": valid_ds},
-        # Neither is split by Ray: every worker reads both whole and keeps rows
-        # rank::world by row id. Ray's streaming split hands blocks to whichever
-        # worker asks first (the same seed gave 5 or 6 val errors from run to run)
-        # and its equal split can drop rows. Each worker holds its shard in memory
-        # anyway, so reading the decoded set twice on 2 workers is cheap.
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # No Ray Train datasets: each worker streams its own rows through Ray Data
+        # (dragons.train.stream explains why not Ray's streaming split).
     )
     t1 = time.perf_counter()
     try:
@@ -149,12 +183,37 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
         raise DragonsError(f"training failed: {storage.redact(str(exc))[:2000]}") from None
     facts["train_s"] = round(time.perf_counter() - t1, 2)
     state, idx, probs = _latest_checkpoint_state(result)
-    return state, idx, probs, facts
+    return state, idx, probs, facts, cfg
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train and write the artifact at ``cfg.out``; returns its model.json contents."""
+    """Train and write the artifact at ``cfg.out``; returns its model.json contents.
+
+    Everything printed meanwhile (the workers' progress lines included: Ray
+    prints them through the driver's stdout) also goes to the run's log,
+    ``cfg.log_file`` or ``logs/train-<run name>.log``, copied to ``<out>/train.log``.
+    """
     cfg.validate()
+    path = cfg.log_file or os.path.join("logs", f"train-{_run_name(cfg)}.log")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log_fh:
+        previous = tee_stdout(log_fh)
+        try:
+            print(f"run log {os.path.abspath(path)}", flush=True)
+            saved = _train(cfg)
+        finally:
+            sys.stdout.flush()
+            sys.stdout = previous
+    if not cfg.lr_find_only and cfg.out:
+        try:  # the log beside the artifact: for S3 outputs the only copy that travels with the model
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(cfg.out, "train.log"), f.read())
+        except Exception as exc:  # the model is saved; a log that cannot be copied must not fail the run
+            log.warning("could not copy the run log to %s: %s", cfg.out, storage.redact(str(exc))[:200])
+    return saved
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     spec = get_spec(cfg.arch)
     if cfg.weights == "imagenet" and not spec.offline:
@@ -166,7 +225,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             storage.check_writable(uri, flag)  # a missing or read-only output fails before any image is read
     print(folder.summary(), flush=True)
     ensure_ray(cfg.no_progress_timeout_s)
-    state, idx, probs, facts = run_trainer(cfg, folder)
+    state, idx, probs, facts, cfg = run_trainer(cfg, folder)
 
     if cfg.lr_find_only:
         return {"lr_find": state.get("lr_find"), "facts": facts}
@@ -194,6 +253,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "data": {"root": folder.root, "split": folder.split, "n_train": facts["n_train"], "n_valid": facts["n_valid"],
                  "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"]},
         "timing": {"wall_s": round(wall, 2), "decode_s": facts["decode_s"], "train_s": facts["train_s"]},
+        "recipe": {"auto": facts["auto"], "median_short_side": facts["median_short_side"]},
         "resources": {k: facts[k] for k in ("workers", "cpu_per_worker", "use_gpu")},
     }
     saved = artifact.save(cfg.out, model, meta)

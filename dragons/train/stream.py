@@ -1,0 +1,171 @@
+"""Where a worker's images come from, batch by batch.
+
+Two sources with one interface (``batches``):
+
+* :class:`StreamShard` (training runs): the worker's own rows of the data set,
+  read and decoded in Ray Data CPU tasks (``map_batches(DecodeBatch)``), to the
+  base square the recipe needs and no larger, and consumed as they arrive with
+  ``iter_batches(prefetch_batches=...)``. Memory is bounded by the blocks in
+  flight, not by the number of images.
+* :class:`Shard` (unit tests, tiny sets): images already in memory.
+
+Sharding is ours, not Ray's streaming split: every epoch the driver's row list
+is permuted with a seeded generator (the same on every rank) and rank ``r``
+takes rows ``r::world`` of it. The shards are disjoint and complete (each
+image once per epoch across workers), and since Ray Data is told to preserve
+order, a seed gives the same batches, and the same model, on every run. Ray's
+``streaming_split`` hands blocks to whichever worker asks first: the same seed
+then gave 5 or 6 validation errors from run to run, and its ``equal`` mode drops
+rows.
+
+Every rank must run the same number of steps (DDP's all-reduce is collective),
+so a shard of n rows is cut into exactly ``steps = ceil(max_n / batch_size)``
+batches whose sizes differ by at most one (:func:`split_sizes`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dragons.errors import DragonsError
+
+# Images per Ray Data block: small blocks keep the memory in flight low (64 base
+# squares of 320 px are 20 MB) and let decoding overlap the first steps.
+ROWS_PER_BLOCK = 64
+# Ray Data batches the consumer keeps decoded ahead of the model.
+PREFETCH_BATCHES = 2
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if world()[1] > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op])
+    return t.tolist()
+
+
+def shard_rows(n: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Positions (into the driver's row list) of one rank's rows for one epoch.
+
+    Shuffled: a seeded permutation per epoch, identical on every rank, then
+    rows ``rank::world``: disjoint, complete, reproducible.
+    """
+    order = np.random.default_rng([seed, epoch + 1]).permutation(n) if shuffle else np.arange(n)
+    return order[rank::world_size]
+
+
+def num_steps(n_local: int, batch_size: int) -> int:
+    """Batches per epoch, the same on every rank: enough for the largest shard."""
+    n_max = int(all_reduce([float(n_local)], op="max")[0])
+    return max(1, math.ceil(n_max / batch_size))
+
+
+def split_sizes(n: int, steps: int) -> list[int]:
+    """``n`` rows in exactly ``steps`` batches, sizes differing by at most one."""
+    base, extra = divmod(n, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 NCHW base squares, labels, row ids
+
+
+@dataclass
+class Shard:
+    """Images already in memory: uint8 NCHW base squares, labels and row ids."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
+        order = torch.from_numpy(shard_rows(len(self), 0, 1, self.seed, epoch, shuffle))
+        start = 0
+        for size in split_sizes(len(self), num_steps(len(self), batch_size)):
+            sel = order[start : start + size]
+            start += size
+            yield self.x[sel], self.y[sel], self.idx[sel]
+
+
+class StreamShard:
+    """One rank's rows, decoded by Ray Data tasks while the model works.
+
+    ``rows``: the driver's table (columns uri, label, idx) as a dict of numpy
+    arrays; only this rank's rows of it are read each epoch.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], rank: int, world_size: int, base_size: int, max_pixels: int,
+                 seed: int, decode_tasks: int = 2, limit: int = 0) -> None:
+        self.rows, self.rank, self.world = rows, rank, world_size
+        self.limit = limit  # rows per pass and rank (0 = all): the benchmark's cap
+        self.base_size, self.max_pixels, self.seed, self.decode_tasks = base_size, max_pixels, seed, decode_tasks
+        self.n_total = len(rows["idx"])
+
+    def __len__(self) -> int:
+        """Rows of this rank (the same for every epoch: only which ones changes)."""
+        n = len(range(self.rank, self.n_total, self.world))
+        return min(n, self.limit) if self.limit else n
+
+    def dataset(self, positions: np.ndarray) -> Any:
+        import ray.data
+
+        from dragons.decode import DecodeBatch
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # batches in our order: reproducible training
+        # A worker runs several executions per epoch: Ray Data's per-execution
+        # banners would drown our progress lines (dragons.train.progress).
+        ctx.enable_progress_bars = False
+        items = [{"uri": str(self.rows["uri"][p]), "label": int(self.rows["label"][p]), "idx": int(self.rows["idx"][p])}
+                 for p in positions]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_BLOCK)))
+        return ds.map_batches(DecodeBatch(self.base_size, self.max_pixels, io_threads=4), batch_size=ROWS_PER_BLOCK // 2,
+                              num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=self.decode_tasks))
+
+    def positions(self, epoch: int, shuffle: bool) -> np.ndarray:
+        """This rank's rows for one pass. Capped (``limit``), an unshuffled pass
+        takes a fixed seeded sample in row order: the first rows alone would be
+        one class (rows are sorted by class)."""
+        if self.limit and not shuffle:
+            sample = shard_rows(self.n_total, self.rank, self.world, self.seed, -1, True)[: len(self)]
+            return np.sort(sample)
+        return shard_rows(self.n_total, self.rank, self.world, self.seed, epoch, shuffle)[: len(self)]
+
+    def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
+        positions = self.positions(epoch, shuffle)
+        sizes = split_sizes(len(positions), num_steps(len(positions), batch_size))
+        if len(positions) == 0:
+            for _ in sizes:  # an empty rank still joins every collective step
+                yield torch.zeros(0, 3, self.base_size, self.base_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+            return
+        pending: list[dict[str, np.ndarray]] = []
+        have = 0
+        it = iter(self.dataset(positions).iter_batches(batch_size=None, prefetch_batches=PREFETCH_BATCHES, batch_format="numpy"))
+        for size in sizes:
+            while have < size:
+                b = next(it)
+                bad = [str(u) for u, e in zip(b["uri"], b["error"]) if e]
+                if bad:  # the driver's scan decoded it: the object changed since
+                    raise DragonsError(f"image {bad[0]} could not be decoded any more ({b['error'][0]}); rerun training")
+                pending.append({"image": b["image"], "label": b["label"], "idx": b["idx"]})
+                have += len(b["idx"])
+            cat = {k: np.concatenate([p[k] for p in pending]) for k in ("image", "label", "idx")}
+            rest = {k: v[size:] for k, v in cat.items()}
+            pending, have = ([rest] if len(rest["idx"]) else []), len(rest["idx"])
+            x = torch.from_numpy(np.ascontiguousarray(cat["image"][:size])).permute(0, 3, 1, 2)
+            yield x, torch.from_numpy(cat["label"][:size].astype(np.int64)), torch.from_numpy(cat["idx"][:size].astype(np.int64))

@@ -1,0 +1,48 @@
+"""The adaptive recipe: what `auto` becomes for a small and a larger data set; flags win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dragons.train.config import TrainConfig
+from dragons.train.recipe import FINE_TUNE_MIN_IMAGES, resolve
+
+
+def test_rule_small_photos_head_only_large_small_images_fine_tuned() -> None:
+    small, chosen = resolve(TrainConfig(), n_train=245, short_side=375)  # hymenoptera-like
+    assert (small.epochs, small.head_views, small.image_size, small.crop_pct) == (0, 4, 224, 0.7)
+    assert set(chosen) == {"epochs", "head_views", "image_size", "crop_pct"}
+    large, _ = resolve(TrainConfig(), n_train=3443, short_side=128)  # flowers5-like
+    assert large.epochs >= 2 and large.head_views == 0
+    assert (large.image_size, large.crop_pct) == (128, 0.875)  # the data's own resolution
+    huge, _ = resolve(TrainConfig(), n_train=500_000, short_side=600)
+    assert 1 <= huge.epochs < large.epochs and huge.image_size == 224
+
+
+def test_explicit_flags_win() -> None:
+    cfg = TrainConfig(epochs=2, image_size=160, crop_pct=0.8, head_views=1)
+    out, chosen = resolve(cfg, n_train=20, short_side=50)
+    assert chosen == {} and out == cfg
+    out, chosen = resolve(TrainConfig(epochs=0), n_train=50_000, short_side=128)
+    assert out.epochs == 0 and out.head_views == 4 and "epochs" not in chosen
+
+
+def test_rule_applied_to_synthetic_sets(ray_session: None, workdir: Path) -> None:
+    """The driver's decode check measures what the rule needs, on real files."""
+    from dragons.data import discover
+    from dragons.synth import write_dataset
+    from dragons.train.run import scan_folder
+
+    for name, n, size, expect_epochs, expect_size in (("small", 12, (480, 360), 0, 224),
+                                                       ("larger", FINE_TUNE_MIN_IMAGES // 2 + 8, (64, 64), None, 64)):
+        root = workdir / f"recipe-{name}"
+        write_dataset(str(root), ["a", "b"], n_train=n, n_valid=2, seed=1, size=size, quality=70)
+        folder = discover(str(root))
+        good, bad, short = scan_folder(folder, 10**8, progress_s=60)
+        assert not bad and len(good["train"]) == 2 * n
+        cfg, _ = resolve(TrainConfig(), len(good["train"]), short)
+        assert cfg.image_size == expect_size
+        if expect_epochs is not None:
+            assert cfg.epochs == expect_epochs
+        else:
+            assert cfg.epochs > 0 and cfg.crop_pct == 0.875
