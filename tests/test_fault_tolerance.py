@@ -40,7 +40,9 @@ class _Killer(threading.Thread):
         self.killed: int | None = None
 
     def run(self) -> None:
-        deadline = time.time() + 300
+        # Generous: on a loaded 2-core machine two epochs took over 300 s, the
+        # killer gave up, and the run it was meant to break finished instead.
+        deadline = time.time() + 1200
         while time.time() < deadline:
             ckpts = list(self.run_dir.rglob("checkpoint_*")) if self.run_dir.exists() else []
             if len(ckpts) >= 1 and self.pid_file.exists():

@@ -147,7 +147,11 @@ def test_no_secret_in_anything_a_run_writes(hymenoptera_model: dict, hymenoptera
     if results.is_dir():
         local += [p for p in results.rglob("*") if p.is_file()]
     assert len(local) > 10
-    leaks = [str(p) for p in local if secret in p.read_bytes()]
+    # test_configs_are_redacted_everywhere plants the secret in an object *path*
+    # on purpose; Ray's own logs (a scoring actor's failed start) may name that
+    # path. That planted path is not a leak; any other occurrence is.
+    planted = b"redact/models/" + secret
+    leaks = [str(p) for p in local if secret in p.read_bytes().replace(planted, b"")]
     assert not leaks, leaks
     # The access key id is no secret, but it was pickled alongside the secret: check the pickles too.
     pickles = [k for k, data in objects.items() if k.endswith((".pkl", ".pickle")) and key_id in data]
