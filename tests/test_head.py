@@ -69,3 +69,22 @@ def test_bn_stats_off_keeps_imagenet_running_statistics() -> None:
         w.train_images(_shard(8), opt, one_cycle(opt, [1e-4], 2), frozen=False, net=w.model)
         assert torch.equal(bn.running_mean, before) is (not bn_stats)
         assert w.model.head[-1].weight.grad is not None  # the network itself still trained
+
+
+def test_fine_tuning_leaves_the_early_body_frozen_unless_asked() -> None:
+    """``freeze_early`` (default): the unfrozen phase steps the late body and the
+    head only; the early half gets no gradient (nor autograd's backward cost)."""
+    for freeze_early in (True, False):
+        w = _worker(freeze_early=freeze_early)
+        early, late, head = w.model.layer_groups()
+        before = {id(p): p.detach().clone() for p in early + late}
+        w.set_frozen(False)
+        opt, sched, max_lrs = w.unfrozen_optimizer(1e-2, 4)
+        assert len(max_lrs) == (2 if freeze_early else 3) == len(opt.param_groups)
+        w.train_images(_shard(8), opt, sched, frozen=False, net=w.model)
+        moved = lambda ps: sum(not torch.equal(before[id(p)], p.detach()) for p in ps)  # noqa: E731
+        assert moved(late) > 0
+        if freeze_early:
+            assert moved(early) == 0 and all(p.grad is None for p in early)
+        else:
+            assert moved(early) > 0

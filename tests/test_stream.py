@@ -107,3 +107,15 @@ def test_empty_batch_trains_with_zero_gradients() -> None:
     w.train_images(empty, opt, one_cycle(opt, [0.1], 2), frozen=False, net=w.model)
     assert all(torch.isfinite(p).all() for p in w.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, w.model.parameters()))
+
+
+def test_decode_actors_fit_beside_the_workers() -> None:
+    """2 CPUs, 2 workers at 0.75 CPU: one 0.25-CPU decode actor each (two would
+    not fit and the pass would wait); a large node gets more, up to the cap."""
+    from dragons.raycluster import DATA_CPU_SHARE
+    from dragons.train.stream import DECODE_ACTOR_CPUS, MAX_DECODE_ACTORS, decode_actors_per_worker
+
+    assert decode_actors_per_worker(2, 2, DATA_CPU_SHARE) == 1
+    assert 2 * 0.75 + 2 * 1 * DECODE_ACTOR_CPUS <= 2
+    assert decode_actors_per_worker(16, 2, DATA_CPU_SHARE) == 4 == MAX_DECODE_ACTORS
+    assert decode_actors_per_worker(1, 4, DATA_CPU_SHARE) == 1  # never zero

@@ -266,8 +266,14 @@ class Worker:
 
     # ----- image epochs ----------------------------------------------------------
     def set_frozen(self, frozen: bool) -> None:
+        """Frozen: only the head trains. Unfrozen: the body too, except its early
+        half under ``freeze_early``: the first stages run at the highest
+        resolution, so leaving them out of autograd halves a step's CPU time."""
         for p in self.model.body.parameters():
             p.requires_grad_(not frozen)
+        if not frozen and self.cfg.freeze_early:
+            for p in self.model.layer_groups()[0]:
+                p.requires_grad_(False)
 
     def train_mode(self, frozen: bool) -> None:
         """Train mode for the head and dropout; BatchNorm layers stay in eval mode
@@ -292,7 +298,9 @@ class Worker:
         the layer groups (early body lr/2/lr_mult ... head lr/2), one cycle with a
         short warm-up from max/5. Returns (optimizer, scheduler, max rates)."""
         max_lrs = discriminative_lrs(lr / 2, self.cfg.lr_mult, 3)
-        params = [{"params": g, "lr": r} for g, r in zip(self.model.layer_groups(), max_lrs)]
+        params = [{"params": [p for p in g if p.requires_grad], "lr": r} for g, r in zip(self.model.layer_groups(), max_lrs)]
+        params = [g for g in params if g["params"]]  # a frozen early group has nothing to step
+        max_lrs = [g["lr"] for g in params]
         opt = torch.optim.AdamW(params, weight_decay=self.cfg.weight_decay)
         sched = one_cycle(opt, max_lrs, total_steps, pct_start=0.3, div=5.0, start_step=start_step)
         return opt, sched, max_lrs
@@ -410,10 +418,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     rows = config["rows"]
     rows = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in rows.items()}
-    decode_tasks = int(config.get("decode_tasks", 2))
+    decode_actors = int(config.get("decode_actors", 1))
     cap = -(-cfg.max_images // world_size) if cfg.max_images else 0
-    train = StreamShard(rows["train"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks, cap)
-    valid = StreamShard(rows["valid"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_tasks, cap)
+    train = StreamShard(rows["train"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_actors, cap)
+    valid = StreamShard(rows["valid"], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_actors, cap)
     spill_dir = os.path.join(tempfile.gettempdir(), "dragons-features")
 
     history: list[dict[str, Any]] = []

@@ -18,11 +18,12 @@ from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
-from dragons.raycluster import cluster, ensure_ray, size_workers
+from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray, size_workers
 from dragons.table import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
 from dragons.train.recipe import describe, resolve
+from dragons.train.stream import decode_actors_per_worker
 from dragons.train.loop import PREDS_FILE, STATE_FILE, latest_checkpoint, train_loop_per_worker
 
 log = logging.getLogger("dragons")
@@ -162,7 +163,7 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
                            # Row tables go through the object store once, not pickled per worker.
                            "rows": {"train": ray.put(_rows(folder.train, good["train"])),
                                     "valid": ray.put(_rows(folder.valid, good["valid"]))},
-                           "decode_tasks": 2},
+                           "decode_actors": decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(

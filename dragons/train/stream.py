@@ -40,6 +40,17 @@ from dragons.errors import DragonsError
 ROWS_PER_BLOCK = 64
 # Ray Data batches the consumer keeps decoded ahead of the model.
 PREFETCH_BATCHES = 2
+# CPU share each decode actor asks for (JPEG decoding at base-square size is light).
+DECODE_ACTOR_CPUS = 0.25
+MAX_DECODE_ACTORS = 4  # per training worker: enough to keep a GPU fed
+
+
+def decode_actors_per_worker(cluster_cpus: float, workers: int, data_cpu_share: float) -> int:
+    """Decode actors per training worker from the CPUs left to Ray Data: on
+    2 CPUs with 2 workers, one each (more would not fit beside the workers'
+    0.75 CPU and would wait, or hang the pass)."""
+    free = cluster_cpus * data_cpu_share / max(1, workers)
+    return max(1, min(MAX_DECODE_ACTORS, int(free / DECODE_ACTOR_CPUS + 1e-9)))
 
 
 def world() -> tuple[int, int]:
@@ -110,10 +121,10 @@ class StreamShard:
     """
 
     def __init__(self, rows: dict[str, np.ndarray], rank: int, world_size: int, base_size: int, max_pixels: int,
-                 seed: int, decode_tasks: int = 2, limit: int = 0) -> None:
+                 seed: int, decode_actors: int = 1, limit: int = 0) -> None:
         self.rows, self.rank, self.world = rows, rank, world_size
         self.limit = limit  # rows per pass and rank (0 = all): the benchmark's cap
-        self.base_size, self.max_pixels, self.seed, self.decode_tasks = base_size, max_pixels, seed, decode_tasks
+        self.base_size, self.max_pixels, self.seed, self.decode_actors = base_size, max_pixels, seed, decode_actors
         self.n_total = len(rows["idx"])
 
     def __len__(self) -> int:
@@ -134,8 +145,13 @@ class StreamShard:
         items = [{"uri": str(self.rows["uri"][p]), "label": int(self.rows["label"][p]), "idx": int(self.rows["idx"][p])}
                  for p in positions]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_BLOCK)))
-        return ds.map_batches(DecodeBatch(self.base_size, self.max_pixels, io_threads=4), batch_size=ROWS_PER_BLOCK // 2,
-                              num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=self.decode_tasks))
+        # Decode actors, not tasks: a task's process goes idle between blocks and
+        # Ray's worker pool (soft limit: one idle process per CPU) kills it, so a
+        # fresh process paid ~2 s of imports for every 32 images: 70 processes
+        # in one flowers5 run, half a CPU taken from training. An actor imports
+        # once per pass.
+        return ds.map_batches(DecodeBatch, fn_constructor_args=(self.base_size, self.max_pixels), fn_constructor_kwargs={"io_threads": 4},
+                              batch_size=ROWS_PER_BLOCK // 2, num_cpus=DECODE_ACTOR_CPUS, compute=ray.data.ActorPoolStrategy(size=self.decode_actors))
 
     def positions(self, epoch: int, shuffle: bool) -> np.ndarray:
         """This rank's rows for one pass. Capped (``limit``), an unshuffled pass
