@@ -254,13 +254,15 @@ COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argpa
 
 
 def _register_late() -> None:
-    """Commands whose modules live elsewhere register here (keeps this file small)."""
-    try:
-        from dragons import score_cli
+    """Commands whose modules live elsewhere register here (keeps this file small).
 
-        COMMANDS.update(score_cli.COMMANDS)
-    except ImportError:
-        pass
+    Imported at call time (score_cli builds on this module's parser), and never
+    guarded: a broken import must fail loudly, not make ``score``, ``query`` and
+    ``demo`` vanish as "unknown command".
+    """
+    from dragons import score_cli
+
+    COMMANDS.update(score_cli.COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

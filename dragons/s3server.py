@@ -12,9 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 # Local-only credentials: moto accepts anything, and these are not secrets.
 LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "dragons-local", "AWS_SECRET_ACCESS_KEY": "dragons-local-secret", "AWS_REGION": "us-east-1"}
@@ -71,15 +69,6 @@ def start(port: int | None = None, timeout_s: float = 30.0) -> LocalS3:
             time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"moto server did not answer on {server.endpoint} within {timeout_s:.0f}s")
-
-
-@contextmanager
-def running(port: int | None = None) -> Iterator[LocalS3]:
-    server = start(port)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def create_bucket(name: str) -> None:

@@ -240,10 +240,6 @@ def exists(uri: str) -> bool:
     return _info(uri, "check")[2].type != pafs.FileType.NotFound
 
 
-def is_dir(uri: str) -> bool:
-    return _info(uri, "check")[2].type == pafs.FileType.Directory
-
-
 def size_of(uri: str) -> int | None:
     """Bytes of an object or file (a HEAD on S3); None when it does not exist."""
     info = _info(uri, "check")[2]

@@ -60,3 +60,15 @@ def test_missing_bucket(s3: object, bucket: str, hymenoptera_s3: str, cmd: str) 
     if cmd == "train-out":
         assert "--out" in p.stderr and "not writable" in p.stderr
         assert "training" not in p.stdout  # failed before any Ray work
+
+
+def test_a_broken_command_module_is_an_error_not_an_unknown_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import error in score_cli used to be swallowed: ``score``, ``query`` and
+    ``demo`` then vanished as "unknown command". It must surface."""
+    import dragons
+    from dragons import cli
+
+    monkeypatch.delattr(dragons, "score_cli", raising=False)
+    monkeypatch.setitem(sys.modules, "dragons.score_cli", None)  # makes the import fail
+    with pytest.raises(ImportError):
+        cli.main(["score", "--help"])

@@ -38,9 +38,6 @@ class Classifier(nn.Module):
         self.num_features = num_features
         self._groups = groups  # not registered twice: these are submodules of body
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
