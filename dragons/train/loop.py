@@ -344,6 +344,19 @@ class Worker:
         return total / max(count, 1)
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs "Reporting training result N: TrainingReport(...)" from every
+    worker for every epoch, at INFO, on a logger named after its *file*, so the
+    "ray.train" level above misses it. Our epoch table says the same once."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without Train V2's module layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
     """(uri, state) of the newest ``checkpoint_<timestamp>`` of a run whose state loads.
 
@@ -401,6 +414,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our table is the progress display
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-execution banners would drown the progress lines
+    _quiet_train_reports()
     cfg = TrainConfig.from_dict(config["cfg"])
     classes: list[str] = config["classes"]
     device = ray.train.torch.get_device()
