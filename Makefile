@@ -23,10 +23,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench-score: $(STAMP)
-	$(BIN)/python jobs/bench_score.py
+	$(BIN)/python benchmarks/bench_score.py
 
 bench-train: $(STAMP)
-	$(BIN)/python jobs/bench_train.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache dragons_demo

@@ -38,7 +38,7 @@ class ScoreConfig:
     output: str = ""  # Delta table root (path or s3://); one run = one commit, partitioned by dt
     manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
     run_id: str = ""  # "" = a UTC timestamp; re-using an id replaces that run
-    batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (jobs/bench_score.py)
+    batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
     actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
     tta: int = 0  # test-time augmentation views (0 = off)
     max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this

@@ -1,6 +1,6 @@
 """Scoring benchmark: end-to-end `dragons score` against the model-only bound.
 
-    python jobs/bench_score.py --n 2000
+    python benchmarks/bench_score.py --n 2000
 
 Writes N photo-like JPEGs into a local S3 endpoint, then measures in one run:
 (a) the bound: the same (fused, fp32) model on pre-decoded tensors in this one
