@@ -1,0 +1,49 @@
+"""Single-process fine-tuning on a held-out 20% of flowers5 train/ (never valid/), without Ray:
+    python benchmarks/ft_holdout.py --epochs 3 --lr 1e-3 [--size 224] [--freeze-early]
+Prints the head-only and per-epoch held-out accuracy (docs/training.md)."""
+import argparse, random, time, sys
+from pathlib import Path
+import numpy as np, torch
+from dragons.images import decode_to_base
+from dragons.preprocess import base_size_for
+from dragons.train.config import TrainConfig
+from dragons.train.loop import Worker
+from dragons.train.stream import Shard
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--size", type=int, default=128); ap.add_argument("--crop", type=float, default=0.875)
+ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--lr-mult", type=float, default=10.0)
+ap.add_argument("--epochs", type=int, default=3); ap.add_argument("--bs", type=int, default=32)
+ap.add_argument("--augment", default="light"); ap.add_argument("--n", type=int, default=0)
+ap.add_argument("--threads", type=int, default=2); ap.add_argument("--wd", type=float, default=0.01)
+ap.add_argument("--ls", type=float, default=0.0); ap.add_argument("--head-lr", type=float, default=5e-3); ap.add_argument("--freeze-early", action="store_true"); ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers5"))
+a = ap.parse_args()
+torch.set_num_threads(a.threads); torch.manual_seed(0)
+root = Path(a.data) / "train"
+classes = sorted(p.name for p in root.iterdir())
+files = [(f, ci) for ci, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+random.Random(42).shuffle(files)
+if a.n: files = files[: a.n]
+k = len(files) // 5
+held, train = files[:k], files[k:]
+cfg = TrainConfig(data="x", out="y", image_size=a.size, crop_pct=a.crop, batch_size=a.bs, lr=a.lr, lr_mult=a.lr_mult,
+                  augment=a.augment, weight_decay=a.wd, label_smoothing=a.ls, freeze_early=a.freeze_early)
+side = base_size_for(a.size, a.crop)
+def load(fs):
+    x = np.stack([decode_to_base(f.read_bytes(), side) for f, _ in fs])
+    return Shard(torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([c for _, c in fs]), torch.arange(len(fs)))
+t0 = time.time(); tr, he = load(train), load(held); print(f"decoded {len(train)}+{len(held)} at side {side} in {time.time()-t0:.0f}s", flush=True)
+w = Worker(cfg, classes, None, torch.device("cpu"))
+t0 = time.time(); feats, labels = w.features(tr)
+hl, _ = w.fit_head(feats, labels, a.head_lr, 20)
+p = w.predict(he); vl, va = w.validate(p.y, p.probs)
+print(f"head: train {hl:.3f} held loss {vl:.3f} acc {va:.4f} ({time.time()-t0:.0f}s)", flush=True)
+steps = w.steps_per_epoch(tr)
+opt, sched, _ = w.unfrozen_optimizer(cfg.lr, steps * a.epochs)
+w.set_frozen(False)
+for e in range(a.epochs):
+    t0 = time.time()
+    tl = w.train_images(tr, opt, sched, frozen=False, net=w.model, epoch=e)
+    t1 = time.time()
+    p = w.predict(he); vl, va = w.validate(p.y, p.probs)
+    print(f"epoch {e}: train {tl:.3f} held loss {vl:.3f} acc {va:.4f} train {t1-t0:.0f}s ({len(train)/(t1-t0):.1f} img/s) valid {time.time()-t1:.0f}s", flush=True)
