@@ -6,18 +6,19 @@ The report is written locally with matplotlib, then copied to the destination
 
 from __future__ import annotations
 
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import torch
 
 from dragons import artifact, storage
 from dragons.data import discover
 from dragons.errors import DragonsError
 from dragons.images import ImageError
-from dragons.preprocess import blend_tta, decode_to_base, eval_batch, to_tensor, tta_batches
+from dragons.predictor import Predictor
+from dragons.preprocess import decode_to_base
 
 
 def _loader(uris: list[str], side: int) -> Any:
@@ -30,6 +31,23 @@ def _loader(uris: list[str], side: int) -> Any:
     return load
 
 
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def _write_predictions(path: str, uris: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+    """Every image's probabilities beside the report, for a person's own analysis."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from dragons.table import prob_column
+
+    cols: dict[str, Any] = {"uri": uris, "label": [classes[int(y)] for y in labels],
+                            "predicted": [classes[int(k)] for k in probs.argmax(1)] if len(probs) else []}
+    for j, c in enumerate(classes):
+        cols[prob_column(c)] = probs[:, j].astype(np.float64)
+    pcsv.write_csv(pa.table(cols), path)
+
+
 def report_from_predictions(
     report_uri: str, meta: dict[str, Any], uris: list[str], labels: np.ndarray, probs: np.ndarray,
     history: list[dict[str, Any]] | None = None, lr_find: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
@@ -40,6 +58,7 @@ def report_from_predictions(
     names = [u.rsplit("/", 1)[-1] for u in uris]
     info = {"model_version": meta.get("version"), "arch": meta.get("arch"), **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
+        _write_predictions(os.path.join(tmp, PREDICTIONS_FILE), uris, labels, probs, list(meta["classes"]))
         write_report(tmp, probs=probs, labels=labels, classes=list(meta["classes"]), names=names,
                      image_loader=_loader(uris, 192), history=history, lr_find=lr_find,
                      title=f"dragons: {meta.get('arch')} on {len(uris)} validation images", extra=info)
@@ -47,11 +66,9 @@ def report_from_predictions(
     return storage.join(report_uri, "index.html")
 
 
-@torch.inference_mode()
 def predict_uris(art: artifact.Artifact, uris: list[str], tta: int = 0, batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
     """Class probabilities for each URI in-process (no Ray); errors are returned per row."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = art.model.to(device).to(memory_format=torch.channels_last).eval()
+    predictor = Predictor.from_artifact(art, tta=tta)
     probs = np.full((len(uris), len(art.classes)), np.nan, dtype=np.float32)
     errors = [""] * len(uris)
 
@@ -67,14 +84,8 @@ def predict_uris(art: artifact.Artifact, uris: list[str], tta: int = 0, batch_si
             ids = list(range(start, min(len(uris), start + batch_size)))
             imgs = list(pool.map(load, ids))
             ok = [i for i, im in zip(ids, imgs) if im is not None]
-            if not ok:
-                continue
-            x = to_tensor(np.stack([im for im in imgs if im is not None]), device)
-            p = model(eval_batch(x, art.image_size, art.mean, art.std)).float().softmax(1)
-            if tta:
-                views = [model(v).float().softmax(1) for v in tta_batches(x, art.image_size, art.mean, art.std, tta)]
-                p = blend_tta(p, views)
-            probs[ok] = p.cpu().numpy()
+            if ok:
+                probs[ok] = predictor.numpy(np.stack([im for im in imgs if im is not None]))
     return probs, errors
 
 

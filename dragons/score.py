@@ -61,38 +61,19 @@ class Scorer:
     """Ray Data actor: loads the artifact once, maps decoded batches to probabilities."""
 
     def __init__(self, model_uri: str, tta: int, threads: int) -> None:
-        import torch
+        from dragons.predictor import Predictor
 
-        from dragons.models.fuse import fuse_for_inference
-
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, threads))
         self.art = artifact.load(model_uri)
-        model = fuse_for_inference(self.art.model.eval())
-        self.model = model.to(self.device).to(memory_format=torch.channels_last)
-        self.amp = self.device.type == "cuda"
-        self.tta = tta
+        self.predictor = Predictor.from_artifact(self.art, tta=tta, threads=threads)
         self.classes = self.art.classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
-        from dragons.preprocess import blend_tta, eval_batch, to_tensor, tta_batches
-
         errors = batch["error"]
         n = len(errors)
         ok = np.array([e == "" for e in errors], dtype=bool)
         probs = np.full((n, len(self.classes)), np.nan, dtype=np.float64)
         if ok.any():
-            x = to_tensor(batch["image"][ok], self.device)
-            a = self.art
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                p = self.model(eval_batch(x, a.image_size, a.mean, a.std)).float().softmax(1)
-                if self.tta:
-                    views = [self.model(v).float().softmax(1) for v in tta_batches(x, a.image_size, a.mean, a.std, self.tta)]
-                    p = blend_tta(p, views)
-            probs[ok] = p.cpu().numpy()
+            probs[ok] = self.predictor.numpy(batch["image"][ok])
         top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
         out: dict[str, np.ndarray] = {
             "uri": batch["uri"],

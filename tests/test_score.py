@@ -48,6 +48,35 @@ def test_score_hymenoptera_val_from_s3(hymenoptera_model: dict, hymenoptera_s3: 
     q = run_sql(table, ACCURACY_SQL.format(run="val1")).to_pylist()[0]
     assert q["n"] == 153 and abs(q["accuracy"] - acc) < 1e-9
     assert "scored" in (tmp_path / "score.log").read_text()
+    _same_probabilities_from_evaluate_and_predict(hymenoptera_model["uri"], hymenoptera_s3, rows, tmp_path)
+
+
+def _same_probabilities_from_evaluate_and_predict(model: str, data: str, rows: list[dict], tmp_path: Path) -> None:
+    """One inference path: the scoring actors (Ray Data, batches of 8), ``evaluate``
+    (threads, batches of 32, its report's predictions.csv) and ``dragons predict``
+    give the same probabilities for the same images, to 1e-5 on CPU."""
+    import contextlib
+    import io
+
+    import pyarrow.csv as pcsv
+
+    from dragons.cli import main
+    from dragons.evaluate import evaluate
+
+    scored = {r["uri"]: (r["p_ants"], r["p_bees"]) for r in rows}
+    evaluate(model, data, str(tmp_path / "report"))
+    ev = pcsv.read_csv(tmp_path / "report" / "predictions.csv").to_pylist()
+    assert len(ev) == 153 and {r["uri"] for r in ev} == set(scored)
+    worst = max(abs(r[c] - scored[r["uri"]][j]) for r in ev for j, c in enumerate(("p_ants", "p_bees")))
+    assert worst < 1e-5, f"evaluate and score differ by {worst:.2e}"
+    some = sorted(scored)[::15]  # 11 images, both classes
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["predict", "--model", model, "--format", "json", *some]) == 0
+    got = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [g["uri"] for g in got] == some
+    worst = max(abs(g[c] - scored[g["uri"]][j]) for g in got for j, c in enumerate(("p_ants", "p_bees")))
+    assert worst < 1e-5, f"predict and score differ by {worst:.2e}"
 
 
 def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -> None:

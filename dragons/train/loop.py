@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dragons.models.registry import Classifier, build_model
-from dragons.preprocess import blend_tta, eval_batch, get_preset, train_batch, tta_batches
+from dragons.predictor import Predictor
+from dragons.preprocess import eval_batch, get_preset, train_batch
 from dragons.train.config import TrainConfig
 from dragons.train.progress import Progress
 from dragons.train.stream import Shard, StreamShard, all_reduce, num_steps, world
@@ -126,16 +127,11 @@ class Worker:
     @torch.inference_mode()
     def predict(self, src: Source, tta: int = 0, what: str = "") -> Preds:
         """Class probabilities of every row of ``src`` (eval mode, centre crop)."""
-        self.model.eval()
+        predictor = Predictor(self.model, self.cfg.image_size, self.mean, self.std, self.device, tta=tta, amp_dtype=self.amp_dtype)
         out, ys, ids = [], [], []
         prog = self.progress(what, len(src)) if what else None
         for x, y, idx in src.batches(EVAL_BATCH):
-            x = x.to(self.device)
-            with self.autocast():
-                plain = self.model(eval_batch(x, self.cfg.image_size, self.mean, self.std)).float().softmax(1) if len(x) else torch.zeros(0, len(self.classes))
-                if tta and len(x):
-                    views = [self.model(v).float().softmax(1) for v in tta_batches(x, self.cfg.image_size, self.mean, self.std, tta)]
-                    plain = blend_tta(plain, views)
+            plain = predictor(x)
             out.append(plain.cpu().numpy())
             ys.append(y.numpy())
             ids.append(idx.numpy())
