@@ -42,7 +42,7 @@ def _make_images(n: int, bucket: str) -> None:
     import numpy as np
 
     from dragons.storage import boto3_client
-    from dragons.synth import STYLES, draw_dragon
+    from dragons.local.synth import STYLES, draw_dragon
 
     client = boto3_client()
     names = list(STYLES)[:2]
@@ -178,11 +178,12 @@ class _Monitor:
 def main(args: argparse.Namespace) -> dict[str, float]:
     import ray
 
-    from dragons import artifact, s3server, storage
+    from dragons import artifact, storage
+    from dragons.local import s3server
     from dragons.models.registry import build_model, get_spec
     from dragons.preprocess import base_size_for
     from dragons.raycluster import ensure_ray
-    from dragons.score import ScoreConfig, score
+    from dragons.score.pipeline import ScoreConfig, score
 
     server = s3server.start()
     server.apply_env()

@@ -58,7 +58,7 @@ def _child(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[flo
 
 
 def _write_rows(table: str, n: int, run_id: str, batch: int = 200_000) -> float:
-    from dragons.table import RunWriter
+    from dragons.score.table import RunWriter
 
     t0 = time.perf_counter()
     w = RunWriter(table, run_id, datetime.now(timezone.utc), ["drogon", "viserion"], model_version="bench")
@@ -100,8 +100,9 @@ def bench_query(rows: int) -> dict[str, object]:
 
 
 def bench_listing(objects: int, threads: int = 32, local: bool = False) -> dict[str, object]:
-    from dragons import s3server, storage
-    from dragons.listing import iter_listing
+    from dragons import storage
+    from dragons.local import s3server
+    from dragons.score.listing import iter_listing
 
     server = None if local else s3server.start()
     tmpdir = tempfile.TemporaryDirectory(prefix="bench-listing-")
@@ -128,7 +129,7 @@ def bench_listing(objects: int, threads: int = 32, local: bool = False) -> dict[
         archive = os.path.join(tmpdir.name, "archive") if local else f"s3://{bucket}/archive"
 
         # The table already holds 3/4 of the objects, scored by this model version.
-        from dragons.table import RunWriter
+        from dragons.score.table import RunWriter
 
         table = os.path.join(tmpdir.name, "tables", "scores") if local else f"s3://{bucket}/tables/scores"
         known = objects * 3 // 4
@@ -155,7 +156,7 @@ def bench_listing(objects: int, threads: int = 32, local: bool = False) -> dict[
         assert would == objects - known, (would, objects - known, p.stderr[-500:])
         summary = p.stderr.strip().splitlines()[-1]
         rss_line = next((ln for ln in p.stderr.splitlines() if "listing done" in ln), "")
-        base = subprocess.run([sys.executable, "-c", "import resource, dragons.score, dragons.incremental, deltalake, duckdb; "
+        base = subprocess.run([sys.executable, "-c", "import resource, dragons.score.pipeline, dragons.score.incremental, deltalake, duckdb; "
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True)
         base_peak = int(base.stdout.strip()) / 1024  # the driver's imports alone (torch, ray, pyarrow, duckdb, deltalake)
     finally:

@@ -1,5 +1,5 @@
 """Forward+backward CPU time per image of Lite0 at 128 px, early body trained or frozen, channels_last or not (one thread)."""
-import time, torch, sys
+import time, torch
 from dragons.models.registry import build_model as create_model
 torch.set_num_threads(1)
 m = create_model("efficientnet_lite0", 5, "imagenet") if True else None

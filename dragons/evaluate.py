@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from dragons.data import discover
 from dragons.errors import DragonsError
 from dragons.images import ImageError
 from dragons.predictor import Predictor
+from dragons.train.config import TrainConfig
 from dragons.preprocess import decode_to_base
 
 
@@ -39,7 +41,7 @@ def _write_predictions(path: str, uris: list[str], labels: np.ndarray, probs: np
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    from dragons.table import prob_column
+    from dragons.columns import prob_column
 
     cols: dict[str, Any] = {"uri": uris, "label": [classes[int(y)] for y in labels],
                             "predicted": [classes[int(k)] for k in probs.argmax(1)] if len(probs) else []}
@@ -89,7 +91,25 @@ def predict_uris(art: artifact.Artifact, uris: list[str], tta: int = 0, batch_si
     return probs, errors
 
 
-def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0, valid_pct: float = 0.2, seed: int = 42) -> dict[str, Any]:
+@dataclass
+class EvaluateConfig:
+    model: str = ""  # model artifact (path or s3://)
+    data: str = ""  # image folder whose valid/ split is evaluated (path or s3://)
+    report: str = ""  # report directory (path or s3://); "" = <model>/report
+    tta: int = 0  # test-time augmentation views (0 = off)
+    valid_pct: float = TrainConfig.valid_pct  # held-out share when the folder has no valid/ (as in training)
+    seed: int = TrainConfig.seed  # seeds that split (as in training)
+
+
+@dataclass
+class PredictConfig:
+    model: str = ""  # model artifact (path or s3://)
+    tta: int = 0  # test-time augmentation views (0 = off)
+    format: str = "text"  # text (tab-separated) or json (one object per line)
+
+
+def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0,
+             valid_pct: float = EvaluateConfig.valid_pct, seed: int = EvaluateConfig.seed) -> dict[str, Any]:
     """Score the validation split of ``data_uri`` and write the report."""
     from dragons.metrics import classification_metrics
 

@@ -28,7 +28,7 @@ from dragons.images import base_square, decode_to_base  # noqa: F401  (re-export
 # of everyday photos (an ant on a wall) smaller than the network likes, and
 # random resized crops make them look larger in training than at test time
 # (FixRes, Touvron et al. 2019). 70% did better on held-out splits of train/,
-# same pixels per pass, so scoring costs the same (README, "How the defaults were chosen").
+# same pixels per pass, so scoring costs the same (docs/training.md, "How the defaults were chosen").
 DEFAULT_CROP_PCT = 0.7
 
 

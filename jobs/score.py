@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working_dir
 
-from dragons.cli import guarded  # noqa: E402
-from dragons.score_cli import get_score_parser, score_main  # noqa: E402
+from dragons.cliargs import guarded  # noqa: E402
+from dragons.score.cli import get_score_parser, score_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working_dir
 
-from dragons.cli import get_train_parser, guarded, train_main  # noqa: E402
+from dragons.cli import get_train_parser, train_main  # noqa: E402
+from dragons.cliargs import guarded  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 
 def rows(run_id: str, n: int, start: int = 0) -> pa.Table:
-    from dragons.table import schema
+    from dragons.score.table import schema
 
     now = datetime.now(timezone.utc)
     s = schema(["ants", "bees"])
@@ -32,7 +32,7 @@ def rows(run_id: str, n: int, start: int = 0) -> pa.Table:
 
 
 def main() -> int:
-    from dragons.table import schema, write_run
+    from dragons.score.table import schema, write_run
 
     root, run_id, n, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     file_bytes = int(sys.argv[5]) if len(sys.argv) > 5 else None
@@ -44,7 +44,7 @@ def main() -> int:
             print(f"wrote {start + 1000}", flush=True)
 
     reader = pa.RecordBatchReader.from_batches(schema(["ants", "bees"]), batches())
-    from dragons.cli import guarded
+    from dragons.cliargs import guarded
 
     def go() -> int:
         v = write_run(root, run_id, reader, {"dragons_run_id": run_id, "listed": n, "rows": n}, file_bytes)

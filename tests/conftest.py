@@ -33,7 +33,7 @@ def hymenoptera() -> Path:
 
 @pytest.fixture(scope="session")
 def s3() -> Iterator["object"]:
-    from dragons import s3server
+    from dragons.local import s3server
 
     server = s3server.start()
     saved = {k: os.environ.get(k) for k in server.env}
@@ -61,7 +61,7 @@ def ray_session(s3: object) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def bucket(s3: object) -> str:
-    from dragons.s3server import create_bucket
+    from dragons.local.s3server import create_bucket
 
     create_bucket("dragons-test")
     return "dragons-test"
@@ -70,7 +70,7 @@ def bucket(s3: object) -> str:
 @pytest.fixture(scope="session")
 def hymenoptera_s3(hymenoptera: Path, bucket: str) -> str:
     """The hymenoptera folder uploaded to the local S3 endpoint (once per session)."""
-    from dragons.s3server import upload_tree
+    from dragons.local.s3server import upload_tree
 
     n = upload_tree(str(hymenoptera), bucket, "hymenoptera")
     assert n >= 398

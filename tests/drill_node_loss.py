@@ -89,7 +89,7 @@ def _kill_during(cluster, victim, events: dict, ready, work, replace: bool):  # 
 
 
 def _score(cluster, victim, events: dict, model: str, input_: str, output: str, run_id: str) -> dict:  # type: ignore[no-untyped-def]
-    from dragons.score import ScoreConfig, score
+    from dragons.score.pipeline import ScoreConfig, score
 
     log = f"/tmp/drill-node-{os.getpid()}.log"
     # Kill once rows are flowing: the progress log has its first "scored" line.

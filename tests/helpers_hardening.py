@@ -37,6 +37,6 @@ def save_tiny_model(out: str, classes: tuple[str, ...] = ("ants", "bees")) -> di
 
 def rows_of(table_uri: str, run_id: str) -> list[dict]:
     """Every row of one run in a scores table, through `dragons query`'s path."""
-    from dragons.query import run_sql
+    from dragons.score.query import run_sql
 
     return run_sql(table_uri, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pylist()

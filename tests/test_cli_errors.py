@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dragons.s3server import free_port
+from dragons.local.s3server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_S = 60.0  # Python + torch imports take a few seconds on a busy 2-core machine
@@ -63,12 +63,15 @@ def test_missing_bucket(s3: object, bucket: str, hymenoptera_s3: str, cmd: str) 
 
 
 def test_a_broken_command_module_is_an_error_not_an_unknown_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An import error in score_cli used to be swallowed: ``score``, ``query`` and
-    ``demo`` then vanished as "unknown command". It must surface."""
-    import dragons
-    from dragons import cli
+    """An import error in the scoring CLI used to be swallowed: ``score``, ``query`` and
+    ``demo`` then vanished as "unknown command". Command modules are imported
+    directly now: a broken one fails the import of the CLI, loudly."""
+    import importlib
 
-    monkeypatch.delattr(dragons, "score_cli", raising=False)
-    monkeypatch.setitem(sys.modules, "dragons.score_cli", None)  # makes the import fail
+    import dragons.score
+
+    monkeypatch.delattr(dragons.score, "cli", raising=False)
+    monkeypatch.setitem(sys.modules, "dragons.score.cli", None)  # makes the import fail
+    monkeypatch.delitem(sys.modules, "dragons.cli", raising=False)
     with pytest.raises(ImportError):
-        cli.main(["score", "--help"])
+        importlib.import_module("dragons.cli")

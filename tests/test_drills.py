@@ -111,7 +111,7 @@ def test_scoring_through_flaky_s3_loses_nothing(tiny_model: str, bucket: str, pr
 @pytest.mark.slow
 def test_training_through_flaky_s3(bucket: str, proxy_factory, tmp_path: Path) -> None:
     """Listing, image reads, checkpoints and the artifact all go through the faulty endpoint."""
-    from dragons.synth import write_dataset
+    from dragons.local.synth import write_dataset
 
     local = tmp_path / "data"
     write_dataset(str(local), ["drogon", "viserion"], n_train=12, n_valid=6, seed=3, size=(96, 72))
@@ -135,7 +135,7 @@ def test_killed_scoring_actor_every_row_exactly_once(ray_session: None, tiny_mod
     import ray
     from ray.util.state import list_actors
 
-    from dragons.score import ScoreConfig, score
+    from dragons.score.pipeline import ScoreConfig, score
 
     prefix = f"s3://{bucket}/drill-actor"
     n = 240
@@ -237,7 +237,7 @@ def test_node_lost_during_scoring(tiny_model: str, bucket: str, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_node_lost_during_training_resumes(bucket: str, tmp_path: Path) -> None:
-    from dragons.synth import write_dataset
+    from dragons.local.synth import write_dataset
 
     local = tmp_path / "data"
     write_dataset(str(local), ["drogon", "viserion"], n_train=12, n_valid=6, seed=5, size=(96, 72))

@@ -19,7 +19,7 @@ REPORT_PNGS = ["confusion_matrix.png", "reliability.png", "grid_random_correct.p
 
 def test_lr_find_plots_and_suggests(ray_session: None, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dragons.cli import get_lr_find_parser, lr_find_main
-    from dragons.synth import write_dataset
+    from dragons.local.synth import write_dataset
 
     data = workdir / "lrf"
     write_dataset(str(data), ["drogon", "viserion"], n_train=16, n_valid=4, seed=5, size=(160, 120))

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def small_data(workdir: Path) -> str:
-    from dragons.synth import write_dataset
+    from dragons.local.synth import write_dataset
 
     root = workdir / "ft-data"
     write_dataset(str(root), ["drogon", "viserion"], n_train=24, n_valid=8, seed=11, size=(160, 120))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dragons import storage
-from dragons.score import ScoreConfig, score
+from dragons.score.pipeline import ScoreConfig, score
 from helpers_hardening import jpeg, rows_of, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_odd_keys_score_the_right_object(ray_session: None, tiny_model: str, buc
 
 
 def test_max_bytes_and_max_pixels_give_too_large_rows(ray_session: None, tiny_model: str, bucket: str, tmp_path: Path) -> None:
-    from dragons.synth import png_bomb
+    from dragons.local.synth import png_bomb
 
     root = f"s3://{bucket}/sizes"
     small, big = jpeg(1), jpeg(2, size=(900, 700))
@@ -57,7 +57,7 @@ def test_max_bytes_and_max_pixels_give_too_large_rows(ray_session: None, tiny_mo
     assert rows["bomb.png"]["error"].startswith("too_large")
     assert rows["small.jpg"]["error"] is None
     # The CLI exposes both limits, with ScoreConfig's defaults.
-    from dragons.score_cli import get_score_parser
+    from dragons.score.cli import get_score_parser
 
     ns = get_score_parser().parse_args(["--model", "m", "--output", "o"])
     assert (ns.max_bytes, ns.max_pixels) == (ScoreConfig().max_bytes, ScoreConfig().max_pixels) == (64 * 2**20, 64_000_000)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from dragons.images import DecodeOptions, ImageError, decode
 from dragons.preprocess import base_square, decode_to_base
-from dragons.synth import bad_file_catalogue
+from dragons.local.synth import bad_file_catalogue
 
 
 @pytest.mark.parametrize("name", sorted(bad_file_catalogue()))

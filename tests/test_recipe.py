@@ -30,7 +30,7 @@ def test_explicit_flags_win() -> None:
 def test_rule_applied_to_synthetic_sets(ray_session: None, workdir: Path) -> None:
     """The driver's decode check measures what the rule needs, on real files."""
     from dragons.data import discover
-    from dragons.synth import write_dataset
+    from dragons.local.synth import write_dataset
     from dragons.train.run import scan_folder
 
     for name, n, size, expect_epochs, expect_size in (("small", 12, (480, 360), 0, 224),

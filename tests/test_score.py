@@ -15,9 +15,9 @@ import pytest
 
 from dragons import storage
 from dragons.errors import DragonsError
-from dragons.query import run_sql
-from dragons.score import ScoreConfig, score
-from dragons.table import open_table, run_history
+from dragons.score.query import run_sql
+from dragons.score.pipeline import ScoreConfig, score
+from dragons.score.table import open_table, run_history
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def _same_probabilities_from_evaluate_and_predict(model: str, data: str, rows: l
 
 
 def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -> None:
-    from dragons.synth import bad_file_catalogue
+    from dragons.local.synth import bad_file_catalogue
 
     cat = bad_file_catalogue()
     for name, (data, _) in cat.items():

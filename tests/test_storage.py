@@ -93,7 +93,7 @@ def test_every_call_on_a_missing_bucket_is_a_dragons_error(bucket: str) -> None:
 def test_unreachable_endpoint_is_a_dragons_error_in_seconds(s3: object, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from dragons.s3server import free_port
+    from dragons.local.s3server import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     for call in (lambda: storage.exists("s3://b/x"), lambda: storage.delete("s3://b/x"),

@@ -44,7 +44,7 @@ def test_in_memory_shard_yields_each_image_once() -> None:
 def test_stream_shards_decode_every_image_once(ray_session: None, workdir: Path) -> None:
     """Two ranks' StreamShards (Ray Data decode tasks) over a real folder."""
     from dragons.data import discover
-    from dragons.synth import write_dataset
+    from dragons.local.synth import write_dataset
 
     root = workdir / "stream"
     write_dataset(str(root), ["a", "b"], n_train=13, n_valid=2, seed=5, size=(90, 70))

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pytest
 
 from dragons.errors import DragonsError
-from dragons.query import run_sql
-from dragons.table import RunWriter, check_classes, open_table, prob_column, run_history
+from dragons.score.query import run_sql
+from dragons.columns import check_classes, prob_column
+from dragons.score.table import RunWriter, open_table, run_history
 
 REPO = Path(__file__).resolve().parents[1]
 WRITER = str(REPO / "tests" / "_table_writer.py")
@@ -195,7 +196,7 @@ def test_killed_writer_is_invisible_next_run_commits_vacuum_removes_orphans(tmp_
 
 
 def test_optimize_compacts_small_files(tmp_path: Path) -> None:
-    from dragons.maintenance import optimize, run
+    from dragons.score.maintenance import optimize, run
 
     table = str(tmp_path / "t")
     for i in range(4):
@@ -250,7 +251,7 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
     import duckdb_extension_delta
     import polars as pl
 
-    from dragons.table import storage_options
+    from dragons.score.table import storage_options
 
     for table in (str(tmp_path / "t"), f"s3://{bucket}/tables/engines"):
         _commit(table, "e1", 40)
@@ -271,8 +272,8 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
 
 def test_known_objects_per_model_version_and_etag(tmp_path: Path) -> None:
     """--incremental's filter: same model version + same etag and size = skip; anything else is scored."""
-    from dragons.incremental import known_objects
-    from dragons.listing import LISTING_SCHEMA
+    from dragons.score.incremental import known_objects
+    from dragons.score.listing import LISTING_SCHEMA
 
     table = str(tmp_path / "t")
     assert len(known_objects(table, "v1")) == 0  # no table yet: everything is new
@@ -297,7 +298,7 @@ def test_known_objects_per_model_version_and_etag(tmp_path: Path) -> None:
 
 
 def test_local_listing_streams_pages(tmp_path: Path) -> None:
-    from dragons.listing import iter_listing
+    from dragons.score.listing import iter_listing
 
     for i in range(25):
         d = tmp_path / "in" / f"d{i % 3}" / "deep"

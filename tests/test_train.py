@@ -61,7 +61,7 @@ def test_artifact_loads_from_s3_without_ray_and_predict_agrees(hymenoptera_model
 
 def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) -> None:
     """3 classes; a truncated JPEG, a zero-byte file, a text file and a GIF: reported, none fatal."""
-    from dragons.synth import bad_file_catalogue, write_dataset
+    from dragons.local.synth import bad_file_catalogue, write_dataset
     from dragons.train.config import TrainConfig
     from dragons.train.run import train
 

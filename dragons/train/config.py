@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from dragons.errors import DragonsError
+from dragons.images import DEFAULT_MAX_PIXELS
 
 
 # Fields whose default means "decide from the data" (dragons.train.recipe); the
@@ -47,7 +48,7 @@ class TrainConfig:
     resume: bool = False  # continue the run named `name` from its last checkpoint
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | bf16 | fp16 | off
     report: bool = True  # write the evaluation report (HTML + PNGs) beside the artifact
-    max_pixels: int = 64_000_000  # decompression-bomb guard for decoding
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard for decoding
     max_images: int = 0  # benchmarks only: cap every pass (precompute, epochs, validation) at this many images, through the same data path (0 = all)
     progress_s: float = 15.0  # seconds between two progress lines of a long step (decode, precompute, epochs)
     log_file: str = ""  # the run's log (terminal output, workers' lines included); "" = logs/train-<run name>.log, copied to <out>/train.log

@@ -24,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from dragons.preprocess import DEFAULT_CROP_PCT
 from dragons.train.config import AUTO, TrainConfig
 
 FINE_TUNE_MIN_IMAGES = 1000  # below: head only; hymenoptera (245) never gained from fine-tuning
 HIGH_RES_SIDE = 320  # shorter side at which 224 px crops of a 320 px square need no upsampling
-HIGH_RES = (224, 0.7)  # (image_size, crop_pct) for photos
+HIGH_RES = (224, DEFAULT_CROP_PCT)  # (image_size, crop_pct) for photos
 LOW_RES_CROP = 0.875  # crop for images below HIGH_RES_SIDE: keep most of a small frame
 HEAD_VIEWS_HEAD_ONLY = 4  # augmented views for a head that is the whole recipe
 

@@ -19,7 +19,7 @@ from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
 from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray, size_workers
-from dragons.table import check_classes
+from dragons.columns import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
 from dragons.train.recipe import describe, resolve

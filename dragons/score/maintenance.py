@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from dragons.errors import DragonsError
-from dragons.table import open_table, run_history
+from dragons.score.table import open_table, run_history
 
 
 @dataclass

@@ -22,35 +22,15 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from dragons import artifact, listing, storage, table
+from dragons import artifact, storage
+from dragons.score import listing, table
 from dragons.data import DecodeBatch
-from dragons.decode import DEFAULT_MAX_BYTES
+from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
+from dragons.score.config import ScoreConfig
 from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray
 
 log = logging.getLogger("dragons.score")
-
-
-@dataclass
-class ScoreConfig:
-    model: str = ""  # model artifact: path or s3:// (model.json + model.pt)
-    input: str = ""  # prefix to score: every object under it gets a row
-    output: str = ""  # Delta table root (path or s3://); one run = one commit, partitioned by dt
-    manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
-    run_id: str = ""  # "" = a UTC timestamp; re-using an id replaces that run
-    batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
-    actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
-    tta: int = 0  # test-time augmentation views (0 = off)
-    max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this
-    max_pixels: int = 64_000_000  # decompression-bomb guard: larger images become error rows `too_large`
-    max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread
-    incremental: bool = False  # score only objects new or changed (etag/size) since this model version's rows
-    dry_run: bool = False  # list (and filter) only: print what would be scored, write nothing
-    file_size_mb: int = 0  # target Delta data file size; 0 = delta-rs' default (about 100 MB)
-    spool_dir: str = ""  # local folder for the run's row spool before its commit; "" = the temp dir
-    progress_s: float = 5.0  # seconds between progress lines
-    log_file: str = ""  # "" = ./logs/score-<run_id>.log
-    no_progress_timeout_s: float = 600.0  # a stalled pipeline fails with a message after this
 
 
 # Listing columns carried through decode and scoring into the row.
@@ -82,7 +62,7 @@ class Scorer:
             "error": np.array([e if e else None for e in errors], dtype=object),
         }
         for j, c in enumerate(self.classes):
-            out[table.prob_column(c)] = probs[:, j]
+            out[prob_column(c)] = probs[:, j]
         for col in PASSTHROUGH:  # what the listing knew about the object, for --incremental
             if col in batch:
                 out[col] = batch[col]
@@ -171,7 +151,7 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     table.check_run_id(run_id)
     meta = artifact.read_meta(cfg.model)  # a wrong --model fails before any Ray work
     classes = list(meta["classes"])
-    table.check_classes(classes)
+    check_classes(classes)
     if not cfg.dry_run:
         table.check_output(cfg.output)  # a missing/read-only output fails before any image is read
     handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
@@ -202,7 +182,7 @@ def _list(cfg: ScoreConfig, model_version: str) -> _Listed:
 
     known = None
     if cfg.incremental:
-        from dragons.incremental import known_objects
+        from dragons.score.incremental import known_objects
 
         known = known_objects(cfg.output, model_version)
         log.info("--incremental: the table holds %d objects scored by model version %s", len(known), model_version)

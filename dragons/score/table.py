@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dragons import storage
+from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
 
 PARTITION = "dt"
@@ -40,29 +41,6 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SPOOL_BATCH_ROWS = 65_536
 # Tries of one run's table write when S3 fails on the way (delta-rs retries single requests itself).
 WRITE_ATTEMPTS = 4
-
-
-def prob_column(cls: str) -> str:
-    """``p_<class>`` with anything but letters, digits and _ replaced: a plain SQL name."""
-    return "p_" + re.sub(r"[^0-9A-Za-z_]", "_", cls)
-
-
-def check_classes(classes: list[str]) -> None:
-    """Refuse class sets whose ``p_<class>`` columns collide (``a-b`` and ``a_b``).
-
-    Called at train time (before any work) and again at score time for artifacts
-    trained before the check existed. SQL engines compare column names without
-    case, so names differing only in case collide too.
-    """
-    seen: dict[str, str] = {}
-    for c in classes:
-        col = prob_column(c).lower()
-        if col in seen:
-            raise DragonsError(
-                f"classes {seen[col]!r} and {c!r} both map to the table column {prob_column(c)!r}: "
-                "rename one of the class folders (only letters, digits and '_' survive in column names)"
-            )
-        seen[col] = c
 
 
 def check_run_id(run_id: str) -> None:

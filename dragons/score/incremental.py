@@ -55,8 +55,8 @@ def known_objects(table_root: str, model_version: str) -> KnownObjects:
     """Objects the table holds for ``model_version``; empty when there is no table yet."""
     from deltalake import DeltaTable
 
-    from dragons.query import QueryLimits, connect
-    from dragons.table import storage_options, table_uri
+    from dragons.score.query import QueryLimits, connect
+    from dragons.score.table import storage_options, table_uri
 
     uri = table_uri(table_root)
     if not DeltaTable.is_deltatable(uri, storage_options=storage_options(uri)):

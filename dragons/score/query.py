@@ -63,7 +63,7 @@ def parse_as_of(value: str | None) -> int | datetime | None:
 
 
 def _runs_table(root: str) -> pa.Table:
-    from dragons.table import run_history
+    from dragons.score.table import run_history
 
     rows = run_history(root)
     cols = ["version", "committed_at", "operation", "run_id", "listed", "skipped", "scored", "errors", "rows",
@@ -78,7 +78,7 @@ def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits 
     """A locked-down DuckDB connection with the views ``scores``, ``latest`` and ``runs``."""
     import duckdb
 
-    from dragons.table import open_table
+    from dragons.score.table import open_table
 
     limits = limits or QueryLimits()
     dt = open_table(root, as_of)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 from dragons import storage
 from dragons.errors import DragonsError
@@ -19,11 +20,19 @@ from dragons.errors import DragonsError
 BUCKET = "dragons-demo"
 
 
-def run_demo(data: str, workdir: str, epochs: int = 1) -> None:
-    from dragons import s3server
-    from dragons.query import format_table, run_sql
-    from dragons.score import ScoreConfig, score
-    from dragons.synth import write_bad_files, write_dataset
+@dataclass
+class DemoConfig:
+    data: str = ""  # an image folder (path or s3://) to use instead of drawing dragons
+    workdir: str = "dragons_demo"  # local folder for the drawn data and the logs
+    epochs: int = 1  # unfrozen fine-tuning epochs
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    data, workdir, epochs = cfg.data, cfg.workdir, cfg.epochs
+    from dragons.local import s3server
+    from dragons.score.query import format_table, run_sql
+    from dragons.score.pipeline import ScoreConfig, score
+    from dragons.local.synth import write_bad_files, write_dataset
     from dragons.train.config import TrainConfig
     from dragons.train.run import train
 

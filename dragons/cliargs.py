@@ -1,0 +1,133 @@
+"""Command-line plumbing shared by every ``dragons`` command.
+
+Flags come from the command's config dataclass: the field name is the flag, the
+field's default is the flag's default (shown in ``--help``), and the comment
+beside the default is its help. One place for each default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from typing import Any, Callable, Iterable
+
+from dragons.errors import DragonsError
+
+
+def guarded(fn: Callable[[], int | None]) -> int:
+    """Run a command: a DragonsError is ``error: ...`` and exit 2, with no traceback."""
+    try:
+        return int(fn() or 0)
+    except DragonsError as exc:
+        from dragons.storage import redact
+
+        print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows each option's default after its help (argparse's own version also
+    prints ``(default: None)`` for positionals and required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if "%(default)" in h or not action.option_strings or action.required:
+            return h
+        if action.default in (None, "", argparse.SUPPRESS) or isinstance(action, argparse.BooleanOptionalAction):
+            return h
+        return h + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with ``error:`` lines (exit 2, the valid choices listed) and defaults in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def lr_type(value: str) -> float:
+    """A positive learning rate, or 'auto' (0: the lr finder decides)."""
+    if value == "auto":
+        return 0.0
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr must be a number or 'auto', got {value!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError("--lr must be positive (or 'auto')")
+    return v
+
+
+def _auto(name: str, sentinel: float) -> Any:
+    """A number, or the word 'auto' (the field's sentinel: the recipe decides)."""
+    cast = int if isinstance(sentinel, int) else float
+
+    def parse(value: str) -> Any:
+        if value == "auto":
+            return sentinel
+        try:
+            return cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} must be a number or 'auto', got {value!r}") from None
+
+    return parse
+
+
+def field_help(cls: Any) -> dict[str, str]:
+    """The comment beside each dataclass default becomes its --help text."""
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]+#\s*(.+)$", src, re.M)}
+
+
+def add_config_args(p: argparse.ArgumentParser | Any, cls: Any, only: Iterable[str] | None = None,
+                    skip: Iterable[str] = (), helps: dict[str, str] | None = None,
+                    required: Iterable[str] = (), flags: dict[str, str] | None = None,
+                    choices: dict[str, list[str]] | None = None) -> None:
+    """Flags for the fields of config dataclass ``cls`` (``only`` those, in that order, if given).
+
+    ``p`` may be a parser or an argument group. ``flags`` renames a field's flag
+    (``timeout_s`` -> ``--timeout``); the parsed value keeps the field's name.
+    """
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(only) if only is not None else [n for n in by_name if n not in set(skip)]
+    text = {**field_help(cls), **(helps or {})}
+    required = set(required)
+    for name in names:
+        f = by_name[name]
+        flag = (flags or {}).get(name) or "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": name, "help": text.get(name, "")}
+        if choices and name in choices:
+            kw["choices"] = choices[name]
+        if name in required:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        typ = str(f.type)
+        if typ in ("bool", "<class 'bool'>"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif name in getattr(cls, "AUTO_FIELDS", {}):
+            p.add_argument(flag, type=_auto(name, cls.AUTO_FIELDS[name]), metavar=name.upper() + "|auto", **kw)
+        elif name == "lr":
+            kw["help"] += " ('auto' runs the lr finder)"
+            p.add_argument(flag, type=lr_type, **kw)
+        else:
+            cast = {"int": int, "float": float, "str": str}.get(typ.replace("<class '", "").rstrip("'>"), str)
+            p.add_argument(flag, type=cast, **({} if "choices" in kw else {"metavar": name.upper()}), **kw)
+
+
+def config_from(cls: Any, args: argparse.Namespace, **overrides: Any) -> Any:
+    """An instance of ``cls`` from the parsed flags that name its fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in {**vars(args), **overrides}.items() if k in names})
