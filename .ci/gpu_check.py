@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from dragons.models.fuse import fuse_for_inference  # noqa: E402
 from dragons.preprocess import eval_batch  # noqa: E402
 from dragons.train.config import TrainConfig  # noqa: E402
-from dragons.train.loop import Shard, Worker  # noqa: E402
+from dragons.train.stream import Shard  # noqa: E402
+from dragons.train.worker import Worker  # noqa: E402
 
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")

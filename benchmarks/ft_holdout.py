@@ -1,13 +1,13 @@
 """Single-process fine-tuning on a held-out 20% of flowers5 train/ (never valid/), without Ray:
     python benchmarks/ft_holdout.py --epochs 3 --lr 1e-3 [--size 224] [--freeze-early]
 Prints the head-only and per-epoch held-out accuracy (docs/training.md)."""
-import argparse, random, time, sys
+import argparse, random, time
 from pathlib import Path
 import numpy as np, torch
 from dragons.images import decode_to_base
 from dragons.preprocess import base_size_for
 from dragons.train.config import TrainConfig
-from dragons.train.loop import Worker
+from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
 ap = argparse.ArgumentParser()

@@ -102,7 +102,7 @@ def _score(cluster, victim, events: dict, model: str, input_: str, output: str, 
 
 def _train(cluster, victim, events: dict, data: str, out: str, storage_uri: str) -> dict:  # type: ignore[no-untyped-def]
     from dragons.train.config import TrainConfig
-    from dragons.train.loop import latest_checkpoint
+    from dragons.train.checkpoint import latest_checkpoint
     from dragons.train.run import train
 
     run_dir = f"{storage_uri.rstrip('/')}/drill"

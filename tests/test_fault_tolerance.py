@@ -12,7 +12,7 @@ import pytest
 
 from dragons.errors import DragonsError
 from dragons.train.config import TrainConfig
-from dragons.train.loop import latest_checkpoint
+from dragons.train.checkpoint import latest_checkpoint
 from dragons.train.run import train
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_latest_checkpoint_passes_over_one_cut_short(tmp_path: Path) -> None:
 
     import torch
 
-    from dragons.train.loop import STATE_FILE
+    from dragons.train.checkpoint import STATE_FILE
 
     run = tmp_path / "run"
     for name, epochs in (("checkpoint_2026-01-01_00-00-01.000001", 1), ("checkpoint_2026-01-01_00-00-02.000001", 2)):

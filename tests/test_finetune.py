@@ -18,7 +18,7 @@ import torch
 from dragons.images import decode_to_base
 from dragons.preprocess import base_size_for
 from dragons.train.config import TrainConfig
-from dragons.train.loop import Worker
+from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
 FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers5"

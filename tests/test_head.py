@@ -6,7 +6,7 @@ import torch
 
 from dragons.preprocess import base_size_for, eval_batch
 from dragons.train.config import TrainConfig
-from dragons.train.loop import Worker
+from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
 

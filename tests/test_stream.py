@@ -96,7 +96,7 @@ def test_capped_passes_sample_every_class() -> None:
 def test_empty_batch_trains_with_zero_gradients() -> None:
     """A rank whose shard is one row short can get an empty batch; it must not poison the model."""
     from dragons.train.config import TrainConfig
-    from dragons.train.loop import Worker
+    from dragons.train.worker import Worker
     from dragons.train.schedule import one_cycle
 
     w = Worker(TrainConfig(data="x", out="y", image_size=32, batch_size=1), ["a", "b"], None, torch.device("cpu"))

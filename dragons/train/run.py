@@ -24,7 +24,8 @@ from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
 from dragons.train.recipe import describe, resolve
 from dragons.train.stream import decode_actors_per_worker
-from dragons.train.loop import PREDS_FILE, STATE_FILE, latest_checkpoint, train_loop_per_worker
+from dragons.train.checkpoint import PREDS_FILE, STATE_FILE, latest_checkpoint
+from dragons.train.loop import train_loop_per_worker
 
 log = logging.getLogger("dragons")
 

@@ -31,9 +31,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dragons.errors import DragonsError
+from dragons.train.ranks import all_reduce
 
 # Images per Ray Data block: small blocks keep the memory in flight low (64 base
 # squares of 320 px are 20 MB) and let decoding overlap the first steps.
@@ -51,20 +51,6 @@ def decode_actors_per_worker(cluster_cpus: float, workers: int, data_cpu_share: 
     0.75 CPU and would wait, or hang the pass)."""
     free = cluster_cpus * data_cpu_share / max(1, workers)
     return max(1, min(MAX_DECODE_ACTORS, int(free / DECODE_ACTOR_CPUS + 1e-9)))
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if world()[1] > 1:
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(t, op=ops[op])
-    return t.tolist()
 
 
 def shard_rows(n: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
