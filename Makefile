@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision pins come from this machine's pip cache/disk in under a minute.
+	# .[dev] = the core, the `local` (moto S3 endpoint) and `report` (matplotlib) extras, and the test tools.
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

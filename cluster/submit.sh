@@ -20,9 +20,10 @@
 #                          only for a cluster started without token auth.
 #   RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token
 #                          Token sources, in Ray's order of precedence.
-#   DRAGONS_RUNTIME_PIP=1  Also pip-install the project's dependencies
+#   DRAGONS_RUNTIME_PIP=1  Also pip-install the project's core dependencies
 #                          (pyproject.toml [project].dependencies, minus ray
-#                          which the image provides) into the job's runtime_env.
+#                          which the image provides; never the extras `local`,
+#                          `report`, `dev`) into the job's runtime_env.
 #                          Needed on stock rayproject/ray images (KubeRay
 #                          RayCluster, launcher clusters). Leave unset for a
 #                          local `ray start` from the project venv (Ray would
@@ -116,7 +117,8 @@ if [[ "${DRAGONS_RUNTIME_PIP:-}" == "1" ]]; then
   if [[ -z "$py" ]]; then
     if [[ -x .venv/bin/python ]]; then py=.venv/bin/python; else py=python3; fi
   fi
-  # JSON list of pyproject dependencies without ray (single source of truth).
+  # JSON list of pyproject's core dependencies without ray (single source of
+  # truth); [project.optional-dependencies] (moto, matplotlib, test tools) stay out.
   pip_packages="$(
     "$py" - <<'PY'
 import json, re, tomllib

@@ -361,13 +361,39 @@ def _project_deps_without_ray() -> list[str]:
     return [d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group(0).lower() != "ray"]
 
 
+def _name(requirement: str) -> str:
+    return re.match(r"[A-Za-z0-9._-]+", requirement).group(0).lower()
+
+
+# The extras cluster nodes never need: the demo's local S3 endpoint and the report's plots.
+NOT_ON_CLUSTER = {"moto", "matplotlib"}
+
+
 @pytest.mark.parametrize("where,doc", JOB_PARAMS)
 def test_rayjob_pip_matches_pyproject(where: str, doc: dict):
-    # The stock image provides ray; everything else must be installed per job.
+    # The stock image provides ray; every other core dependency must be installed
+    # per job, with the same pin, and nothing from the extras.
     env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
-    assert env["pip"]["packages"] == _project_deps_without_ray(), (
-        f"{where}: runtimeEnvYAML.pip is out of sync with pyproject.toml"
-    )
+    packages = env["pip"]["packages"]
+    core = _project_deps_without_ray()
+    missing = [d for d in core if d not in packages]
+    assert not missing, f"{where}: runtimeEnvYAML.pip lacks pyproject core dependencies {missing}"
+    extra = [p for p in packages if p not in core]
+    assert not extra, f"{where}: runtimeEnvYAML.pip has {extra}, not pyproject core dependencies"
+    assert not {_name(p) for p in packages} & NOT_ON_CLUSTER, f"{where}: moto/matplotlib on the cluster"
+
+
+def test_cluster_only_extras_stay_out_of_core():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not {_name(d) for d in project["dependencies"]} & NOT_ON_CLUSTER
+    extras = project["optional-dependencies"]
+    assert [_name(d) for d in extras["local"]] == ["moto"]
+    assert [_name(d) for d in extras["report"]] == ["matplotlib"]
+    # `make demo` / `make test` install .[dev]: it must bring both.
+    assert "dragons[local,report]" in extras["dev"]
+    assert "'.[dev]'" in (REPO / "Makefile").read_text()
 
 
 # --------------------------------------------------------------------------
@@ -483,6 +509,8 @@ def sandbox(tmp_path: Path) -> Path:
     (tmp_path / "pyproject.toml").write_text(
         '[project]\nname = "x"\ndependencies = ["torch==2.14.1", '
         '"ray[data,train,default]==2.58.1", "pillow>=10"]\n'
+        # Extras never reach the cluster's runtime_env.
+        '[project.optional-dependencies]\nlocal = ["moto[server]>=5.0"]\nreport = ["matplotlib>=3.8"]\n'
     )
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -580,7 +608,7 @@ def test_submit_sh_train_address_and_pip(sandbox: Path):
     assert argv[argv.index("--address") + 1] == "http://127.0.0.1:18265"
     assert argv[argv.index("--") + 1 :][:2] == ["python", "jobs/train.py"]
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
-    # pyproject dependencies minus ray (the cluster image provides it).
+    # pyproject core dependencies minus ray (the cluster image provides it), no extras.
     assert runtime_env["pip"]["packages"] == ["torch==2.14.1", "pillow>=10"]
 
 

@@ -6,6 +6,7 @@ to it over HTTP exactly as they would to AWS.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+from dragons.errors import DragonsError
 
 # Local-only credentials: moto accepts anything, and these are not secrets.
 LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "dragons-local", "AWS_SECRET_ACCESS_KEY": "dragons-local-secret", "AWS_REGION": "us-east-1"}
@@ -51,6 +54,8 @@ class LocalS3:
 
 def start(port: int | None = None, timeout_s: float = 30.0) -> LocalS3:
     """Start moto's server on 127.0.0.1 and wait until it answers."""
+    if importlib.util.find_spec("moto") is None:  # the `local` extra
+        raise DragonsError("the local S3 endpoint needs moto, which is not installed: pip install 'dragons[local]'")
     port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -263,7 +264,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
           + (f"; with TTA x{cfg.tta}: {metrics['valid_accuracy_tta']:.4f}" if state.get("tta") else "")
           + f"; wall {wall:.1f}s", flush=True)
     print(f"model artifact {cfg.out} (version {saved['version']})", flush=True)
-    if cfg.report and idx is not None and probs is not None:
+    report_wanted = cfg.report and idx is not None and probs is not None
+    if report_wanted and importlib.util.find_spec("matplotlib") is None:  # the `report` extra is optional
+        print("report skipped: matplotlib is not installed (pip install 'dragons[report]')", flush=True)
+    elif report_wanted:
         from dragons.evaluate import report_from_predictions
 
         samples = [folder.valid[int(i)] for i in idx]  # idx: position in folder.valid
