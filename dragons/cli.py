@@ -66,9 +66,12 @@ def lr_find_main(args: argparse.Namespace) -> int:
     import tempfile
 
     from dragons import storage
-    from dragons.report import plot_lr_find
+    from dragons.evaluate import require_plotting
     from dragons.train.config import TrainConfig
     from dragons.train.run import train
+
+    require_plotting("lr-find's plot")  # before the sweep, not after it
+    from dragons.report import plot_lr_find
 
     cfg = TrainConfig.from_dict({**vars(args), "lr_find_only": True, "lr": 0.0, "report": False})
     out = train(cfg)

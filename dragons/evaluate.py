@@ -36,6 +36,14 @@ def _loader(uris: list[str], side: int) -> Any:
 PREDICTIONS_FILE = "predictions.csv"
 
 
+def require_plotting(what: str) -> None:
+    """matplotlib is the optional ``report`` extra (cluster nodes do without it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DragonsError(f"{what} needs matplotlib, which is not installed: pip install 'dragons[report]'")
+
+
 def _write_predictions(path: str, uris: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
     """Every image's probabilities beside the report, for a person's own analysis."""
     import pyarrow as pa
@@ -55,6 +63,7 @@ def report_from_predictions(
     history: list[dict[str, Any]] | None = None, lr_find: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
 ) -> str:
     """Write the HTML report for given predictions; returns the index.html URI."""
+    require_plotting("the report")
     from dragons.report import write_report
 
     names = [u.rsplit("/", 1)[-1] for u in uris]
