@@ -152,9 +152,12 @@ COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argpa
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dragons <command> [options]\n\ncommands: " + ", ".join(COMMANDS) + "\n\n'dragons <command> --help' for each.")
+        print("usage: dragons <command> [options]\n\ncommands: " + ", ".join(COMMANDS) + "\n\n'dragons <command> --help' for each; --verbose (any command) also shows Ray's own lines.")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if "--verbose" in rest:  # every command: Ray's own worker lines on the terminal too (they are always in the log)
+        rest.remove("--verbose")
+        os.environ["DRAGONS_VERBOSE"] = "1"
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

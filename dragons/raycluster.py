@@ -40,6 +40,7 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         if not address:
             _forget_dead_cluster_address()
         ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
+        _route_worker_output()
     if no_progress_timeout_s is not None:
         from ray.data import DataContext
 
@@ -49,6 +50,50 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
     # Ray Data's per-operator INFO lines drown our own progress; keep its warnings.
     for name in ("ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# Workers' stderr (Ray's own logging: worker-group set-up, Ray Data notices, C++
+# warnings) goes here, not to the terminal; the run's log file has a handler on it.
+ray_output = logging.getLogger("dragons.ray")
+ray_output.setLevel(logging.INFO)
+ray_output.propagate = False  # never the terminal (a run adds its log file's handler)
+VERBOSE_ENV = "DRAGONS_VERBOSE"  # "1" (or --verbose): workers' stderr on the terminal too, as Ray prints it
+
+
+def _route_worker_output() -> None:
+    """What a person sees of the workers is what dragons prints there.
+
+    Ray forwards every worker's stdout and stderr to the driver with a coloured
+    ``(RayTrainWorker pid=...)`` prefix. Our lines (progress, the epoch table,
+    printed by rank 0) are on stdout: they are shown as plain lines (and reach
+    the run's log through its tee). Ray's own lines are on stderr: they go to the
+    ``dragons.ray`` logger, i.e. the run's log file; ``DRAGONS_VERBOSE=1`` also
+    shows them as Ray would. Ray's session logs keep everything regardless.
+    """
+    import functools
+
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    verbose = os.environ.get(VERBOSE_ENV, "") == "1"
+    ray_print = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+
+    def route(data: dict) -> None:
+        lines = [str(line) for line in data.get("lines") or []]
+        if data.get("pid") == "autoscaler":  # like Ray: its events, not its status dump every 5 s
+            lines = list(ray_worker.filter_autoscaler_events(lines))
+        if not data.get("is_err") and data.get("pid") != "autoscaler":  # the autoscaler's status dumps are Ray's too
+            if lines:
+                print("\n".join(lines), flush=True)
+            return
+        if verbose:
+            ray_print(data)
+        who = data.get("actor_name") or data.get("task_name") or "worker"
+        for line in lines:
+            ray_output.info("(%s pid=%s) %s", who, data.get("pid"), line)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", route)
 
 
 def _check_token_auth() -> None:

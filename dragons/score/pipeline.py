@@ -28,7 +28,7 @@ from dragons.data import DecodeBatch
 from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
 from dragons.score.config import ScoreConfig
-from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray
+from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray, ray_output
 
 log = logging.getLogger("dragons.score")
 
@@ -155,9 +155,11 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     if not cfg.dry_run:
         table.check_output(cfg.output)  # a missing/read-only output fails before any image is read
     handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
+    ray_output.addHandler(handler)  # Ray's own worker lines: in the run's log, not on the terminal
     try:
         return _run(cfg, run_id, started, meta, classes)
     finally:
+        ray_output.removeHandler(handler)
         log.removeHandler(handler)
         handler.close()
 

@@ -19,7 +19,7 @@ from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
-from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray, size_workers
+from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray, ray_output, size_workers
 from dragons.columns import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
@@ -201,10 +201,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as log_fh:
         previous = tee_stdout(log_fh)
+        ray_lines = logging.StreamHandler(log_fh)  # Ray's own worker lines: in the log, not on the terminal
+        ray_output.addHandler(ray_lines)
         try:
             print(f"run log {os.path.abspath(path)}", flush=True)
             saved = _train(cfg)
         finally:
+            ray_output.removeHandler(ray_lines)
             sys.stdout.flush()
             sys.stdout = previous
     if not cfg.lr_find_only and cfg.out:
