@@ -26,7 +26,7 @@ from dragons.train.worker import Worker  # noqa: E402
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")
 out: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-cfg = TrainConfig(data="x", out="y", batch_size=64)
+cfg = TrainConfig(data="x", out="y", batch_size=64, image_size=224, crop_pct=0.875)
 w = Worker(cfg, ["a", "b"], None, dev)
 out["amp_dtype"] = str(w.amp_dtype)
 n = 512
@@ -40,13 +40,13 @@ opt = torch.optim.AdamW(params)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 steps = n // cfg.batch_size
 t = time.perf_counter()
-loss0 = w.train_images(shard, opt, sched, steps, frozen=False, net=w.model)
-loss1 = w.train_images(shard, opt, sched, steps, frozen=False, net=w.model)
+loss0 = w.train_images(shard, opt, sched, frozen=False, net=w.model, epoch=0)
+loss1 = w.train_images(shard, opt, sched, frozen=False, net=w.model, epoch=1)
 torch.cuda.synchronize()
 out["train_images_per_s"] = round(2 * steps * cfg.batch_size / (time.perf_counter() - t), 1)
 out["train_loss_epoch1_epoch2"] = [round(loss0, 4), round(loss1, 4)]
-probs = w.predict(shard, tta=4)
-out["tta_accuracy"] = round(float((probs.argmax(1) == y.numpy()).mean()), 4)
+preds = w.predict(shard, tta=4)  # the one inference path (dragons.predictor), bf16 autocast on the GPU
+out["tta_accuracy"] = round(float((preds.probs.argmax(1) == preds.y).mean()), 4)
 model = fuse_for_inference(w.model.eval()).to(memory_format=torch.channels_last)
 best = {}
 for bs in (64, 256):
