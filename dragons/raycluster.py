@@ -8,8 +8,10 @@ share of the CPUs to Ray Data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
@@ -94,6 +96,53 @@ def _route_worker_output() -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", route)
+
+
+# Known-harmless lines Ray's C++ core prints on the driver's stderr, where no
+# logging level reaches them. Ray Data passes refs to every pool actor it starts
+# (ray-project/ray#57733); Ray keeps those refs alive for the pool's lifetime.
+DRIVER_NOISE = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def driver_stderr_to_log(noise: tuple[str, ...] = DRIVER_NOISE) -> Iterator[None]:
+    """While inside, lines on the driver's stderr (fd 2) that match ``noise`` go to
+    the run's log (``dragons.ray``), every other line to the terminal unchanged.
+
+    Only around a pipeline: the original stderr is back, and the pipe drained,
+    before any exception leaves the block, so a traceback is never swallowed.
+    ``DRAGONS_VERBOSE=1`` leaves stderr alone.
+    """
+    import sys
+    import threading
+
+    if os.environ.get(VERBOSE_ENV, "") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for raw in pipe:
+                line = raw.decode(errors="replace")
+                if any(n in line for n in noise):
+                    ray_output.info("(driver) %s", line.rstrip())
+                else:
+                    os.write(saved, raw)
+
+    thread = threading.Thread(target=pump, name="dragons-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump drains and ends
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 def _check_token_auth() -> None:

@@ -121,3 +121,37 @@ def test_embedded_cluster_uses_token_auth_and_loopback_dashboard(ray_session: No
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "CONNECTED" not in proc.stdout
     assert "Authentication" in proc.stderr or "InvalidAuthToken" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(capfd: pytest.CaptureFixture[str],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's C++ core writes straight to fd 2: the known-harmless line (ray#57733) goes to
+    the run's log, anything else still reaches the terminal, and so does a traceback
+    raised inside the block (stderr is restored before it leaves)."""
+    import logging
+
+    from dragons.raycluster import DRIVER_NOISE, VERBOSE_ENV, driver_stderr_to_log, ray_output
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    ray_output.addHandler(handler)
+    noise = f"[E core_worker.cc:2330] Actor with class name: 'MapWorker' {DRIVER_NOISE[0]}. See #53727\n"
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with driver_stderr_to_log():
+                os.write(2, noise.encode())
+                os.write(2, b"a real problem\n")
+                raise RuntimeError("boom")
+        os.write(2, b"after the block\n")
+    finally:
+        ray_output.removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "a real problem" in err and "after the block" in err
+    assert DRIVER_NOISE[0] not in err
+    assert any(DRIVER_NOISE[0] in m for m in seen)

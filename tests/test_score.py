@@ -88,7 +88,7 @@ def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -
     table = f"s3://{bucket}/tables/catalogue"
     m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat"))
     assert m["listed"] == m["rows"] == len(cat)
-    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores").to_pylist()}
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores WHERE run_id = 'cat'").to_pylist()}
     assert set(rows) == set(cat)
     for name, (_, expect) in cat.items():
         r = rows[name]
@@ -98,11 +98,21 @@ def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -
             assert r["error"] is None and r["label"] in ("ants", "bees") and 0.5 <= r["score"] <= 1.0, r
     assert rows["bomb.png"]["error"].startswith("too_large")
     assert rows["truncated.jpg"]["error"].startswith("truncated")
+    # On this CPU cluster the scoring actors decode ("auto"); decoding in upstream CPU
+    # tasks (what GPU clusters do) gives the same rows, errors and probabilities.
+    score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat-tasks",
+                      decode="tasks"))
+    tasks = {r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores WHERE run_id = 'cat-tasks'").to_pylist()}
+    assert set(tasks) == set(rows)
+    for name, r in rows.items():
+        t = tasks[name]
+        assert (t["error"] is None) == (r["error"] is None) and (t["error"] or "")[:12] == (r["error"] or "")[:12], name
+        assert t["label"] == r["label"] and (r["p_ants"] is None or abs(t["p_ants"] - r["p_ants"]) < 1e-6), name
     # The same run with a strict error budget: rows still committed, non-zero exit.
     with pytest.raises(DragonsError, match="exceeds --max-error-rate"):
         score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat-strict",
                           max_error_rate=0.1))
-    assert {h["run_id"] for h in run_history(table)} == {"cat", "cat-strict"}
+    assert {h["run_id"] for h in run_history(table)} == {"cat", "cat-tasks", "cat-strict"}
 
 
 def test_rerun_replaces_in_one_commit(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:

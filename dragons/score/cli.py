@@ -12,14 +12,15 @@ FORMATS = ["table", "csv", "json"]  # dragons query / table output; the first is
 
 
 def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
-    from dragons.score.config import ScoreConfig
+    from dragons.score.config import DECODE_CHOICES, ScoreConfig
 
     p = Parser(prog=prog, description="Score every image under a prefix into a Delta Lake table of class probabilities "
                                       "(one run = one table version).")
     add_config_args(p.add_argument_group("what to score, and where"), ScoreConfig,
                     only=("model", "input", "manifest", "output", "run_id", "incremental", "dry_run"), required=("model", "output"))
     add_config_args(p.add_argument_group("resources and limits"), ScoreConfig,
-                    only=("batch_size", "actors", "tta", "max_error_rate", "max_pixels", "max_bytes", "no_progress_timeout_s"))
+                    only=("batch_size", "actors", "decode", "tta", "max_error_rate", "max_pixels", "max_bytes",
+                          "no_progress_timeout_s"), choices={"decode": DECODE_CHOICES})
     add_config_args(p.add_argument_group("table files and logs"), ScoreConfig,
                     only=("file_size_mb", "spool_dir", "progress_s", "log_file"))
     return p

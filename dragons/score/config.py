@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from dragons.decode import DEFAULT_MAX_BYTES
 from dragons.images import DEFAULT_MAX_PIXELS
 
+# Where images are decoded; the first is the default.
+DECODE_CHOICES = ["auto", "actors", "tasks"]
+
 
 @dataclass
 class ScoreConfig:
@@ -19,6 +22,7 @@ class ScoreConfig:
     batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
     actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
     tta: int = 0  # test-time augmentation views (0 = off)
+    decode: str = DECODE_CHOICES[0]  # auto = in the scoring actors on CPU clusters, in CPU tasks where actors have GPUs
     max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images become error rows `too_large`
     max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread

@@ -1,9 +1,10 @@
 """Bulk scoring: a Ray Data pipeline from an S3 prefix to a Delta Lake table.
 
     streaming listing (pages; --incremental drops unchanged objects)
-    -> read + decode + preprocess (CPU tasks) -> Scorer actors (one GPU each
-    where there are GPUs) -> the driver spools rows locally -> ONE Delta commit
-    (rows + counts in its metadata) makes the run visible.
+    -> Scorer actors: read + decode + infer on a CPU cluster; on a GPU cluster
+       CPU tasks read + decode and each actor holds one GPU
+    -> the driver spools rows locally -> ONE Delta commit (rows + counts in its
+       metadata) makes the run visible.
 
 Every listed object yields exactly one row: an object that cannot be scored
 gets ``error`` and null probabilities, never a crashed job.
@@ -27,8 +28,8 @@ from dragons.score import listing, table
 from dragons.data import DecodeBatch
 from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
-from dragons.score.config import ScoreConfig
-from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray, ray_output
+from dragons.score.config import DECODE_CHOICES, ScoreConfig
+from dragons.raycluster import DATA_CPU_SHARE, cluster, driver_stderr_to_log, ensure_ray, ray_output
 
 log = logging.getLogger("dragons.score")
 
@@ -38,22 +39,60 @@ PASSTHROUGH = ("etag", "size", "last_modified")
 
 
 class Scorer:
-    """Ray Data actor: loads the artifact once, maps decoded batches to probabilities."""
+    """Ray Data actor: loads the artifact once, maps batches to probabilities.
 
-    def __init__(self, model_uri: str, tta: int, threads: int) -> None:
+    With ``decode`` (CPU clusters) a batch arrives as URIs and the actor reads and
+    decodes it itself, the next chunk on threads while the model runs on this one
+    (PIL and torch both release the GIL). Without it (GPU clusters) CPU tasks
+    decode upstream and the batch arrives as base squares.
+    """
+
+    def __init__(self, model_uri: str, tta: int, threads: int, decode: DecodeBatch | None = None,
+                 chunk: int = 8) -> None:
         from dragons.predictor import Predictor
 
         self.art = artifact.load(model_uri)
         self.predictor = Predictor.from_artifact(self.art, tta=tta, threads=threads)
         self.classes = self.art.classes
+        self.decode, self.chunk = decode, chunk
+        if decode is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # One thread runs the next chunk's decode (itself fanning out on the
+            # decoder's reader threads), so the model never waits on a cold chunk.
+            self.prefetch = ThreadPoolExecutor(max_workers=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode is None:
+            return self._rows(batch, self._probs(batch))
+        # Decode chunk k+1 on the decoder's threads while the model scores chunk k.
+        n = len(batch["uri"])
+        chunks = [{k: v[i : i + self.chunk] for k, v in batch.items()} for i in range(0, n, self.chunk)]
+        pool = self.prefetch
+        pending = pool.submit(self.decode, chunks[0]) if chunks else None
+        parts, probs = [], []
+        for i in range(len(chunks)):
+            decoded = pending.result()  # type: ignore[union-attr]
+            pending = pool.submit(self.decode, chunks[i + 1]) if i + 1 < len(chunks) else None
+            probs.append(self._probs(decoded))
+            del decoded["image"]  # 300 KB an image: only the probabilities go on
+            parts.append(decoded)
+        if not parts:
+            return self._rows({**batch, "error": np.array([], dtype=object)}, np.zeros((0, len(self.classes))))
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._rows(merged, np.concatenate(probs))
+
+    def _probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         errors = batch["error"]
-        n = len(errors)
         ok = np.array([e == "" for e in errors], dtype=bool)
-        probs = np.full((n, len(self.classes)), np.nan, dtype=np.float64)
+        probs = np.full((len(errors), len(self.classes)), np.nan, dtype=np.float64)
         if ok.any():
-            probs[ok] = self.predictor.numpy(batch["image"][ok])
+            probs[ok] = self.predictor.numpy(batch["image"] if ok.all() else batch["image"][ok])
+        return probs
+
+    def _rows(self, batch: dict[str, np.ndarray], probs: np.ndarray) -> dict[str, np.ndarray]:
+        errors = batch["error"]
+        ok = np.array([e == "" for e in errors], dtype=bool)
         top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
         out: dict[str, np.ndarray] = {
             "uri": batch["uri"],
@@ -141,6 +180,8 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     """Run the pipeline and commit the run; returns the run's commit metadata."""
     if not cfg.output:
         raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
+    if cfg.decode not in DECODE_CHOICES:
+        raise DragonsError(f"--decode {cfg.decode!r} is not one of: {', '.join(DECODE_CHOICES)}")
     if not 0.0 <= cfg.max_error_rate <= 1.0:
         raise DragonsError(f"--max-error-rate must be between 0 and 1, got {cfg.max_error_rate}")
     if cfg.incremental and cfg.manifest:
@@ -253,23 +294,38 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         if n:
             res = cluster()
             actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
-            log.info("%d scoring actor(s) with %g CPU%s each; decoding in CPU tasks", actors, actor_cpu, " and 1 GPU" if actor_gpu else "")
-            base = artifact.base_size_of(meta)
             # Small blocks stream: results (and progress) arrive block by block, and a
-            # decoded block (196 KB an image) stays small. Big inputs get up to 256 rows.
+            # decoded block (300 KB an image) stays small. Big inputs get up to 256 rows.
             rows_per_block = min(256, max(cfg.batch_size, math.ceil(n / (8 * actors))))
+            if math.ceil(n / rows_per_block) < actors:  # a handful of images: no idle actors to start
+                actors, actor_cpu, actor_gpu, threads = size_actors(math.ceil(n / rows_per_block), res.cpus, res.gpus)
+            # On CPUs the scoring actors decode too: a separate decode stage would only
+            # push every 300 KB base square through the object store and start more
+            # processes (seconds of imports each) on the same cores. GPU actors keep
+            # their few CPUs for feeding the GPU, so there CPU tasks decode upstream.
+            fused = cfg.decode == "actors" or (cfg.decode == "auto" and actor_gpu == 0)
+            log.info("%d scoring actor(s) with %g CPU%s each; decoding %s", actors, actor_cpu,
+                     " and 1 GPU" if actor_gpu else "", "in the scoring actors" if fused else "in CPU tasks")
+            decoder = DecodeBatch(artifact.base_size_of(meta), cfg.max_pixels, max_bytes=cfg.max_bytes)
             ds = ray.data.from_arrow_refs(_reblock(todo.refs, rows_per_block))
-            # Few decode tasks, each overlapping its S3 GETs on threads: every extra
-            # task process costs seconds of imports on a small machine.
-            ds = ds.map_batches(DecodeBatch(base, cfg.max_pixels, max_bytes=cfg.max_bytes), batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
-                                compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
-            ds = ds.map_batches(
-                Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,
-                compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
-            )
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                writer.add(batch)
-                progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count)
+            if fused:
+                ds = ds.map_batches(
+                    Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads, decoder, cfg.batch_size), batch_size=None,
+                    compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu,
+                )
+            else:
+                # Few decode tasks, each overlapping its S3 GETs on threads: every extra
+                # task process costs seconds of imports on a small machine.
+                ds = ds.map_batches(decoder, batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
+                                    compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
+                ds = ds.map_batches(
+                    Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,
+                    compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
+                )
+            with driver_stderr_to_log():
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                    writer.add(batch)
+                    progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count)
         progress.update(0, 0, force=True)
         todo.refs.clear()
         if writer.rows != n:
