@@ -35,9 +35,12 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         # default of joining whatever /tmp/ray/ray_current_cluster or a stray
         # gcs_server points at: a crashed earlier run leaves that file behind and
         # ray.init() then fails to connect to a dead address (RAY_ADDRESS=auto
-        # joins a local `ray start`). The embedded cluster keeps its dashboard
-        # (Ray Train's state API needs it) on 127.0.0.1, never beyond localhost.
-        local = {} if address else {"dashboard_host": "127.0.0.1"}
+        # joins a local `ray start`). The embedded cluster runs without Ray's
+        # dashboard: ten head processes (~0.7 GB, seconds of start-up CPU) that a
+        # one-command run never serves. DRAGONS_DASHBOARD=1 starts it, on
+        # 127.0.0.1 only (for the state API: `ray list actors`, and debugging).
+        dashboard = os.environ.get(DASHBOARD_ENV, "") == "1"
+        local = {} if address else {"include_dashboard": dashboard, **({"dashboard_host": "127.0.0.1"} if dashboard else {})}
         _check_token_auth()
         if not address:
             _forget_dead_cluster_address()
@@ -59,7 +62,15 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
 ray_output = logging.getLogger("dragons.ray")
 ray_output.setLevel(logging.INFO)
 ray_output.propagate = False  # never the terminal (a run adds its log file's handler)
+DASHBOARD_ENV = "DRAGONS_DASHBOARD"  # "1": the embedded cluster starts Ray's dashboard (loopback only)
 VERBOSE_ENV = "DRAGONS_VERBOSE"  # "1" (or --verbose): workers' stderr on the terminal too, as Ray prints it
+# Worker lines that repeat every second for a reason that is known: the first goes
+# to the log with the reason, the rest are dropped (all are in Ray's session logs).
+LOG_ONCE = {
+    "Failed to query Ray Train Controller actor state":
+        "repeats every second: Ray Train's placement-group cleaner asks the state API, which an embedded cluster "
+        "without the dashboard does not serve; that cluster ends with the run, placement groups included",
+}
 
 
 def _route_worker_output() -> None:
@@ -77,6 +88,7 @@ def _route_worker_output() -> None:
     from ray._private import worker as ray_worker
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    logged_once: set[str] = set()
     verbose = os.environ.get(VERBOSE_ENV, "") == "1"
     ray_print = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
 
@@ -92,6 +104,12 @@ def _route_worker_output() -> None:
             ray_print(data)
         who = data.get("actor_name") or data.get("task_name") or "worker"
         for line in lines:
+            key = next((k for k in LOG_ONCE if k in line), None)
+            if key is not None:
+                if key in logged_once:
+                    continue
+                logged_once.add(key)
+                line += f"  [dragons: logged once, {LOG_ONCE[key]}]"
             ray_output.info("(%s pid=%s) %s", who, data.get("pid"), line)
 
     dispatcher.remove_handler("ray_print_logs")

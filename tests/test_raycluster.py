@@ -77,41 +77,36 @@ def _ray_listeners() -> list[tuple[str, int, str, str]]:
     return out
 
 
-def test_embedded_cluster_uses_token_auth_and_loopback_dashboard(ray_session: None, tmp_path) -> None:
+def test_embedded_cluster_uses_token_auth_and_no_dashboard(ray_session: None, tmp_path) -> None:
+    """The embedded cluster serves no dashboard (no HTTP API; ~0.7 GB and ten
+    processes saved) and its GCS refuses a client without the token."""
     import stat
-    import urllib.error
-    import urllib.request
 
+    import psutil
     import ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     assert os.environ["RAY_AUTH_MODE"] == "token" and get_authentication_mode() == AuthenticationMode.TOKEN
     token_file = os.environ["RAY_AUTH_TOKEN_PATH"]
     assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
-    token = open(token_file).read().strip()
-    assert len(token) >= 32
+    assert len(open(token_file).read().strip()) >= 32
 
-    listeners = _ray_listeners()
     from ray.dashboard.consts import DASHBOARD_METRIC_PORT
 
-    # The dashboard process serves its HTTP API (jobs, state) on loopback only. Its
-    # Prometheus metrics exporter (DASHBOARD_METRIC_PORT) binds the node IP's
-    # interfaces, and Ray refuses a loopback node IP: read-only metrics, documented
-    # in docs/operations.md.
-    dashboard = [(ip, port) for ip, port, name, cmd in listeners
-                 if "dashboard/dashboard.py" in cmd and port != DASHBOARD_METRIC_PORT]
-    assert dashboard and all(ip == "127.0.0.1" for ip, _ in dashboard), listeners
+    # Without the dashboard Ray still runs its head process, headless: no HTTP
+    # server (jobs, state API), only its Prometheus exporter (DASHBOARD_METRIC_PORT,
+    # read-only metrics, bound to the node IP's interfaces: docs/operations.md),
+    # and none of the ten module processes.
+    assert os.environ.get("DRAGONS_DASHBOARD", "") != "1"
+    modules = [" ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
+               if "dashboard/modules" in " ".join(p.info["cmdline"] or []) or "ray-dashboard-" in (p.info["cmdline"] or [""])[0]]
+    assert modules == [], modules
+    listeners = _ray_listeners()
+    assert listeners, "no Ray listeners found: is the session's cluster running?"
+    assert [port for ip, port, name, cmd in listeners if "dashboard/dashboard.py" in cmd] == [DASHBOARD_METRIC_PORT], listeners
     for ip, port, name, cmd in listeners:
         if ip in ("0.0.0.0", "::"):
             assert any(k in name or k in cmd for k in WILDCARD_OK), (ip, port, name, cmd[:200])
-            assert "dashboard/dashboard.py" not in cmd or port == DASHBOARD_METRIC_PORT, (ip, port)
-
-    dash = f"http://127.0.0.1:{dashboard[0][1]}/api/version"
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(dash, timeout=10)
-    assert info.value.code == 401
-    ok = urllib.request.urlopen(urllib.request.Request(dash, headers={"Authorization": f"Bearer {token}"}), timeout=10)
-    assert ok.status == 200
 
     # A client without the token is refused by the GCS.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}

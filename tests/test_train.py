@@ -97,6 +97,8 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     assert "Reporting training result" not in text
     # Ray's own worker lines (on the workers' stderr) are kept in the log, with who said them.
     assert "(RayTrainWorker pid=" in text and "Setting up process group" in text
+    # Without the dashboard Ray Train's placement-group cleaner fails once a second: logged once.
+    assert text.count("Failed to query Ray Train Controller actor state") <= 1
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
