@@ -183,9 +183,9 @@ def _cpu_group(cmdline: str, pid: int) -> str:
     if "moto.server" in cmdline:
         return "S3 endpoint (moto)"
     if "Scorer" in cmdline:
-        return "scoring actors (model)"
+        return "scoring actors (GET + JPEG + model)"
     if "DecodeBatch" in cmdline or cmdline.startswith("ray::IDLE"):
-        return "decode tasks (GET + JPEG)"
+        return "decode tasks, idle workers"
     if "ray" in cmdline:
         return "Ray system (raylet, GCS, dashboard, Data actors)"
     return ""
