@@ -311,7 +311,7 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
             if fused:
                 ds = ds.map_batches(
                     Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads, decoder, cfg.batch_size), batch_size=None,
-                    compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu,
+                    compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,  # --decode actors on GPUs
                 )
             else:
                 # Few decode tasks, each overlapping its S3 GETs on threads: every extra
