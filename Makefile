@@ -9,16 +9,18 @@ DATA ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch/torchvision pins come from this machine's pip cache/disk in under a minute.
-	# .[dev] = the core, the `local` (moto S3 endpoint) and `report` (matplotlib) extras, and the test tools.
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@# torch/torchvision pins come from this machine's pip cache/disk in under a minute.
+	@# .[dev] = the core, the `local` (moto S3 endpoint) and `report` (matplotlib) extras, and the test tools.
+	@# pip's own notices go to a file (the terminal shows them only when the install fails).
+	@echo "installing dragons and its pinned dependencies into $(VENV) (pip's output: $(VENV)/install.log)"
+	@{ $(BIN)/pip install --upgrade pip && $(BIN)/pip install -e '.[dev]'; } > $(VENV)/install.log 2>&1 \
+		|| { tail -n 40 $(VENV)/install.log; echo "error: pip install failed; the whole output is in $(VENV)/install.log"; exit 1; }
+	@touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dragons demo $(if $(DATA),--data $(DATA),)
+	@$(BIN)/dragons demo $(if $(DATA),--data $(DATA),)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

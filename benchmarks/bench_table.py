@@ -151,11 +151,12 @@ def bench_listing(objects: int, threads: int = 32, local: bool = False) -> dict[
             peak, wall, p = _child([sys.executable, "-m", "dragons.cli", "score", "--model", tmp, "--input",
                                     archive, "--output", table, "--incremental", "--dry-run",
                                     "--log-file", os.path.join(tmp, "dry.log")], stdout=subprocess.PIPE)
+            run_log = Path(tmp, "dry.log").read_text() if Path(tmp, "dry.log").exists() else ""
         assert p.returncode == 0, p.stderr
         would = len(p.stdout.splitlines())
         assert would == objects - known, (would, objects - known, p.stderr[-500:])
         summary = p.stderr.strip().splitlines()[-1]
-        rss_line = next((ln for ln in p.stderr.splitlines() if "listing done" in ln), "")
+        rss_line = next((ln.split(" INFO ", 1)[-1] for ln in run_log.splitlines() if "listing done" in ln), "")  # a log-only line
         base = subprocess.run([sys.executable, "-c", "import resource, dragons.score.pipeline, dragons.score.incremental, deltalake, duckdb; "
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True)
         base_peak = int(base.stdout.strip()) / 1024  # the driver's imports alone (torch, ray, pyarrow, duckdb, deltalake)

@@ -84,12 +84,14 @@ def run_demo(cfg: DemoConfig) -> None:
             print("\n== night 2: nothing new in the folder; score --incremental skips everything", flush=True)
         manifest = score(ScoreConfig(model=model_uri, input=score_input, output=table_uri, run_id="night-2",
                                      incremental=True, log_file=log_file))
-        print("\n== query: runs from the table's commit log (dragons query --table ...)", flush=True)
-        print(format_table(run_sql(table_uri)))
-        print(format_table(run_sql(table_uri, "SELECT run_id, coalesce(label, '<error>') AS label, count(*) AS n "
-                                              "FROM latest GROUP BY ALL ORDER BY ALL")))
-        print(format_table(run_sql(table_uri, "SELECT regexp_extract(uri, '[^/]+$') AS file, label, round(score, 3) AS score, error "
-                                              "FROM latest ORDER BY error NULLS LAST, score LIMIT 8")))
+        # Two of the queries a user would run (any SELECT works; see `dragons query --help`),
+        # narrow enough for one screen: the runs from the commit log, then the rows a
+        # person looks at first (errors, then the least sure).
+        print("\n== query: the table's runs (dragons query --table ...), then errors and the least sure rows", flush=True)
+        print(format_table(run_sql(table_uri, "SELECT version, run_id, listed, skipped, scored, errors, model_version "
+                                              "FROM runs WHERE operation = 'WRITE' ORDER BY version")))
+        print(format_table(run_sql(table_uri, "SELECT regexp_extract(uri, '[^/]+$') AS file, label, round(score, 3) AS score, "
+                                              "left(error, 60) AS error FROM latest ORDER BY error NULLS LAST, score LIMIT 7")))
         report = storage.join(model_uri, "report", "index.html")
         local_report = os.path.join(workdir, "report")
         storage.download_dir(storage.join(model_uri, "report"), local_report)

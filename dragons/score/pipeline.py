@@ -29,9 +29,12 @@ from dragons.data import DecodeBatch
 from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
 from dragons.score.config import DECODE_CHOICES, ScoreConfig
-from dragons.raycluster import DATA_CPU_SHARE, cluster, driver_stderr_to_log, ensure_ray, ray_output
+from dragons.raycluster import DATA_CPU_SHARE, VERBOSE_ENV, cluster, driver_stderr_to_log, ensure_ray, ray_output
 
 log = logging.getLogger("dragons.score")
+# Lines an operator may want but a person watching a run need not read: always in
+# the run's log; on the terminal only with --verbose.
+DETAIL = {"detail": True}
 
 
 # Listing columns carried through decode and scoring into the row.
@@ -170,6 +173,8 @@ def _setup_logging(path: str) -> logging.Handler:
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
+        if os.environ.get(VERBOSE_ENV, "") != "1":
+            console.addFilter(lambda record: not getattr(record, "detail", False))
         log.addHandler(console)
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -228,7 +233,8 @@ def _list(cfg: ScoreConfig, model_version: str) -> _Listed:
         from dragons.score.incremental import known_objects
 
         known = known_objects(cfg.output, model_version)
-        log.info("--incremental: the table holds %d objects scored by model version %s", len(known), model_version)
+        log.info("--incremental: the table holds %d objects scored by model version %s", len(known), model_version,
+                 extra=DETAIL)
     out = _Listed(refs=[])
     if not cfg.dry_run:
         import ray
@@ -275,7 +281,8 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         ensure_ray(cfg.no_progress_timeout_s)
     todo = _list(cfg, meta["version"])
     counts = {"listed": todo.listed, "skipped": todo.skipped}
-    log.info("listing done: %d objects, driver RSS %.0f MB", todo.listed, psutil.Process().memory_info().rss / 2**20)
+    log.info("listing done: %d objects, driver RSS %.0f MB", todo.listed, psutil.Process().memory_info().rss / 2**20,
+             extra=DETAIL)
     if cfg.dry_run:
         log.info("dry run %s: listed %d, skipped %d (unchanged), would score %d from %s", run_id, todo.listed,
                  todo.skipped, todo.to_score, source)
@@ -305,7 +312,7 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
             # their few CPUs for feeding the GPU, so there CPU tasks decode upstream.
             fused = cfg.decode == "actors" or (cfg.decode == "auto" and actor_gpu == 0)
             log.info("%d scoring actor(s) with %g CPU%s each; decoding %s", actors, actor_cpu,
-                     " and 1 GPU" if actor_gpu else "", "in the scoring actors" if fused else "in CPU tasks")
+                     " and 1 GPU" if actor_gpu else "", "in the scoring actors" if fused else "in CPU tasks", extra=DETAIL)
             decoder = DecodeBatch(artifact.base_size_of(meta), cfg.max_pixels, max_bytes=cfg.max_bytes)
             ds = ray.data.from_arrow_refs(_reblock(todo.refs, rows_per_block))
             if fused:

@@ -180,8 +180,8 @@ def format_table(t: pa.Table, fmt: str = "table", max_rows: int = 10_000) -> str
         return buf.getvalue().rstrip("\n") + more
     cells = [[_cell(r[c]) for c in t.column_names] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(t.column_names)]
-    line = "  ".join(c.ljust(w) for c, w in zip(t.column_names, widths))
+    line = "  ".join(c.ljust(w) for c, w in zip(t.column_names, widths)).rstrip()
     out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     out.append(f"({total} row{'s' if total != 1 else ''})")
     return "\n".join(out) + more
