@@ -91,7 +91,8 @@ def run_demo(cfg: DemoConfig) -> None:
         print(format_table(run_sql(table_uri, "SELECT version, run_id, listed, skipped, scored, errors, model_version "
                                               "FROM runs WHERE operation = 'WRITE' ORDER BY version")))
         print(format_table(run_sql(table_uri, "SELECT regexp_extract(uri, '[^/]+$') AS file, label, round(score, 3) AS score, "
-                                              "left(error, 60) AS error FROM latest ORDER BY error NULLS LAST, score LIMIT 7")))
+                                              "CASE WHEN length(error) > 64 THEN left(error, 63) || '…' ELSE error END AS error "
+                                              "FROM latest ORDER BY error NULLS LAST, score LIMIT 7")))
         report = storage.join(model_uri, "report", "index.html")
         local_report = os.path.join(workdir, "report")
         storage.download_dir(storage.join(model_uri, "report"), local_report)
