@@ -23,7 +23,7 @@ from dragons.score import cli as score_cli
 # TrainConfig's fields by argument group (the rest: cluster, faults and logs).
 TRAIN_IO = ("data", "out", "storage", "name", "resume", "report", "valid_pct", "ignore_valid", "max_pixels")
 TRAIN_RECIPE = ("arch", "weights", "image_size", "crop_pct", "batch_size", "precompute", "head_epochs", "head_views",
-                "freeze_epochs", "epochs", "lr", "head_lr_scale", "lr_mult", "bn_stats", "freeze_early", "weight_decay",
+                "freeze_epochs", "epochs", "lr", "head_lr_scale", "lr_mult", "bn_stats", "freeze_early", "recompute_early", "weight_decay",
                 "label_smoothing", "augment", "tta", "seed", "class_weights", "amp")
 
 

@@ -88,7 +88,9 @@ def _auto(name: str, sentinel: float) -> Any:
 def field_help(cls: Any) -> dict[str, str]:
     """The comment beside each dataclass default becomes its --help text."""
     src = inspect.getsource(cls)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]+#\s*(.+)$", src, re.M)}
+    # argparse expands %-formats in help texts: a comment's "10%" must stay text.
+    return {m.group(1): m.group(2).strip().replace("%", "%%")
+            for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]+#\s*(.+)$", src, re.M)}
 
 
 def add_config_args(p: argparse.ArgumentParser | Any, cls: Any, only: Iterable[str] | None = None,

@@ -25,6 +25,14 @@ log = logging.getLogger("dragons")
 DATA_CPU_SHARE = 0.25
 
 
+_embedded = False  # whether ensure_ray started this process's own cluster (it ends with the process)
+
+
+def embedded() -> bool:
+    """True when this process started its own Ray (no RAY_ADDRESS): one node that ends with it."""
+    return _embedded
+
+
 def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` (set for jobs by ``ray job submit``), else start an embedded local Ray."""
     if not ray.is_initialized():
@@ -44,6 +52,11 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         _check_token_auth()
         if not address:
             _forget_dead_cluster_address()
+            # One node that ends with this process: no spot preemption to watch
+            # for (Ray Train's watcher is an actor process, ~0.1 GB, polling).
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        global _embedded
+        _embedded = not address
         ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
         _route_worker_output()
     if no_progress_timeout_s is not None:

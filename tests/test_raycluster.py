@@ -118,6 +118,23 @@ def test_embedded_cluster_uses_token_auth_and_no_dashboard(ray_session: None, tm
     assert "Authentication" in proc.stderr or "InvalidAuthToken" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_embedded_training_starts_no_cluster_only_actors(ray_session: None) -> None:
+    """On the embedded cluster (one node that ends with the driver) Ray Train runs
+    without its preemption watcher and placement-group cleaner: two actor
+    processes (~0.1 GB each) that only matter on a long-lived cluster."""
+    from ray.train import RunConfig, ScalingConfig
+
+    from dragons.raycluster import embedded
+    from dragons.train.run import _trainer_class
+
+    assert embedded()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # read by Ray Train's controller
+    trainer = _trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                               run_config=RunConfig(name="callbacks-only", storage_path=tempfile.mkdtemp()))
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "BackendSetupCallback" in names and "PlacementGroupCleanerCallback" not in names, names
+
+
 def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(capfd: pytest.CaptureFixture[str],
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray's C++ core writes straight to fd 2: the known-harmless line (ray#57733) goes to

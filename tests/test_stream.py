@@ -42,7 +42,8 @@ def test_in_memory_shard_yields_each_image_once() -> None:
 
 
 def test_stream_shards_decode_every_image_once(ray_session: None, workdir: Path) -> None:
-    """Two ranks' StreamShards (Ray Data decode tasks) over a real folder."""
+    """Two ranks' StreamShards over a real folder: decoded in Ray Data actors (GPU
+    clusters) and in the worker itself (CPU clusters), the same batches both ways."""
     from dragons.data import discover
     from dragons.local.synth import write_dataset
 
@@ -66,6 +67,13 @@ def test_stream_shards_decode_every_image_once(ray_session: None, workdir: Path)
     a = [i.tolist() for _, _, i in shards[0].batches(4, shuffle=True, epoch=1)]
     b = [i.tolist() for _, _, i in shards[0].batches(4, shuffle=True, epoch=1)]
     assert a == b
+    # Decoded in the worker (decode_actors=0, what CPU clusters use): the same rows,
+    # order and pixels as from the Ray Data actors.
+    here = [StreamShard(rows, r, 2, base_size=48, max_pixels=10**8, seed=1, decode_actors=0) for r in range(2)]
+    for ray_data, local in zip(shards, here):
+        for (xa, ya, ia), (xb, yb, ib) in zip(ray_data.batches(4, shuffle=True, epoch=1), local.batches(4, shuffle=True, epoch=1),
+                                              strict=True):
+            assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
 def test_progress_lines(capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,6 +41,11 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
+    def early_blocks(self) -> list[nn.Module]:
+        """The callable modules of the early half (what ``layer_groups()[0]`` holds
+        the parameters of): the blocks that run at the highest resolution."""
+        return [m for m in self._groups[: len(self._groups) // 2] if not isinstance(m, nn.ModuleList)]
+
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Parameter groups from input to output: [early body, late body, head].
 

@@ -19,7 +19,7 @@ from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
-from dragons.raycluster import DATA_CPU_SHARE, cluster, ensure_ray, ray_output, size_workers
+from dragons.raycluster import DATA_CPU_SHARE, cluster, embedded, ensure_ray, ray_output, size_workers
 from dragons.columns import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
@@ -104,12 +104,34 @@ def _latest_checkpoint_state(result: Any) -> tuple[dict[str, Any], np.ndarray | 
     return state, idx, probs
 
 
+def _trainer_class() -> type:
+    """Ray's TorchTrainer; on the embedded cluster, without its placement-group cleaner.
+
+    The cleaner is a detached actor (a process, ~0.1 GB) that frees the workers'
+    placement groups should the driver die. An embedded cluster dies with the
+    driver, placement groups included, so there it only costs memory and asks
+    the state API (served by the dashboard, which an embedded run does not
+    start) once a second. (Ray 2.58's private ``_create_default_callbacks``;
+    filtered by class name, so a Ray without it simply keeps the cleaner.)
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not embedded():
+        return TorchTrainer
+
+    class EmbeddedTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return EmbeddedTorchTrainer
+
+
 def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any], TrainConfig]:
     """Check the images, decide the recipe, run TorchTrainer; returns the last
     checkpoint's state and the resolved configuration."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     facts: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -130,8 +152,15 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
 
     workers, cpu_per_worker, use_gpu = size_workers(cfg.workers, cluster())
     facts.update({"workers": workers, "cpu_per_worker": cpu_per_worker, "use_gpu": use_gpu})
+    # Decoding: in each worker (0 decode actors) on CPU clusters, where a decode
+    # process would only add its imports and copies on the same cores; in Ray
+    # Data actors beside GPU workers, whose few CPUs must keep the GPU fed.
+    in_workers = cfg.decode == "workers" or (cfg.decode == "auto" and not use_gpu)
+    decode_actors = 0 if in_workers else decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)
+    facts["decode"] = "workers" if in_workers else f"ray-data ({decode_actors} actor(s) per worker)"
     print(f"training {cfg.arch} on {n_train} images ({n_valid} valid) with {workers} worker(s), "
-          f"{'1 GPU' if use_gpu else f'{cpu_per_worker:g} CPU'} each", flush=True)
+          f"{'1 GPU' if use_gpu else f'{cpu_per_worker:g} CPU'} each, decoding "
+          f"{'in the workers' if in_workers else 'in Ray Data actors'}", flush=True)
 
     counts = Counter(s.label for s in folder.train)
     class_weights = None
@@ -158,14 +187,14 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
     env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker)))), "MALLOC_ARENA_MAX": "2"}
     if os.environ.get("DRAGONS_WORKER_PID_DIR"):  # the fault-tolerance test kills a worker by pid
         env_vars["DRAGONS_WORKER_PID_DIR"] = os.environ["DRAGONS_WORKER_PID_DIR"]
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights,
                            "run_dir": run_dir, "base_size": base_size,
                            # Row tables go through the object store once, not pickled per worker.
                            "rows": {"train": ray.put(_rows(folder.train, good["train"])),
                                     "valid": ray.put(_rows(folder.valid, good["valid"]))},
-                           "decode_actors": decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)},
+                           "decode_actors": decode_actors},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
@@ -260,7 +289,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                  "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"]},
         "timing": {"wall_s": round(wall, 2), "decode_s": facts["decode_s"], "train_s": facts["train_s"]},
         "recipe": {"auto": facts["auto"], "median_short_side": facts["median_short_side"]},
-        "resources": {k: facts[k] for k in ("workers", "cpu_per_worker", "use_gpu")},
+        "resources": {k: facts[k] for k in ("workers", "cpu_per_worker", "use_gpu", "decode")},
     }
     saved = artifact.save(cfg.out, model, meta)
     print(f"valid accuracy {metrics['valid_accuracy']:.4f}, loss {metrics['valid_loss']:.4f}"

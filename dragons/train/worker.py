@@ -8,14 +8,18 @@ is how the unit tests and benchmarks/ft_holdout.py use it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dragons.models.registry import Classifier, build_model, get_spec
 from dragons.predictor import Predictor
@@ -287,36 +291,55 @@ class Worker:
         """Optimiser steps of one image epoch: every image once, the same count on every rank."""
         return num_steps(len(src), self.cfg.batch_size)
 
+    @contextlib.contextmanager
+    def recompute_early(self, frozen: bool) -> Iterator[None]:
+        """While inside (an unfrozen epoch on CPU with ``recompute_early``), each
+        early block keeps only its input for the backward pass and recomputes its
+        activations there: those blocks run at the highest resolution, so their
+        activations are most of a CPU worker's peak memory. Gradients are the
+        same (the blocks are deterministic: no dropout, BatchNorm frozen)."""
+        on = self.cfg.recompute_early and not frozen and not self.cfg.freeze_early and self.device.type == "cpu"
+        blocks = self.model.early_blocks() if on else []
+        for block in blocks:
+            # An instance attribute shadows the class's forward; deleting it restores it.
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for block in blocks:
+                del block.forward
+
     def train_images(self, src: Source, opt: torch.optim.Optimizer, sched: Any, frozen: bool, net: nn.Module,
                      epoch: int = 0, what: str = "") -> float:
         """One epoch over every image of the shard (a new seeded order each epoch)."""
         self.train_mode(frozen)
         total, count = 0.0, 0
         prog = self.progress(what, len(src)) if what else None
-        for x, y, _ in src.batches(self.cfg.batch_size, shuffle=True, epoch=epoch):
-            if len(y):
-                x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
-            else:
-                x = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, device=self.device).contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                out = net(x).float()
-                # A rank with one row fewer can get an empty batch (batch size 1):
-                # it must still join DDP's all-reduce, with zero gradients, not NaN.
-                loss = self.loss_fn(out, y.to(self.device)) if len(y) else out.sum() * 0.0
-            opt.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(opt)
-                self.scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            sched.step()
-            if len(y):
-                total += loss.item()
-                count += 1
-            if prog:
-                prog.update(len(y))
+        with self.recompute_early(frozen):
+            for x, y, _ in src.batches(self.cfg.batch_size, shuffle=True, epoch=epoch):
+                if len(y):
+                    x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
+                else:
+                    x = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, device=self.device).contiguous(memory_format=torch.channels_last)
+                with self.autocast():
+                    out = net(x).float()
+                    # A rank with one row fewer can get an empty batch (batch size 1):
+                    # it must still join DDP's all-reduce, with zero gradients, not NaN.
+                    loss = self.loss_fn(out, y.to(self.device)) if len(y) else out.sum() * 0.0
+                opt.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                sched.step()
+                if len(y):
+                    total += loss.item()
+                    count += 1
+                if prog:
+                    prog.update(len(y))
         if prog:
             prog.finish()
         return total / max(count, 1)
