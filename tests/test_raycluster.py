@@ -121,7 +121,8 @@ def test_embedded_cluster_uses_token_auth_and_no_dashboard(ray_session: None, tm
 def test_embedded_training_starts_no_cluster_only_actors(ray_session: None) -> None:
     """On the embedded cluster (one node that ends with the driver) Ray Train runs
     without its preemption watcher and placement-group cleaner: two actor
-    processes (~0.1 GB each) that only matter on a long-lived cluster."""
+    processes (~0.1 GB each) that only matter on a long-lived cluster; and
+    without its DatasetManager actor when the workers decode their own rows."""
     from ray.train import RunConfig, ScalingConfig
 
     from dragons.raycluster import embedded
@@ -129,10 +130,16 @@ def test_embedded_training_starts_no_cluster_only_actors(ray_session: None) -> N
 
     assert embedded()
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # read by Ray Train's controller
-    trainer = _trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1),
-                               run_config=RunConfig(name="callbacks-only", storage_path=tempfile.mkdtemp()))
-    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
-    assert "BackendSetupCallback" in names and "PlacementGroupCleanerCallback" not in names, names
+
+    def callbacks(workers_decode: bool) -> list[str]:
+        trainer = _trainer_class(workers_decode)(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                                                 run_config=RunConfig(name="callbacks-only", storage_path=tempfile.mkdtemp()))
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    # Workers that decode their own rows use no Ray Data shards: no DatasetManager actor either.
+    lean, ray_data = callbacks(True), callbacks(False)
+    assert "BackendSetupCallback" in lean and "PlacementGroupCleanerCallback" not in lean + ray_data, (lean, ray_data)
+    assert "DatasetsCallback" not in lean and "DatasetsCallback" in ray_data, (lean, ray_data)
 
 
 def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(capfd: pytest.CaptureFixture[str],

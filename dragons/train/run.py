@@ -104,27 +104,34 @@ def _latest_checkpoint_state(result: Any) -> tuple[dict[str, Any], np.ndarray | 
     return state, idx, probs
 
 
-def _trainer_class() -> type:
-    """Ray's TorchTrainer; on the embedded cluster, without its placement-group cleaner.
+def _trainer_class(workers_decode: bool) -> type:
+    """Ray's TorchTrainer without the actors a run does not use.
 
-    The cleaner is a detached actor (a process, ~0.1 GB) that frees the workers'
-    placement groups should the driver die. An embedded cluster dies with the
-    driver, placement groups included, so there it only costs memory and asks
-    the state API (served by the dashboard, which an embedded run does not
-    start) once a second. (Ray 2.58's private ``_create_default_callbacks``;
-    filtered by class name, so a Ray without it simply keeps the cleaner.)
+    * The placement-group cleaner, on the embedded cluster: a detached actor that
+      frees the workers' placement groups should the driver die. An embedded
+      cluster dies with the driver, placement groups included, so there it only
+      costs a process (~0.1 GB) and asks the state API (served by the dashboard,
+      which an embedded run does not start) once a second.
+    * The datasets callback, when the workers decode their own rows: it starts
+      Ray Train's DatasetManager actor (~0.1 GB) to hand out Ray Data shards and
+      copies the driver's DataContext to the workers; such workers use neither.
+
+    (Ray 2.58's private ``_create_default_callbacks``, filtered by class name: a
+    Ray without these names simply keeps its callbacks.)
     """
     from ray.train.torch import TorchTrainer
 
-    if not embedded():
+    unused = {"PlacementGroupCleanerCallback"} if embedded() else set()
+    if workers_decode:
+        unused.add("DatasetsCallback")
+    if not unused:
         return TorchTrainer
 
-    class EmbeddedTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
+    class LeanTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
         def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+            return [c for c in super()._create_default_callbacks() if type(c).__name__ not in unused]
 
-    return EmbeddedTorchTrainer
+    return LeanTorchTrainer
 
 
 def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any], TrainConfig]:
@@ -187,7 +194,7 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
     env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker)))), "MALLOC_ARENA_MAX": "2"}
     if os.environ.get("DRAGONS_WORKER_PID_DIR"):  # the fault-tolerance test kills a worker by pid
         env_vars["DRAGONS_WORKER_PID_DIR"] = os.environ["DRAGONS_WORKER_PID_DIR"]
-    trainer = _trainer_class()(
+    trainer = _trainer_class(workers_decode=in_workers)(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights,
                            "run_dir": run_dir, "base_size": base_size,
