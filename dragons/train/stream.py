@@ -102,7 +102,8 @@ class Shard:
 
 
 class StreamShard:
-    """One rank's rows, decoded by Ray Data tasks while the model works.
+    """One rank's rows, decoded while the model works: by ``decode_actors`` Ray
+    Data decode actors, or with ``decode_actors=0`` by threads in this process.
 
     ``rows``: the driver's table (columns uri, label, idx) as a dict of numpy
     arrays; only this rank's rows of it are read each epoch.
