@@ -77,13 +77,6 @@ ray_output.setLevel(logging.INFO)
 ray_output.propagate = False  # never the terminal (a run adds its log file's handler)
 DASHBOARD_ENV = "DRAGONS_DASHBOARD"  # "1": the embedded cluster starts Ray's dashboard (loopback only)
 VERBOSE_ENV = "DRAGONS_VERBOSE"  # "1" (or --verbose): workers' stderr on the terminal too, as Ray prints it
-# Worker lines that repeat every second for a reason that is known: the first goes
-# to the log with the reason, the rest are dropped (all are in Ray's session logs).
-LOG_ONCE = {
-    "Failed to query Ray Train Controller actor state":
-        "repeats every second: Ray Train's placement-group cleaner asks the state API, which an embedded cluster "
-        "without the dashboard does not serve; that cluster ends with the run, placement groups included",
-}
 
 
 def _route_worker_output() -> None:
@@ -101,7 +94,6 @@ def _route_worker_output() -> None:
     from ray._private import worker as ray_worker
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    logged_once: set[str] = set()
     verbose = os.environ.get(VERBOSE_ENV, "") == "1"
     ray_print = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
 
@@ -117,12 +109,6 @@ def _route_worker_output() -> None:
             ray_print(data)
         who = data.get("actor_name") or data.get("task_name") or "worker"
         for line in lines:
-            key = next((k for k in LOG_ONCE if k in line), None)
-            if key is not None:
-                if key in logged_once:
-                    continue
-                logged_once.add(key)
-                line += f"  [dragons: logged once, {LOG_ONCE[key]}]"
             ray_output.info("(%s pid=%s) %s", who, data.get("pid"), line)
 
     dispatcher.remove_handler("ray_print_logs")
@@ -234,6 +220,15 @@ class Resources:
 def cluster() -> Resources:
     res = ray.cluster_resources()
     return Resources(cpus=float(res.get("CPU", 0.0)), gpus=int(res.get("GPU", 0)))
+
+
+def decode_beside_model(choice: str, beside: str, gpu: bool) -> bool:
+    """Whether the processes that run the model also decode its images (train
+    workers, scoring actors): when ``choice`` forces it (``beside``), or on
+    ``auto`` without GPUs. On CPUs a separate decode stage only adds processes
+    (their imports and memory) and copies through the object store on the same
+    cores; beside a GPU, separate CPU decoders keep the GPU fed."""
+    return choice == beside or (choice == "auto" and not gpu)
 
 
 def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:

@@ -174,3 +174,13 @@ def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(capfd:
     assert "a real problem" in err and "after the block" in err
     assert DRIVER_NOISE[0] not in err
     assert any(DRIVER_NOISE[0] in m for m in seen)
+
+
+def test_the_model_processes_decode_on_cpus_and_leave_it_to_cpu_decoders_beside_gpus() -> None:
+    """One rule for train (workers|ray-data) and score (actors|tasks): auto decodes beside
+    the model without GPUs, in separate CPU decoders with them; explicit choices win."""
+    from dragons.raycluster import decode_beside_model
+
+    assert decode_beside_model("auto", "workers", gpu=False) and not decode_beside_model("auto", "workers", gpu=True)
+    assert decode_beside_model("actors", "actors", gpu=True)  # forced: the scoring actors decode on a GPU cluster too
+    assert not decode_beside_model("tasks", "actors", gpu=False) and not decode_beside_model("ray-data", "workers", gpu=False)

@@ -29,7 +29,7 @@ from dragons.data import DecodeBatch
 from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
 from dragons.score.config import DECODE_CHOICES, ScoreConfig
-from dragons.raycluster import DATA_CPU_SHARE, VERBOSE_ENV, cluster, driver_stderr_to_log, ensure_ray, ray_output
+from dragons.raycluster import DATA_CPU_SHARE, VERBOSE_ENV, cluster, decode_beside_model, driver_stderr_to_log, ensure_ray, ray_output
 
 log = logging.getLogger("dragons.score")
 # Lines an operator may want but a person watching a run need not read: always in
@@ -306,11 +306,9 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
             rows_per_block = min(256, max(cfg.batch_size, math.ceil(n / (8 * actors))))
             if math.ceil(n / rows_per_block) < actors:  # a handful of images: no idle actors to start
                 actors, actor_cpu, actor_gpu, threads = size_actors(math.ceil(n / rows_per_block), res.cpus, res.gpus)
-            # On CPUs the scoring actors decode too: a separate decode stage would only
-            # push every 300 KB base square through the object store and start more
-            # processes (seconds of imports each) on the same cores. GPU actors keep
-            # their few CPUs for feeding the GPU, so there CPU tasks decode upstream.
-            fused = cfg.decode == "actors" or (cfg.decode == "auto" and actor_gpu == 0)
+            # On CPUs the scoring actors decode too (every 300 KB base square would
+            # otherwise cross the object store); GPU actors get CPU decode tasks upstream.
+            fused = decode_beside_model(cfg.decode, "actors", actor_gpu > 0)
             log.info("%d scoring actor(s) with %g CPU%s each; decoding %s", actors, actor_cpu,
                      " and 1 GPU" if actor_gpu else "", "in the scoring actors" if fused else "in CPU tasks", extra=DETAIL)
             decoder = DecodeBatch(artifact.base_size_of(meta), cfg.max_pixels, max_bytes=cfg.max_bytes)

@@ -19,7 +19,7 @@ from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
-from dragons.raycluster import DATA_CPU_SHARE, cluster, embedded, ensure_ray, ray_output, size_workers
+from dragons.raycluster import DATA_CPU_SHARE, cluster, decode_beside_model, embedded, ensure_ray, ray_output, size_workers
 from dragons.columns import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
@@ -159,10 +159,7 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
 
     workers, cpu_per_worker, use_gpu = size_workers(cfg.workers, cluster())
     facts.update({"workers": workers, "cpu_per_worker": cpu_per_worker, "use_gpu": use_gpu})
-    # Decoding: in each worker (0 decode actors) on CPU clusters, where a decode
-    # process would only add its imports and copies on the same cores; in Ray
-    # Data actors beside GPU workers, whose few CPUs must keep the GPU fed.
-    in_workers = cfg.decode == "workers" or (cfg.decode == "auto" and not use_gpu)
+    in_workers = decode_beside_model(cfg.decode, "workers", use_gpu)  # else Ray Data decode actors per worker
     decode_actors = 0 if in_workers else decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)
     facts["decode"] = "workers" if in_workers else f"ray-data ({decode_actors} actor(s) per worker)"
     print(f"training {cfg.arch} on {n_train} images ({n_valid} valid) with {workers} worker(s), "
