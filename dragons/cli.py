@@ -37,7 +37,8 @@ def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
     helps = {"data": "image folder: path, file:// or s3://bucket/prefix with train/<class>/ and valid/<class>/",
              # Checked by the library (its error lists the choices), so a job config gets the same message.
              "arch": f"backbone, one of: {', '.join(list_archs())}",
-             "augment": f"augmentation preset, one of: {', '.join(AUGMENT_PRESETS)}"}
+             "augment": f"augmentation preset, one of: {', '.join(AUGMENT_PRESETS)}; or auto (the default): "
+                        "light for a head alone, default when the body is fine-tuned"}
     add_config_args(p.add_argument_group("data and output"), TrainConfig, only=TRAIN_IO, required=("data", "out"), helps=helps)
     add_config_args(p.add_argument_group("model and recipe"), TrainConfig, only=TRAIN_RECIPE, helps=helps)
     add_config_args(p.add_argument_group("cluster, faults and logs"), TrainConfig,

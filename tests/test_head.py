@@ -11,6 +11,7 @@ from dragons.train.stream import Shard
 
 
 def _worker(**kw: object) -> Worker:
+    kw = {"augment": "light", "label_smoothing": 0.0, "lr_mult": 10.0, **kw}  # settled, as recipe.resolve leaves them
     cfg = TrainConfig(data="x", out="y", image_size=64, **kw)  # type: ignore[arg-type]
     return Worker(cfg, ["a", "b"], None, torch.device("cpu"))
 

@@ -11,16 +11,24 @@ from dragons.train.recipe import FINE_TUNE_MIN_IMAGES, resolve
 def test_rule_small_photos_head_only_large_small_images_fine_tuned() -> None:
     small, chosen = resolve(TrainConfig(), n_train=245, short_side=375)  # hymenoptera-like
     assert (small.epochs, small.head_views, small.image_size, small.crop_pct) == (0, 4, 224, 0.7)
-    assert set(chosen) == {"epochs", "head_views", "image_size", "crop_pct"}
+    assert (small.augment, small.label_smoothing, small.lr_mult) == ("light", 0.0, 10.0)  # a head alone
+    assert set(chosen) == {"epochs", "head_views", "image_size", "crop_pct", "augment", "label_smoothing", "lr_mult"}
+    assert not small.unresolved()
     large, _ = resolve(TrainConfig(), n_train=3443, short_side=128)  # flowers5-like
     assert large.epochs >= 2 and large.head_views == 0
     assert (large.image_size, large.crop_pct) == (128, 0.875)  # the data's own resolution
+    assert (large.augment, large.label_smoothing, large.lr_mult) == ("default", 0.1, 1.0)  # every layer adapts
     huge, _ = resolve(TrainConfig(), n_train=500_000, short_side=600)
     assert 1 <= huge.epochs < large.epochs and huge.image_size == 224
+    assert (huge.augment, huge.label_smoothing, huge.lr_mult) == ("default", 0.1, 10.0)  # photos: fastai's slice
+    # Fine-tuning forced on a small set of small images keeps the slice: a few
+    # dozen steps at the full rate undo the head's fit (tests/test_finetune.py).
+    forced, _ = resolve(TrainConfig(epochs=2), n_train=80, short_side=128)
+    assert (forced.augment, forced.label_smoothing, forced.lr_mult) == ("default", 0.1, 10.0)
 
 
 def test_explicit_flags_win() -> None:
-    cfg = TrainConfig(epochs=2, image_size=160, crop_pct=0.8, head_views=1)
+    cfg = TrainConfig(epochs=2, image_size=160, crop_pct=0.8, head_views=1, augment="strong", label_smoothing=0.0, lr_mult=3.0)
     out, chosen = resolve(cfg, n_train=20, short_side=50)
     assert chosen == {} and out == cfg
     out, chosen = resolve(TrainConfig(epochs=0), n_train=50_000, short_side=128)

@@ -107,7 +107,8 @@ def test_empty_batch_trains_with_zero_gradients() -> None:
     from dragons.train.worker import Worker
     from dragons.train.schedule import one_cycle
 
-    w = Worker(TrainConfig(data="x", out="y", image_size=32, batch_size=1), ["a", "b"], None, torch.device("cpu"))
+    cfg = TrainConfig(data="x", out="y", image_size=32, batch_size=1, augment="light", label_smoothing=0.0, lr_mult=10.0)
+    w = Worker(cfg, ["a", "b"], None, torch.device("cpu"))
     empty = Shard(torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     before = [p.detach().clone() for p in w.model.parameters()]
     opt = torch.optim.SGD(w.model.parameters(), lr=0.1)

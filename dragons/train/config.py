@@ -14,7 +14,10 @@ DECODE_CHOICES = ["auto", "workers", "ray-data"]
 
 # Fields whose default means "decide from the data" (dragons.train.recipe); the
 # CLI accepts the word "auto" for them.
-AUTO: dict[str, float] = {"image_size": 0, "crop_pct": 0.0, "epochs": -1, "head_views": -1}
+AUTO: dict[str, float] = {"image_size": 0, "crop_pct": 0.0, "epochs": -1, "head_views": -1, "lr_mult": 0.0,
+                          "label_smoothing": -1.0}
+# The augmentation preset's "decide from the data" value (a name, not a number).
+AUTO_AUGMENT = "auto"
 
 
 @dataclass
@@ -36,13 +39,13 @@ class TrainConfig:
     epochs: int = -1  # unfrozen fine-tuning epochs; -1 = auto: 0 below 1000 training images (the head alone did as well), then a few (recipe.py, docs/training.md)
     lr: float = 1e-3  # base learning rate (the head gets head_lr_scale x); chosen on held-out splits; 0 = "auto" (lr finder)
     head_lr_scale: float = 5.0  # the precomputed head trains on fixed features: it takes a larger rate
-    lr_mult: float = 10.0  # discriminative rates: early layers get lr / lr_mult (fastai's slice)
+    lr_mult: float = 0.0  # discriminative rates: early layers get lr / lr_mult (fastai's slice); 0 = auto: 1 for 1,000 or more small images (their early filters must adapt: docs/training.md), else 10
     bn_stats: bool = False  # BatchNorm in train mode while fine-tuning (per-batch statistics, running ones updated); off = frozen BN, the standard for EfficientNet transfer: at per-worker batch 16 train mode wrecked the head's fit (docs/training.md)
     freeze_early: bool = False  # keep the early half of the body frozen while fine-tuning: no backward through it (epochs ~25% shorter on CPU) for ~1 point of flowers5 valid accuracy (docs/training.md)
     recompute_early: bool = True  # fine-tuning on CPU: keep only each early block's input and recompute its activations in the backward pass (the same gradients): ~0.12 GB less per worker at 128 px, batch 16, for ~10% longer steps; GPU workers keep them (docs/training.md)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    augment: str = "light"  # augmentation preset (head views, fine-tuning): none | light | default | strong
+    label_smoothing: float = -1.0  # cross-entropy label smoothing; -1 = auto: 0.1 when the body is fine-tuned, 0 for a head alone
+    augment: str = AUTO_AUGMENT  # augmentation preset (head views, fine-tuning): none | light | default | strong; auto = light for a head alone, default when the body is fine-tuned
     tta: int = 0  # test-time augmentation views for the final validation pass (0 = off)
     valid_pct: float = 0.2  # held-out share when there is no valid/ folder (or with ignore_valid)
     ignore_valid: bool = False  # hold out valid_pct of train/ even if valid/ exists (for tuning)
@@ -67,7 +70,8 @@ class TrainConfig:
         from dragons.preprocess import get_preset
 
         get_spec(self.arch)
-        get_preset(self.augment)
+        if self.augment != AUTO_AUGMENT:
+            get_preset(self.augment)
         checks = [
             (self.image_size >= 32 or self.image_size == AUTO["image_size"], "--image-size must be at least 32 (or auto)"),
             (0.3 <= self.crop_pct <= 1.0 or self.crop_pct == AUTO["crop_pct"], "--crop-pct must be between 0.3 and 1.0 (or auto)"),
@@ -75,8 +79,8 @@ class TrainConfig:
             (self.workers >= 0, "--workers must be 0 (auto) or more"),
             (self.epochs >= -1 and self.head_epochs >= 0 and self.freeze_epochs >= 0, "epoch counts must be >= 0 (or auto)"),
             (self.lr >= 0, "--lr must be a positive number or 'auto'"),
-            (self.lr_mult >= 1, "--lr-mult must be >= 1"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (self.lr_mult >= 1 or self.lr_mult == AUTO["lr_mult"], "--lr-mult must be >= 1 (or auto)"),
+            (0 <= self.label_smoothing < 1 or self.label_smoothing == AUTO["label_smoothing"], "--label-smoothing must be in [0, 1) (or auto)"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of: auto, bf16, fp16, off"),
             (self.tta >= 0, "--tta must be >= 0"),
             (self.head_views >= -1, "--head-views must be >= 0 (or auto)"),
@@ -92,6 +96,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def unresolved(self) -> list[str]:
+        """Fields still at ``auto``: dragons.train.recipe.resolve decides them from the data."""
+        out = [k for k, v in AUTO.items() if getattr(self, k) == v]
+        return out + (["augment"] if self.augment == AUTO_AUGMENT else [])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

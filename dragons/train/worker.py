@@ -67,6 +67,9 @@ class Worker:
     """State and steps of one Ray Train worker; dragons.train.phases drives it."""
 
     def __init__(self, cfg: TrainConfig, classes: list[str], class_weights: list[float] | None, device: torch.device) -> None:
+        auto = [f for f in cfg.unresolved() if f in ("augment", "label_smoothing", "lr_mult")]  # what a worker reads itself
+        if auto:  # a programming error: run.train resolves the config before any worker starts
+            raise ValueError(f"TrainConfig fields still 'auto' (resolve them with dragons.train.recipe.resolve): {auto}")
         self.cfg = cfg
         self.classes = classes
         self.device = device
