@@ -26,7 +26,8 @@ from dragons.train.worker import Worker  # noqa: E402
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")
 out: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-cfg = TrainConfig(data="x", out="y", batch_size=64, image_size=224, crop_pct=0.875)
+cfg = TrainConfig(data="x", out="y", batch_size=64, image_size=224, crop_pct=0.875,
+                  augment="light", label_smoothing=0.0, lr_mult=10.0)  # settled, as recipe.resolve leaves them
 w = Worker(cfg, ["a", "b"], None, dev)
 out["amp_dtype"] = str(w.amp_dtype)
 n = 512

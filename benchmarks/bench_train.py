@@ -142,7 +142,10 @@ def _overrides(pairs: list[str]) -> dict:
         if not hasattr(TrainConfig, k):
             raise SystemExit(f"error: --set {kv}: unknown field {k!r}; see `dragons train --help`")
         default = getattr(TrainConfig, k)
-        out[k] = (v in ("1", "true", "True")) if isinstance(default, bool) else type(default)(v)
+        if v == "auto" and k in TrainConfig.AUTO_FIELDS:
+            out[k] = TrainConfig.AUTO_FIELDS[k]  # the recipe decides, as `dragons train --FIELD auto`
+        else:
+            out[k] = (v in ("1", "true", "True")) if isinstance(default, bool) else type(default)(v)
     return out
 
 

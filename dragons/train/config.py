@@ -41,7 +41,7 @@ class TrainConfig:
     head_lr_scale: float = 5.0  # the precomputed head trains on fixed features: it takes a larger rate
     lr_mult: float = 0.0  # discriminative rates: early layers get lr / lr_mult (fastai's slice); 0 = auto: 1 for 1,000 or more small images (their early filters must adapt: docs/training.md), else 10
     bn_stats: bool = False  # BatchNorm in train mode while fine-tuning (per-batch statistics, running ones updated); off = frozen BN, the standard for EfficientNet transfer: at per-worker batch 16 train mode wrecked the head's fit (docs/training.md)
-    freeze_early: bool = False  # keep the early half of the body frozen while fine-tuning: no backward through it (epochs ~25% shorter on CPU) for ~1 point of flowers5 valid accuracy (docs/training.md)
+    freeze_early: bool = False  # keep the early half of the body frozen while fine-tuning: no backward through it (epochs ~25% shorter on CPU); cost ~1 point of flowers5 valid accuracy with lr_mult 10 (docs/training.md)
     recompute_early: bool = True  # fine-tuning on CPU: keep only each early block's input and recompute its activations in the backward pass (the same gradients): ~0.12 GB less per worker at 128 px, batch 16, for ~10% longer steps; GPU workers keep them (docs/training.md)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     label_smoothing: float = -1.0  # cross-entropy label smoothing; -1 = auto: 0.1 when the body is fine-tuned, 0 for a head alone
@@ -67,11 +67,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         from dragons.models.registry import get_spec
-        from dragons.preprocess import get_preset
+        from dragons.preprocess import AUGMENT_PRESETS
 
         get_spec(self.arch)
         if self.augment != AUTO_AUGMENT:
-            get_preset(self.augment)
+            if self.augment not in AUGMENT_PRESETS:
+                raise DragonsError(f"unknown augmentation preset {self.augment!r}; choose one of: "
+                                   f"{', '.join([AUTO_AUGMENT, *AUGMENT_PRESETS])}")
         checks = [
             (self.image_size >= 32 or self.image_size == AUTO["image_size"], "--image-size must be at least 32 (or auto)"),
             (0.3 <= self.crop_pct <= 1.0 or self.crop_pct == AUTO["crop_pct"], "--crop-pct must be between 0.3 and 1.0 (or auto)"),

@@ -36,6 +36,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     _quiet_logs()
     cfg = TrainConfig.from_dict(config["cfg"])
+    if cfg.unresolved():  # run.train resolves every "auto" from the data before the workers start
+        raise ValueError(f"TrainConfig fields still 'auto' in a training worker: {cfg.unresolved()}")
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

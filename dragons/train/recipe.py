@@ -43,7 +43,7 @@ HIGH_RES = (224, DEFAULT_CROP_PCT)  # (image_size, crop_pct) for photos
 LOW_RES_CROP = 0.875  # crop for images below HIGH_RES_SIDE: keep most of a small frame
 HEAD_VIEWS_HEAD_ONLY = 4  # augmented views for a head that is the whole recipe
 AUGMENT_HEAD_ONLY = "light"  # hymenoptera's held-out splits: light beat default for head views
-AUGMENT_FINE_TUNE = "default"  # more varied images for 5 epochs (flowers5 held-out, with smoothing 0.1: docs/training.md)
+AUGMENT_FINE_TUNE = "default"  # more varied images for 5 epochs (flowers5 held-out, with smoothing 0.1: docs/training.md); also used for larger sets, unmeasured there
 LABEL_SMOOTHING_FINE_TUNE = 0.1
 LR_MULT_PHOTOS = 10.0  # fastai's slice(lr / 10, lr) for images at ImageNet's scale
 LR_MULT_SMALL = 1.0  # one rate for every layer: images below HIGH_RES_SIDE, FINE_TUNE_MIN_IMAGES or more
@@ -89,7 +89,7 @@ def resolve(cfg: TrainConfig, n_train: int, short_side: int) -> tuple[TrainConfi
     if cfg.label_smoothing == AUTO["label_smoothing"]:
         chosen["label_smoothing"] = 0.0 if epochs == 0 else LABEL_SMOOTHING_FINE_TUNE
     if cfg.lr_mult == AUTO["lr_mult"]:
-        small = 0 < short_side < HIGH_RES_SIDE and n_train >= FINE_TUNE_MIN_IMAGES
+        small = epochs > 0 and 0 < short_side < HIGH_RES_SIDE and n_train >= FINE_TUNE_MIN_IMAGES
         chosen["lr_mult"] = LR_MULT_SMALL if small else LR_MULT_PHOTOS
     return dataclasses.replace(cfg, **chosen), chosen
 
