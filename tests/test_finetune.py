@@ -18,7 +18,7 @@ import torch
 from dragons.images import decode_to_base
 from dragons.preprocess import base_size_for
 from dragons.train.config import TrainConfig
-from dragons.train.recipe import resolve
+from dragons.train.recipe import HEAD_ONLY_SETTINGS, resolve
 from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
@@ -82,7 +82,7 @@ def test_first_unfrozen_epoch_keeps_the_heads_fit(flowers_split: tuple[Shard, Sh
 
 
 def _tiny_worker(**kw: object) -> Worker:
-    kw = {"augment": "light", "label_smoothing": 0.0, "lr_mult": 10.0, **kw}  # settled, as recipe.resolve leaves them
+    kw = {**HEAD_ONLY_SETTINGS, **kw}  # settled, as recipe.resolve leaves them
     cfg = TrainConfig(data="x", out="y", image_size=64, batch_size=4, seed=3, **kw)  # type: ignore[arg-type]
     return Worker(cfg, ["a", "b"], None, torch.device("cpu"))
 

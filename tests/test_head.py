@@ -6,12 +6,13 @@ import torch
 
 from dragons.preprocess import base_size_for, eval_batch
 from dragons.train.config import TrainConfig
+from dragons.train.recipe import HEAD_ONLY_SETTINGS
 from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
 
 def _worker(**kw: object) -> Worker:
-    kw = {"augment": "light", "label_smoothing": 0.0, "lr_mult": 10.0, **kw}  # settled, as recipe.resolve leaves them
+    kw = {**HEAD_ONLY_SETTINGS, **kw}  # settled, as recipe.resolve leaves them
     cfg = TrainConfig(data="x", out="y", image_size=64, **kw)  # type: ignore[arg-type]
     return Worker(cfg, ["a", "b"], None, torch.device("cpu"))
 

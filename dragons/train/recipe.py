@@ -44,9 +44,13 @@ LOW_RES_CROP = 0.875  # crop for images below HIGH_RES_SIDE: keep most of a smal
 HEAD_VIEWS_HEAD_ONLY = 4  # augmented views for a head that is the whole recipe
 AUGMENT_HEAD_ONLY = "light"  # hymenoptera's held-out splits: light beat default for head views
 AUGMENT_FINE_TUNE = "default"  # more varied images for 5 epochs (flowers5 held-out, with smoothing 0.1: docs/training.md); also used for larger sets, unmeasured there
+LABEL_SMOOTHING_HEAD_ONLY = 0.0
 LABEL_SMOOTHING_FINE_TUNE = 0.1
 LR_MULT_PHOTOS = 10.0  # fastai's slice(lr / 10, lr) for images at ImageNet's scale
 LR_MULT_SMALL = 1.0  # one rate for every layer: images below HIGH_RES_SIDE, FINE_TUNE_MIN_IMAGES or more
+# What resolve gives a head-only run for the fields a Worker reads itself: for
+# code that builds a Worker without any data to decide from (tests, the GPU check).
+HEAD_ONLY_SETTINGS: dict[str, Any] = {"augment": AUGMENT_HEAD_ONLY, "label_smoothing": LABEL_SMOOTHING_HEAD_ONLY, "lr_mult": LR_MULT_PHOTOS}
 
 
 def epochs_for(n_train: int) -> int:
@@ -87,7 +91,7 @@ def resolve(cfg: TrainConfig, n_train: int, short_side: int) -> tuple[TrainConfi
     if cfg.augment == AUTO_AUGMENT:
         chosen["augment"] = AUGMENT_HEAD_ONLY if epochs == 0 else AUGMENT_FINE_TUNE
     if cfg.label_smoothing == AUTO["label_smoothing"]:
-        chosen["label_smoothing"] = 0.0 if epochs == 0 else LABEL_SMOOTHING_FINE_TUNE
+        chosen["label_smoothing"] = LABEL_SMOOTHING_HEAD_ONLY if epochs == 0 else LABEL_SMOOTHING_FINE_TUNE
     if cfg.lr_mult == AUTO["lr_mult"]:
         small = epochs > 0 and 0 < short_side < HIGH_RES_SIDE and n_train >= FINE_TUNE_MIN_IMAGES
         chosen["lr_mult"] = LR_MULT_SMALL if small else LR_MULT_PHOTOS
