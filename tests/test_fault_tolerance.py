@@ -89,8 +89,18 @@ def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_p
     assert 2 <= len(first_epochs) < 5
     with pytest.raises(DragonsError, match="no earlier run"):
         train(_cfg(small_data, tmp_path / "other", resume=True))
+    # The run's recipe is kept on resume, even where the data would now decide
+    # otherwise: here the saved choice is edited to a value the rule never picks.
+    import json
+
+    recipe_file = out / "_runs" / os.listdir(out / "_runs")[0] / "recipe.json"
+    saved = json.loads(recipe_file.read_text())
+    assert saved["n_train"] == 48 and saved["chosen"]["label_smoothing"] == 0.1
+    saved["chosen"]["label_smoothing"] = 0.05
+    recipe_file.write_text(json.dumps(saved))
     meta = train(_cfg(small_data, out, resume=True))
     assert meta["resumes"] == 1
+    assert meta["config"]["label_smoothing"] == 0.05 and meta["recipe"]["auto"]["label_smoothing"] == 0.05
     assert [h["epoch"] for h in meta["history"]] == list(range(5))
     # The epochs before the kill come from the checkpoint, not from a second run of them.
     assert meta["history"][0]["time"] == pytest.approx(first_epochs[0]["time"])

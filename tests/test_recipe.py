@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from dragons.train.config import TrainConfig
-from dragons.train.recipe import FINE_TUNE_MIN_IMAGES, HEAD_ONLY_SETTINGS, resolve
+import pytest
+
+from dragons.errors import DragonsError
+from dragons.train.recipe import FINE_TUNE_MIN_IMAGES, HEAD_ONLY_SETTINGS, from_json, resolve, resume, to_json
 
 
 def test_rule_small_photos_head_only_large_small_images_fine_tuned() -> None:
@@ -34,6 +37,24 @@ def test_explicit_flags_win() -> None:
     assert chosen == {} and out == cfg
     out, chosen = resolve(TrainConfig(epochs=0), n_train=50_000, short_side=128)
     assert out.epochs == 0 and out.head_views == 4 and "epochs" not in chosen
+
+
+def test_resume_keeps_the_runs_first_choice() -> None:
+    """A resumed run does not decide again: the data may have grown since its start."""
+    first_cfg, chosen = resolve(TrainConfig(), n_train=3443, short_side=128)
+    saved = from_json(to_json(chosen, 3443, 128), "recipe.json")
+    assert saved == chosen
+    # Resumed on data that would now choose a head alone at 224 px: the run keeps its recipe.
+    again, kept = resume(TrainConfig(resume=True), saved, n_train=245, short_side=375)
+    assert (again.epochs, again.image_size, again.lr_mult, again.augment) == (first_cfg.epochs, 128, 1.0, "default")
+    assert kept == chosen and not again.unresolved()
+    assert resolve(TrainConfig(), n_train=245, short_side=375)[0].epochs == 0  # what deciding again would have done
+    # An explicit flag still wins over the saved choice; a field the file lacks is decided as usual.
+    partial = {k: v for k, v in saved.items() if k != "label_smoothing"}
+    mixed, _ = resume(TrainConfig(augment="strong"), partial, n_train=3443, short_side=128)
+    assert mixed.augment == "strong" and mixed.label_smoothing == 0.1 and not mixed.unresolved()
+    with pytest.raises(DragonsError, match="recipe.json is not a recipe file"):
+        from_json(b"[1, 2]", "recipe.json")
 
 
 def test_rule_applied_to_synthetic_sets(ray_session: None, workdir: Path) -> None:

@@ -27,16 +27,21 @@ shared data sets (never their valid/; tables in docs/training.md):
   keep 10.
 
 Explicit flags always win: only fields still at their ``auto`` value change.
+A run keeps what was decided at its start (``RECIPE_FILE`` in the run's
+folder): ``--resume`` reuses it rather than deciding again from data that may
+have changed since, so a run never switches recipe half-way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from dragons.preprocess import DEFAULT_CROP_PCT
 from dragons.train.config import AUTO, AUTO_AUGMENT, TrainConfig
 
+RECIPE_FILE = "recipe.json"  # in the run's folder: what resolve decided at the run's start
 FINE_TUNE_MIN_IMAGES = 1000  # below: head only; hymenoptera (245) never gained from fine-tuning
 HIGH_RES_SIDE = 320  # shorter side at which 224 px crops of a 320 px square need no upsampling
 HIGH_RES = (224, DEFAULT_CROP_PCT)  # (image_size, crop_pct) for photos
@@ -96,6 +101,35 @@ def resolve(cfg: TrainConfig, n_train: int, short_side: int) -> tuple[TrainConfi
         small = epochs > 0 and 0 < short_side < HIGH_RES_SIDE and n_train >= FINE_TUNE_MIN_IMAGES
         chosen["lr_mult"] = LR_MULT_SMALL if small else LR_MULT_PHOTOS
     return dataclasses.replace(cfg, **chosen), chosen
+
+
+def resume(cfg: TrainConfig, saved: dict[str, Any], n_train: int, short_side: int) -> tuple[TrainConfig, dict[str, Any]]:
+    """``resolve`` for a resumed run: fields still at ``auto`` take the run's saved
+    choice (``saved``: :func:`to_json`'s ``chosen``); anything the saved recipe
+    does not cover (a run started by an older dragons) is decided as usual."""
+    auto = set(cfg.unresolved())
+    kept = {k: v for k, v in saved.items() if k in auto}
+    cfg, more = resolve(dataclasses.replace(cfg, **kept), n_train, short_side)
+    return cfg, {**kept, **more}
+
+
+def to_json(chosen: dict[str, Any], n_train: int, short_side: int) -> bytes:
+    """What a run's ``RECIPE_FILE`` holds: the choice and the facts it was made from."""
+    return json.dumps({"chosen": chosen, "n_train": n_train, "median_short_side": short_side}, indent=1).encode()
+
+
+def from_json(raw: bytes, where: str) -> dict[str, Any]:
+    """The ``chosen`` settings of a ``RECIPE_FILE``."""
+    from dragons.errors import DragonsError
+
+    try:
+        chosen = json.loads(raw)["chosen"]
+        if not isinstance(chosen, dict):
+            raise TypeError("'chosen' is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DragonsError(f"--resume: {where} is not a recipe file dragons wrote ({exc}); "
+                           "delete it to decide the recipe again from the data") from None
+    return chosen
 
 
 def describe(chosen: dict[str, Any], n_train: int, short_side: int) -> str:

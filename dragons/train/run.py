@@ -23,7 +23,7 @@ from dragons.raycluster import DATA_CPU_SHARE, cluster, decode_beside_model, emb
 from dragons.columns import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
-from dragons.train.recipe import describe, resolve
+from dragons.train import recipe
 from dragons.train.stream import decode_actors_per_worker
 from dragons.train.checkpoint import PREDS_FILE, STATE_FILE, latest_checkpoint
 from dragons.train.loop import train_loop_per_worker
@@ -151,11 +151,6 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
     facts.update({"n_train": n_train, "n_valid": n_valid, "median_short_side": short_side})
     if n_train == 0 or n_valid == 0:
         raise DragonsError(f"{folder.root}: no decodable images left in the {'train' if n_train == 0 else 'valid'} split")
-    cfg, chosen = resolve(cfg, n_train, short_side)
-    facts["auto"] = chosen
-    if chosen:
-        print(describe(chosen, n_train, short_side), flush=True)
-    base_size = base_size_for(cfg.image_size, cfg.crop_pct)
 
     workers, cpu_per_worker, use_gpu = size_workers(cfg.workers, cluster())
     facts.update({"workers": workers, "cpu_per_worker": cpu_per_worker, "use_gpu": use_gpu})
@@ -183,6 +178,19 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
     if cfg.resume:
         found = latest_checkpoint(run_dir)
         print(f"resuming from {found[0]}" if found else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
+    # The recipe is decided once per run: a resumed run keeps its first choice.
+    recipe_uri = storage.join(run_dir, recipe.RECIPE_FILE)
+    if cfg.resume and storage.exists(recipe_uri):
+        cfg, chosen = recipe.resume(cfg, recipe.from_json(storage.read_bytes(recipe_uri), recipe_uri), n_train, short_side)
+        if chosen:
+            print(f"keeping the run's recipe ({recipe_uri})", flush=True)
+    else:
+        cfg, chosen = recipe.resolve(cfg, n_train, short_side)
+        storage.write_bytes(recipe_uri, recipe.to_json(chosen, n_train, short_side))
+    facts["auto"] = chosen
+    if chosen:
+        print(recipe.describe(chosen, n_train, short_side), flush=True)
+    base_size = base_size_for(cfg.image_size, cfg.crop_pct)
 
     # MALLOC_ARENA_MAX: Ray Data's prefetch threads and torch allocate from
     # different threads, and glibc's per-thread arenas can keep freed batches
