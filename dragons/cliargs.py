@@ -39,7 +39,7 @@ class _Formatter(argparse.HelpFormatter):
         h = action.help or ""
         if "%(default)" in h or not action.option_strings or action.required:
             return h
-        if action.default in (None, "", argparse.SUPPRESS) or isinstance(action, argparse.BooleanOptionalAction):
+        if action.default in (None, "", [], argparse.SUPPRESS) or isinstance(action, argparse.BooleanOptionalAction):
             return h
         return h + " (default: %(default)s)"
 
@@ -115,9 +115,11 @@ def add_config_args(p: argparse.ArgumentParser | Any, cls: Any, only: Iterable[s
         if name in required:
             kw["required"] = True
         else:
-            kw["default"] = f.default
+            kw["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         typ = str(f.type)
-        if typ in ("bool", "<class 'bool'>"):
+        if typ == "list[str]":  # a repeatable flag: --bucket a --bucket b
+            p.add_argument(flag, action="append", metavar=name.upper(), **kw)
+        elif typ in ("bool", "<class 'bool'>"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif name in getattr(cls, "AUTO_FIELDS", {}):
             p.add_argument(flag, type=_auto(name, cls.AUTO_FIELDS[name]), metavar=name.upper() + "|auto", **kw)

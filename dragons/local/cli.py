@@ -15,9 +15,10 @@ from dragons.cliargs import Parser, add_config_args, config_from
 def get_s3_parser(prog: str = "dragons s3") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="A local S3-compatible endpoint (moto) on 127.0.0.1.")
     sub = p.add_subparsers(dest="s3_cmd", required=True)
-    serve = sub.add_parser("serve", help="run the endpoint until interrupted")
-    serve.add_argument("--port", type=int, default=9000)
-    serve.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
+    from dragons.local.s3server import ServeConfig
+
+    serve = sub.add_parser("serve", help="run the endpoint until interrupted", formatter_class=p.formatter_class)
+    add_config_args(serve, ServeConfig)
     return p
 
 
@@ -26,9 +27,10 @@ def s3_main(args: argparse.Namespace) -> int:
 
     from dragons.local import s3server
 
-    server = s3server.start(args.port)
+    cfg = config_from(s3server.ServeConfig, args)
+    server = s3server.start(cfg.port)
     server.apply_env()
-    for b in args.bucket:
+    for b in cfg.bucket:
         s3server.create_bucket(b)
     print(f"S3 endpoint on {server.endpoint}; in another shell:\n"
           f"  export AWS_ENDPOINT_URL={server.endpoint} AWS_ACCESS_KEY_ID={server.env['AWS_ACCESS_KEY_ID']} "

@@ -28,6 +28,14 @@ def free_port() -> int:
 
 
 @dataclass
+class ServeConfig:
+    """``dragons s3 serve``'s settings (its flags are generated from these fields)."""
+
+    port: int = 9000  # port on 127.0.0.1 (the endpoint never listens beyond this machine)
+    bucket: list[str] = field(default_factory=list)  # create this bucket at start (repeatable)
+
+
+@dataclass
 class LocalS3:
     """A running moto server and the environment that points at it."""
 

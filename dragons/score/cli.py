@@ -40,13 +40,18 @@ def score_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table_args(p: argparse.ArgumentParser) -> None:
+    """The flags every table command shares: which table, and how to print what it answers."""
+    p.add_argument("--table", required=True, help="table root (path or s3://)")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="output format")
+
+
 def get_query_parser(prog: str = "dragons query") -> argparse.ArgumentParser:
     from dragons.score.query import QueryLimits
 
     p = Parser(prog=prog, description="Read-only SQL (DuckDB, streamed) over a Delta scores table. Views: `scores` "
                                       "(every row), `latest` (newest row per uri and model_version), `runs` (commit log).")
-    p.add_argument("--table", required=True, help="table root (path or s3://)")
-    p.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="output format")
+    _table_args(p)
     p.add_argument("--as-of", default=None, help="time travel: a table version (e.g. 3) or an ISO timestamp")
     add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
     p.add_argument("sql", nargs="?", default=None, help="a SELECT; default: one line per run from the commit log")
@@ -66,8 +71,7 @@ def get_table_parser(prog: str = "dragons table") -> argparse.ArgumentParser:
 
     p = Parser(prog=prog, description="Delta table maintenance: history, vacuum, optimize (compaction).")
     p.add_argument("action", choices=["history", "vacuum", "optimize"])
-    p.add_argument("--table", required=True, help="table root (path or s3://)")
-    p.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="output format")
+    _table_args(p)
     add_config_args(p, MaintenanceConfig)
     return p
 
