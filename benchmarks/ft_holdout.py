@@ -1,5 +1,5 @@
 """Single-process fine-tuning on a held-out 20% of flowers5 train/ (never valid/), without Ray:
-    python benchmarks/ft_holdout.py --epochs 3 --lr 1e-3 [--size 224] [--freeze-early] [--tta 2,4]
+    python benchmarks/ft_holdout.py --epochs 3 --lr 1e-3 [--size 224] [--freeze-early] [--tta 2,4] [--eval-views 160:1.0,...]
 Prints the head-only and per-epoch held-out accuracy (docs/training.md)."""
 import argparse, random, time
 from pathlib import Path
@@ -16,7 +16,7 @@ ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--lr-mult", 
 ap.add_argument("--epochs", type=int, default=3); ap.add_argument("--bs", type=int, default=32)
 ap.add_argument("--augment", default="light"); ap.add_argument("--n", type=int, default=0)
 ap.add_argument("--threads", type=int, default=2); ap.add_argument("--wd", type=float, default=0.01)
-ap.add_argument("--ls", type=float, default=0.0); ap.add_argument("--head-lr", type=float, default=5e-3); ap.add_argument("--freeze-early", action="store_true"); ap.add_argument("--tta", default="", help="comma-separated TTA view counts read out after the last epoch"); ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers5"))
+ap.add_argument("--ls", type=float, default=0.0); ap.add_argument("--head-lr", type=float, default=5e-3); ap.add_argument("--freeze-early", action="store_true"); ap.add_argument("--tta", default="", help="comma-separated TTA view counts read out after the last epoch"); ap.add_argument("--eval-views", default="", help="comma-separated SIZE:CROP eval views read out after the last epoch (test-time resolution)"); ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers5"))
 a = ap.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
 root = Path(a.data) / "train"
@@ -50,3 +50,14 @@ for e in range(a.epochs):
 for n in [int(v) for v in a.tta.split(",") if v]:
     p = w.predict(he, tta=n); vl, va = w.validate(p.y, p.probs)
     print(f"tta {n}: held loss {vl:.3f} acc {va:.4f}", flush=True)
+for view in [v for v in a.eval_views.split(",") if v]:
+    from dragons.models.registry import get_spec
+    from dragons.predictor import Predictor
+
+    size, crop = int(view.split(":")[0]), float(view.split(":")[1])
+    x = np.stack([decode_to_base(f.read_bytes(), base_size_for(size, crop)) for f, _ in held])
+    spec, y = get_spec(cfg.arch), np.array([c for _, c in held])
+    pred = Predictor(w.model, size, spec.mean, spec.std)
+    probs = np.concatenate([pred.numpy(x[i : i + 64]) for i in range(0, len(x), 64)])
+    nll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
+    print(f"eval view {size} px, crop {crop}: held loss {nll:.3f} acc {(probs.argmax(1) == y).mean():.4f}", flush=True)

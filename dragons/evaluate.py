@@ -100,14 +100,19 @@ def predict_uris(art: artifact.Artifact, uris: list[str], tta: int = 0, batch_si
     return probs, errors
 
 
+# valid_pct / seed: take the value the model was trained with (its model.json),
+# so a folder without valid/ is split exactly as training split it.
+AS_TRAINED = -1
+
+
 @dataclass
 class EvaluateConfig:
     model: str = ""  # model artifact (path or s3://)
     data: str = ""  # image folder whose valid/ split is evaluated (path or s3://)
     report: str = ""  # report directory (path or s3://); "" = <model>/report
     tta: int = 0  # test-time augmentation views (0 = off)
-    valid_pct: float = TrainConfig.valid_pct  # held-out share when the folder has no valid/ (as in training)
-    seed: int = TrainConfig.seed  # seeds that split (as in training)
+    valid_pct: float = AS_TRAINED  # held-out share when the folder has no valid/; -1 = the model's own (its model.json)
+    seed: int = AS_TRAINED  # seeds that split; -1 = the model's own, so no image it trained on is evaluated
 
 
 @dataclass
@@ -123,6 +128,13 @@ def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0
     from dragons.metrics import classification_metrics
 
     art = artifact.load(model_uri)
+    trained = art.meta.get("config") or {}
+    valid_pct = float(trained.get("valid_pct", TrainConfig.valid_pct)) if valid_pct == AS_TRAINED else valid_pct
+    seed = int(trained.get("seed", TrainConfig.seed)) if seed == AS_TRAINED else seed
+    if (valid_pct, seed) != (trained.get("valid_pct", valid_pct), trained.get("seed", seed)):
+        print(f"note: --valid-pct {valid_pct} --seed {seed} differ from the model's training ({trained.get('valid_pct')}, "
+              f"{trained.get('seed')}): a folder without valid/ is split differently, and the split may hold images "
+              "the model trained on", flush=True)
     folder = discover(data_uri, valid_pct, seed)
     if folder.classes != art.classes:
         raise DragonsError(f"{data_uri} has classes {folder.classes} but the model was trained on {art.classes}")

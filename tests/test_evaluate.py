@@ -56,3 +56,31 @@ def test_train_writes_report_beside_artifact(hymenoptera_model: dict) -> None:
     for name in REPORT_PNGS:
         assert name in html
         assert len(storage.read_bytes(f"{base}/{name}")) > 1000
+
+
+def test_evaluate_splits_a_folder_without_valid_as_the_model_was_trained(tmp_path: Path) -> None:
+    """A folder with no valid/ is split by --valid-pct and --seed: evaluate takes the
+    model's own (model.json) unless told otherwise, so it never scores images the
+    model trained on because its defaults differ from the training run's."""
+    import shutil
+
+    from dragons import artifact
+    from dragons.data import discover
+    from dragons.evaluate import evaluate
+    from dragons.local.synth import write_dataset
+    from dragons.models.registry import build_model, get_spec
+
+    data = tmp_path / "data"
+    write_dataset(str(data), ["drogon", "viserion"], n_train=10, n_valid=0, seed=2, size=(96, 80))
+    shutil.rmtree(data / "valid")
+    spec = get_spec("efficientnet_lite0")
+    meta = {"arch": "efficientnet_lite0", "classes": ["drogon", "viserion"], "image_size": 64, "base_size": 73,
+            "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "metrics": {},
+            "config": {"valid_pct": 0.5, "seed": 7}}
+    artifact.save(str(tmp_path / "model"), build_model("efficientnet_lite0", 2, "none"), meta)
+    trained_split = discover(str(data), 0.5, 7).valid
+    assert len(trained_split) != len(discover(str(data), 0.2, 42).valid)  # the defaults would split otherwise
+    m = evaluate(str(tmp_path / "model"), str(data), None)
+    assert m["n"] == len(trained_split)
+    m = evaluate(str(tmp_path / "model"), str(data), None, valid_pct=0.2, seed=42)  # explicit values still win
+    assert m["n"] == len(discover(str(data), 0.2, 42).valid)

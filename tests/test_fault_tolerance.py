@@ -95,8 +95,14 @@ def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_p
 
     recipe_file = out / "_runs" / os.listdir(out / "_runs")[0] / "recipe.json"
     saved = json.loads(recipe_file.read_text())
-    assert saved["n_train"] == 48 and saved["chosen"]["label_smoothing"] == 0.1
-    saved["chosen"]["label_smoothing"] = 0.05
+    assert saved["n_train"] == 48 and saved["settings"]["label_smoothing"] == 0.1 and saved["settings"]["epochs"] == 4
+    # Other classes than the run started with: refused before any image is read.
+    recipe_file.write_text(json.dumps({**saved, "classes": ["drogon", "rhaegal"]}))
+    t0 = time.monotonic()
+    with pytest.raises(DragonsError, match=r"started with the classes \[drogon, rhaegal\]"):
+        train(_cfg(small_data, out, resume=True))
+    assert time.monotonic() - t0 < 30
+    saved["settings"]["label_smoothing"] = 0.05
     recipe_file.write_text(json.dumps(saved))
     meta = train(_cfg(small_data, out, resume=True))
     assert meta["resumes"] == 1

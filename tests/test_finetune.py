@@ -129,3 +129,38 @@ def test_recomputing_the_early_blocks_keeps_less_and_learns_the_same() -> None:
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_a, params_b))
     assert any(not torch.equal(a, b) for a, b in zip(params_a, _tiny_worker().model.parameters()))  # it did learn
+
+
+def test_a_phase_keeps_one_optimiser_and_a_resume_restores_it() -> None:
+    """AdamW's moments carry over between the epochs of a phase (a fresh optimiser
+    each epoch made its first step move every weight by about the full rate), and
+    a resumed run re-enters the phase with the moments its checkpoint saved."""
+    import copy
+
+    from dragons.train import phases
+    from dragons.train.checkpoint import RunState
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    plan, shard = ["head", "unfrozen", "unfrozen", "unfrozen"], _tiny_shard()  # 12 images at batch 4: 3 steps an epoch
+    w, run = _tiny_worker(), RunState(lr=1e-3)
+    phases.images(w, run, shard, plan, 1)
+    first = w.phase_optimizer("unfrozen", run.lr, 9, 3)[0]
+    assert run.optimizer is not None and run.optimizer["phase"] == "unfrozen"
+    assert int(run.optimizer["state"]["state"][0]["step"]) == 3
+    phases.images(w, run, shard, plan, 2)
+    assert w.phase_optimizer("unfrozen", run.lr, 9, 6)[0] is first  # the same optimiser, not a new one
+    assert int(run.optimizer["state"]["state"][0]["step"]) == 6  # moments of both epochs
+    saved = copy.deepcopy(run.optimizer)
+    # A resumed run: a new worker (new process) with the checkpoint's weights and optimiser state.
+    w2 = _tiny_worker()
+    w2.model.load_state_dict(w.model.state_dict())
+    run2 = RunState(lr=1e-3, epochs_done=3, optimizer=saved)
+    opt2, sched2, _ = w2.phase_optimizer("unfrozen", run2.lr, 9, 6, run2.optimizer)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], saved["state"]["state"][0]["exp_avg"])
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx(sched2.get_last_lr())  # the schedule's position
+    phases.images(w2, run2, shard, plan, 3)
+    assert int(run2.optimizer["state"]["state"][0]["step"]) == 9
+    # A run resumed without a saved optimiser (an older checkpoint) starts it afresh.
+    w3 = _tiny_worker()
+    assert w3.phase_optimizer("unfrozen", 1e-3, 9, 6, None)[0].state_dict()["state"] == {}

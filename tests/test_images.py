@@ -62,3 +62,22 @@ def test_base_square_and_draft_decoding() -> None:
     out = decode_to_base(buf.getvalue(), 256)
     assert out.shape == (256, 256, 3)
     assert abs(int(out[..., 0].mean()) - 200) < 6
+
+
+def test_base_square_resamples_only_the_square() -> None:
+    """A thin strip (inside --max-pixels) must not be resized whole: 100 x 600,000 px
+    used to become a 320 x 1.92M image (1.8 GB) before the crop."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    strip = Image.new("RGB", (100, 600_000), (10, 20, 30))
+    t0 = time.perf_counter()
+    sq = base_square(strip, 320)
+    assert sq.shape == (320, 320, 3) and (sq == [10, 20, 30]).all() and time.perf_counter() - t0 < 2.0
+    # The same picture as resizing the shorter side and centre-cropping, up to resampling.
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+    old = np.asarray(photo.resize((427, 320), Image.BILINEAR).crop((53, 0, 373, 320)), dtype=np.int16)
+    assert np.abs(base_square(photo, 320).astype(np.int16) - old).mean() < 3.0

@@ -40,21 +40,28 @@ def test_explicit_flags_win() -> None:
 
 
 def test_resume_keeps_the_runs_first_choice() -> None:
-    """A resumed run does not decide again: the data may have grown since its start."""
+    """A resumed run does not decide again: the data may have grown since its start,
+    and a flag given at the start but left off on --resume keeps its value."""
     first_cfg, chosen = resolve(TrainConfig(), n_train=3443, short_side=128)
-    saved = from_json(to_json(chosen, 3443, 128), "recipe.json")
-    assert saved == chosen
+    saved = from_json(to_json(first_cfg, chosen, ["a", "b"], 3443, 128), "recipe.json")
+    assert saved["chosen"] == chosen and saved["classes"] == ["a", "b"]
     # Resumed on data that would now choose a head alone at 224 px: the run keeps its recipe.
     again, kept = resume(TrainConfig(resume=True), saved, n_train=245, short_side=375)
     assert (again.epochs, again.image_size, again.lr_mult, again.augment) == (first_cfg.epochs, 128, 1.0, "default")
     assert kept == chosen and not again.unresolved()
     assert resolve(TrainConfig(), n_train=245, short_side=375)[0].epochs == 0  # what deciding again would have done
-    # An explicit flag still wins over the saved choice; a field the file lacks is decided as usual.
-    partial = {k: v for k, v in saved.items() if k != "label_smoothing"}
-    mixed, _ = resume(TrainConfig(augment="strong"), partial, n_train=3443, short_side=128)
-    assert mixed.augment == "strong" and mixed.label_smoothing == 0.1 and not mixed.unresolved()
-    with pytest.raises(DragonsError, match="recipe.json is not a recipe file"):
-        from_json(b"[1, 2]", "recipe.json")
+    # A flag given at the start (--epochs 3 on 500 images) and left off on --resume keeps its value.
+    flagged, _ = resolve(TrainConfig(epochs=3), n_train=500, short_side=375)
+    saved = from_json(to_json(flagged, {}, ["a", "b"], 500, 375), "recipe.json")
+    resumed, _ = resume(TrainConfig(resume=True), saved, n_train=500, short_side=375)
+    assert resumed.epochs == 3 and resumed.augment == "default" and resumed.label_smoothing == 0.1
+    # An explicit flag on --resume still wins; a field the file lacks is decided as usual.
+    saved["settings"].pop("label_smoothing")
+    mixed, _ = resume(TrainConfig(augment="strong"), saved, n_train=500, short_side=375)
+    assert mixed.augment == "strong" and mixed.epochs == 3 and mixed.label_smoothing == 0.1 and not mixed.unresolved()
+    for bad in (b"[1, 2]", b'{"chosen": {}}', b"not json"):
+        with pytest.raises(DragonsError, match="recipe.json is not a recipe file"):
+            from_json(bad, "recipe.json")
 
 
 def test_rule_applied_to_synthetic_sets(ray_session: None, workdir: Path) -> None:

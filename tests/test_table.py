@@ -159,7 +159,7 @@ def test_concurrent_writers_same_id_exactly_one_wins(bucket: str) -> None:
     codes = sorted([a.returncode, b.returncode])
     assert codes == [0, 2], (err_a, err_b)
     loser_err = err_a if a.returncode else err_b
-    assert "error: run same: another writer committed the same run id" in loser_err and "Traceback" not in loser_err
+    assert "error: run same: another writer's commit" in loser_err and "the same run id" in loser_err and "Traceback" not in loser_err
     winner_rows = 3000 if a.returncode == 0 else 2000
     # Readable, and holding exactly one of the two runs.
     assert _count(table, "run_id = 'same'") == winner_rows and _count(table) == 5 + winner_rows
@@ -276,7 +276,7 @@ def test_known_objects_per_model_version_and_etag(tmp_path: Path) -> None:
     from dragons.score.listing import LISTING_SCHEMA
 
     table = str(tmp_path / "t")
-    assert len(known_objects(table, "v1")) == 0  # no table yet: everything is new
+    assert len(known_objects(table, "v1", "n3")) == 0  # no table yet: everything is new
     _commit(table, "n1", 6)  # uris s3://x/n1/0..5.jpg, etag e0..e5, size 100, model v1
     w = RunWriter(table, "n2", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
     w.add(pa.table({"uri": ["s3://x/n1/5.jpg"], "error": ["read_error: timeout"], "etag": ["e5"], "size": [100]}))
@@ -290,11 +290,14 @@ def test_known_objects_per_model_version_and_etag(tmp_path: Path) -> None:
         {"uri": "s3://x/n1/5.jpg", "etag": "e5", "size": 100, "last_modified": now},   # last row a read_error
         {"uri": "s3://x/new.jpg", "etag": "e9", "size": 100, "last_modified": now},    # new object
     ], schema=LISTING_SCHEMA)
-    v1 = known_objects(table, "v1")
+    v1 = known_objects(table, "v1", "n3")
     assert len(v1) == 5
     assert v1.unseen(page).column("uri").to_pylist() == ["s3://x/n1/1.jpg", "s3://x/n1/2.jpg", "s3://x/n1/5.jpg",
                                                           "s3://x/new.jpg"]
-    assert known_objects(table, "v2").unseen(page).num_rows == 6  # a new model version scores everything
+    assert known_objects(table, "v2", "n3").unseen(page).num_rows == 6  # a new model version scores everything
+    # A rerun under run id n1 replaces n1's rows at its commit: they are not "known",
+    # or the rerun would skip them and its commit delete them.
+    assert len(known_objects(table, "v1", "n1")) == 0
 
 
 def test_local_listing_streams_pages(tmp_path: Path) -> None:
@@ -312,3 +315,58 @@ def test_local_listing_streams_pages(tmp_path: Path) -> None:
                for r in rows)
     with pytest.raises(DragonsError, match="does not exist"):
         list(iter_listing(str(tmp_path / "missing")))
+
+
+def test_local_listing_keeps_a_name_that_is_not_utf8_and_refuses_an_empty_folder(tmp_path: Path) -> None:
+    from dragons.score.listing import iter_listing
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "ok.jpg").write_bytes(b"x")
+    os.close(os.open(os.fsencode(str(d)) + b"/caf\xe9.jpg", os.O_CREAT | os.O_WRONLY))  # Latin-1 bytes, not UTF-8
+    rows = [r for p in iter_listing(str(d)) for r in p.to_pylist()]
+    assert sorted(Path(r["uri"]).name for r in rows) == ["caf\\xe9.jpg", "ok.jpg"]  # a row each, no crash
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DragonsError, match="holds no files"):  # as an empty S3 prefix is
+        list(iter_listing(str(tmp_path / "empty")))
+
+
+def test_many_classes_different_run_ids_both_land(tmp_path: Path) -> None:
+    """From 28 classes on, run_id was past the 32 columns Delta keeps statistics
+    for, so a concurrent commit of another run id looked like a conflict."""
+    from deltalake import write_deltalake
+
+    from dragons.score.table import schema, write_run
+
+    classes = [f"c{i:02d}" for i in range(30)]
+    table = str(tmp_path / "t")
+
+    def run_rows(run_id: str) -> pa.Table:
+        now = datetime.now(timezone.utc)
+        s = schema(classes)
+        return pa.table({f.name: [f"s3://x/{run_id}.jpg"] if f.name == "uri" else [run_id] if f.name == "run_id" else
+                         [now] if f.name in ("scored_at", "last_modified") else [now.strftime("%Y-%m-%d")] if f.name == "dt"
+                         else [None] for f in s}, schema=s)
+
+    write_run(table, "seed", run_rows("seed"), {})
+    # Run b commits while run a is "scoring": a's write starts from the version before b's.
+    from deltalake import DeltaTable
+
+    stale = DeltaTable(table)
+    write_run(table, "b", run_rows("b"), {})
+    write_deltalake(stale, run_rows("a"), mode="overwrite", predicate="run_id = 'a'", partition_by=["dt"])
+    assert sorted(r["run_id"] for r in run_sql(table, "SELECT run_id FROM scores").to_pylist()) == ["a", "b", "seed"]
+
+
+def test_vacuum_rounds_a_fractional_retention_up(tmp_path: Path) -> None:
+    """delta-rs takes whole hours: 0.5 h used to become 0 and delete a file a
+    running writer had just written (its commit would then name a missing file)."""
+    from dragons.score.maintenance import vacuum
+
+    table = str(tmp_path / "t")
+    _commit(table, "a", 5)
+    part = next(p for p in Path(table).iterdir() if p.name.startswith("dt="))
+    fresh = part / "in-flight-writer.parquet"
+    fresh.write_bytes((next(part.glob("*.parquet"))).read_bytes())  # a file no commit names yet, seconds old
+    assert vacuum(table, 0.5) == [] and fresh.exists()
+    assert any(f.endswith("in-flight-writer.parquet") for f in vacuum(table, 0, dry_run=True))  # 0 h means now

@@ -18,12 +18,12 @@ class ScoreConfig:
     input: str = ""  # prefix to score: every object under it gets a row
     output: str = ""  # Delta table root (path or s3://); one run = one commit, partitioned by dt
     manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
-    run_id: str = ""  # "" = a UTC timestamp; re-using an id replaces that run
+    run_id: str = ""  # "" = a UTC timestamp with a random suffix; re-using an id replaces that run
     batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
     actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
     tta: int = 0  # test-time augmentation views (0 = off)
     decode: str = DECODE_CHOICES[0]  # auto = in the scoring actors on CPU clusters, in CPU tasks where actors have GPUs
-    max_error_rate: float = 1.0  # exit non-zero when errors / listed exceeds this
+    max_error_rate: float = 1.0  # exit non-zero when errors / objects scored this run exceeds this
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images become error rows `too_large`
     max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread
     incremental: bool = False  # score only objects new or changed (etag/size) since this model version's rows

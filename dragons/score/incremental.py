@@ -51,8 +51,12 @@ class KnownObjects:
         self._con.close()
 
 
-def known_objects(table_root: str, model_version: str) -> KnownObjects:
-    """Objects the table holds for ``model_version``; empty when there is no table yet."""
+def known_objects(table_root: str, model_version: str, run_id: str) -> KnownObjects:
+    """Objects the table holds for ``model_version``; empty when there is no table yet.
+
+    Rows of ``run_id`` itself do not count: its commit replaces them, so a rerun
+    of a night under the same id must score that night's objects again, or the
+    commit would delete rows it never re-wrote."""
     from deltalake import DeltaTable
 
     from dragons.score.query import QueryLimits, connect
@@ -63,11 +67,11 @@ def known_objects(table_root: str, model_version: str) -> KnownObjects:
         return KnownObjects(np.zeros(0, np.uint64))
     con: Any = connect(table_root, limits=QueryLimits(timeout_s=0))
     try:
-        sql = (f"SELECT {_HASH} AS h FROM (SELECT uri, etag, size, error FROM scores WHERE model_version = $v "
+        sql = (f"SELECT {_HASH} AS h FROM (SELECT uri, etag, size, error FROM scores WHERE model_version = $v AND run_id <> $r "
                "QUALIFY row_number() OVER (PARTITION BY uri ORDER BY scored_at DESC, run_id DESC) = 1) "
                "WHERE error IS NULL OR NOT starts_with(error, 'read_error')")
         try:
-            hashes = con.execute(sql, {"v": model_version}).fetchnumpy()["h"]
+            hashes = con.execute(sql, {"v": model_version, "r": run_id}).fetchnumpy()["h"]
         except Exception as exc:
             raise DragonsError(f"--incremental: cannot read what {uri} already holds: {str(exc).splitlines()[0]}") from None
     finally:

@@ -14,6 +14,7 @@ listing of millions of objects never becomes a Python list in the driver.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -103,6 +104,7 @@ def _iter_local(path: str, page_rows: int) -> Iterator[pa.Table]:
     sizes: list[int] = []
     mtimes: list[datetime] = []
     stack = [path]
+    any_file = False
     while stack:
         top = stack.pop()
         try:
@@ -114,15 +116,32 @@ def _iter_local(path: str, page_rows: int) -> Iterator[pa.Table]:
                 stack.append(e.path)
             elif e.is_file():
                 st = e.stat()
-                uris.append(e.path)
+                uris.append(_name(e.path))
                 etags.append(_weak_etag(st))
                 sizes.append(st.st_size)
                 mtimes.append(_mtime(st))
+                any_file = True
                 if len(uris) >= page_rows:
                     yield _table(uris, etags, sizes, mtimes)
                     uris, etags, sizes, mtimes = [], [], [], []
     if uris:
         yield _table(uris, etags, sizes, mtimes)
+    elif not any_file:
+        raise DragonsError(f"--input {path} holds no files: check the path")
+
+
+def _name(path: str) -> str:
+    """A local path as a URI string. A name that is not valid UTF-8 cannot be one:
+    it is kept with the bad bytes written as \\xNN (its row then fails to read:
+    an error row naming it, never a crashed listing) and logged."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        logging.getLogger("dragons.score").warning("file name is not valid UTF-8, its row will be an error: %s "
+                                                   "(rename it to score it)", shown)
+        return shown
 
 
 def _weak_etag(st: os.stat_result) -> str:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -45,7 +47,8 @@ def vacuum(root: str, retention_hours: float, dry_run: bool = False) -> list[str
     dt = open_table(root)
     # full=True: also files no commit ever named (a killed run's), not only removed ones.
     # Below Delta's configured retention the caller has chosen so explicitly.
-    return list(dt.vacuum(retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False,
+    # delta-rs takes whole hours: round up, never down (0.5 h must not delete what 0 h would).
+    return list(dt.vacuum(retention_hours=math.ceil(retention_hours), dry_run=dry_run, enforce_retention_duration=False,
                           full=True))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -127,6 +128,9 @@ def _listing_pages(cfg: ScoreConfig) -> Iterator[pa.Table]:
         if "uri" not in t.column_names:
             raise DragonsError(f"--manifest {cfg.manifest} has no 'uri' column (columns: {t.column_names})")
         uris = [str(u) for u in t.column("uri").to_pylist() if u]
+        if len(uris) < t.num_rows:  # nothing to name a row by: say so rather than drop them silently
+            log.warning("--manifest %s: %d of %d rows have an empty or null uri and are left out",
+                        storage.redact(cfg.manifest), t.num_rows - len(uris), t.num_rows)
         for i in range(0, len(uris), listing.PAGE_ROWS):
             yield listing.from_uris(uris[i : i + listing.PAGE_ROWS])
         return
@@ -193,13 +197,16 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         raise DragonsError("--incremental needs --input (a listing gives each object's etag and size); "
                            "a --manifest names URIs only")
     started = datetime.now(timezone.utc)
-    run_id = cfg.run_id or started.strftime("%Y%m%dT%H%M%SZ")
+    # The default id: a UTC timestamp and a random suffix, so two runs started in
+    # the same second into one table never share an id (and replace each other).
+    run_id = cfg.run_id or f"{started.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
     table.check_run_id(run_id)
     meta = artifact.read_meta(cfg.model)  # a wrong --model fails before any Ray work
     classes = list(meta["classes"])
     check_classes(classes)
     if not cfg.dry_run:
         table.check_output(cfg.output)  # a missing/read-only output fails before any image is read
+        _check_spool_dir(cfg.spool_dir)
     handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
     ray_output.addHandler(handler)  # Ray's own worker lines: in the run's log, not on the terminal
     try:
@@ -208,6 +215,20 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         ray_output.removeHandler(handler)
         log.removeHandler(handler)
         handler.close()
+
+
+def _check_spool_dir(path: str) -> None:
+    """--spool-dir must be a writable folder before any image is read (it is first written after scoring starts)."""
+    if not path:
+        return
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise DragonsError(f"--spool-dir {path} is not a writable folder ({exc.strerror or exc}); "
+                           "create it, or leave --spool-dir out to use the temp dir") from None
 
 
 @dataclass
@@ -220,7 +241,7 @@ class _Listed:
     to_score: int = 0
 
 
-def _list(cfg: ScoreConfig, model_version: str) -> _Listed:
+def _list(cfg: ScoreConfig, model_version: str, run_id: str) -> _Listed:
     """Stream the listing page by page; keep only what needs scoring.
 
     Pages go to Ray's object store (which spills to disk) as they arrive, so the
@@ -232,7 +253,7 @@ def _list(cfg: ScoreConfig, model_version: str) -> _Listed:
     if cfg.incremental:
         from dragons.score.incremental import known_objects
 
-        known = known_objects(cfg.output, model_version)
+        known = known_objects(cfg.output, model_version, run_id)
         log.info("--incremental: the table holds %d objects scored by model version %s", len(known), model_version,
                  extra=DETAIL)
     out = _Listed(refs=[])
@@ -279,7 +300,7 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
     source = cfg.manifest or cfg.input
     if not cfg.dry_run:
         ensure_ray(cfg.no_progress_timeout_s)
-    todo = _list(cfg, meta["version"])
+    todo = _list(cfg, meta["version"], run_id)
     counts = {"listed": todo.listed, "skipped": todo.skipped}
     log.info("listing done: %d objects, driver RSS %.0f MB", todo.listed, psutil.Process().memory_info().rss / 2**20,
              extra=DETAIL)

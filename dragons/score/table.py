@@ -257,13 +257,18 @@ def write_run(uri: str, run_id: str, data: pa.RecordBatchReader | Callable[[], p
                 # A model with other classes adds its p_<class> columns (older rows read NULL there).
                 schema_mode="merge", storage_options=opts, target_file_size=target_file_size,
                 commit_properties=CommitProperties(custom_metadata=custom),
+                # File statistics on every column (applied when the table is created):
+                # Delta's default covers the first 32, and from 28 classes on run_id is
+                # beyond them, so a concurrent commit of *another* run id could not be
+                # told apart from this run's predicate and failed as a conflict.
+                configuration={"delta.dataSkippingNumIndexedCols": "-1"},
             )
             break
         except CommitFailedError as exc:
             raise DragonsError(
-                f"run {run_id}: another writer committed the same run id to {uri} while this run was scoring "
-                f"({_short(exc)}); the table holds that run's rows and nothing of this one: "
-                "re-run later with the same --run-id to replace it, or use another --run-id") from None
+                f"run {run_id}: another writer's commit to {uri} conflicts with this run's (the same run id, or "
+                f"a table created before dragons kept statistics on every column) ({_short(exc)}); the table holds "
+                "nothing of this run: re-run later with the same --run-id, or use another --run-id") from None
         except OSError as exc:
             if _attempt_version(uri, attempt) is not None:
                 break  # it landed; only the answer was lost

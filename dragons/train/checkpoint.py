@@ -34,11 +34,12 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch, the report's table
     lr_find: dict[str, Any] | None = None  # the lr finder's sweep, when it ran
     resumes: int = 0  # restarts of this run so far
+    optimizer: dict[str, Any] | None = None  # the image phase's optimiser: {"phase", "state" (its state_dict)}
 
     def state(self, tta: dict[str, float] | None = None) -> dict[str, Any]:
         """The checkpoint's state (the weights are added by :func:`save`); ``tta``: the last epoch's TTA scores."""
         out: dict[str, Any] = {"epochs_done": self.epochs_done, "history": self.history, "lr": self.lr,
-                               "lr_find": self.lr_find, "resumes": self.resumes}
+                               "lr_find": self.lr_find, "resumes": self.resumes, "optimizer": self.optimizer}
         if tta is not None:
             out["tta"] = tta
         return out
@@ -84,7 +85,8 @@ def restore(run_dir: str | None, model: nn.Module) -> RunState | None:
         return None
     model.load_state_dict(state["model"])
     return RunState(lr=float(state["lr"]), epochs_done=int(state["epochs_done"]), history=list(state["history"]),
-                    lr_find=state.get("lr_find"), resumes=int(state.get("resumes", 0)) + 1)
+                    lr_find=state.get("lr_find"), resumes=int(state.get("resumes", 0)) + 1,
+                    optimizer=state.get("optimizer"))
 
 
 def save(rank: int, model: nn.Module, state: dict[str, Any], metrics: dict[str, Any],

@@ -53,6 +53,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = {"epochs_done": 0, "history": [], "lr": run.lr, "lr_find": run.lr_find}
         checkpoint.save(worker.rank, worker.model, state, {"lr": run.lr}, None)
         return
+    if plan and run.epochs_done >= len(plan) and worker.rank == 0:
+        print(f"nothing left to train: the run had done {run.epochs_done} of its {len(plan)} epochs; "
+              "its last checkpoint is the result", flush=True)
     for epoch in range(run.epochs_done, len(plan)):
         t0 = time.perf_counter()
         if plan[epoch] == "head":

@@ -99,17 +99,19 @@ def head(worker: Worker, run: RunState, feats: Features | None, epoch: int) -> F
 
 def images(worker: Worker, run: RunState, train: Source, plan: list[str], epoch: int) -> Fit:
     """One epoch over the shard's augmented images, frozen (the head alone) or
-    unfrozen. A phase's epochs share one cycle: a resumed run starts it at
-    this epoch's step."""
+    unfrozen. A phase's epochs share one cycle and one optimiser (AdamW's
+    moments carry over from epoch to epoch, as in fastai's ``fit_one_cycle``);
+    a resumed run starts the cycle at this epoch's step with the moments its
+    checkpoint saved (``run.optimizer``)."""
     phase = plan[epoch]
     frozen = phase == "frozen"
     worker.set_frozen(frozen)
     net = worker.wrap(worker.model)
     steps = worker.steps_per_epoch(train)
     total, start = steps * plan.count(phase), (epoch - plan.index(phase)) * steps
-    make_optimizer = worker.frozen_optimizer if frozen else worker.unfrozen_optimizer
-    opt, sched, max_lrs = make_optimizer(run.lr, total, start)
+    opt, sched, max_lrs = worker.phase_optimizer(phase, run.lr, total, start, run.optimizer)
     loss = worker.train_images(train, opt, sched, frozen, net, epoch=epoch, what=f"epoch {epoch} {phase}")
+    run.optimizer = {"phase": phase, "state": opt.state_dict()}  # saved with the epoch's checkpoint
     return Fit(epoch, phase, loss, max_lrs[-1])
 
 

@@ -103,33 +103,43 @@ def resolve(cfg: TrainConfig, n_train: int, short_side: int) -> tuple[TrainConfi
     return dataclasses.replace(cfg, **chosen), chosen
 
 
+# The fields the recipe decides: what a run's RECIPE_FILE keeps, auto or not.
+RECIPE_FIELDS = (*AUTO, "augment")
+
+
 def resume(cfg: TrainConfig, saved: dict[str, Any], n_train: int, short_side: int) -> tuple[TrainConfig, dict[str, Any]]:
-    """``resolve`` for a resumed run: fields still at ``auto`` take the run's saved
-    choice (``saved``: :func:`to_json`'s ``chosen``); anything the saved recipe
-    does not cover (a run started by an older dragons) is decided as usual."""
+    """``resolve`` for a resumed run: every field still at ``auto`` takes the value
+    the run started with (``saved``: a RECIPE_FILE read by :func:`from_json`),
+    whether the recipe chose it or a flag gave it then, so leaving a flag off
+    on ``--resume`` changes nothing. A field the file lacks (a run started by
+    an older dragons) is decided as usual. Returns the config and what was taken
+    from the file or decided now."""
     auto = set(cfg.unresolved())
-    kept = {k: v for k, v in saved.items() if k in auto}
+    kept = {k: v for k, v in saved["settings"].items() if k in auto}
     cfg, more = resolve(dataclasses.replace(cfg, **kept), n_train, short_side)
     return cfg, {**kept, **more}
 
 
-def to_json(chosen: dict[str, Any], n_train: int, short_side: int) -> bytes:
-    """What a run's ``RECIPE_FILE`` holds: the choice and the facts it was made from."""
-    return json.dumps({"chosen": chosen, "n_train": n_train, "median_short_side": short_side}, indent=1).encode()
+def to_json(cfg: TrainConfig, chosen: dict[str, Any], classes: list[str], n_train: int, short_side: int) -> bytes:
+    """A run's RECIPE_FILE: every recipe field's value (``cfg`` resolved), what
+    ``auto`` chose, the classes, and the facts the choice was made from."""
+    return json.dumps({"settings": {k: getattr(cfg, k) for k in RECIPE_FIELDS}, "chosen": chosen, "classes": classes,
+                       "n_train": n_train, "median_short_side": short_side}, indent=1).encode()
 
 
 def from_json(raw: bytes, where: str) -> dict[str, Any]:
-    """The ``chosen`` settings of a ``RECIPE_FILE``."""
+    """A RECIPE_FILE's contents, checked."""
     from dragons.errors import DragonsError
 
     try:
-        chosen = json.loads(raw)["chosen"]
-        if not isinstance(chosen, dict):
-            raise TypeError("'chosen' is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
+        saved = json.loads(raw)
+        if not isinstance(saved.get("settings"), dict) or not isinstance(saved.get("classes"), list):
+            raise TypeError("no 'settings' object or 'classes' list")
+        int(saved["n_train"]), int(saved["median_short_side"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DragonsError(f"--resume: {where} is not a recipe file dragons wrote ({exc}); "
                            "delete it to decide the recipe again from the data") from None
-    return chosen
+    return saved  # type: ignore[no-any-return]
 
 
 def describe(chosen: dict[str, Any], n_train: int, short_side: int) -> str:

