@@ -111,10 +111,12 @@ def base_square(img: Image.Image, side: int) -> np.ndarray:
     the margins it then dropped, and memory in proportion to the aspect ratio: a
     100 x 600,000 px strip (60 MP, inside --max-pixels) became a 1.8 GB image."""
     w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.resize((side, side), Image.BILINEAR, box=(left, top, left + s, top + s), reducing_gap=2.0)
-    return np.asarray(img, dtype=np.uint8)
+    scale = side / min(w, h)
+    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))  # the whole image's size after the resize
+    left, top = (nw - side) // 2, (nh - side) // 2  # the crop there, mapped back to the source below
+    sx, sy = nw / w, nh / h
+    box = (left / sx, top / sy, (left + side) / sx, (top + side) / sy)
+    return np.asarray(img.resize((side, side), Image.BILINEAR, box=box, reducing_gap=2.0), dtype=np.uint8)
 
 
 def decode_to_base(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
