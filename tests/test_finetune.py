@@ -164,3 +164,13 @@ def test_a_phase_keeps_one_optimiser_and_a_resume_restores_it() -> None:
     # A run resumed without a saved optimiser (an older checkpoint) starts it afresh.
     w3 = _tiny_worker()
     assert w3.phase_optimizer("unfrozen", 1e-3, 9, 6, None)[0].state_dict()["state"] == {}
+    # Resumed with other groups (--freeze-early drops the early one): afresh, no crash.
+    w4 = _tiny_worker(freeze_early=True)
+    w4.set_frozen(False)
+    assert w4.phase_optimizer("unfrozen", 1e-3, 9, 6, saved)[0].state_dict()["state"] == {}
+    # Resumed with another --lr-mult: the moments are kept, the rates are this run's schedule's.
+    w5 = _tiny_worker(lr_mult=2.0)
+    opt5, sched5, max5 = w5.phase_optimizer("unfrozen", 1e-3, 9, 6, saved)
+    assert torch.equal(opt5.state_dict()["state"][0]["exp_avg"], saved["state"]["state"][0]["exp_avg"])
+    assert [g["max_lr"] for g in opt5.param_groups] == pytest.approx(max5) and max5[0] == pytest.approx(max5[-1] / 2)
+    assert [g["lr"] for g in opt5.param_groups] == pytest.approx(sched5.get_last_lr())

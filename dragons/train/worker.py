@@ -305,9 +305,15 @@ class Worker:
         make = self.frozen_optimizer if phase == "frozen" else self.unfrozen_optimizer
         opt, sched, max_lrs = make(lr, total_steps, start_step)
         if saved is not None and saved.get("phase") == phase and start_step > 0:
-            opt.load_state_dict(saved["state"])
-            for group, rate in zip(opt.param_groups, sched.get_last_lr()):
-                group["lr"] = rate  # the schedule's position decides the rate, not the saved value
+            # Only moments of the same parameters: a resume that changes the groups
+            # (--freeze-early drops the early one) starts the optimiser afresh.
+            if [len(g["params"]) for g in saved["state"]["param_groups"]] == [len(g["params"]) for g in opt.param_groups]:
+                # This run's schedule decides the rates (a resume may change --lr-mult):
+                # load_state_dict would bring back the saved run's.
+                rates = [{k: g[k] for k in ("lr", "initial_lr", "max_lr", "min_lr") if k in g} for g in opt.param_groups]
+                opt.load_state_dict(saved["state"])
+                for group, keep in zip(opt.param_groups, rates):
+                    group.update(keep)
         self._phase_opt = (phase, (opt, sched, max_lrs))
         return opt, sched, max_lrs
 
