@@ -42,6 +42,11 @@ def _storage_uri(cfg: TrainConfig) -> str:
     return cfg.storage or storage.join(cfg.out or os.path.expanduser("~/dragons_results"), "_runs")
 
 
+def _run_dir(cfg: TrainConfig) -> str:
+    """The run's folder: its checkpoints and recipe file (Ray resumes by this name)."""
+    return storage.join(_storage_uri(cfg), _run_name(cfg))
+
+
 def scan_folder(folder: ImageFolder, max_pixels: int, progress_s: float) -> tuple[dict[str, np.ndarray], list[tuple[str, str]], int]:
     """Read and decode every image once in Ray Data tasks, keeping no pixels.
 
@@ -141,7 +146,7 @@ def saved_recipe(cfg: TrainConfig, folder: ImageFolder) -> dict[str, Any] | None
     outputs are those classes, in that order)."""
     if not cfg.resume:
         return None
-    run_dir = storage.join(_storage_uri(cfg), _run_name(cfg))
+    run_dir = _run_dir(cfg)
     if not storage.exists(run_dir):
         raise DragonsError(f"--resume: no earlier run at {run_dir}; run without --resume first (same --out/--name)")
     uri = storage.join(run_dir, recipe.RECIPE_FILE)
@@ -197,12 +202,10 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | N
 
     fs, path = storage.filesystem(_storage_uri(cfg))
     name = _run_name(cfg)
-    run_dir = storage.join(_storage_uri(cfg), name)
+    run_dir = _run_dir(cfg)
     if not cfg.resume and storage.exists(run_dir):
         # A fresh run must not pick up an old run's checkpoints (Ray resumes by name).
         storage.delete(run_dir)
-    elif cfg.resume and not storage.exists(run_dir):
-        raise DragonsError(f"--resume: no earlier run at {run_dir}; run without --resume first (same --out/--name)")
     if cfg.resume:
         found = latest_checkpoint(run_dir)
         print(f"resuming from {found[0]}" if found else f"--resume: {run_dir} has no checkpoint yet; starting over", flush=True)
