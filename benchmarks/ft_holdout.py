@@ -1,5 +1,6 @@
 """Single-process fine-tuning on a held-out 20% of flowers5 train/ (never valid/), without Ray:
-    python benchmarks/ft_holdout.py --epochs 3 --lr 1e-3 [--size 224] [--freeze-early] [--tta 2,4] [--eval-views 160:1.0,...]
+    python benchmarks/ft_holdout.py --epochs 3 --lr 1e-3 [--size 224] [--arch efficientnet_lite2] [--freeze-early] [--tta 2,4]
+        [--eval-views 160:1.0,...] [--ema 0.99,0.995]
 Prints the head-only and per-epoch held-out accuracy (docs/training.md)."""
 import argparse, random, time
 from pathlib import Path
@@ -11,7 +12,7 @@ from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--size", type=int, default=128); ap.add_argument("--crop", type=float, default=0.875)
+ap.add_argument("--size", type=int, default=128); ap.add_argument("--arch", default="efficientnet_lite0"); ap.add_argument("--ema", default="", help="comma-separated decays per step: also read out exponential moving averages of the weights"); ap.add_argument("--crop", type=float, default=0.875)
 ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--lr-mult", type=float, default=10.0)
 ap.add_argument("--epochs", type=int, default=3); ap.add_argument("--bs", type=int, default=32)
 ap.add_argument("--augment", default="light"); ap.add_argument("--n", type=int, default=0)
@@ -26,7 +27,7 @@ random.Random(42).shuffle(files)
 if a.n: files = files[: a.n]
 k = len(files) // 5
 held, train = files[:k], files[k:]
-cfg = TrainConfig(data="x", out="y", image_size=a.size, crop_pct=a.crop, batch_size=a.bs, lr=a.lr, lr_mult=a.lr_mult,
+cfg = TrainConfig(data="x", out="y", arch=a.arch, image_size=a.size, crop_pct=a.crop, batch_size=a.bs, lr=a.lr, lr_mult=a.lr_mult,
                   augment=a.augment, weight_decay=a.wd, label_smoothing=a.ls, freeze_early=a.freeze_early)
 side = base_size_for(a.size, a.crop)
 def load(fs):
@@ -41,12 +42,29 @@ print(f"head: train {hl:.3f} held loss {vl:.3f} acc {va:.4f} ({time.time()-t0:.0
 steps = w.steps_per_epoch(tr)
 opt, sched, _ = w.unfrozen_optimizer(cfg.lr, steps * a.epochs)
 w.set_frozen(False)
+emas = {}
+if a.ema:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    emas = {d: AveragedModel(w.model, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in map(float, a.ema.split(","))}
+
+    class _StepEMA:  # the schedule steps once per optimiser step: update the averages there
+        def __init__(self, inner): self.inner = inner
+        def step(self):
+            self.inner.step()
+            for m in emas.values(): m.update_parameters(w.model)
+    sched = _StepEMA(sched)
 for e in range(a.epochs):
     t0 = time.time()
     tl = w.train_images(tr, opt, sched, frozen=False, net=w.model, epoch=e)
     t1 = time.time()
     p = w.predict(he); vl, va = w.validate(p.y, p.probs)
     print(f"epoch {e}: train {tl:.3f} held loss {vl:.3f} acc {va:.4f} train {t1-t0:.0f}s ({len(train)/(t1-t0):.1f} img/s) valid {time.time()-t1:.0f}s", flush=True)
+    for d, m in emas.items():
+        live, w.model = w.model, m.module
+        p = w.predict(he); el, ea = w.validate(p.y, p.probs)
+        w.model = live
+        print(f"epoch {e}: EMA {d}: held loss {el:.3f} acc {ea:.4f}", flush=True)
 for n in [int(v) for v in a.tta.split(",") if v]:
     p = w.predict(he, tta=n); vl, va = w.validate(p.y, p.probs)
     print(f"tta {n}: held loss {vl:.3f} acc {va:.4f}", flush=True)
