@@ -43,7 +43,7 @@ class DecodeBatch:
         self.max_bytes = max_bytes
 
     def _read(self, uri: str, size: int | None = None) -> bytes:
-        loc = storage.parse(uri)
+        loc = storage.object_location(uri)  # a listed key verbatim: s3://b//x.jpg is not s3://b/x.jpg
         if loc.is_s3:
             # One GET per object through boto3: pyarrow's stream opens with a HEAD
             # first, doubling requests (and S3 cost) for small objects.

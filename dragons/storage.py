@@ -76,6 +76,25 @@ def parse(uri: str) -> Location:
     return Location(uri=absolute, scheme="file", path=absolute)
 
 
+def object_location(uri: str) -> Location:
+    """A listed object's URI with its S3 key verbatim.
+
+    ``parse`` strips slashes at both ends of a key, as a prefix wants; but an S3
+    key may itself begin with '/': ``s3://b//x.jpg`` (key ``/x.jpg``) is another
+    object than ``s3://b/x.jpg``, and stripping would read the wrong one. Only for
+    boto3 calls: pyarrow refuses a path with an empty component.
+    """
+    loc = parse(uri)
+    m = _SCHEME_RE.match(str(uri))
+    if not loc.is_s3 or m is None:
+        return loc
+    bucket, _, key = m.group(2).partition("/")
+    if not key.startswith("/"):
+        return loc
+    path = f"{bucket}/{key}"
+    return Location(uri=f"s3://{path}", scheme="s3", path=path)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI, keeping its scheme."""
     loc = parse(uri)
