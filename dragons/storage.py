@@ -300,7 +300,9 @@ def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) 
                 # pyarrow does not retry a 5xx on a ranged GET of a small object: the
                 # SDK writes the error body into the object's buffer, overflows it and
                 # reports a non-retryable "Failed to flush response stream".
-                if attempt + 1 >= S3_MAX_ATTEMPTS or "ACCESS_DENIED" in str(exc).upper():
+                # A connection that failed was already retried by pyarrow's own
+                # strategy: four more rounds of it took 15 s to say "cannot reach".
+                if attempt + 1 >= S3_MAX_ATTEMPTS or "ACCESS_DENIED" in str(exc).upper() or "NETWORK_CONNECTION" in str(exc):
                     raise
                 time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
