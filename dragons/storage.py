@@ -278,6 +278,10 @@ def _too_large(loc: Location, size: int, max_bytes: int) -> ObjectError:
     return ObjectError("too_large", f"{loc.uri} is {size} bytes, over the {max_bytes}-byte limit (--max-bytes)")
 
 
+# How the AWS SDK (curl) reports a connection that could not be made at all.
+_NOT_CONNECTED = "curlCode: 7,"
+
+
 def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) -> bytes:
     """Read a whole object. Pass ``fs`` when reading many (saves a client per call).
 
@@ -300,9 +304,10 @@ def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) 
                 # pyarrow does not retry a 5xx on a ranged GET of a small object: the
                 # SDK writes the error body into the object's buffer, overflows it and
                 # reports a non-retryable "Failed to flush response stream".
-                # A connection that failed was already retried by pyarrow's own
-                # strategy: four more rounds of it took 15 s to say "cannot reach".
-                if attempt + 1 >= S3_MAX_ATTEMPTS or "ACCESS_DENIED" in str(exc).upper() or "NETWORK_CONNECTION" in str(exc):
+                # An endpoint that refused every connection (curl's code 7) was
+                # already retried by pyarrow's own strategy: four more rounds took
+                # 11-18 s to say "cannot reach". A reset mid-transfer is retried here.
+                if attempt + 1 >= S3_MAX_ATTEMPTS or "ACCESS_DENIED" in str(exc).upper() or _NOT_CONNECTED in str(exc):
                     raise
                 time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
