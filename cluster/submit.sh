@@ -33,15 +33,18 @@
 #                          (default: .venv/bin/python, else python3).
 #
 # S3 credentials: passed ONLY by name. env_vars below hold the literal strings
-# "${AWS_ACCESS_KEY_ID}" etc. (single-quoted, so this shell does not expand
+# "${AWS_ACCESS_KEY_ID}" etc. (escaped, so this shell does not expand
 # them). Ray expands `${VAR}` when it starts each worker process *on the
 # cluster node*, from that node's own environment: the Kubernetes Secret
 # `dragons-s3` on KubeRay, the shell that ran `ray start` locally, or
 # ~/.config/dragons/s3.env on launcher clusters. So no secret value leaves this
 # machine or is stored in the job's runtime_env (which `ray job list` and the
-# dashboard display). Workers would inherit those node variables anyway; the
-# references just make the dependency explicit. A name that is unset on a node
-# expands to "" there, so set all of them on every node.
+# dashboard display). Workers inherit those node variables anyway; the
+# references just make the dependency explicit. So only names that are set and
+# not empty in this shell are sent: Ray expands a name that is unset on a node to
+# "", and this script must never *create* an empty AWS_ENDPOINT_URL on the nodes
+# (leave it unset for real AWS S3; an empty one crashed delta-rs). dragons also
+# treats an empty AWS_* variable as unset wherever it starts (dragons.storage).
 set -euo pipefail
 
 usage() {
@@ -107,8 +110,13 @@ EOF
 fi
 
 # Literal ${...} on purpose: expanded by Ray on the cluster nodes (see header).
-# shellcheck disable=SC2016
-env_vars='"AWS_ENDPOINT_URL": "${AWS_ENDPOINT_URL}", "AWS_ACCESS_KEY_ID": "${AWS_ACCESS_KEY_ID}", "AWS_SECRET_ACCESS_KEY": "${AWS_SECRET_ACCESS_KEY}", "AWS_REGION": "${AWS_REGION}"'
+# A name unset, empty or blank here is left out; values are tested, never printed.
+env_vars=''
+for name in AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION; do
+  if [[ "${!name:-}" =~ [^[:space:]] ]]; then
+    env_vars+="${env_vars:+, }\"${name}\": \"\${${name}}\""
+  fi
+done
 # Never upload the venv, VCS data or caches (Ray also honours .gitignore).
 excludes='".venv/", ".git/", "**/__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.egg-info/"'
 pip=''

@@ -151,6 +151,11 @@ COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argpa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dragons.storage import drop_empty_aws_env
+
+    # First: AWS_ENDPOINT_URL="" (how env files and Secrets write "not set") is
+    # real AWS for pyarrow and boto3 but a crash in delta-rs; unset it for all.
+    drop_empty_aws_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: dragons <command> [options]\n\ncommands: " + ", ".join(COMMANDS) + "\n\n'dragons <command> --help' for each; --verbose (any command) also shows Ray's own lines.")

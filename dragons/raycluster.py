@@ -57,6 +57,11 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         global _embedded
         _embedded = not address
+        # Workers of an embedded Ray inherit this environment as it is now: an
+        # empty AWS_* variable must be gone before them too (see storage).
+        from dragons.storage import drop_empty_aws_env
+
+        drop_empty_aws_env()
         ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
         _route_worker_output()
     if no_progress_timeout_s is not None:

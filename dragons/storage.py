@@ -5,16 +5,21 @@ only by the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), so a local moto endpoint and real
 AWS go through the same code path. pyarrow does not read ``AWS_ENDPOINT_URL`` in
 every version, so we map it ourselves.
+
+An empty ``AWS_*`` variable means *unset*, for every library: see
+:func:`drop_empty_aws_env`, which every entry point calls first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,45 @@ import pyarrow.fs as pafs
 from dragons.errors import DragonsError
 
 _SCHEMES = ("s3", "file", "")
+
+
+# ----------------------------------------------------------------- AWS_* variables
+
+
+def aws_env(name: str) -> str | None:
+    """The value of an ``AWS_*`` variable, or None when it is unset *or blank*.
+
+    Env files, Kubernetes Secrets (an ``AWS_ENDPOINT_URL`` key left empty for real
+    AWS) and Ray's ``${VAR}`` expansion in a runtime_env (an unresolved name
+    becomes ``""``) all write "not set" as an empty string.
+    """
+    value = os.environ.get(name)
+    return value if value is not None and value.strip() else None
+
+
+def drop_empty_aws_env() -> list[str]:
+    """Delete every ``AWS_*`` variable whose value is empty or blank; returns their names.
+
+    pyarrow and boto3 read ``AWS_ENDPOINT_URL=""`` as "no endpoint" (real AWS),
+    but delta-rs reads the process environment itself and takes it as an
+    endpoint URL: its object store panics (``RelativeUrlWithoutBase``, then
+    ``TokioMultiThreadExecutor has crashed``) at the first table access. Deleting
+    the variable from ``os.environ`` also unsets it in the C environment that
+    Rust reads, and in every child process started afterwards (an embedded
+    Ray's workers inherit the driver's environment at ``ray.init``). So this
+    runs first in every entry point: ``dragons`` (``dragons.cli.main``), the
+    ``jobs/*.py`` Ray job entry points, and ``raycluster.ensure_ray`` before
+    ``ray.init``. Idempotent and cheap.
+    """
+    names = sorted(k for k, v in os.environ.items() if k.startswith("AWS_") and not v.strip())
+    for name in names:
+        del os.environ[name]
+    return names
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from the environment (None: real AWS S3)."""
+    return aws_env("AWS_ENDPOINT_URL_S3") or aws_env("AWS_ENDPOINT_URL")
 
 
 @dataclass(frozen=True)
@@ -117,12 +161,12 @@ def s3_options() -> dict[str, object]:
     worker and into ``trainer.pkl``) carries no key or secret.
     """
     opts: dict[str, object] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint)
         opts["endpoint_override"] = parsed.netloc or parsed.path
         opts["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = aws_env("AWS_REGION") or aws_env("AWS_DEFAULT_REGION")
     if region:
         opts["region"] = region
     # A missing object should fail at once, not after minutes of retries; an
@@ -154,7 +198,7 @@ def boto3_client(max_pool_connections: int = 10):  # type: ignore[no-untyped-def
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     # "standard" retries back off with jitter on 5xx, SlowDown and connection
     # errors; short timeouts make an unreachable endpoint an error in seconds.
     config = Config(max_pool_connections=max_pool_connections, connect_timeout=5, read_timeout=60,
@@ -170,7 +214,7 @@ def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
     except OSError as exc:
         raise unreachable(loc, exc) from None
     if info.type == pafs.FileType.NotFound:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL", "AWS")
+        endpoint = s3_endpoint() or "AWS"
         raise DragonsError(
             f"bucket {loc.bucket!r} does not exist (endpoint {endpoint}) for {loc.uri}: "
             "check the bucket name or create it"
@@ -178,7 +222,7 @@ def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
 
 
 def unreachable(loc: Location, exc: BaseException) -> DragonsError:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    endpoint = s3_endpoint() or "AWS S3"
     return DragonsError(f"cannot reach S3 ({endpoint}) for {loc.uri}: {_short(exc)}. "
                         "Check that the endpoint is up, AWS_ENDPOINT_URL and the credentials")
 
@@ -186,6 +230,77 @@ def unreachable(loc: Location, exc: BaseException) -> DragonsError:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------- delta-rs failures
+
+# delta-rs' messages are chains of lines, coloured with ANSI escapes ("Kernel error
+# -> Generic S3 error / ↳ Error performing GET ... after 10 retries").
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def is_delta_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is delta-rs (or its object store) failing, rather than a bug.
+
+    delta-rs reports storage trouble in several shapes: ``OSError``, its own
+    ``DeltaError`` family (``deltalake.exceptions``, defined in the Rust module
+    ``_internal``), a bare ``Exception("Generic S3 error ...")``, or pyo3's
+    ``PanicException`` for a Rust panic, which derives from ``BaseException``
+    (so ``except Exception`` misses it). KeyboardInterrupt, SystemExit and
+    ordinary Python errors (TypeError, ...) are not delta failures: they keep
+    their meaning and their traceback.
+    """
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return False
+    if isinstance(exc, OSError) or type(exc).__name__ == "PanicException":
+        return True
+    module = type(exc).__module__ or ""
+    if module == "_internal" or module.startswith("deltalake"):
+        return True
+    text = str(exc)
+    return type(exc) in (Exception, RuntimeError) and any(
+        s in text for s in ("Generic S3 error", "Generic DeltaTable error", "object_store", "panicked"))
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A multi-line, coloured delta-rs message as one redacted line."""
+    text = " ".join(_ANSI_RE.sub("", str(exc)).replace("↳", " ").split())
+    return redact(text[:limit]) if text else type(exc).__name__
+
+
+def delta_failure(uri: str, exc: BaseException, what: str = "read") -> DragonsError:
+    """A clean ``error:`` for delta-rs failing on the table at ``uri`` (``what``: read, open, write...).
+
+    pyarrow is asked about the same location first: an unreachable endpoint, a
+    missing bucket or denied access is then named as such (with what to check),
+    as for every other input. A Rust panic says which variables to check: the
+    known one came from ``AWS_ENDPOINT_URL=""``.
+    """
+    if isinstance(exc, DragonsError):
+        return exc
+    try:
+        exists(uri)
+    except DragonsError as clearer:
+        return clearer
+    detail = _one_line(exc)
+    if type(exc).__name__ == "PanicException" or "panicked" in detail:
+        return DragonsError(f"cannot {what} the table at {uri}: delta-rs crashed ({detail}); check the AWS_* "
+                            "variables (AWS_ENDPOINT_URL, AWS_REGION, credentials): unset, not empty, where not needed")
+    return DragonsError(f"cannot {what} the table at {uri}: {detail}")
+
+
+@contextlib.contextmanager
+def delta_errors(uri: str, what: str = "read") -> Iterator[None]:
+    """Inside, a delta-rs failure (:func:`is_delta_failure`) becomes a DragonsError
+    naming the table; anything else passes through unchanged."""
+    try:
+        yield
+    except DragonsError:
+        raise
+    except BaseException as exc:
+        if not is_delta_failure(exc):
+            raise
+        raise delta_failure(uri, exc, what) from None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """A table writer in its own process, for the concurrency and crash tests.
 
-    python tests/_table_writer.py ROOT RUN_ID ROWS DELAY_S [FILE_BYTES]
+    python tests/_table_writer.py ROOT RUN_ID ROWS DELAY_S [FILE_BYTES] [COMMIT_EVERY]
 
-Writes ROWS synthetic rows through dragons' table writer (no Ray, no model),
-sleeping DELAY_S between batches of 1000 rows *while delta-rs is writing*, so two
-processes overlap and a SIGKILL lands mid-write. Prints "committed VERSION".
+Writes ROWS synthetic rows through dragons' run writer (no Ray, no model), in
+batches of 1000 rows with DELAY_S between them, committing a part every
+COMMIT_EVERY rows (default: one part at the end), so two processes overlap and a
+SIGKILL lands mid-run or mid-commit. Prints "part N" per part and
+"committed VERSION" at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Iterator
 
 import pyarrow as pa
 
@@ -32,23 +33,24 @@ def rows(run_id: str, n: int, start: int = 0) -> pa.Table:
 
 
 def main() -> int:
-    from dragons.score.table import schema, write_run
+    from dragons.cliargs import guarded
+    from dragons.score.table import RunWriter
 
     root, run_id, n, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    file_bytes = int(sys.argv[5]) if len(sys.argv) > 5 else None
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        for start in range(0, n, 1000):
-            time.sleep(delay)
-            yield from rows(run_id, min(1000, n - start), start).to_batches()
-            print(f"wrote {start + 1000}", flush=True)
-
-    reader = pa.RecordBatchReader.from_batches(schema(["ants", "bees"]), batches())
-    from dragons.cliargs import guarded
+    file_bytes = int(sys.argv[5]) if len(sys.argv) > 5 and int(sys.argv[5]) else None
+    every = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 
     def go() -> int:
-        v = write_run(root, run_id, reader, {"dragons_run_id": run_id, "listed": n, "rows": n}, file_bytes)
-        print(f"committed {v}", flush=True)
+        w = RunWriter(root, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", commit_every=every,
+                      target_file_size=file_bytes)
+        state = w.begin()
+        start = state.rows  # a second writer of the run continues where the table stands
+        for at in range(start, n, 1000):
+            time.sleep(delay)
+            if w.add(rows(run_id, min(1000, n - at), at).drop_columns(["model_version", "run_id", "scored_at", "dt"])):
+                print(f"part {w.part}", flush=True)
+        m = w.finish({"listed": n})
+        print(f"committed {m['version']}", flush=True)
         return 0
 
     return guarded(go)

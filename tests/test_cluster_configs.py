@@ -557,6 +557,8 @@ def test_submit_sh_builds_ray_job_submit(sandbox: Path):
         RAY_AUTH_TOKEN="sentinel-TOKEN-value-0123456789",
         AWS_SECRET_ACCESS_KEY=secret,
         AWS_ACCESS_KEY_ID="sentinel-KEYID",
+        AWS_REGION="us-east-1",
+        AWS_ENDPOINT_URL="",  # how env files write "not set": real AWS S3
     )
     assert proc.returncode == 0, proc.stderr
     argv = (sandbox / "args").read_text().split("\0")[:-1]
@@ -577,8 +579,8 @@ def test_submit_sh_builds_ray_job_submit(sandbox: Path):
     ]
     runtime_env = json.loads(head[head.index("--runtime-env-json") + 1])
     env_vars = runtime_env["env_vars"]
+    # Set here: sent by name. Empty here: left out, so no node gets AWS_ENDPOINT_URL="".
     assert set(env_vars) == {
-        "AWS_ENDPOINT_URL",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_REGION",
@@ -591,6 +593,19 @@ def test_submit_sh_builds_ray_job_submit(sandbox: Path):
     everything = proc.stdout + proc.stderr + "\0".join(argv)
     assert secret not in everything and "sentinel-TOKEN" not in everything
     assert "sentinel-KEYID" not in everything
+
+
+def test_submit_sh_leaves_out_unset_and_empty_aws_vars(sandbox: Path):
+    """Ray expands a `${NAME}` that a node lacks to "": an AWS_ENDPOINT_URL that is
+    empty or unset where the job is submitted must not reach the job's env_vars."""
+    proc = _run_submit(sandbox, "score", RAY_AUTH_TOKEN="x", AWS_ENDPOINT_URL="", AWS_REGION="  ")
+    assert proc.returncode == 0, proc.stderr
+    argv = (sandbox / "args").read_text().split("\0")[:-1]
+    assert json.loads(argv[argv.index("--runtime-env-json") + 1])["env_vars"] == {}
+    proc = _run_submit(sandbox, "score", RAY_AUTH_TOKEN="x", AWS_ENDPOINT_URL="http://minio:9000")
+    argv = (sandbox / "args").read_text().split("\0")[:-1]
+    env_vars = json.loads(argv[argv.index("--runtime-env-json") + 1])["env_vars"]
+    assert env_vars == {"AWS_ENDPOINT_URL": "${AWS_ENDPOINT_URL}"}
 
 
 def test_submit_sh_train_address_and_pip(sandbox: Path):

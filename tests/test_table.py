@@ -30,15 +30,16 @@ def _count(table: str, where: str = "true") -> int:
     return int(run_sql(table, f"SELECT count(*) AS n FROM scores WHERE {where}").to_pylist()[0]["n"])
 
 
-def _commit(table: str, run_id: str, n: int, start: int = 0) -> dict:
-    w = RunWriter(table, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
+def _commit(table: str, run_id: str, n: int, start: int = 0, replace: bool = False, **kw: object) -> dict:
+    w = RunWriter(table, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", replace=replace, **kw)
     t = rows(run_id, n, start).drop_columns(["model_version", "run_id", "scored_at", "dt"])
     w.add(t)
     return w.commit({"listed": n, "skipped": 0, "model_version": "v1", "input": "test"})
 
 
-def _writer(table: str, run_id: str, n: int, delay: float, file_bytes: int | None = None) -> subprocess.Popen[str]:
-    args = [sys.executable, WRITER, table, run_id, str(n), str(delay)] + ([str(file_bytes)] if file_bytes else [])
+def _writer(table: str, run_id: str, n: int, delay: float, file_bytes: int | None = None,
+            commit_every: int = 0) -> subprocess.Popen[str]:
+    args = [sys.executable, WRITER, table, run_id, str(n), str(delay), str(file_bytes or 0), str(commit_every)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(), cwd=REPO)
 
 
@@ -90,27 +91,30 @@ def test_score_refuses_colliding_artifact_and_missing_output_bucket_before_readi
     assert time.perf_counter() - t0 < 60
 
 
-def test_one_run_one_commit_rerun_replaces_and_history(tmp_path: Path) -> None:
+def test_parts_replace_history_and_time_travel(tmp_path: Path) -> None:
     table = str(tmp_path / "t")
-    m1 = _commit(table, "night1", 30)
+    m1 = _commit(table, "night1", 30)  # version 0 creates the table
     m2 = _commit(table, "night2", 20)
-    assert (m1["version"], m2["version"]) == (0, 1)
-    m3 = _commit(table, "night1", 12, start=100)  # re-run: replaces night1's rows in one commit
-    assert m3["version"] == 2
+    assert (m1["version"], m2["version"]) == (1, 2)
+    m3 = _commit(table, "night1", 12, start=100, replace=True)  # --replace: delete night1's rows, then its new ones
+    assert m3["version"] == 4
     assert _count(table) == 32 and _count(table, "run_id = 'night1'") == 12
     assert _count(table, "uri LIKE '%/100.jpg'") == 1 and _count(table, "uri LIKE '%/0.jpg' AND run_id = 'night1'") == 0
     hist = run_history(table)
-    assert [h["version"] for h in hist] == [2, 1, 0]
-    assert hist[0]["run_id"] == "night1" and hist[0]["listed"] == 12 and hist[0]["rows"] == 12 and hist[0]["files_removed"] >= 1
+    assert [h["version"] for h in hist] == [4, 3, 2, 1, 0]
+    assert [h["status"] for h in hist] == ["complete", "replaced", "complete", "complete", "created"]
+    assert hist[0]["run_id"] == "night1" and hist[0]["listed"] == 12 and hist[0]["rows"] == 12 and hist[1]["files_removed"] >= 1
     # Time travel: as of version 1 night1 still had its 30 rows.
     assert int(run_sql(table, "SELECT count(*) AS n FROM scores WHERE run_id = 'night1'", as_of="1").to_pylist()[0]["n"]) == 30
     ts = datetime.now(timezone.utc).isoformat()
     assert _count(table) == int(run_sql(table, "SELECT count(*) AS n FROM scores", as_of=ts).to_pylist()[0]["n"])
     with pytest.raises(DragonsError, match="--as-of 99: no such table version"):
         run_sql(table, "SELECT 1", as_of="99")
-    # The default query is the per-run summary from the commit log.
+    # The default query is one line per run; `commits` has one per commit.
     summary = run_sql(table).to_pylist()
-    assert [(r["version"], r["run_id"], r["listed"]) for r in summary] == [(0, "night1", 30), (1, "night2", 20), (2, "night1", 12)]
+    assert [(r["run_id"], r["status"], r["parts"], r["rows"], r["listed"]) for r in summary] == \
+        [("night1", "complete", 1, 12, 12), ("night2", "complete", 1, 20, 20)]
+    assert [r["version"] for r in run_sql(table, "SELECT version FROM commits ORDER BY version").to_pylist()] == [0, 1, 2, 3, 4]
     # A NaN probability (an error row) is NULL in the table.
     w = RunWriter(table, "nan", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
     w.add(pa.table({"uri": ["s3://x/bad.jpg"], "label": [None], "score": [float("nan")], "p_ants": [float("nan")],
@@ -118,6 +122,53 @@ def test_one_run_one_commit_rerun_replaces_and_history(tmp_path: Path) -> None:
     w.commit({"listed": 1})
     r = run_sql(table, "SELECT score, p_ants, error FROM scores WHERE run_id = 'nan'").to_pylist()
     assert r == [{"score": None, "p_ants": None, "error": "truncated: x"}]
+
+
+def test_parts_resume_date_and_run_status(tmp_path: Path) -> None:
+    """A run committed in parts: a second writer of the id continues it (same part
+    numbering, same dt); the runs view says running / partial / failed / complete."""
+    from dragons.score.table import runs_summary, app_id
+
+    table = str(tmp_path / "t")
+    started = datetime(2026, 12, 1, 2, 0, tzinfo=timezone.utc)
+    w = RunWriter(table, "n", started, ["ants", "bees"], model_version="v1", commit_every=10, date="2026-11-29",
+                  commit_interval_s=300)
+    assert w.begin().part == 0
+    batch = rows("n", 25).drop_columns(["model_version", "run_id", "scored_at", "dt"])
+    committed = [w.add(batch.slice(i, 5)) for i in range(0, 25, 5)]
+    assert committed == [False, True, False, True, False] and w.part == 2 and w.rows == 20
+    # Parts just committed, another due within 3 intervals: running.
+    assert [(r["status"], r["parts"], r["rows"]) for r in runs_summary(run_history(table))] == [("running", 2, 20)]
+    # ... and long after: partial (killed; run it again to continue).
+    later = datetime.now(timezone.utc).replace(year=2027)
+    assert runs_summary(run_history(table), now=later)[0]["status"] == "partial"
+    w.discard()  # the writer "dies" with 5 rows uncommitted
+    assert _count(table) == 20 and set(r["dt"] for r in run_sql(table, "SELECT DISTINCT dt FROM scores").to_pylist()) == {"2026-11-29"}
+    # The next attempt, days later and without --date: the night's date and part numbers carry on.
+    w2 = RunWriter(table, "n", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
+    state = w2.begin()
+    assert (state.part, state.rows, state.date, w2.dt) == (2, 20, "2026-11-29", "2026-11-29")
+    w2.add(batch.slice(20, 5))
+    m = w2.finish({"listed": 25})
+    assert (m["dragons_part"], m["rows"], m["dt"]) == (3, 25, "2026-11-29")
+    assert open_table(table).transaction_version(app_id("n")) == 3
+    assert [(r["status"], r["parts"], r["rows"], r["dt"]) for r in runs_summary(run_history(table))] == \
+        [("complete", 3, 25, "2026-11-29")]
+    # A --date that would split the night is refused; with --replace it rescores under the new date.
+    with pytest.raises(DragonsError, match="already holds rows dated 2026-11-29"):
+        RunWriter(table, "n", started, ["ants", "bees"], date="2026-11-30").begin()
+    w3 = RunWriter(table, "n", started, ["ants", "bees"], date="2026-11-30", replace=True)
+    w3.begin()
+    w3.add(batch.slice(0, 3))
+    w3.finish()
+    assert run_sql(table, "SELECT dt, count(*) AS n FROM scores GROUP BY 1").to_pylist() == [{"dt": "2026-11-30", "n": 3}]
+    # A failure is recorded, without the uncommitted rows.
+    w4 = RunWriter(table, "f", started, ["ants", "bees"], model_version="v1")
+    w4.add(batch.slice(0, 4))
+    w4.fail("RuntimeError: boom")
+    runs = {r["run_id"]: r for r in run_sql(table, "SELECT * FROM runs").to_pylist()}
+    assert (runs["f"]["status"], runs["f"]["rows"], runs["n"]["status"], runs["n"]["parts"]) == ("failed", 0, "complete", 1)
+    assert "boom" in runs["f"]["failure"] and _count(table, "run_id = 'f'") == 0
 
 
 def test_latest_view_one_row_per_uri_and_model_version(tmp_path: Path) -> None:
@@ -147,10 +198,12 @@ def test_concurrent_writers_different_ids_both_land(bucket: str) -> None:
     assert _count(table) == 5 + 3000 + 3000
     assert {r["run_id"]: r["n"] for r in run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist()} == \
         {"seed": 5, "run0": 3000, "run1": 3000}
-    assert open_table(table).version() == 2  # one commit each
+    assert open_table(table).version() == 3  # the table's creation, the seed, one commit each
 
 
-def test_concurrent_writers_same_id_exactly_one_wins(bucket: str) -> None:
+def test_concurrent_writers_same_id_are_fenced(bucket: str) -> None:
+    """Two writers of one run id: the first commit wins, the other stops with a
+    clear error (Delta app transaction), and no object has two rows."""
     table = f"s3://{bucket}/tables/concurrent-same"
     _commit(table, "seed", 5)
     a = _writer(table, "same", 3000, 1.0)
@@ -159,40 +212,36 @@ def test_concurrent_writers_same_id_exactly_one_wins(bucket: str) -> None:
     codes = sorted([a.returncode, b.returncode])
     assert codes == [0, 2], (err_a, err_b)
     loser_err = err_a if a.returncode else err_b
-    assert "error: run same: another writer's commit" in loser_err and "the same run id" in loser_err and "Traceback" not in loser_err
+    assert "error: run same: another writer committed to this run id" in loser_err and "Traceback" not in loser_err
     winner_rows = 3000 if a.returncode == 0 else 2000
     # Readable, and holding exactly one of the two runs.
     assert _count(table, "run_id = 'same'") == winner_rows and _count(table) == 5 + winner_rows
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in err_a + err_b + out_a + out_b
-
-
-def test_killed_writer_is_invisible_next_run_commits_vacuum_removes_orphans(tmp_path: Path) -> None:
-    table = str(tmp_path / "t")
-    _commit(table, "before", 50)
-    committed_files = {p.name for p in Path(table).rglob("*.parquet")}
-    proc = _writer(table, "doomed", 200_000, 0.1, file_bytes=100_000)
+    # In parts: a second writer that starts mid-run continues from the committed rows;
+    # whichever commits second is fenced, and every row is there exactly once.
+    table = f"s3://{bucket}/tables/concurrent-parts"
+    a = _writer(table, "p", 8000, 0.3, commit_every=1000)
     deadline = time.time() + 120
-    while time.time() < deadline and len(set(p.name for p in Path(table).rglob("*.parquet")) - committed_files) < 2:
-        assert proc.poll() is None, proc.communicate()
+    while time.time() < deadline and a.poll() is None and _rows_of(table, "p") < 2000:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    orphans = {p.name for p in Path(table).rglob("*.parquet")} - committed_files
-    assert len(orphans) >= 2, "the writer never wrote a data file before it was killed"
-    # Nothing of the killed run is visible; the table is as before.
-    assert _count(table) == 50 and _count(table, "run_id = 'doomed'") == 0
-    assert open_table(table).version() == 0
-    # The next run commits normally.
-    m = _commit(table, "after", 20)
-    assert m["version"] == 1 and _count(table) == 70
-    # Vacuum (retention 0 here; a week by default) removes the orphans, nothing committed.
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", "table", "vacuum", "--table", table, "--retention-hours", "0",
-                        "--format", "json"], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    removed = {Path(json.loads(line)["file"]).name for line in p.stdout.splitlines() if line.startswith("{")}
-    assert orphans <= removed
-    assert not orphans & {q.name for q in Path(table).rglob("*.parquet")}
-    assert _count(table) == 70
+    b = _writer(table, "p", 8000, 0.3, commit_every=1000)
+    (out_a, err_a), (out_b, err_b) = a.communicate(timeout=180), b.communicate(timeout=180)
+    assert sorted([a.returncode, b.returncode]) in ([0, 2], [0, 0]), (err_a, err_b)
+    for p, err in ((a, err_a), (b, err_b)):
+        assert p.returncode == 0 or "another writer committed to this run id" in err, err
+    counts = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u FROM scores").to_pylist()[0]
+    assert counts["n"] == counts["u"] and counts["u"] >= 2000
+
+
+def _rows_of(table: str, run_id: str) -> int:
+    from deltalake import DeltaTable
+
+    from dragons.score.table import storage_options, table_uri
+
+    uri = table_uri(table)
+    if not DeltaTable.is_deltatable(uri, storage_options=storage_options(uri)):
+        return 0
+    return _count(table, f"run_id = '{run_id}'")
 
 
 def test_optimize_compacts_small_files(tmp_path: Path) -> None:
@@ -206,7 +255,7 @@ def test_optimize_compacts_small_files(tmp_path: Path) -> None:
     assert out["files_removed"] == before and out["files_added"] == 1
     assert len(open_table(table).file_uris()) == 1 and _count(table) == 40
     hist = run("history", table).to_pylist()
-    assert hist[0]["operation"] == "OPTIMIZE" and [h["run_id"] for h in hist[1:]] == ["n3", "n2", "n1", "n0"]
+    assert hist[0]["operation"] == "OPTIMIZE" and [h["run_id"] for h in hist[1:]] == ["n3", "n2", "n1", "n0", None]
 
 
 def test_query_sandbox_and_limits(tmp_path: Path) -> None:
@@ -256,7 +305,7 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
     for table in (str(tmp_path / "t"), f"s3://{bucket}/tables/engines"):
         _commit(table, "e1", 40)
         _commit(table, "e2", 25)
-        _commit(table, "e1", 30, start=500)  # the re-run's removed rows must not show in any engine
+        _commit(table, "e1", 30, start=500, replace=True)  # the replaced rows must not show in any engine
         ours = {r["run_id"]: r["n"] for r in run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist()}
         assert ours == {"e1": 30, "e2": 25}
         pol = pl.scan_delta(table, storage_options=storage_options(table) or None).group_by("run_id").len().collect()
@@ -270,34 +319,48 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
         assert duck == ours
 
 
-def test_known_objects_per_model_version_and_etag(tmp_path: Path) -> None:
-    """--incremental's filter: same model version + same etag and size = skip; anything else is scored."""
-    from dragons.score.incremental import known_objects
+def test_skips_resume_incremental_and_error_kinds(tmp_path: Path) -> None:
+    """What a run skips: its own committed objects (resume), and with --incremental
+    objects unchanged since this model version's rows, unless their last row is a
+    transient error (or any error, with --retry-errors)."""
+    from dragons.score.incremental import load_skips
     from dragons.score.listing import LISTING_SCHEMA
 
     table = str(tmp_path / "t")
-    assert len(known_objects(table, "v1", "n3")) == 0  # no table yet: everything is new
-    _commit(table, "n1", 6)  # uris s3://x/n1/0..5.jpg, etag e0..e5, size 100, model v1
+    assert load_skips(table, None, "v1", "n3", incremental=True).split(rows("x", 3).select(["uri", "etag", "size", "last_modified"]))[1:] == (0, 0)
+    _commit(table, "n1", 8)  # uris s3://x/n1/0..7.jpg, etag e0..e7, size 100, model v1
     w = RunWriter(table, "n2", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
-    w.add(pa.table({"uri": ["s3://x/n1/5.jpg"], "error": ["read_error: timeout"], "etag": ["e5"], "size": [100]}))
-    w.commit({})  # the newest row for 5.jpg is a (transient) read error
+    w.add(pa.table({"uri": ["s3://x/n1/5.jpg", "s3://x/n1/6.jpg", "s3://x/n1/7.jpg"],
+                    "error": ["read_error: timeout", "truncated: image file is truncated", "access_denied: no"],
+                    "etag": ["e5", "e6", "e7"], "size": [100, 100, 100]}))
+    w.commit({})  # the newest rows for 5, 6, 7 are errors: transient, permanent, transient
     now = datetime.now(timezone.utc)
     page = pa.Table.from_pylist([
         {"uri": "s3://x/n1/0.jpg", "etag": "e0", "size": 100, "last_modified": now},   # unchanged -> skip
         {"uri": "s3://x/n1/1.jpg", "etag": "CHANGED", "size": 100, "last_modified": now},  # new etag
         {"uri": "s3://x/n1/2.jpg", "etag": "e2", "size": 101, "last_modified": now},   # new size
         {"uri": "s3://x/n1/3.jpg", "etag": "e3", "size": 100, "last_modified": now},   # unchanged -> skip
-        {"uri": "s3://x/n1/5.jpg", "etag": "e5", "size": 100, "last_modified": now},   # last row a read_error
+        {"uri": "s3://x/n1/5.jpg", "etag": "e5", "size": 100, "last_modified": now},   # last row a transient error
+        {"uri": "s3://x/n1/6.jpg", "etag": "e6", "size": 100, "last_modified": now},   # last row a permanent error
+        {"uri": "s3://x/n1/7.jpg", "etag": "e7", "size": 100, "last_modified": now},   # access denied: transient
         {"uri": "s3://x/new.jpg", "etag": "e9", "size": 100, "last_modified": now},    # new object
     ], schema=LISTING_SCHEMA)
-    v1 = known_objects(table, "v1", "n3")
-    assert len(v1) == 5
-    assert v1.unseen(page).column("uri").to_pylist() == ["s3://x/n1/1.jpg", "s3://x/n1/2.jpg", "s3://x/n1/5.jpg",
-                                                          "s3://x/new.jpg"]
-    assert known_objects(table, "v2", "n3").unseen(page).num_rows == 6  # a new model version scores everything
-    # A rerun under run id n1 replaces n1's rows at its commit: they are not "known",
-    # or the rerun would skip them and its commit delete them.
-    assert len(known_objects(table, "v1", "n1")) == 0
+    v = open_table(table).version()
+
+    def todo(model: str, run_id: str, incremental: bool = True, retry: bool = False) -> tuple[list[str], int, int]:
+        t, kept, skipped = load_skips(table, v, model, run_id, incremental, retry).split(page)
+        return [u.rsplit("/", 1)[1] for u in t.column("uri").to_pylist()], kept, skipped
+
+    assert todo("v1", "n3") == (["1.jpg", "2.jpg", "5.jpg", "7.jpg", "new.jpg"], 0, 3)
+    assert todo("v1", "n3", retry=True) == (["1.jpg", "2.jpg", "5.jpg", "6.jpg", "7.jpg", "new.jpg"], 0, 2)
+    assert todo("v2", "n3") == (["0.jpg", "1.jpg", "2.jpg", "3.jpg", "5.jpg", "6.jpg", "7.jpg", "new.jpg"], 0, 0)
+    # Resume: run n1 again keeps (skips) every object it holds, whatever their etag,
+    # with or without --incremental; only the new object is left.
+    assert todo("v1", "n1", incremental=False) == (["new.jpg"], 7, 0)
+    assert todo("v2", "n1") == (["new.jpg"], 7, 0)
+    # As of an older version (what a retried listing task reads), n2's rows do not exist yet.
+    t, kept, skipped = load_skips(table, 1, "v1", "n2", False).split(page)
+    assert (t.num_rows, kept) == (8, 0)
 
 
 def test_local_listing_streams_pages(tmp_path: Path) -> None:
@@ -334,9 +397,7 @@ def test_local_listing_keeps_a_name_that_is_not_utf8_and_refuses_an_empty_folder
 def test_many_classes_different_run_ids_both_land(tmp_path: Path) -> None:
     """From 28 classes on, run_id was past the 32 columns Delta keeps statistics
     for, so a concurrent commit of another run id looked like a conflict."""
-    from deltalake import write_deltalake
-
-    from dragons.score.table import schema, write_run
+    from dragons.score.table import schema
 
     classes = [f"c{i:02d}" for i in range(30)]
     table = str(tmp_path / "t")
@@ -348,25 +409,121 @@ def test_many_classes_different_run_ids_both_land(tmp_path: Path) -> None:
                          [now] if f.name in ("scored_at", "last_modified") else [now.strftime("%Y-%m-%d")] if f.name == "dt"
                          else [None] for f in s}, schema=s)
 
-    write_run(table, "seed", run_rows("seed"), {})
-    # Run b commits while run a is "scoring": a's write starts from the version before b's.
-    from deltalake import DeltaTable
+    def run(run_id: str) -> RunWriter:
+        w = RunWriter(table, run_id, datetime.now(timezone.utc), classes)
+        w.begin()
+        w.add(run_rows(run_id).drop_columns(["model_version", "run_id", "scored_at", "dt"]))
+        return w
 
-    stale = DeltaTable(table)
-    write_run(table, "b", run_rows("b"), {})
-    write_deltalake(stale, run_rows("a"), mode="overwrite", predicate="run_id = 'a'", partition_by=["dt"])
+    run("seed").finish()
+    a = run("a")  # run a's handle sits at the version before b's commit
+    run("b").finish()
+    a.finish()
     assert sorted(r["run_id"] for r in run_sql(table, "SELECT run_id FROM scores").to_pylist()) == ["a", "b", "seed"]
 
 
-def test_vacuum_rounds_a_fractional_retention_up(tmp_path: Path) -> None:
-    """delta-rs takes whole hours: 0.5 h used to become 0 and delete a file a
-    running writer had just written (its commit would then name a missing file)."""
+def test_vacuum_keeps_a_floor_and_rounds_up(tmp_path: Path) -> None:
+    """Below the floor (an hour, or twice the longest part interval in the log)
+    vacuum refuses: it would delete a running night's files before their commit
+    names them. delta-rs takes whole hours: a fractional retention rounds up."""
     from dragons.score.maintenance import vacuum
 
     table = str(tmp_path / "t")
-    _commit(table, "a", 5)
+    _commit(table, "a", 5, commit_interval_s=3 * 3600.0)  # a night whose parts come every 3 h: floor 6 h
+    for hours in (0, 0.5, 5.9):
+        with pytest.raises(DragonsError, match=r"below this table's floor of 6 h.*--retention-hours 6 or more"):
+            vacuum(table, hours)
     part = next(p for p in Path(table).iterdir() if p.name.startswith("dt="))
-    fresh = part / "in-flight-writer.parquet"
-    fresh.write_bytes((next(part.glob("*.parquet"))).read_bytes())  # a file no commit names yet, seconds old
-    assert vacuum(table, 0.5) == [] and fresh.exists()
-    assert any(f.endswith("in-flight-writer.parquet") for f in vacuum(table, 0, dry_run=True))  # 0 h means now
+    young = part / "in-flight-writer.parquet"
+    young.write_bytes((next(part.glob("*.parquet"))).read_bytes())  # a file no commit names yet
+    old = time.time() - 6.7 * 3600
+    os.utime(young, (old, old))
+    assert vacuum(table, 6.5) == [] and young.exists()  # 6.5 h is 7 h, and the file is 6.7 h old
+    assert any(f.endswith("in-flight-writer.parquet") for f in vacuum(table, 6, dry_run=True))
+
+
+def test_maintenance_beside_a_night_past_its_first_checkpoint(tmp_path: Path) -> None:
+    """optimize and vacuum while a night commits 130 parts: no row lost, no commit
+    broken; past delta-rs' first checkpoint (every 100 commits) dragons, DuckDB's
+    delta_scan and Polars read the same rows."""
+    import duckdb
+    import duckdb_extension_delta
+    import polars as pl
+
+    from dragons.score.maintenance import optimize, vacuum
+
+    table = str(tmp_path / "t")
+    n = 6500
+    proc = _writer(table, "night", n, 0.2, commit_every=50)
+    optimized = vacuumed = 0
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if _rows_of(table, "night") >= 500:
+            optimized += (optimize(table, 1)["files_removed"] or 0) > 0
+            vacuumed += 1
+            vacuum(table, 1)
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert optimized >= 1 and vacuumed >= 3, (optimized, vacuumed)
+    assert list((Path(table) / "_delta_log").glob("*.checkpoint.parquet")), "no checkpoint after 130 commits"
+    ours = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u FROM scores").to_pylist()[0]
+    assert ours == {"n": n, "u": n}
+    assert run_sql(table, "SELECT status, parts FROM runs").to_pylist() == [{"status": "complete", "parts": n // 50}]
+    assert pl.scan_delta(table).select(pl.len()).collect().item() == n
+    ext = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "delta.duckdb_extension"
+    con = duckdb.connect()
+    con.execute(f"LOAD '{ext}'")
+    assert con.execute(f"SELECT count(*), count(DISTINCT uri) FROM delta_scan('{table}')").fetchone() == (n, n)
+
+
+def test_writer_killed_during_a_commit_loses_at_most_that_part(tmp_path: Path) -> None:
+    """SIGKILL while delta-rs writes a part's files: the parts before it are all
+    there, the table reads, and the next writer of the run continues at the next
+    part and ends with every row exactly once."""
+    from dragons.score.table import app_id
+
+    n, every = 600_000, 200_000  # parts of ~100 files each: a commit is a window of seconds
+    for attempt in range(3):  # a commit can land in the instant between our look and the kill: then try again
+        table = str(tmp_path / f"t{attempt}")
+        log = Path(table) / "_delta_log"
+        proc = _writer(table, "k", n, 0.0, file_bytes=50_000, commit_every=every)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(log.glob("*.json"))) >= 2:  # the table's creation and part 1 are committed
+                on_disk = {p.name for p in Path(table).rglob("*.parquet")}
+                named = {Path(u).name for u in open_table(table).file_uris()}
+                if on_disk - named:  # a later part's files, not yet committed
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        proc.wait(timeout=30)
+        named = {Path(u).name for u in open_table(table).file_uris()}
+        orphans = {p.name for p in Path(table).rglob("*.parquet")} - named
+        if orphans and proc.returncode == -signal.SIGKILL:
+            break
+    assert orphans, "no kill landed inside a commit in 3 tries"
+    dt = open_table(table)
+    parts = dt.transaction_version(app_id("k"))
+    counts = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u FROM scores").to_pylist()[0]
+    assert parts is not None and counts == {"n": parts * every, "u": parts * every}  # whole parts only
+    again = _writer(table, "k", n, 0.0, file_bytes=100_000, commit_every=every)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    counts = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u FROM scores").to_pylist()[0]
+    assert counts == {"n": n, "u": n}
+    assert open_table(table).transaction_version(app_id("k")) == n // every + 1  # its parts, then the completing commit
+    # The killed commit's files are named by no commit: no reader saw them, and
+    # vacuum (a week by default, never below its floor) deletes them once they are
+    # older than the retention, and nothing committed.
+    old = time.time() - 3 * 3600
+    for path in Path(table).rglob("*.parquet"):
+        if path.name in orphans:
+            os.utime(path, (old, old))
+    p = subprocess.run([sys.executable, "-m", "dragons.cli", "table", "vacuum", "--table", table, "--retention-hours", "2",
+                        "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    removed = {Path(json.loads(line)["file"]).name for line in p.stdout.splitlines() if line.startswith("{")}
+    assert orphans <= removed
+    assert not orphans & {q.name for q in Path(table).rglob("*.parquet")}
+    assert run_sql(table, "SELECT count(*) AS n FROM scores").to_pylist()[0]["n"] == n

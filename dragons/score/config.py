@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dragons.errors import DragonsError
+
 from dragons.decode import DEFAULT_MAX_BYTES
 from dragons.images import DEFAULT_MAX_PIXELS
 
@@ -16,9 +18,11 @@ DECODE_CHOICES = ["auto", "actors", "tasks"]
 class ScoreConfig:
     model: str = ""  # model artifact: path or s3:// (model.json + model.pt)
     input: str = ""  # prefix to score: every object under it gets a row
-    output: str = ""  # Delta table root (path or s3://); one run = one commit, partitioned by dt
+    output: str = ""  # Delta table root (path or s3://), partitioned by dt; a run is committed in parts
     manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
-    run_id: str = ""  # "" = a UTC timestamp with a random suffix; re-using an id replaces that run
+    run_id: str = ""  # "" = a UTC timestamp with a random suffix; running an id again continues that run
+    replace: bool = False  # rescore the run id from scratch: its first commit deletes the run's earlier rows
+    date: str = ""  # the run's logical date (its rows' dt, YYYY-MM-DD); "" = kept from the run's first start
     batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
     actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
     tta: int = 0  # test-time augmentation views (0 = off)
@@ -26,10 +30,40 @@ class ScoreConfig:
     max_error_rate: float = 1.0  # exit non-zero when errors / objects scored this run exceeds this
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images become error rows `too_large`
     max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread
-    incremental: bool = False  # score only objects new or changed (etag/size) since this model version's rows
+    incremental: bool = False  # score only objects new or changed (etag/size) since this model version's rows, or whose last row is a transient error
+    retry_errors: bool = False  # with --incremental, also score again every object whose last row is an error of any kind
     dry_run: bool = False  # list (and filter) only: print what would be scored, write nothing
+    # A part every few minutes of work: a killed night loses at most that; the row
+    # cap bounds the local spool (about 60 bytes a row) on fast GPU clusters.
+    commit_every: int = 100_000  # rows per part (one Delta commit); 0 = no row limit
+    commit_interval_s: float = 300.0  # seconds per part; 0 = no time limit (both 0: one commit at the end)
     file_size_mb: int = 0  # target Delta data file size; 0 = delta-rs' default (about 100 MB)
-    spool_dir: str = ""  # local folder for the run's row spool before its commit; "" = the temp dir
+    spool_dir: str = ""  # local folder for the spool of the part not yet committed; "" = the temp dir
     progress_s: float = 5.0  # seconds between progress lines
     log_file: str = ""  # "" = ./logs/score-<run_id>.log
     no_progress_timeout_s: float = 600.0  # a stalled pipeline fails with a message after this
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the flag, before any work."""
+        from datetime import date
+
+        if not self.output:
+            raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
+        if self.decode not in DECODE_CHOICES:
+            raise DragonsError(f"--decode {self.decode!r} is not one of: {', '.join(DECODE_CHOICES)}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise DragonsError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
+        if self.incremental and self.manifest:
+            raise DragonsError("--incremental needs --input (a listing gives each object's etag and size); "
+                               "a --manifest names URIs only")
+        if self.retry_errors and not self.incremental:
+            raise DragonsError("--retry-errors goes with --incremental (without it every object is scored anyway)")
+        if self.commit_every < 0 or self.commit_interval_s < 0:
+            raise DragonsError("--commit-every and --commit-interval must be >= 0 (0 = no limit of that kind)")
+        if self.date:
+            try:
+                date.fromisoformat(self.date)
+            except ValueError:
+                raise DragonsError(f"--date {self.date!r} is not a date: give YYYY-MM-DD (e.g. 2026-11-29)") from None
+            if len(self.date) != 10:
+                raise DragonsError(f"--date {self.date!r}: give YYYY-MM-DD (e.g. 2026-11-29)")

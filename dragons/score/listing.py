@@ -152,8 +152,8 @@ def _mtime(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(st.st_mtime, timezone.utc)
 
 
-def from_uris(uris: list[str]) -> pa.Table:
+def from_uris(uris: list[str] | pa.Array) -> pa.Table:
     """A listing table for URIs given by a --manifest (nothing known about them)."""
     n = len(uris)
-    return pa.Table.from_arrays([pa.array(uris, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.int64()),
+    return pa.Table.from_arrays([uris if isinstance(uris, pa.Array) else pa.array(uris, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.int64()),
                                  pa.nulls(n, pa.timestamp("us", tz="UTC"))], schema=LISTING_SCHEMA)

@@ -1,13 +1,16 @@
 """Bulk scoring: a Ray Data pipeline from an S3 prefix to a Delta Lake table.
 
-    streaming listing (pages; --incremental drops unchanged objects)
+    listing, page by page (a read task: scoring starts on the first page;
+      objects this run already holds, and with --incremental unchanged ones, are skipped)
     -> Scorer actors: read + decode + infer on a CPU cluster; on a GPU cluster
        CPU tasks read + decode and each actor holds one GPU
-    -> the driver spools rows locally -> ONE Delta commit (rows + counts in its
-       metadata) makes the run visible.
+    -> the driver spools rows locally and commits them in parts (one Delta
+       commit every --commit-every rows or --commit-interval seconds); the
+       run's last commit records its counts and marks it complete.
 
 Every listed object yields exactly one row: an object that cannot be scored
-gets ``error`` and null probabilities, never a crashed job.
+gets ``error`` and null probabilities, never a crashed job. A run killed at
+any moment keeps its committed parts; running the same run id again continues it.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dragons import artifact, storage
 from dragons.score import listing, table
 from dragons.data import DecodeBatch
 from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
-from dragons.score.config import DECODE_CHOICES, ScoreConfig
+from dragons.score.config import ScoreConfig
 from dragons.raycluster import DATA_CPU_SHARE, VERBOSE_ENV, cluster, decode_beside_model, driver_stderr_to_log, ensure_ray, ray_output
 
 log = logging.getLogger("dragons.score")
@@ -40,6 +44,16 @@ DETAIL = {"detail": True}
 
 # Listing columns carried through decode and scoring into the row.
 PASSTHROUGH = ("etag", "size", "last_modified")
+# Rows per block once the input is longer than a page (and the most for shorter
+# ones): a block is one actor call; a decoded block (300 KB an image) stays small.
+STREAM_BLOCK_ROWS = 256
+# The listing read task yields this many rows at a time; Ray Data merges them
+# into blocks of STREAM_BLOCK_BYTES (~200-250 listed objects, ~130 bytes each).
+LISTING_YIELD_ROWS = 64
+STREAM_BLOCK_BYTES = 32 * 1024
+# CPU the listing read task asks for: it waits on LIST calls, and must never
+# starve the scoring actors of a whole CPU on a small cluster.
+LISTING_CPU = 0.1
 
 
 class Scorer:
@@ -52,10 +66,12 @@ class Scorer:
     """
 
     def __init__(self, model_uri: str, tta: int, threads: int, decode: DecodeBatch | None = None,
-                 chunk: int = 8) -> None:
+                 chunk: int = 8, pinned: tuple[str, list[str]] | None = None) -> None:
         from dragons.predictor import Predictor
 
         self.art = artifact.load(model_uri)
+        if pinned is not None:
+            check_pinned(model_uri, self.art.version, self.art.classes, *pinned)
         self.predictor = Predictor.from_artifact(self.art, tta=tta, threads=threads)
         self.classes = self.art.classes
         self.decode, self.chunk = decode, chunk
@@ -112,31 +128,162 @@ class Scorer:
         return out
 
 
-def _listing_pages(cfg: ScoreConfig) -> Iterator[pa.Table]:
+class ModelChanged(DragonsError):
+    """The artifact an actor loaded is not the one the run started with."""
+
+
+def check_pinned(uri: str, version: str, classes: list[str], want_version: str, want_classes: list[str]) -> None:
+    """Every actor (and every restarted one) scores with the run's model, or the run stops."""
+    if version != want_version or list(classes) != list(want_classes):
+        raise ModelChanged(f"the model at {storage.redact(uri)} changed during the run: this run scores with version "
+                           f"{want_version} (classes {want_classes}) but a scoring actor loaded version {version} "
+                           f"(classes {list(classes)}); none of its rows is committed. Run the same command again "
+                           "(with --replace to rescore the whole run with the new model)")
+
+
+def _manifest_pages(uri: str, page_rows: int) -> Iterator[pa.Table]:
+    """A --manifest's URIs, read in batches (CSV or Parquet): never the whole file in memory."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    shown = storage.redact(uri)
+    try:
+        if uri.endswith(".parquet"):
+            f: Any = pq.ParquetFile(fs.open_input_file(path))
+            if "uri" not in f.schema_arrow.names:
+                raise DragonsError(f"--manifest {shown} has no 'uri' column (columns: {f.schema_arrow.names})")
+            batches: Iterator[pa.RecordBatch] = f.iter_batches(batch_size=page_rows, columns=["uri"])
+        else:
+            f = pcsv.open_csv(fs.open_input_stream(path), read_options=pcsv.ReadOptions(block_size=1 << 20),
+                              convert_options=pcsv.ConvertOptions(column_types={"uri": pa.string()}))
+            if "uri" not in f.schema.names:
+                raise DragonsError(f"--manifest {shown} has no 'uri' column (columns: {f.schema.names})")
+            batches = iter(f)
+        dropped = 0
+        for batch in batches:
+            col = batch.column(batch.schema.get_field_index("uri")).cast(pa.string())
+            keep = pc.and_(pc.is_valid(col), pc.not_equal(pc.utf8_length(pc.fill_null(col, "")), 0))
+            uris = col.filter(keep)
+            dropped += len(col) - len(uris)
+            for start in range(0, len(uris), page_rows):
+                yield listing.from_uris(uris.slice(start, page_rows))
+    except DragonsError:
+        raise
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        if not storage.exists(uri):
+            raise DragonsError(f"--manifest {shown} does not exist: check the path") from None
+        raise DragonsError(f"--manifest {shown} is not a readable Parquet/CSV file with a 'uri' column: "
+                           f"{storage.redact(str(exc))[:200]}") from None
+    if dropped:  # nothing to name a row by: say so rather than drop them silently
+        log.warning("--manifest %s: %d rows have an empty or null uri and are left out", shown, dropped)
+
+
+def listing_pages(cfg: ScoreConfig) -> Iterator[pa.Table]:
     """The objects to score, one Arrow page at a time (never one Python list)."""
     if cfg.manifest:
-        import io
-
-        import pyarrow.csv as pcsv
-        import pyarrow.parquet as pq
-
-        raw = storage.read_bytes(cfg.manifest)
-        try:
-            t = pq.read_table(io.BytesIO(raw)) if cfg.manifest.endswith(".parquet") else pcsv.read_csv(io.BytesIO(raw))
-        except Exception as exc:
-            raise DragonsError(f"--manifest {cfg.manifest} is not a readable Parquet/CSV file: {str(exc)[:200]}") from None
-        if "uri" not in t.column_names:
-            raise DragonsError(f"--manifest {cfg.manifest} has no 'uri' column (columns: {t.column_names})")
-        uris = [str(u) for u in t.column("uri").to_pylist() if u]
-        if len(uris) < t.num_rows:  # nothing to name a row by: say so rather than drop them silently
-            log.warning("--manifest %s: %d of %d rows have an empty or null uri and are left out",
-                        storage.redact(cfg.manifest), t.num_rows - len(uris), t.num_rows)
-        for i in range(0, len(uris), listing.PAGE_ROWS):
-            yield listing.from_uris(uris[i : i + listing.PAGE_ROWS])
+        yield from _manifest_pages(cfg.manifest, listing.PAGE_ROWS)
         return
     if not cfg.input:
         raise DragonsError("give --input (a prefix to score) or --manifest (a file of URIs)")
     yield from listing.iter_listing(cfg.input)
+
+
+@dataclass
+class Counts:
+    """What the listing found: listed = kept (this run holds them) + skipped (unchanged) + to_score."""
+
+    listed: int = 0
+    kept: int = 0
+    skipped: int = 0
+    to_score: int = 0
+    pages: int = 0
+    done: bool = False
+    done_at: float = 0.0  # time.time() when the listing ended (for the run's timings)
+
+    def add(self, listed: int, kept: int, skipped: int, to_score: int) -> None:
+        self.listed += listed
+        self.kept += kept
+        self.skipped += skipped
+        self.to_score += to_score
+        self.pages += 1
+
+
+class _CountsActor:
+    """Holds the listing's counts for a driver whose listing runs in a Ray read task.
+
+    Pages are reported by index, so a retried read task (which lists again from
+    the start) does not count a page twice."""
+
+    def __init__(self) -> None:
+        self.pages: dict[int, tuple[int, int, int, int]] = {}
+        self.done = False
+        self.done_at = 0.0
+
+    def report(self, page: int, listed: int, kept: int, skipped: int, to_score: int) -> None:
+        self.pages[page] = (listed, kept, skipped, to_score)
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done, self.done_at = True, time.time()
+
+    def counts(self) -> Counts:
+        c = Counts()
+        for v in self.pages.values():
+            c.add(*v)
+        c.done, c.done_at = self.done, self.done_at
+        return c
+
+
+def todo_blocks(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, rows_per_block: int,
+                report: Any) -> Iterator[pa.Table]:
+    """List, drop what the run skips, and cut what is left into blocks of ``rows_per_block``.
+
+    Deterministic for a given table ``version`` (the skip sets are read as of
+    it), so a retried read task yields the same blocks in the same order.
+    ``report(page, listed, kept, skipped, to_score)`` is called once per page."""
+    from dragons.score.incremental import load_skips
+
+    skips = load_skips(cfg.output, version, model_version, run_id, cfg.incremental, cfg.retry_errors)
+    try:
+        for i, page in enumerate(listing_pages(cfg)):
+            todo, kept, skipped = skips.split(page)
+            report(i, page.num_rows, kept, skipped, todo.num_rows)
+            for start in range(0, todo.num_rows, rows_per_block):
+                # take copies: a block must not pin its whole page in the object store
+                yield todo.take(pa.array(range(start, min(start + rows_per_block, todo.num_rows))))
+    finally:
+        skips.close()
+
+
+def listing_source(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, rows_per_block: int,
+                   counts: Any) -> Any:
+    """A Ray Data datasource of one read task that streams ``todo_blocks``: the
+    first blocks reach the scoring actors while the listing goes on (10M S3 keys
+    are ~10,000 sequential LIST calls: the GPUs must not wait for all of them)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    args = (cfg, version, model_version, run_id, rows_per_block)
+
+    def read() -> Iterator[pa.Table]:
+        import ray
+
+        def report(*page: int) -> None:
+            counts.report.remote(*page)
+
+        yield from todo_blocks(*args, report=report)
+        ray.get(counts.finish.remote())
+
+    class ListingSource(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None))]
+
+    return ListingSource()
 
 
 def size_actors(requested: int, cpus: float, gpus: int) -> tuple[int, float, int, int]:
@@ -152,21 +299,28 @@ def size_actors(requested: int, cpus: float, gpus: int) -> tuple[int, float, int
 class _Progress:
     """Rows scored and rate, to the terminal and the run's log file."""
 
-    def __init__(self, total: int, every_s: float) -> None:
-        self.total, self.every_s = total, every_s
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
         self.t0 = self.last = time.perf_counter()
         self.rows = self.errors = 0
 
-    def update(self, rows: int, errors: int, force: bool = False) -> None:
+    def update(self, rows: int, errors: int, counts: Counts | None = None, force: bool = False) -> None:
+        """``counts``: the listing so far (its total is known once it is done)."""
         self.rows += rows
         self.errors += errors
         now = time.perf_counter()
-        if force or now - self.last >= self.every_s:
-            self.last = now
-            rate = self.rows / max(now - self.t0, 1e-9)
-            eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
-            log.info("scored %d/%d rows (%.1f%%), %d errors, %.1f images/s, eta %s", self.rows, self.total,
-                     100.0 * self.rows / max(self.total, 1), self.errors, rate, "-" if math.isinf(eta) else f"{eta:.0f}s")
+        if not (force or now - self.last >= self.every_s):
+            return
+        self.last = now
+        rate = self.rows / max(now - self.t0, 1e-9)
+        if counts is not None and counts.done:
+            eta = (counts.to_score - self.rows) / rate if rate > 0 else float("inf")
+            log.info("scored %d/%d rows (%.1f%%), %d errors, %.1f images/s, eta %s", self.rows, counts.to_score,
+                     100.0 * self.rows / max(counts.to_score, 1), self.errors, rate,
+                     "-" if math.isinf(eta) else f"{eta:.0f}s")
+        else:
+            listed = f", listing goes on: {counts.listed} listed, {counts.to_score} to score so far" if counts else ""
+            log.info("scored %d rows, %d errors, %.1f images/s%s", self.rows, self.errors, rate, listed)
 
 
 def _setup_logging(path: str) -> logging.Handler:
@@ -186,19 +340,11 @@ def _setup_logging(path: str) -> logging.Handler:
 
 
 def score(cfg: ScoreConfig) -> dict[str, Any]:
-    """Run the pipeline and commit the run; returns the run's commit metadata."""
-    if not cfg.output:
-        raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
-    if cfg.decode not in DECODE_CHOICES:
-        raise DragonsError(f"--decode {cfg.decode!r} is not one of: {', '.join(DECODE_CHOICES)}")
-    if not 0.0 <= cfg.max_error_rate <= 1.0:
-        raise DragonsError(f"--max-error-rate must be between 0 and 1, got {cfg.max_error_rate}")
-    if cfg.incremental and cfg.manifest:
-        raise DragonsError("--incremental needs --input (a listing gives each object's etag and size); "
-                           "a --manifest names URIs only")
+    """Run the pipeline and commit the run in parts; returns the run's last commit's metadata."""
+    cfg.validate()
     started = datetime.now(timezone.utc)
     # The default id: a UTC timestamp and a random suffix, so two runs started in
-    # the same second into one table never share an id (and replace each other).
+    # the same second into one table never share an id (and continue each other).
     run_id = cfg.run_id or f"{started.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
     table.check_run_id(run_id)
     meta = artifact.read_meta(cfg.model)  # a wrong --model fails before any Ray work
@@ -210,6 +356,8 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
     ray_output.addHandler(handler)  # Ray's own worker lines: in the run's log, not on the terminal
     try:
+        if cfg.dry_run:
+            return _dry_run(cfg, run_id, meta)
         return _run(cfg, run_id, started, meta, classes)
     finally:
         ray_output.removeHandler(handler)
@@ -231,143 +379,214 @@ def _check_spool_dir(path: str) -> None:
                            "create it, or leave --spool-dir out to use the temp dir") from None
 
 
-@dataclass
-class _Listed:
-    """The listing after --incremental's filter: Arrow pages in Ray's object store."""
+def _table_version(root: str) -> int | None:
+    from deltalake import DeltaTable
 
-    refs: list[Any]
-    listed: int = 0
-    skipped: int = 0
-    to_score: int = 0
+    uri = table.table_uri(root)
+    with storage.delta_errors(uri, "read"):
+        if not DeltaTable.is_deltatable(uri, storage_options=table.storage_options(uri)):
+            return None
+    return int(table.open_table(root).version())
 
 
-def _list(cfg: ScoreConfig, model_version: str, run_id: str) -> _Listed:
-    """Stream the listing page by page; keep only what needs scoring.
-
-    Pages go to Ray's object store (which spills to disk) as they arrive, so the
-    driver holds object references, not rows. A dry run prints the URIs instead.
-    """
+def _dry_run(cfg: ScoreConfig, run_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """List and filter in this process; print what would be scored; write nothing, start no Ray."""
     import sys
 
-    known = None
-    if cfg.incremental:
-        from dragons.score.incremental import known_objects
+    counts = Counts()
+    for block in todo_blocks(cfg, _table_version(cfg.output), meta["version"], run_id, listing.PAGE_ROWS,
+                             report=lambda _, *c: counts.add(*c)):
+        sys.stdout.write("".join(f"{u}\n" for u in block.column("uri").to_pylist()))
+    log.info("dry run %s: listed %d, kept %d (this run holds them), skipped %d (unchanged), would score %d from %s",
+             run_id, counts.listed, counts.kept, counts.skipped, counts.to_score, storage.redact(cfg.manifest or cfg.input))
+    return {"listed": counts.listed, "kept": counts.kept, "skipped": counts.skipped, "scored": 0, "errors": 0, "rows": 0,
+            "would_score": counts.to_score, "run_id": run_id, "path": table.table_uri(cfg.output), "dry_run": True}
 
-        known = known_objects(cfg.output, model_version, run_id)
-        log.info("--incremental: the table holds %d objects scored by model version %s", len(known), model_version,
-                 extra=DETAIL)
-    out = _Listed(refs=[])
-    if not cfg.dry_run:
+
+@dataclass
+class _Plan:
+    """Where the objects to score come from: all of them, listed in the driver
+    (a listing of one page: the count is known and sizes the actor pool), or a
+    streaming read task (anything longer)."""
+
+    blocks: list[pa.Table] | None  # small inputs: the blocks themselves
+    counts: Counts | None  # small inputs: the listing's counts
+    counts_actor: Any = None  # streaming: the read task reports here
+
+
+def _one_page(cfg: ScoreConfig) -> bool:
+    """Whether the whole input fits in one listing page (read before anything is
+    written: a wrong --input or --manifest fails here, naming it)."""
+    pages = listing_pages(cfg)
+    try:
+        return next(pages, None) is None or next(pages, None) is None
+    finally:
+        pages.close()
+
+
+def _plan(cfg: ScoreConfig, one_page: bool, version: int | None, model_version: str, run_id: str) -> _Plan:
+    """A small input is listed here (its count sizes the actor pool); a longer one streams from a read task."""
+    if not one_page:
         import ray
 
-    for page in _listing_pages(cfg):
-        out.listed += page.num_rows
-        todo = known.unseen(page) if known is not None else page
-        out.skipped += page.num_rows - todo.num_rows
-        out.to_score += todo.num_rows
-        if not todo.num_rows:
-            continue
-        if cfg.dry_run:
-            sys.stdout.write("".join(f"{u}\n" for u in todo.column("uri").to_pylist()))
-        else:
-            out.refs.append(ray.put(todo))
-    if known is not None:
-        known.close()
-    return out
-
-
-def _reblock(refs: list[Any], rows: int) -> list[Any]:
-    """Listing pages -> blocks of ``rows`` rows, one page in the driver at a time.
-
-    (Ray Data's streaming repartition would do this in a task that waits for a
-    whole CPU the scoring actors hold on a small cluster.) ``take`` copies, so a
-    block does not carry its page's buffers into the object store.
-    """
-    import ray
-
-    out = []
-    while refs:
-        page = ray.get(refs.pop(0))
-        for start in range(0, page.num_rows, rows):
-            out.append(ray.put(page.take(pa.array(range(start, min(start + rows, page.num_rows))))))
-        del page
-    return out
+        actor = ray.remote(num_cpus=0)(_CountsActor).remote()
+        return _Plan(blocks=None, counts=None, counts_actor=actor)
+    counts = Counts()
+    blocks = list(todo_blocks(cfg, version, model_version, run_id, listing.PAGE_ROWS, report=lambda _, *c: counts.add(*c)))
+    counts.done, counts.done_at = True, time.time()
+    return _Plan(blocks=blocks, counts=counts)
 
 
 def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str]) -> dict[str, Any]:
-    import psutil
-
     source = cfg.manifest or cfg.input
-    if not cfg.dry_run:
-        ensure_ray(cfg.no_progress_timeout_s)
-    todo = _list(cfg, meta["version"], run_id)
-    counts = {"listed": todo.listed, "skipped": todo.skipped}
-    log.info("listing done: %d objects, driver RSS %.0f MB", todo.listed, psutil.Process().memory_info().rss / 2**20,
-             extra=DETAIL)
-    if cfg.dry_run:
-        log.info("dry run %s: listed %d, skipped %d (unchanged), would score %d from %s", run_id, todo.listed,
-                 todo.skipped, todo.to_score, source)
-        return {**counts, "scored": 0, "errors": 0, "rows": 0, "would_score": todo.to_score, "run_id": run_id,
-                "path": table.table_uri(cfg.output), "dry_run": True}
-    log.info("run %s: listed %d, skipped %d unchanged, scoring %d objects from %s with model %s (version %s)", run_id,
-             todo.listed, todo.skipped, todo.to_score, storage.redact(source), storage.redact(cfg.model), meta["version"])
+    info = storage.redact_obj({  # one redaction for everything the commits store
+        "model": cfg.model, "input": source, "incremental": cfg.incremental,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "spool_dir")},
+    })
+    writer = table.RunWriter(cfg.output, run_id, started, classes, model_version=meta["version"], date=cfg.date,
+                             replace=cfg.replace, commit_every=cfg.commit_every, commit_interval_s=cfg.commit_interval_s,
+                             spool_dir=cfg.spool_dir, info=info,
+                             target_file_size=cfg.file_size_mb * 2**20 if cfg.file_size_mb else None)
+    one_page = _one_page(cfg)
+    state = writer.begin()  # the table exists from here on; --replace has removed the run's rows
+    if state.rows:
+        log.info("run %s: continuing, the table holds %d of its rows (%d commits); those are kept", run_id, state.rows,
+                 state.part)
+    ensure_ray(cfg.no_progress_timeout_s)
+    version = int(writer.table_version)
+    t0 = time.time()
+    plan = _plan(cfg, one_page, version, meta["version"], run_id)
+    log.info("run %s (dt %s): scoring %s with model %s (version %s)%s", run_id, writer.dt, storage.redact(source),
+             storage.redact(cfg.model), meta["version"],
+             "" if plan.counts is None else f": listed {plan.counts.listed}, kept {plan.counts.kept}, "
+                                            f"skipped {plan.counts.skipped} unchanged, scoring {plan.counts.to_score}")
+    added = 0
+    try:
+        added = _score_into(cfg, run_id, meta, plan, version, writer)
+        counts = plan.counts if plan.counts is not None else _final_counts(plan.counts_actor)
+        if added != counts.to_score:
+            raise DragonsError(f"run {run_id}: {counts.to_score} objects to score but {added} rows came back; the "
+                               f"committed parts are kept: run the same command again to score the rest")
+        manifest = writer.finish({"listed": counts.listed, "skipped": counts.skipped, "kept": counts.kept,
+                                  "new_rows": added})
+    except BaseException as exc:
+        writer.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        writer.discard()
+    rate = manifest["errors"] / max(manifest["rows"], 1)
+    log.info("run %s complete at table version %d (its commit %d): listed %d, kept %d, skipped %d, scored %d new; "
+             "the run holds %d rows, %d errors (%.2f%%) -> %s", run_id, manifest["version"], manifest["dragons_part"],
+             manifest["listed"], manifest["kept"], manifest["skipped"], added, manifest["rows"], manifest["errors"],
+             100 * rate, manifest["path"])
+    if rate > cfg.max_error_rate:
+        raise DragonsError(f"run {run_id}: error rate {rate:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%} "
+                           f"({manifest['errors']} of {manifest['rows']}); the rows are committed, see the error column")
+    # When things happened, seconds from the pipeline's start (for benchmarks; not committed).
+    manifest["timings"] = {"listing_done_s": round(counts.done_at - t0, 3) if counts.done_at else None,
+                           "first_part_s": round(writer.first_part_at - t0, 3) if writer.first_part_at else None,
+                           "total_s": round(time.time() - t0, 3)}
+    return manifest
+
+
+def _final_counts(actor: Any) -> Counts:
+    import ray
+
+    counts: Counts = ray.get(actor.counts.remote())
+    if not counts.done:
+        raise DragonsError("the listing ended before its last page (its read task failed); the committed parts are "
+                           "kept: run the same command again to continue")
+    return counts
+
+
+def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, version: int,
+                writer: table.RunWriter) -> int:
+    """Stream the plan's objects through the scoring actors into ``writer``; returns rows added."""
+    import ray
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    writer = table.RunWriter(cfg.output, run_id, started, classes, model_version=meta["version"], spool_dir=cfg.spool_dir,
-                             target_file_size=cfg.file_size_mb * 2**20 if cfg.file_size_mb else None)
-    progress = _Progress(todo.to_score, cfg.progress_s)
-    n = todo.to_score
+    if plan.counts is not None and plan.counts.to_score == 0:
+        return 0
+    res = cluster()
+    actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
+    if plan.counts is not None:
+        # Small blocks stream: results (and progress) arrive block by block, and a
+        # decoded block (300 KB an image) stays small.
+        n = plan.counts.to_score
+        rows_per_block = min(STREAM_BLOCK_ROWS, max(cfg.batch_size, math.ceil(n / (8 * actors))))
+        if math.ceil(n / rows_per_block) < actors:  # a handful of images: no idle actors to start
+            actors, actor_cpu, actor_gpu, threads = size_actors(math.ceil(n / rows_per_block), res.cpus, res.gpus)
+        blocks = [b.slice(i, rows_per_block) for b in plan.blocks or [] for i in range(0, b.num_rows, rows_per_block)]
+        ds = ray.data.from_arrow(blocks)
+    else:
+        # The read task lists beside the driver: losing a worker node never restarts the listing.
+        node = ray.get_runtime_context().get_node_id()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        ds = ray.data.read_datasource(
+            listing_source(cfg, version, meta["version"], run_id, LISTING_YIELD_ROWS, plan.counts_actor),
+            override_num_blocks=1, num_cpus=LISTING_CPU,
+            ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)})
+        # A read task merges what it yields into blocks of this many bytes before
+        # any leaves it (128 MiB by default: ~850k listed objects, the GPUs idle
+        # meanwhile). Small blocks leave it every LISTING_YIELD_ROWS * a few rows.
+        ds.context.target_max_block_size = STREAM_BLOCK_BYTES
+    # On CPUs the scoring actors decode too (every 300 KB base square would
+    # otherwise cross the object store); GPU actors get CPU decode tasks upstream.
+    fused = decode_beside_model(cfg.decode, "actors", actor_gpu > 0)
+    log.info("%d scoring actor(s) with %g CPU%s each; decoding %s", actors, actor_cpu,
+             " and 1 GPU" if actor_gpu else "", "in the scoring actors" if fused else "in CPU tasks", extra=DETAIL)
+    decoder = DecodeBatch(artifact.base_size_of(meta), cfg.max_pixels, max_bytes=cfg.max_bytes)
+    pinned = (meta["version"], list(meta["classes"]))
+    if fused:
+        ds = ds.map_batches(
+            Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads, decoder, cfg.batch_size, pinned), batch_size=None,
+            compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,  # --decode actors on GPUs
+        )
+    else:
+        # Few decode tasks, each overlapping its S3 GETs on threads: every extra
+        # task process costs seconds of imports on a small machine.
+        ds = ds.map_batches(decoder, batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
+                            compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
+        ds = ds.map_batches(
+            Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads, None, 8, pinned), batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
+        )
+    progress = _Progress(cfg.progress_s)
+    added = 0
+
+    def listing_so_far() -> Counts | None:
+        if plan.counts is not None:
+            return plan.counts
+        return ray.get(plan.counts_actor.counts.remote()) if progress_due() else None
+
+    def progress_due() -> bool:
+        return time.perf_counter() - progress.last >= progress.every_s
+
     try:
-        if n:
-            res = cluster()
-            actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
-            # Small blocks stream: results (and progress) arrive block by block, and a
-            # decoded block (300 KB an image) stays small. Big inputs get up to 256 rows.
-            rows_per_block = min(256, max(cfg.batch_size, math.ceil(n / (8 * actors))))
-            if math.ceil(n / rows_per_block) < actors:  # a handful of images: no idle actors to start
-                actors, actor_cpu, actor_gpu, threads = size_actors(math.ceil(n / rows_per_block), res.cpus, res.gpus)
-            # On CPUs the scoring actors decode too (every 300 KB base square would
-            # otherwise cross the object store); GPU actors get CPU decode tasks upstream.
-            fused = decode_beside_model(cfg.decode, "actors", actor_gpu > 0)
-            log.info("%d scoring actor(s) with %g CPU%s each; decoding %s", actors, actor_cpu,
-                     " and 1 GPU" if actor_gpu else "", "in the scoring actors" if fused else "in CPU tasks", extra=DETAIL)
-            decoder = DecodeBatch(artifact.base_size_of(meta), cfg.max_pixels, max_bytes=cfg.max_bytes)
-            ds = ray.data.from_arrow_refs(_reblock(todo.refs, rows_per_block))
-            if fused:
-                ds = ds.map_batches(
-                    Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads, decoder, cfg.batch_size), batch_size=None,
-                    compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,  # --decode actors on GPUs
-                )
-            else:
-                # Few decode tasks, each overlapping its S3 GETs on threads: every extra
-                # task process costs seconds of imports on a small machine.
-                ds = ds.map_batches(decoder, batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
-                                    compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
-                ds = ds.map_batches(
-                    Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads), batch_size=cfg.batch_size,
-                    compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
-                )
-            with driver_stderr_to_log():
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                    writer.add(batch)
-                    progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count)
-        progress.update(0, 0, force=True)
-        todo.refs.clear()
-        if writer.rows != n:
-            raise DragonsError(f"run {run_id}: {n} objects to score but {writer.rows} rows came back; nothing committed")
-        manifest = writer.commit(storage.redact_obj({  # one redaction for everything the commit stores
-            **counts, "model": cfg.model, "model_version": meta["version"], "input": source,
-            "incremental": cfg.incremental,
-            "config": {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "spool_dir")},
-        }))
-    finally:
-        writer.discard()
-    rate = manifest["errors"] / max(n, 1)
-    log.info("run %s committed as table version %d: listed %d, skipped %d, scored %d, errors %d (%.2f%%) -> %s", run_id,
-             manifest["version"], manifest["listed"], manifest["skipped"], manifest["scored"], manifest["errors"], 100 * rate,
-             manifest["path"])
-    if rate > cfg.max_error_rate:
-        raise DragonsError(f"run {run_id}: error rate {rate:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%} "
-                           f"({manifest['errors']} of {n}); the rows are committed, see the error column")
-    return manifest
+        with driver_stderr_to_log():
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                if writer.add(batch):
+                    log.info("run %s: part %d committed (the run holds %d rows)", run_id, writer.part, writer.rows)
+                added += batch.num_rows
+                progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count, listing_so_far())
+    except DragonsError:
+        raise
+    except Exception as exc:
+        raise _pipeline_error(run_id, exc) from None
+    progress.update(0, 0, plan.counts if plan.counts is not None else _final_counts(plan.counts_actor), force=True)
+    return added
+
+
+def _pipeline_error(run_id: str, exc: BaseException) -> DragonsError:
+    """A Ray error as a clean message; a changed model says so plainly."""
+    text = str(exc)
+    # Our own error, raised in an actor or the listing task, is the last line of Ray's traceback text.
+    for marker in (f"{ModelChanged.__name__}: ", f"{DragonsError.__name__}: "):
+        lines = [ln for ln in text.splitlines() if marker in ln]
+        if lines:
+            return DragonsError(f"run {run_id}: " + lines[-1].split(marker, 1)[1].strip())
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return DragonsError(f"run {run_id}: scoring failed: {storage.redact(first)[:300]}; the committed parts are kept: "
+                        "run the same command again to continue (see the run's log for Ray's own lines)")

@@ -8,27 +8,39 @@ table is read by Python (delta-rs' object store) and DuckDB itself can be
 locked down: no external access, no file reads or writes from SQL, only SELECT.
 
 Views: ``scores`` (every row), ``latest`` (the newest row per uri and
-model_version), ``runs`` (one row per commit, from the Delta log).
+model_version), ``runs`` (one row per run: status, parts, counts) and
+``commits`` (one row per commit), both from the Delta log.
+
+The result streams too: :func:`stream_sql` hands out DuckDB's result as Arrow
+record batches pulled on demand (``dragons.score.export`` writes them as CSV,
+JSON Lines or Parquet), so only DuckDB's own working memory, bounded by
+``--memory-limit``, and one batch are ever held.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import io
-import json
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 
+from dragons import storage
 from dragons.errors import DragonsError
 
 SUMMARY_SQL = """
-SELECT version, committed_at, run_id, listed, skipped, scored, errors, model_version, input
-FROM runs WHERE operation = 'WRITE' ORDER BY version
+SELECT run_id, status, parts, dt, committed_at, listed, kept, skipped, scored, errors, rows, model_version, input
+FROM runs ORDER BY first_version
 """
+
+# Rows per record batch handed out by stream_sql: big enough for Parquet row
+# groups and fast CSV, small enough (a few MB of Arrow) to be nothing beside DuckDB's memory.
+BATCH_ROWS = 65_536
 
 LATEST_SQL = """
 CREATE VIEW latest AS
@@ -62,16 +74,34 @@ def parse_as_of(value: str | None) -> int | datetime | None:
     return ts
 
 
-def _runs_table(root: str) -> pa.Table:
-    from dragons.score.table import run_history
+# The `commits` view: one row per table version, from the Delta log.
+COMMIT_COLUMNS = {
+    "version": pa.int64(), "committed_at": pa.string(), "operation": pa.string(), "run_id": pa.string(),
+    "status": pa.string(), "part": pa.int64(), "part_rows": pa.int64(), "listed": pa.int64(), "skipped": pa.int64(),
+    "kept": pa.int64(), "scored": pa.int64(), "errors": pa.int64(), "rows": pa.int64(), "model_version": pa.string(),
+    "model": pa.string(), "input": pa.string(), "incremental": pa.bool_(), "dt": pa.string(), "failure": pa.string(),
+    "files_added": pa.int64(), "files_removed": pa.int64(),
+}
+# The `runs` view: one row per run id (table.runs_summary).
+RUN_COLUMNS = {
+    "run_id": pa.string(), "status": pa.string(), "parts": pa.int64(), "dt": pa.string(), "started_at": pa.string(),
+    "committed_at": pa.string(), "listed": pa.int64(), "skipped": pa.int64(), "kept": pa.int64(), "scored": pa.int64(),
+    "errors": pa.int64(), "rows": pa.int64(), "model_version": pa.string(), "model": pa.string(), "input": pa.string(),
+    "incremental": pa.bool_(), "failure": pa.string(), "first_version": pa.int64(), "last_version": pa.int64(),
+}
 
-    rows = run_history(root)
-    cols = ["version", "committed_at", "operation", "run_id", "listed", "skipped", "scored", "errors", "rows",
-            "model_version", "model", "input", "incremental", "files_added", "files_removed"]
-    types = {"version": pa.int64(), "listed": pa.int64(), "skipped": pa.int64(), "scored": pa.int64(),
-             "errors": pa.int64(), "rows": pa.int64(), "files_added": pa.int64(), "files_removed": pa.int64(),
-             "incremental": pa.bool_()}
-    return pa.table({c: pa.array([r.get(c) for r in rows], types.get(c, pa.string())) for c in cols})
+
+def _log_tables(root: str) -> tuple[pa.Table, pa.Table]:
+    """The ``commits`` and ``runs`` views' tables, from one read of the commit log."""
+    from dragons.score.table import run_history, runs_summary
+
+    commits = run_history(root)
+    runs = runs_summary(commits)
+
+    def table(rows: list[dict[str, Any]], cols: dict[str, pa.DataType]) -> pa.Table:
+        return pa.table({c: pa.array([r.get(c) for r in rows], t) for c, t in cols.items()})
+
+    return table(commits, COMMIT_COLUMNS), table(runs, RUN_COLUMNS)
 
 
 def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits | None = None) -> Any:
@@ -81,13 +111,18 @@ def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits 
     from dragons.score.table import open_table
 
     limits = limits or QueryLimits()
-    dt = open_table(root, as_of)
-    data = dt.to_pyarrow_dataset()
+    # delta-rs reports storage trouble as OSError, DeltaError, a bare Exception or
+    # a Rust panic (BaseException): each becomes `error: ...` naming the table.
+    with storage.delta_errors(root, "read"):
+        dt = open_table(root, as_of)
+        data = dt.to_pyarrow_dataset()
+        commits, runs = _log_tables(root)
     con = duckdb.connect(":memory:", config={"threads": max(1, int(limits.threads)), "memory_limit": limits.memory_limit})
     try:
         con.register("scores", data)
         con.execute(LATEST_SQL)
-        con.register("runs", _runs_table(root))
+        con.register("runs", runs)
+        con.register("commits", commits)
         # No COPY ... TO, no reading or writing other files, no extensions from a query.
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
@@ -116,72 +151,107 @@ def _check_read_only(con: Any, sql: str) -> None:
             )
 
 
-def run_sql(table_uri: str, sql: str | None = None, as_of: int | datetime | str | None = None,
-            limits: QueryLimits | None = None) -> pa.Table:
+@contextlib.contextmanager
+def _deadline(con: Any, limits: QueryLimits) -> Iterator[threading.Event]:
+    """Interrupts ``con`` after ``--timeout`` seconds (0: never); the event says it did.
+
+    The clock covers the whole query, an export's writing included: a stream
+    that stalls (a slow disk, a reader that stopped) ends like a slow query.
+    """
+    timed_out = threading.Event()
+    timer: threading.Timer | None = None
+    if limits.timeout_s and limits.timeout_s > 0:
+        def stop() -> None:
+            timed_out.set()
+            con.interrupt()
+
+        timer = threading.Timer(limits.timeout_s, stop)
+        timer.daemon = True
+        timer.start()
+    try:
+        yield timed_out
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _query_error(exc: BaseException, limits: QueryLimits, timed_out: threading.Event) -> DragonsError:
+    """What a failed query tells the user: which limit it hit and what to do."""
+    import duckdb
+
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if timed_out.is_set():
+        return DragonsError(f"query stopped after --timeout {limits.timeout_s:g}s: narrow it "
+                            "(WHERE on dt/run_id, fewer columns) or raise --timeout")
+    if isinstance(exc, duckdb.OutOfMemoryException) or "memory" in first.lower() and "limit" in first.lower():
+        return DragonsError(f"query needs more than --memory-limit {limits.memory_limit}: {first}; "
+                            "aggregate more, select fewer columns, or raise --memory-limit")
+    if isinstance(exc, duckdb.PermissionException) or "external access" in first.lower():
+        return DragonsError(f"the query tried to reach files or the network, which dragons query refuses: {first}")
+    return DragonsError(f"query failed: {first}")
+
+
+@contextlib.contextmanager
+def stream_sql(table_uri: str, sql: str | None = None, as_of: int | datetime | str | None = None,
+               limits: QueryLimits | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatchReader]:
+    """The result of ``sql`` (default: one row per run) as a reader of Arrow record batches.
+
+    DuckDB computes batches as the reader asks for them (a streaming result),
+    so a result of any size passes through in ``batch_rows`` pieces; operators
+    that must see everything first (ORDER BY, window functions) stay within
+    ``--memory-limit`` or fail with the error that names it. A failure while
+    reading (a limit, the timeout) is raised by the reader as a DragonsError.
+    The reader is valid inside the ``with`` block only: leaving it closes DuckDB.
+    """
     import duckdb
 
     limits = limits or QueryLimits()
     if isinstance(as_of, str):
         as_of = parse_as_of(as_of)
     con = connect(table_uri, as_of, limits)
-    timer: threading.Timer | None = None
-    timed_out = threading.Event()
     try:
         query = sql or SUMMARY_SQL
         _check_read_only(con, query)
-        if limits.timeout_s and limits.timeout_s > 0:
-            def stop() -> None:
-                timed_out.set()
-                con.interrupt()
+        with _deadline(con, limits) as timed_out:
+            try:
+                # A blocking query (ORDER BY, aggregates) runs here; a pipeline, batch by batch.
+                source = con.sql(query).to_arrow_reader(batch_rows)
+            except duckdb.Error as exc:
+                raise _query_error(exc, limits, timed_out) from None
 
-            timer = threading.Timer(limits.timeout_s, stop)
-            timer.daemon = True
-            timer.start()
-        try:
-            return con.sql(query).to_arrow_table()
-        except duckdb.Error as exc:
-            first = str(exc).splitlines()[0]
-            if timed_out.is_set():
-                raise DragonsError(f"query stopped after --timeout {limits.timeout_s:g}s: narrow it "
-                                   "(WHERE on dt/run_id, fewer columns) or raise --timeout") from None
-            if isinstance(exc, duckdb.OutOfMemoryException) or "memory" in first.lower() and "limit" in first.lower():
-                raise DragonsError(f"query needs more than --memory-limit {limits.memory_limit}: {first}; "
-                                   "aggregate more, select fewer columns, or raise --memory-limit") from None
-            if isinstance(exc, duckdb.PermissionException) or "external access" in first.lower():
-                raise DragonsError(f"the query tried to reach files or the network, which dragons query refuses: {first}") from None
-            raise DragonsError(f"query failed: {first}") from None
+            def batches() -> Iterator[pa.RecordBatch]:
+                while True:
+                    try:
+                        batch = source.read_next_batch()
+                    except StopIteration:
+                        return
+                    except (duckdb.Error, pa.ArrowException) as exc:
+                        raise _query_error(exc, limits, timed_out) from None
+                    yield batch
+
+            yield pa.RecordBatchReader.from_batches(source.schema, batches())
     finally:
-        if timer is not None:
-            timer.cancel()
         con.close()
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return "NULL"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+def run_sql(table_uri: str, sql: str | None = None, as_of: int | datetime | str | None = None,
+            limits: QueryLimits | None = None) -> pa.Table:
+    """The whole result as one table: for results known to be small (tests,
+    summaries). Exports stream instead (:func:`stream_sql`)."""
+    with stream_sql(table_uri, sql, as_of, limits) as reader:
+        return reader.read_all()
 
 
 def format_table(t: pa.Table, fmt: str = "table", max_rows: int = 10_000) -> str:
-    """Text for the terminal; at most ``max_rows`` rows (a note says how many more)."""
-    total = t.num_rows
-    rows = t.slice(0, max_rows).to_pylist()
-    more = f"\n({total - max_rows} more rows not shown: add LIMIT or aggregate)" if total > max_rows else ""
-    if fmt == "json":
-        return "\n".join(json.dumps(r, default=str) for r in rows) + more
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(t.column_names)
-        for r in rows:
-            w.writerow(["" if r[c] is None else r[c] for c in t.column_names])
-        return buf.getvalue().rstrip("\n") + more
-    cells = [[_cell(r[c]) for c in t.column_names] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(t.column_names)]
-    line = "  ".join(c.ljust(w) for c, w in zip(t.column_names, widths)).rstrip()
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    out.append(f"({total} row{'s' if total != 1 else ''})")
-    return "\n".join(out) + more
+    """``t`` as text in ``fmt`` (table, csv or json): every row, except that the
+    terminal ``table`` shows at most ``max_rows`` and then says so on stderr."""
+    from dragons.score import export
+
+    reader = pa.RecordBatchReader.from_batches(t.schema, t.to_batches())
+    if fmt == "table":
+        text = io.StringIO()
+        export.write_table(reader, text, max_rows=max_rows, note=sys.stderr)
+        return text.getvalue().rstrip("\n")
+    data = io.BytesIO()
+    export.WRITERS[fmt](reader, data)
+    return data.getvalue().decode("utf-8").rstrip("\n")
