@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: setup demo test bench-score bench-train clean
+.PHONY: setup demo test bench-score bench-train bench-driver clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench-score: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-driver: $(STAMP)
+	$(BIN)/python benchmarks/bench_driver.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache dragons_demo

@@ -97,10 +97,10 @@ def build_archive(work: Path, n: int) -> Path:
     done = work / f"archive-{n}.done"
     if done.exists():
         return root
-    seeds = work / "seeds"
+    seeds = work / f"seeds-{n}"  # a file takes at most 65,000 links (ext4): one per 20,000 objects
     seeds.mkdir(parents=True, exist_ok=True)
     sources = []
-    for i in range(8):
+    for i in range(max(8, n // 20_000)):
         path = seeds / f"s{i}.jpg"
         arr = np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)
         Image.fromarray(arr).save(path, quality=80)
@@ -112,7 +112,7 @@ def build_archive(work: Path, n: int) -> Path:
             d.mkdir(parents=True, exist_ok=True)
         target = d / f"img{i:07d}.jpg"
         if not target.exists():
-            os.link(sources[i % 8], target)
+            os.link(sources[i % len(sources)], target)
     done.write_text(str(n))
     print(f"linked {n} files in {time.perf_counter() - t0:.0f}s under {root}", flush=True)
     return root
@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"time per row at {hi:,} / at {lo:,}: {out['time_per_row_ratio']:.3f} (bound 1.20) -> "
               f"{'ok' if out['time_per_row_ratio'] <= 1.20 else 'MISSED'}")
     for f in figs:
-        if f["first_part_s"] is not None and f["listing_done_s"] is not None:
+        if f["parts"] and f["first_part_s"] is not None and f["listing_done_s"] is not None:  # runs of more than one part
             print(f"{f['label']}: first part committed at {f['first_part_s']:.1f}s, listing ended at "
                   f"{f['listing_done_s']:.1f}s -> {'ok' if f['first_part_s'] < f['listing_done_s'] else 'MISSED'}")
     best = max(f["rows_per_s"] for f in drv.values())

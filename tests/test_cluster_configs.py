@@ -200,52 +200,6 @@ def test_head_not_exposed(where: str, kind: str, spec: dict):
         assert host == "127.0.0.1", where
 
 
-# Files whose RayJob heads serve the dashboard on the pod network (KubeRay's
-# default with dashboard-host unset: the submitter pod and the operator need it).
-RAYJOB_FILES = sorted(CLUSTER.glob("rayjob-*.yaml"))
-
-
-@pytest.mark.parametrize("path", RAYJOB_FILES, ids=lambda p: p.name)
-def test_rayjob_dashboard_fenced_by_network_policy(path: Path):
-    """Unset dashboard-host means 0.0.0.0 in the head pod: then the same file must ship a
-    NetworkPolicy that admits to 8265 only this job's submitter pod and the KubeRay operator."""
-    docs = _load(path)
-    jobs = [d for d in docs if d.get("kind") == "RayJob"]
-    assert len(jobs) == 1, path
-    job = jobs[0]
-    name = job["metadata"]["name"]
-    spec = job["spec"]
-    assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
-    host = (spec["rayClusterSpec"]["headGroupSpec"].get("rayStartParams") or {}).get("dashboard-host")
-    if host == "127.0.0.1":  # loopback: only a submitter inside the head pod could reach it
-        assert spec.get("submissionMode") == "SidecarMode", path
-        return
-    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
-    assert policies, f"{path.name}: dashboard on the pod network without a NetworkPolicy"
-    heads = [p for p in policies if (p["spec"]["podSelector"].get("matchLabels") or {}).get("ray.io/node-type") == "head"]
-    assert len(heads) == 1, path
-    pol = heads[0]["spec"]
-    assert pol["podSelector"]["matchLabels"]["ray.io/originated-from-cr-name"] == name
-    assert "Ingress" in pol["policyTypes"]
-    dashboard_rules, other_rules = [], []
-    for rule in pol["ingress"]:
-        ports = {p["port"] for p in rule.get("ports") or []}
-        assert rule.get("from"), f"{path.name}: an ingress rule without `from` admits everyone"
-        (dashboard_rules if 8265 in ports else other_rules).append(rule)
-        assert not ports or ports == {8265}, ports
-    # 8265: only the submitter (the Job named after the RayJob) and the operator.
-    assert len(dashboard_rules) == 1
-    peers = dashboard_rules[0]["from"]
-    assert {"batch.kubernetes.io/job-name": name} in [p.get("podSelector", {}).get("matchLabels") for p in peers]
-    operator = [p for p in peers if p.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "kuberay-operator"}]
-    assert len(operator) == 1 and len(peers) == 2, peers
-    for p in peers:
-        assert "ipBlock" not in p
-    # Any other rule admits only this job's own Ray pods (they need the GCS).
-    for rule in other_rules:
-        assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/originated-from-cr-name": name}}}], rule
-
-
 def test_no_externally_exposing_objects():
     for where, doc in MANIFESTS:
         assert doc["kind"] not in {"Ingress", "Route", "Gateway", "HTTPRoute"}, where
@@ -342,13 +296,60 @@ def test_images_pinned_to_ray_version(where: str, kind: str, spec: dict):
         assert c["image"].startswith(f"rayproject/ray:{RAY_VERSION}-"), (where, group)
 
 
+# The values KubeRay v1.7.0 accepts (its CRD leaves submissionMode a free string;
+# the operator's Go types define these).
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
 @pytest.mark.parametrize("where,doc", JOB_PARAMS)
 def test_rayjob_lifecycle(where: str, doc: dict):
     spec = doc["spec"]
+    mode = spec.get("submissionMode", "K8sJobMode")
+    assert mode in SUBMISSION_MODES - {"InteractiveMode"}, where  # nothing here submits by hand
+    if mode != "K8sJobMode":  # no submitter Job: its knobs would only mislead
+        assert "submitterPodTemplate" not in spec and "submitterConfig" not in spec, where
+    # The cluster goes when the job ends, after a short look at the logs.
     assert spec.get("shutdownAfterJobFinishes") is True, where
-    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", where
+    assert 0 < spec.get("ttlSecondsAfterFinished", 0) <= 3600, where
+    # Every job has a hard stop (per attempt); KubeRay never retries a DeadlineExceeded.
+    assert 0 < spec.get("activeDeadlineSeconds", 0) <= 86400, where
+    retries = spec.get("backoffLimit", 0)
+    assert 0 <= retries <= 3, where
+    if retries and "jobs/score.py" in spec["entrypoint"]:
+        # Each retry runs on a fresh cluster: with a fixed run id it continues the run.
+        args = spec["entrypoint"].split()
+        assert "--run-id" in args and "--replace" not in args, where
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert str(env["working_dir"]).endswith(".zip"), where
+
+
+SCORING_KNOBS = ("submissionMode", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+                 "activeDeadlineSeconds", "backoffLimit")
+
+
+def _scoring_job_sources() -> list[tuple[str, str]]:
+    """(where, YAML text) of the scoring RayJobs: the one-off file and the nightly template."""
+    nightly = {d["kind"]: d for d in _load(CLUSTER / "nightly-score-cronjob.yaml")}["ConfigMap"]
+    return [("rayjob-score.yaml", (CLUSTER / "rayjob-score.yaml").read_text()),
+            ("nightly-score-cronjob.yaml:rayjob.yaml", nightly["data"]["rayjob.yaml"])]
+
+
+@pytest.mark.parametrize("where,text", [pytest.param(w, t, id=w) for w, t in _scoring_job_sources()])
+def test_scoring_rayjob_knobs_chosen_and_explained(where: str, text: str):
+    """HTTPMode (no submitter pod whose eviction fails a healthy job), retries that resume
+    (same --run-id), a per-attempt deadline, cluster deleted after a short TTL; and each
+    knob carries its one-line reason as a YAML comment (on its line or the line above)."""
+    job = next(d for d in yaml.safe_load_all(text.replace(RUN_DATE_PLACEHOLDER, "2000-01-31"))
+               if d and d.get("kind") == "RayJob")
+    spec = job["spec"]
+    assert spec["submissionMode"] == "HTTPMode", where
+    assert spec["backoffLimit"] >= 1, where
+    assert "--run-id" in spec["entrypoint"].split(), where
+    lines = text.splitlines()
+    for knob in SCORING_KNOBS:
+        (n,) = [i for i, line in enumerate(lines) if re.match(rf"\s*{knob}:", line)]
+        reason = "#" in lines[n] or lines[n - 1].strip().startswith("#")
+        assert reason, f"{where}: `{knob}` has no one-line reason (a YAML comment)"
 
 
 def _project_deps_without_ray() -> list[str]:
@@ -456,28 +457,154 @@ def test_nightly_cronjob():
     assert rule["resources"] == ["rayjobs"] and set(rule["verbs"]) <= {"create", "get"}
 
 
-def test_nightly_dashboard_fenced_by_network_policy():
-    """Each night's RayJob has a new name, so its pods are fenced by fixed labels: the
-    head's 8265 admits only the submitter pod and the operator, other head ports only
-    the night's own Ray pods; every Ray pod of the template carries the label."""
-    docs = _load(CLUSTER / "nightly-score-cronjob.yaml")
+def test_nightly_runs_never_overlap():
+    """One RayJob per UTC date (its name, its run id); the CronJob forbids a second
+    concurrent run, waits at most an hour for the previous night and then skips; the
+    waiter outlives all attempts of its RayJob and ends well before the next night."""
+    docs = {d["kind"]: d for d in _load(CLUSTER / "nightly-score-cronjob.yaml")}
+    cron = docs["CronJob"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    assert cron["schedule"].split()[2:] == ["*", "*", "*"], "once a day"
+    assert 0 < cron["startingDeadlineSeconds"] <= 3600
     (job,) = [d for w, d in RAY_JOBS if d["metadata"]["labels"]["app.kubernetes.io/component"] == "nightly-score"]
+    assert job["metadata"]["name"] == "dragons-nightly-2000-01-31"
+    assert job["metadata"]["labels"]["dragons/run-id"] == "2000-01-31"
     spec = job["spec"]
-    assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
-    ray_label = {"dragons/nightly-ray": "true"}
-    groups = [spec["rayClusterSpec"]["headGroupSpec"]] + spec["rayClusterSpec"]["workerGroupSpecs"]
-    for g in groups:
-        assert g["template"]["metadata"]["labels"].items() >= ray_label.items(), g.get("groupName", "head")
-    submitter = spec["submitterPodTemplate"]["metadata"]["labels"]
-    (pol,) = [d["spec"] for d in docs if d.get("kind") == "NetworkPolicy"]
-    assert pol["podSelector"]["matchLabels"] == {**ray_label, "ray.io/node-type": "head"}
-    assert pol["policyTypes"] == ["Ingress"]
-    dashboard = [r for r in pol["ingress"] if {p["port"] for p in r.get("ports") or []} == {8265}]
-    others = [r for r in pol["ingress"] if r not in dashboard]
-    assert len(dashboard) == 1 and len(others) == 1
-    peers = [p.get("podSelector", {}).get("matchLabels") for p in dashboard[0]["from"]]
-    assert peers == [submitter, {"app.kubernetes.io/name": "kuberay-operator"}]
-    assert others[0]["from"] == [{"podSelector": {"matchLabels": ray_label}}] and not others[0].get("ports")
+    args = spec["entrypoint"].split()
+    assert args[args.index("--run-id") + 1] == "2000-01-31" and "--replace" not in args
+    attempts = spec["backoffLimit"] + 1  # each attempt has its own activeDeadlineSeconds
+    waiter = cron["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    assert attempts * spec["activeDeadlineSeconds"] < waiter < 24 * 3600 - cron["startingDeadlineSeconds"]
+
+
+# --------------------------------------------------------------------------
+# NetworkPolicies: every Ray pod fenced
+
+METRICS_PORT, DASHBOARD_PORT = 8080, 8265
+MONITORING_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+OPERATOR_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+}
+ALL_BUT_METRICS = set(range(1, 65536)) - {METRICS_PORT}
+
+
+def _ray_pods(where: str, doc: dict) -> list[tuple[str, dict[str, str], list[dict]]]:
+    """(group, labels the pod will carry, containers) for each Ray pod template of a
+    RayCluster / RayJob: the template's labels plus those KubeRay adds. A RayJob's
+    cluster name is generated, so its pods get no predictable ray.io/cluster here."""
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    auto = {"ray.io/cluster": doc["metadata"]["name"]} if doc["kind"] == "RayCluster" else {}
+    groups = [("head", "headgroup", spec["headGroupSpec"])]
+    groups += [(g["groupName"], g["groupName"], g) for g in spec.get("workerGroupSpecs") or []]
+    out = []
+    for name, group, g in groups:
+        node_type = "head" if name == "head" else "worker"
+        labels = {**(g["template"].get("metadata") or {}).get("labels", {}),
+                  **auto, "ray.io/node-type": node_type, "ray.io/group": group}
+        out.append((name, labels, g["template"]["spec"]["containers"]))
+    return out
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    if not (selector.get("matchLabels") or {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _ports(rule: dict) -> set[int]:
+    """The TCP ports an ingress rule admits (no `ports`: all of them)."""
+    if not rule.get("ports"):
+        return set(range(1, 65536))
+    out: set[int] = set()
+    for p in rule["ports"]:
+        assert p.get("protocol", "TCP") == "TCP", p
+        assert isinstance(p["port"], int), f"use port numbers, not names: {p}"
+        out |= set(range(p["port"], p.get("endPort", p["port"]) + 1))
+    return out
+
+
+def _files_with_ray_pods() -> list[str]:
+    return sorted({w.split(":")[0] for w, d in MANIFESTS if d["kind"] in {"RayCluster", "RayJob"}})
+
+
+def _in_file(name: str, kind: str) -> list[dict]:
+    return [d for w, d in MANIFESTS if w.split(":")[0] == name and d["kind"] == kind]
+
+
+def test_every_config_with_ray_pods_is_checked():
+    assert _files_with_ray_pods() == [
+        "nightly-score-cronjob.yaml", "raycluster.yaml", "rayjob-score.yaml", "rayjob-train.yaml"]
+
+
+@pytest.mark.parametrize("name", _files_with_ray_pods())
+def test_every_ray_pod_is_fenced_by_a_network_policy(name: str):
+    """Each Ray pod (head and every worker group) is selected by an Ingress policy of the
+    same file, which admits: the cluster's own pods on every port but the metrics port;
+    the monitoring namespace on the metrics port only; on the head's 8265 the operator and,
+    in K8sJobMode, the job's submitter pod. Nothing else."""
+    policies = [p for p in _in_file(name, "NetworkPolicy") if "Ingress" in p["spec"].get("policyTypes", [])]
+    objects = _in_file(name, "RayCluster") + _in_file(name, "RayJob")
+    assert objects and policies, name
+    for obj in objects:
+        submitter = None
+        if obj["kind"] == "RayJob" and obj["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            submitter = {"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name": obj["metadata"]["name"]}}}
+        for group, labels, containers in _ray_pods(name, obj):
+            where = f"{name}: {obj['kind']} {obj['metadata']['name']} {group}"
+            for c in containers:  # the policies' metrics port is the pods' metrics port
+                assert {"containerPort": METRICS_PORT, "name": "metrics"} in (c.get("ports") or []), where
+            rules = [r for p in policies if _selects(p["spec"]["podSelector"], labels) for r in p["spec"].get("ingress", [])]
+            assert rules, f"{where}: no NetworkPolicy selects this Ray pod"
+            own = [r for r in rules if len(r.get("from") or []) == 1 and set(r["from"][0]) == {"podSelector"}]
+            assert len(own) == 1, f"{where}: expected one rule for the cluster's own pods"
+            own_selector = own[0]["from"][0]["podSelector"]
+            assert _selects(own_selector, labels) and "ray.io/node-type" not in own_selector.get("matchLabels", {}), where
+            assert _ports(own[0]) == ALL_BUT_METRICS, f"{where}: own pods must reach every port but {METRICS_PORT}"
+            admitted: dict[int, list] = {}
+            for r in rules:
+                for port in (METRICS_PORT, DASHBOARD_PORT):
+                    if port in _ports(r):
+                        admitted.setdefault(port, []).extend(r["from"])
+            assert admitted[METRICS_PORT] == [MONITORING_PEER], f"{where}: metrics port open to {admitted[METRICS_PORT]}"
+            expected = [own[0]["from"][0]]
+            if group == "head":
+                expected += [OPERATOR_PEER] + ([submitter] if submitter else [])
+            assert sorted(map(repr, admitted[DASHBOARD_PORT])) == sorted(map(repr, expected)), where
+
+
+def test_network_policies_admit_no_one_else():
+    """No rule admits the world: no empty or missing `from`, no ipBlock, no bare
+    namespaceSelector but the monitoring namespace's (metrics port only); the operator
+    and submitter peers only reach the dashboard port."""
+    seen = 0
+    for where, doc in MANIFESTS:
+        if doc["kind"] != "NetworkPolicy":
+            continue
+        spec = doc["spec"]
+        assert spec["podSelector"].get("matchLabels"), f"{where}: selects every pod of the namespace"
+        assert "egress" not in spec and spec["policyTypes"] == ["Ingress"], where
+        for rule in spec["ingress"]:
+            seen += 1
+            peers = rule.get("from")
+            assert peers, f"{where}: an ingress rule without `from` admits everyone"
+            for peer in peers:
+                assert "ipBlock" not in peer, f"{where}: {peer}"
+                if peer == MONITORING_PEER:
+                    assert _ports(rule) == {METRICS_PORT}, where
+                elif peer == OPERATOR_PEER or "batch.kubernetes.io/job-name" in peer.get("podSelector", {}).get("matchLabels", {}):
+                    assert _ports(rule) == {DASHBOARD_PORT}, where
+                else:  # the cluster's own pods, by a label only Ray pods of this config carry
+                    assert set(peer) == {"podSelector"}, f"{where}: {peer}"
+                    keys = set(peer["podSelector"].get("matchLabels") or {})
+                    assert keys & {"ray.io/cluster", "dragons/ray-job", "dragons/nightly-ray"}, f"{where}: {peer}"
+    assert seen
 
 
 # --------------------------------------------------------------------------

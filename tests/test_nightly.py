@@ -32,7 +32,9 @@ def test_cronjob_pod_waits_for_the_rayjob_and_runs_incremental() -> None:
     assert "wait-rayjob.py" in data
     job = yaml.safe_load(data["rayjob.yaml"].replace("__RUN_DATE__", "2000-01-31"))
     assert "--incremental" in job["spec"]["entrypoint"].split()
-    assert docs["CronJob"]["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > job["spec"]["activeDeadlineSeconds"]
+    # The waiter outlives every attempt of the night's RayJob (each gets its own deadline).
+    attempts = job["spec"].get("backoffLimit", 0) + 1
+    assert docs["CronJob"]["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > attempts * job["spec"]["activeDeadlineSeconds"]
     (rule,) = docs["Role"]["rules"]
     assert set(rule["verbs"]) == {"create", "get"}  # what the waiter calls, nothing more
 
@@ -77,7 +79,16 @@ class _FakeKube(BaseHTTPRequestHandler):
     ([{"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}], False, 1),
     ([{"jobStatus": "STOPPED"}], False, 1),
     ([{"jobStatus": "RUNNING"}, {"jobStatus": "SUCCEEDED"}], True, 0),  # a retried pod attaches to the night's job
-], ids=["succeeded", "failed", "deployment-failed", "stopped", "attach"])
+    # KubeRay retries a failed attempt on a fresh cluster (backoffLimit): jobStatus stays FAILED
+    # while jobDeploymentStatus is Retrying, then the same RayJob starts over (same run id: resumes).
+    ([{"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
+      {"jobStatus": "FAILED", "jobDeploymentStatus": "Running"},  # K8sJobMode: Ray job done, submitter not yet
+      {"jobStatus": "FAILED", "jobDeploymentStatus": "Retrying"},
+      {"jobDeploymentStatus": "Initializing"}, {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
+      {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}], False, 0),
+    ([{"jobStatus": "FAILED", "jobDeploymentStatus": "Retrying"},
+      {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "message": "retries used up"}], False, 1),
+], ids=["succeeded", "failed", "deployment-failed", "stopped", "attach", "retried", "retries-used-up"])
 def test_waiter_exits_with_the_rayjobs_outcome(tmp_path: Path, statuses: list[dict], exists: bool, rc: int) -> None:
     docs = _docs()
     script = tmp_path / "wait-rayjob.py"

@@ -453,7 +453,9 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         log.info("run %s: continuing, the table holds %d of its rows (%d commits); those are kept", run_id, state.rows,
                  state.part)
     ensure_ray(cfg.no_progress_timeout_s)
-    version = int(writer.table_version)
+    # The table version the run's skip sets are read at; None when there is nothing
+    # to skip (a new run, no --incremental): the listing task then never opens the table.
+    version = int(writer.table_version) if cfg.incremental or state.rows else None
     t0 = time.time()
     plan = _plan(cfg, one_page, version, meta["version"], run_id)
     log.info("run %s (dt %s): scoring %s with model %s (version %s)%s", run_id, writer.dt, storage.redact(source),
@@ -499,7 +501,7 @@ def _final_counts(actor: Any) -> Counts:
     return counts
 
 
-def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, version: int,
+def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, version: int | None,
                 writer: table.RunWriter) -> int:
     """Stream the plan's objects through the scoring actors into ``writer``; returns rows added."""
     import ray
