@@ -69,7 +69,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
         print("\n== train (Ray Train, 2 workers)", flush=True)
         meta = train(TrainConfig(data=data_uri, out=model_uri, workers=2, epochs=epochs))
-        print("\n== score night 1 (Ray Data: model actors that read and decode -> one Delta commit)", flush=True)
+        print("\n== score night 1 (Ray Data: model actors that read and decode -> Delta commits in parts)", flush=True)
         log_file = os.path.join(workdir, "score-demo.log")
         manifest = score(ScoreConfig(model=model_uri, input=score_input, output=table_uri, run_id="night-1",
                                      incremental=True, log_file=log_file))
