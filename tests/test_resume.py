@@ -144,4 +144,5 @@ def test_a_model_changed_under_a_run_commits_none_of_its_rows(ray_session: None,
                           commit_every=10, log_file=str(tmp_path / "s.log")))
     assert "0123456789abcdef" in str(err.value)
     assert _committed(table, "pinned") == 0
-    assert run_sql(table, "SELECT status FROM runs WHERE run_id = 'pinned'").to_pylist() == [{"status": "failed"}]
+    # It committed nothing, so it records nothing (a marker could fence a healthy writer of the id).
+    assert run_sql(table, "SELECT status FROM runs WHERE run_id = 'pinned'").to_pylist() == []

@@ -162,13 +162,22 @@ def test_parts_resume_date_and_run_status(tmp_path: Path) -> None:
     w3.add(batch.slice(0, 3))
     w3.finish()
     assert run_sql(table, "SELECT dt, count(*) AS n FROM scores GROUP BY 1").to_pylist() == [{"dt": "2026-11-30", "n": 3}]
-    # A failure is recorded, without the uncommitted rows.
-    w4 = RunWriter(table, "f", started, ["ants", "bees"], model_version="v1")
-    w4.add(batch.slice(0, 4))
+    # A failure after a part is recorded, without the uncommitted rows.
+    w4 = RunWriter(table, "f", started, ["ants", "bees"], model_version="v1", commit_every=2)
+    w4.add(batch.slice(0, 3))
     w4.fail("RuntimeError: boom")
     runs = {r["run_id"]: r for r in run_sql(table, "SELECT * FROM runs").to_pylist()}
-    assert (runs["f"]["status"], runs["f"]["rows"], runs["n"]["status"], runs["n"]["parts"]) == ("failed", 0, "complete", 1)
-    assert "boom" in runs["f"]["failure"] and _count(table, "run_id = 'f'") == 0
+    assert (runs["f"]["status"], runs["f"]["rows"], runs["n"]["status"], runs["n"]["parts"]) == ("failed", 2, "complete", 1)
+    assert "boom" in runs["f"]["failure"] and _count(table, "run_id = 'f'") == 2
+    # A second writer of a running night that fails before committing anything
+    # writes no marker: the first one's next part still commits.
+    a = RunWriter(table, "g", started, ["ants", "bees"], model_version="v1", commit_every=2)
+    a.add(batch.slice(0, 3))  # part 1 committed, 1 row pending
+    b = RunWriter(table, "g", started, ["ants", "bees"], model_version="v1")
+    assert b.begin().part == 1
+    b.fail("KeyboardInterrupt")
+    a.add(batch.slice(3, 1))
+    assert a.finish()["rows"] == 4 and _count(table, "run_id = 'g'") == 4
 
 
 def test_latest_view_one_row_per_uri_and_model_version(tmp_path: Path) -> None:

@@ -62,8 +62,8 @@ class ScoreConfig:
             raise DragonsError("--commit-every and --commit-interval must be >= 0 (0 = no limit of that kind)")
         if self.date:
             try:
-                date.fromisoformat(self.date)
+                ok = date.fromisoformat(self.date).isoformat() == self.date  # not 2026-W48-1 or 20261129
             except ValueError:
-                raise DragonsError(f"--date {self.date!r} is not a date: give YYYY-MM-DD (e.g. 2026-11-29)") from None
-            if len(self.date) != 10:
-                raise DragonsError(f"--date {self.date!r}: give YYYY-MM-DD (e.g. 2026-11-29)")
+                ok = False
+            if not ok:
+                raise DragonsError(f"--date {self.date!r} is not a date: give YYYY-MM-DD (e.g. 2026-11-29)")

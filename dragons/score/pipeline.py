@@ -22,14 +22,15 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dragons import artifact, storage
 from dragons.score import listing, table
+from dragons.score.source import (LISTING_CPU, LISTING_MEMORY, LISTING_YIELD_ROWS, STREAM_BLOCK_BYTES, Counts,
+                                   CountsActor, listing_pages, listing_source, todo_blocks)
 from dragons.data import DecodeBatch
 from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
@@ -47,13 +48,6 @@ PASSTHROUGH = ("etag", "size", "last_modified")
 # Rows per block once the input is longer than a page (and the most for shorter
 # ones): a block is one actor call; a decoded block (300 KB an image) stays small.
 STREAM_BLOCK_ROWS = 256
-# The listing read task yields this many rows at a time; Ray Data merges them
-# into blocks of STREAM_BLOCK_BYTES (~200-250 listed objects, ~130 bytes each).
-LISTING_YIELD_ROWS = 64
-STREAM_BLOCK_BYTES = 32 * 1024
-# CPU the listing read task asks for: it waits on LIST calls, and must never
-# starve the scoring actors of a whole CPU on a small cluster.
-LISTING_CPU = 0.1
 
 
 class Scorer:
@@ -139,151 +133,6 @@ def check_pinned(uri: str, version: str, classes: list[str], want_version: str, 
                            f"{want_version} (classes {want_classes}) but a scoring actor loaded version {version} "
                            f"(classes {list(classes)}); none of its rows is committed. Run the same command again "
                            "(with --replace to rescore the whole run with the new model)")
-
-
-def _manifest_pages(uri: str, page_rows: int) -> Iterator[pa.Table]:
-    """A --manifest's URIs, read in batches (CSV or Parquet): never the whole file in memory."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(uri)
-    shown = storage.redact(uri)
-    try:
-        if uri.endswith(".parquet"):
-            f: Any = pq.ParquetFile(fs.open_input_file(path))
-            if "uri" not in f.schema_arrow.names:
-                raise DragonsError(f"--manifest {shown} has no 'uri' column (columns: {f.schema_arrow.names})")
-            batches: Iterator[pa.RecordBatch] = f.iter_batches(batch_size=page_rows, columns=["uri"])
-        else:
-            f = pcsv.open_csv(fs.open_input_stream(path), read_options=pcsv.ReadOptions(block_size=1 << 20),
-                              convert_options=pcsv.ConvertOptions(column_types={"uri": pa.string()}))
-            if "uri" not in f.schema.names:
-                raise DragonsError(f"--manifest {shown} has no 'uri' column (columns: {f.schema.names})")
-            batches = iter(f)
-        dropped = 0
-        for batch in batches:
-            col = batch.column(batch.schema.get_field_index("uri")).cast(pa.string())
-            keep = pc.and_(pc.is_valid(col), pc.not_equal(pc.utf8_length(pc.fill_null(col, "")), 0))
-            uris = col.filter(keep)
-            dropped += len(col) - len(uris)
-            for start in range(0, len(uris), page_rows):
-                yield listing.from_uris(uris.slice(start, page_rows))
-    except DragonsError:
-        raise
-    except (OSError, pa.ArrowInvalid, KeyError) as exc:
-        if not storage.exists(uri):
-            raise DragonsError(f"--manifest {shown} does not exist: check the path") from None
-        raise DragonsError(f"--manifest {shown} is not a readable Parquet/CSV file with a 'uri' column: "
-                           f"{storage.redact(str(exc))[:200]}") from None
-    if dropped:  # nothing to name a row by: say so rather than drop them silently
-        log.warning("--manifest %s: %d rows have an empty or null uri and are left out", shown, dropped)
-
-
-def listing_pages(cfg: ScoreConfig) -> Iterator[pa.Table]:
-    """The objects to score, one Arrow page at a time (never one Python list)."""
-    if cfg.manifest:
-        yield from _manifest_pages(cfg.manifest, listing.PAGE_ROWS)
-        return
-    if not cfg.input:
-        raise DragonsError("give --input (a prefix to score) or --manifest (a file of URIs)")
-    yield from listing.iter_listing(cfg.input)
-
-
-@dataclass
-class Counts:
-    """What the listing found: listed = kept (this run holds them) + skipped (unchanged) + to_score."""
-
-    listed: int = 0
-    kept: int = 0
-    skipped: int = 0
-    to_score: int = 0
-    pages: int = 0
-    done: bool = False
-    done_at: float = 0.0  # time.time() when the listing ended (for the run's timings)
-
-    def add(self, listed: int, kept: int, skipped: int, to_score: int) -> None:
-        self.listed += listed
-        self.kept += kept
-        self.skipped += skipped
-        self.to_score += to_score
-        self.pages += 1
-
-
-class _CountsActor:
-    """Holds the listing's counts for a driver whose listing runs in a Ray read task.
-
-    Pages are reported by index, so a retried read task (which lists again from
-    the start) does not count a page twice."""
-
-    def __init__(self) -> None:
-        self.pages: dict[int, tuple[int, int, int, int]] = {}
-        self.done = False
-        self.done_at = 0.0
-
-    def report(self, page: int, listed: int, kept: int, skipped: int, to_score: int) -> None:
-        self.pages[page] = (listed, kept, skipped, to_score)
-
-    def finish(self) -> None:
-        if not self.done:
-            self.done, self.done_at = True, time.time()
-
-    def counts(self) -> Counts:
-        c = Counts()
-        for v in self.pages.values():
-            c.add(*v)
-        c.done, c.done_at = self.done, self.done_at
-        return c
-
-
-def todo_blocks(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, rows_per_block: int,
-                report: Any) -> Iterator[pa.Table]:
-    """List, drop what the run skips, and cut what is left into blocks of ``rows_per_block``.
-
-    Deterministic for a given table ``version`` (the skip sets are read as of
-    it), so a retried read task yields the same blocks in the same order.
-    ``report(page, listed, kept, skipped, to_score)`` is called once per page."""
-    from dragons.score.incremental import load_skips
-
-    skips = load_skips(cfg.output, version, model_version, run_id, cfg.incremental, cfg.retry_errors)
-    try:
-        for i, page in enumerate(listing_pages(cfg)):
-            todo, kept, skipped = skips.split(page)
-            report(i, page.num_rows, kept, skipped, todo.num_rows)
-            for start in range(0, todo.num_rows, rows_per_block):
-                # take copies: a block must not pin its whole page in the object store
-                yield todo.take(pa.array(range(start, min(start + rows_per_block, todo.num_rows))))
-    finally:
-        skips.close()
-
-
-def listing_source(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, rows_per_block: int,
-                   counts: Any) -> Any:
-    """A Ray Data datasource of one read task that streams ``todo_blocks``: the
-    first blocks reach the scoring actors while the listing goes on (10M S3 keys
-    are ~10,000 sequential LIST calls: the GPUs must not wait for all of them)."""
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    args = (cfg, version, model_version, run_id, rows_per_block)
-
-    def read() -> Iterator[pa.Table]:
-        import ray
-
-        def report(*page: int) -> None:
-            counts.report.remote(*page)
-
-        yield from todo_blocks(*args, report=report)
-        ray.get(counts.finish.remote())
-
-    class ListingSource(Datasource):
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context: Any = None) -> list[ReadTask]:
-            return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None))]
-
-    return ListingSource()
 
 
 def size_actors(requested: int, cpus: float, gpus: int) -> tuple[int, float, int, int]:
@@ -429,7 +278,11 @@ def _plan(cfg: ScoreConfig, one_page: bool, version: int | None, model_version: 
     if not one_page:
         import ray
 
-        actor = ray.remote(num_cpus=0)(_CountsActor).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Beside the driver: a lost worker node must not take the run's counts with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        actor = ray.remote(num_cpus=0)(CountsActor).options(scheduling_strategy=here).remote()
         return _Plan(blocks=None, counts=None, counts_actor=actor)
     counts = Counts()
     blocks = list(todo_blocks(cfg, version, model_version, run_id, listing.PAGE_ROWS, report=lambda _, *c: counts.add(*c)))
@@ -494,7 +347,11 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
 def _final_counts(actor: Any) -> Counts:
     import ray
 
-    counts: Counts = ray.get(actor.counts.remote())
+    try:
+        counts: Counts = ray.get(actor.counts.remote())
+    except ray.exceptions.RayError as exc:
+        raise DragonsError(f"the listing's counts were lost ({type(exc).__name__}); the committed parts are kept: "
+                           "run the same command again to continue") from None
     if not counts.done:
         raise DragonsError("the listing ended before its last page (its read task failed); the committed parts are "
                            "kept: run the same command again to continue")
@@ -528,8 +385,11 @@ def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan
 
         ds = ray.data.read_datasource(
             listing_source(cfg, version, meta["version"], run_id, LISTING_YIELD_ROWS, plan.counts_actor),
-            override_num_blocks=1, num_cpus=LISTING_CPU,
-            ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)})
+            override_num_blocks=1, num_cpus=LISTING_CPU, memory=LISTING_MEMORY,
+            # No retry: a listing replayed after objects changed under the prefix could shift
+            # its blocks (one object twice, another never). A failed listing fails the run;
+            # running it again resumes from what its parts hold.
+            ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True), "max_retries": 0})
         # A read task merges what it yields into blocks of this many bytes before
         # any leaves it (128 MiB by default: ~850k listed objects, the GPUs idle
         # meanwhile). Small blocks leave it every LISTING_YIELD_ROWS * a few rows.

@@ -172,6 +172,9 @@ def run_state(dt: Any, run_id: str) -> RunState:
         con.register("scores", dt.to_pyarrow_dataset())
         n, errors, date = con.execute("SELECT count(*), count(error), min(dt) FROM scores WHERE run_id = $r",
                                       {"r": run_id}).fetchone()
+    except duckdb.Error as exc:
+        raise DragonsError(f"cannot read what the table holds of run {run_id}: "
+                           f"{storage.redact(str(exc).splitlines()[0])[:300]}") from None
     finally:
         con.close()
     return RunState(part=int(part), rows=int(n or 0), errors=int(errors or 0), date=date)
@@ -258,12 +261,12 @@ class RunWriter:
         meta = self._meta(REPLACED, part)
         from deltalake.exceptions import CommitFailedError
 
-        try:
-            with storage.delta_errors(self.uri, "write"):
+        with storage.delta_errors(self.uri, "write"):
+            try:
                 self._dt.delete(predicate=f"run_id = '{self.run_id}'", commit_properties=CommitProperties(
                     custom_metadata=meta, app_transactions=[Transaction(app_id(self.run_id), part)]))
-        except CommitFailedError as exc:
-            raise _commit_error(self.uri, self.run_id, exc) from None
+            except CommitFailedError as exc:
+                raise _commit_error(self.uri, self.run_id, exc) from None
         self._part = part
 
     # -- rows
@@ -346,9 +349,13 @@ class RunWriter:
 
     def fail(self, reason: str) -> None:
         """Best effort: a ``failed`` commit (no rows: the uncommitted part is dropped)
-        so the runs view says why the run stopped. Never raises."""
+        so the runs view says why the run stopped, when this writer has committed
+        parts. Never raises."""
         self.discard()
-        if self._dt is None:
+        # Only a writer that has committed parts records the failure: one that never
+        # committed may be a second attempt beside a healthy one, whose next part
+        # its marker would fence. Its error is on the terminal and in the log.
+        if self._dt is None or self.parts == 0:
             return
         try:
             self._commit(FAILED, {"failure": storage.redact(reason)[:500]})
@@ -406,6 +413,10 @@ class RunWriter:
                     target_file_size=self.target_file_size, commit_properties=props)
                 return int(self._dt.version())
             except CommitFailedError as exc:
+                landed = _landed(self.uri, attempt)  # our own earlier try may be the commit we lost to
+                if landed is not None:
+                    self._dt = landed[1]
+                    return landed[0]
                 raise _commit_error(self.uri, self.run_id, exc) from None
             except BaseException as exc:  # S3 trouble: OSError, delta-rs' own error types, a Rust panic
                 if not storage.is_delta_failure(exc):
@@ -504,6 +515,8 @@ def run_history(root: str, limit: int | None = None) -> list[dict[str, Any]]:
 # A run whose last commit is a part is "running" while parts keep coming (within
 # this many commit intervals of now), else "partial": stopped, resumable.
 RUNNING_INTERVALS = 3.0
+# ... and, for runs committed by row count alone (no interval), within this many seconds.
+NO_INTERVAL_RUNNING_S = 900.0
 
 
 def runs_summary(commits: list[dict[str, Any]], now: datetime | None = None) -> list[dict[str, Any]]:
@@ -533,12 +546,12 @@ def runs_summary(commits: list[dict[str, Any]], now: datetime | None = None) -> 
         if c.get("started_at"):
             r.setdefault("started_at", c["started_at"])
         interval = float(c.get("commit_interval_s") or 0)
-        r["_stale_after"] = RUNNING_INTERVALS * interval if interval else 0.0
+        r["_stale_after"] = RUNNING_INTERVALS * interval if interval else NO_INTERVAL_RUNNING_S
     out = []
     for r in runs.values():
         if r["status"] in (PART, REPLACED):
             age = (now - datetime.fromisoformat(r["committed_at"])).total_seconds()
-            r["status"] = "running" if r["_stale_after"] and age <= r["_stale_after"] else "partial"
+            r["status"] = "running" if age <= r["_stale_after"] else "partial"
         r.pop("_stale_after")
         out.append(r)
     return sorted(out, key=lambda r: r["first_version"])
