@@ -93,7 +93,7 @@ def load_skips(table_root: str, version: int | None, model_version: str, run_id:
     from dragons.score.query import QueryLimits, connect
 
     uri = table_root
-    con: Any = connect(table_root, as_of=version, limits=QueryLimits(timeout_s=0))
+    con: Any = connect(table_root, as_of=version, limits=QueryLimits(timeout_s=0), commit_log=False)
     try:
         try:
             done = con.execute(f"SELECT {_URI_HASH} AS h FROM scores WHERE run_id = $r", {"r": run_id}).fetchnumpy()["h"]

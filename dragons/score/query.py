@@ -104,8 +104,11 @@ def _log_tables(root: str) -> tuple[pa.Table, pa.Table]:
     return table(commits, COMMIT_COLUMNS), table(runs, RUN_COLUMNS)
 
 
-def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits | None = None) -> Any:
-    """A locked-down DuckDB connection with the views ``scores``, ``latest`` and ``runs``."""
+def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits | None = None,
+            commit_log: bool = True) -> Any:
+    """A locked-down DuckDB connection with the views ``scores``, ``latest``, and
+    with ``commit_log`` ``runs`` and ``commits`` (they read the whole Delta log:
+    callers that only scan rows, like a run's skip sets, leave them out)."""
     import duckdb
 
     from dragons.score.table import open_table
@@ -116,13 +119,14 @@ def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits 
     with storage.delta_errors(root, "read"):
         dt = open_table(root, as_of)
         data = dt.to_pyarrow_dataset()
-        commits, runs = _log_tables(root)
+        commits, runs = _log_tables(root) if commit_log else (None, None)
     con = duckdb.connect(":memory:", config={"threads": max(1, int(limits.threads)), "memory_limit": limits.memory_limit})
     try:
         con.register("scores", data)
         con.execute(LATEST_SQL)
-        con.register("runs", runs)
-        con.register("commits", commits)
+        if commit_log:
+            con.register("runs", runs)
+            con.register("commits", commits)
         # No COPY ... TO, no reading or writing other files, no extensions from a query.
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
