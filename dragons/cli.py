@@ -31,6 +31,7 @@ TRAIN_RECIPE = ("arch", "weights", "image_size", "crop_pct", "batch_size", "prec
 def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
     from dragons.models.registry import list_archs
     from dragons.preprocess import AUGMENT_PRESETS
+    from dragons.capacity import USE_GPU_CHOICES
     from dragons.train.config import TrainConfig
 
     p = Parser(prog=prog, description="Fine-tune a pretrained CNN on an image folder with Ray Train.")
@@ -42,7 +43,8 @@ def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
     add_config_args(p.add_argument_group("data and output"), TrainConfig, only=TRAIN_IO, required=("data", "out"), helps=helps)
     add_config_args(p.add_argument_group("model and recipe"), TrainConfig, only=TRAIN_RECIPE, helps=helps)
     add_config_args(p.add_argument_group("cluster, faults and logs"), TrainConfig,
-                    skip={*TRAIN_IO, *TRAIN_RECIPE, "lr_find_only"})
+                    skip={*TRAIN_IO, *TRAIN_RECIPE, "lr_find_only"}, flags={"gpu_wait_s": "--gpu-wait"},
+                    choices={"use_gpu": USE_GPU_CHOICES})
     return p
 
 def get_lr_find_parser(prog: str = "dragons lr-find") -> argparse.ArgumentParser:

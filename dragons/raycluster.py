@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import ray
 
+from dragons.capacity import CPUS_PER_GPU, Span
+
 # Ray Train's print patch echoes every worker print twice; plain stdout is enough.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
@@ -239,8 +241,10 @@ def decode_beside_model(choice: str, beside: str, gpu: bool) -> bool:
 def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:
     """(workers, CPUs per worker, use_gpu) for Ray Train.
 
-    GPUs: one worker per GPU. CPU only: as many workers as whole CPUs, each
-    asking for a fraction so that ``DATA_CPU_SHARE`` of the CPUs stay free.
+    GPUs: one worker per GPU, each with ``CPUS_PER_GPU`` CPUs (what a GPU node
+    of an autoscaling group fits; its other CPUs decode). CPU only: as many
+    workers as whole CPUs, each asking for a fraction so that ``DATA_CPU_SHARE``
+    of the CPUs stay free.
     """
     from dragons.errors import DragonsError
 
@@ -248,8 +252,7 @@ def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:
         n = requested or res.gpus
         if n > res.gpus:
             raise DragonsError(f"--workers {n} asks for more GPUs than the cluster has ({res.gpus})")
-        cpu = max(0.5, min(4.0, (res.cpus * (1 - DATA_CPU_SHARE)) / n))
-        return n, cpu, True
+        return n, CPUS_PER_GPU, True
     usable = res.cpus * (1 - DATA_CPU_SHARE)
     n = requested or max(1, int(res.cpus))
     if n > max(1, int(res.cpus)):
@@ -257,3 +260,29 @@ def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:
             f"--workers {n} does not fit: the cluster has {res.cpus:g} CPUs and no GPU; use --workers {max(1, int(res.cpus))} or fewer"
         )
     return n, round(usable / n, 3), False
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A scoring actor pool: between ``lo`` and ``hi`` actors, each with these resources."""
+
+    lo: int
+    hi: int
+    cpu: float
+    gpu: int
+    threads: int  # torch threads per actor
+
+    def at_most(self, n: int) -> Pool:
+        """The same pool for a run with work for only ``n`` actors."""
+        n = max(1, n)
+        return Pool(min(self.lo, n), min(self.hi, n), self.cpu, self.gpu, self.threads) if n < self.hi else self
+
+
+def size_actors(want: Span, cpus: float, gpus: int) -> Pool:
+    """The scoring pool: with ``gpus`` (granted), one actor per GPU up to ``want.hi``;
+    on CPUs as many actors as whole CPUs (or ``want``), sharing 1 - DATA_CPU_SHARE of them."""
+    if gpus > 0:
+        hi = want.hi or gpus
+        return Pool(min(want.lo or hi, gpus), hi, CPUS_PER_GPU, 1, 4)
+    hi = want.hi or max(1, int(cpus))
+    return Pool(want.lo or hi, hi, round(cpus * (1 - DATA_CPU_SHARE) / hi, 3), 0, max(1, int(round(cpus / hi))))

@@ -184,3 +184,83 @@ def test_the_model_processes_decode_on_cpus_and_leave_it_to_cpu_decoders_beside_
     assert decode_beside_model("auto", "workers", gpu=False) and not decode_beside_model("auto", "workers", gpu=True)
     assert decode_beside_model("actors", "actors", gpu=True)  # forced: the scoring actors decode on a GPU cluster too
     assert not decode_beside_model("tasks", "actors", gpu=False) and not decode_beside_model("ray-data", "workers", gpu=False)
+
+
+# ----- asking the autoscaler for GPUs (dragons.capacity) ---------------------------
+def test_actor_spans_parse_with_clear_errors():
+    from dragons.capacity import Span, parse_span
+
+    assert parse_span(0, "--actors") == Span(0, 0) and parse_span("", "--actors").auto
+    assert parse_span(3, "--actors") == Span(3, 3) and parse_span("1:4", "--actors") == Span(1, 4)
+    for bad in ("4:1", "0:2", "two", "1:x", "-1"):
+        with pytest.raises(DragonsError, match="--actors"):
+            parse_span(bad, "--actors")
+
+
+def test_actor_pools_size_from_the_granted_gpus():
+    from dragons.capacity import Span
+    from dragons.raycluster import size_actors
+
+    gpu = size_actors(Span(1, 4), cpus=2.0, gpus=1)  # 1 GPU up, 4 asked for: the pool grows as nodes come
+    assert (gpu.lo, gpu.hi, gpu.gpu, gpu.cpu) == (1, 4, 1, 1.0)
+    cpu = size_actors(Span(0, 0), cpus=2.0, gpus=0)
+    assert (cpu.lo, cpu.hi, cpu.gpu) == (2, 2, 0) and cpu.hi * cpu.cpu <= 2.0 * (1 - DATA_CPU_SHARE) + 1e-9
+    assert cpu.at_most(1).hi == 1 and cpu.at_most(5) == cpu
+
+
+class FakeAutoscaler:
+    """Stands in for the cluster: how many GPUs are up at each poll, what the autoscaler launches."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, kind: str | None, gpus: list[int], pending: int = 0,
+                 cuda: bool = True) -> None:
+        import ray.autoscaler.sdk
+
+        from dragons import capacity
+
+        self.requests: list[list[dict]] = []
+        self.gpus = list(gpus)
+        monkeypatch.setattr(capacity, "autoscaler_kind", lambda: kind)
+        monkeypatch.setattr(capacity, "_gpus", lambda: self.gpus.pop(0) if len(self.gpus) > 1 else self.gpus[0])
+        monkeypatch.setattr(capacity, "pending_launches", lambda k: pending)
+        monkeypatch.setattr(capacity, "cuda_on_gpu_nodes", lambda: cuda)
+        monkeypatch.setattr(capacity, "LAUNCH_GRACE_S", 0.3)
+        monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: self.requests.append(bundles))
+
+
+def test_gpu_request_waits_for_nodes_then_withdraws_the_request(monkeypatch: pytest.MonkeyPatch):
+    from dragons.capacity import GpuRequest, Span
+
+    fake = FakeAutoscaler(monkeypatch, "v1", gpus=[0, 0, 0, 1], pending=1, cuda=False)
+    said: list[str] = []
+    with GpuRequest("scoring actor", "auto", Span(1, 2), wait_s=30, progress_s=0, say=said.append, sleep_s=0.01) as grant:
+        assert (grant.gpus, grant.cuda, grant.requested) == (1, False, 2)
+        assert fake.requests == [[{"GPU": 1, "CPU": 1.0}] * 2]
+    assert fake.requests[-1] == []  # withdrawn: the autoscaler may remove the idle nodes
+    text = "\n".join(said)
+    assert "requested 2 GPU node(s)" in text and "waiting for 1 GPU node(s) (0/1 up, 0 s)" in text
+    assert "no CUDA device" in text and "released the request for 2 GPU node(s)" in text
+
+
+def test_gpu_request_falls_back_to_cpus_or_refuses(monkeypatch: pytest.MonkeyPatch):
+    from dragons.capacity import GpuRequest, Span
+
+    # An autoscaler that launches nothing (no GPU worker group): auto runs on CPUs after the grace period...
+    fake = FakeAutoscaler(monkeypatch, "v1", gpus=[0], pending=0)
+    said: list[str] = []
+    assert GpuRequest("training worker", "auto", Span(0, 0), progress_s=60, say=said.append, sleep_s=0.01).acquire().gpus == 0
+    assert fake.requests[-1] == [] and "the autoscaler launched no GPU node" in said[-1] and "running on CPUs" in said[-1]
+    # ...yes refuses, naming the flags that help.
+    with pytest.raises(DragonsError, match="--use-gpu yes: .*--gpu-wait"):
+        GpuRequest("training worker", "yes", Span(0, 0), say=said.append, sleep_s=0.01).acquire()
+    # A node that is launching but never comes: bounded by --gpu-wait.
+    FakeAutoscaler(monkeypatch, "v1", gpus=[0], pending=1)
+    grant = GpuRequest("scoring actor", "auto", Span(2, 2), wait_s=0.2, say=said.append, sleep_s=0.01).acquire()
+    assert grant.gpus == 0 and "only 0 of 2 GPU node(s) came" in said[-1]
+    # No autoscaler: GPUs the cluster has are used, none means CPUs (as before) or a clear refusal.
+    FakeAutoscaler(monkeypatch, None, gpus=[2])
+    assert GpuRequest("scoring actor", "auto", Span(0, 0), say=said.append).acquire().gpus == 2
+    FakeAutoscaler(monkeypatch, None, gpus=[0])
+    assert GpuRequest("scoring actor", "auto", Span(0, 0), say=said.append).acquire().gpus == 0
+    assert GpuRequest("scoring actor", "no", Span(0, 0), say=said.append).acquire().gpus == 0
+    with pytest.raises(DragonsError, match="no GPU and no autoscaler"):
+        GpuRequest("scoring actor", "yes", Span(0, 0), say=said.append).acquire()

@@ -126,3 +126,19 @@ def test_cli_unknown_arch_and_missing_bucket(s3: object, tmp_path: Path) -> None
     assert p.returncode == 2 and "--crop-pct must be between 0.3 and 1.0" in p.stderr and "Traceback" not in p.stderr
     p = _cli("predict", "--model", "s3://no-such-bucket/m", "x.jpg")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "no-such-bucket" in p.stderr
+
+
+def test_one_cycle_runs_on_the_tiniest_schedules():
+    """4 steps at pct_start 0.25 gave torch a warm-up phase of zero steps (ZeroDivisionError)."""
+    import torch
+
+    from dragons.train.schedule import one_cycle
+
+    for total in range(1, 13):
+        for pct in (0.25, 0.5, 0.99):
+            opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+            sched = one_cycle(opt, [0.1], total, pct_start=pct)
+            for _ in range(max(2, total) - 1):
+                opt.step()
+                sched.step()
+            assert opt.param_groups[0]["lr"] < 0.1 / 25  # annealed to the end

@@ -13,6 +13,7 @@ FORMATS = ["table", "csv", "json"]  # dragons query / table output; the first is
 
 
 def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
+    from dragons.capacity import USE_GPU_CHOICES
     from dragons.score.config import DECODE_CHOICES, ScoreConfig
 
     p = Parser(prog=prog, description="Score every image under a prefix into a Delta Lake table of class probabilities "
@@ -21,8 +22,9 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
                     only=("model", "input", "manifest", "output", "run_id", "date", "replace", "incremental",
                           "retry_errors", "dry_run"), required=("model", "output"))
     add_config_args(p.add_argument_group("resources and limits"), ScoreConfig,
-                    only=("batch_size", "actors", "decode", "tta", "max_error_rate", "max_pixels", "max_bytes",
-                          "no_progress_timeout_s"), choices={"decode": DECODE_CHOICES})
+                    only=("batch_size", "actors", "use_gpu", "gpu_wait_s", "decode", "tta", "max_error_rate",
+                          "max_pixels", "max_bytes", "no_progress_timeout_s"),
+                    choices={"decode": DECODE_CHOICES, "use_gpu": USE_GPU_CHOICES}, flags={"gpu_wait_s": "--gpu-wait"})
     add_config_args(p.add_argument_group("table files and logs"), ScoreConfig,
                     only=("commit_every", "commit_interval_s", "file_size_mb", "spool_dir", "progress_s", "log_file"),
                     flags={"commit_interval_s": "--commit-interval"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dragons.capacity import GPU_WAIT_S, USE_GPU_CHOICES, parse_span
 from dragons.errors import DragonsError
 
 from dragons.decode import DEFAULT_MAX_BYTES
@@ -24,7 +25,9 @@ class ScoreConfig:
     replace: bool = False  # rescore the run id from scratch: its first commit deletes the run's earlier rows
     date: str = ""  # the run's logical date (its rows' dt, YYYY-MM-DD); "" = kept from the run's first start
     batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
-    actors: int = 0  # scoring actors; 0 = one per GPU, else as many as the CPUs fit
+    actors: str = "0"  # scoring actors: N, or MIN:MAX (a pool that grows as GPU nodes arrive); 0 = one per GPU, else as many as the CPUs fit
+    use_gpu: str = USE_GPU_CHOICES[0]  # auto = GPUs the cluster has or its autoscaler adds (waiting --gpu-wait), else CPUs; yes = fail without GPUs; no = CPUs only
+    gpu_wait_s: float = GPU_WAIT_S  # seconds to wait for the first GPU nodes of an autoscaling cluster before giving up on them
     tta: int = 0  # test-time augmentation views (0 = off)
     decode: str = DECODE_CHOICES[0]  # auto = in the scoring actors on CPU clusters, in CPU tasks where actors have GPUs
     max_error_rate: float = 1.0  # exit non-zero when errors / objects scored this run exceeds this
@@ -51,6 +54,11 @@ class ScoreConfig:
             raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
         if self.decode not in DECODE_CHOICES:
             raise DragonsError(f"--decode {self.decode!r} is not one of: {', '.join(DECODE_CHOICES)}")
+        parse_span(self.actors, "--actors")
+        if self.use_gpu not in USE_GPU_CHOICES:
+            raise DragonsError(f"--use-gpu {self.use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
+        if self.gpu_wait_s < 0:
+            raise DragonsError("--gpu-wait must be >= 0 (seconds)")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise DragonsError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
         if self.incremental and self.manifest:

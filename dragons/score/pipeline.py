@@ -35,7 +35,9 @@ from dragons.data import DecodeBatch
 from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
 from dragons.score.config import ScoreConfig
-from dragons.raycluster import DATA_CPU_SHARE, VERBOSE_ENV, cluster, decode_beside_model, driver_stderr_to_log, ensure_ray, ray_output
+from dragons.capacity import CPUS_PER_GPU, Grant, GpuRequest, Span, parse_span
+from dragons.raycluster import (DATA_CPU_SHARE, VERBOSE_ENV, Pool, cluster, decode_beside_model, driver_stderr_to_log,
+                                ensure_ray, ray_output, size_actors)
 
 log = logging.getLogger("dragons.score")
 # Lines an operator may want but a person watching a run need not read: always in
@@ -133,16 +135,6 @@ def check_pinned(uri: str, version: str, classes: list[str], want_version: str, 
                            f"{want_version} (classes {want_classes}) but a scoring actor loaded version {version} "
                            f"(classes {list(classes)}); none of its rows is committed. Run the same command again "
                            "(with --replace to rescore the whole run with the new model)")
-
-
-def size_actors(requested: int, cpus: float, gpus: int) -> tuple[int, float, int, int]:
-    """(actors, CPUs per actor, GPUs per actor, torch threads) from the cluster's resources."""
-    if gpus > 0:
-        n = requested or gpus
-        return n, 1.0, 1, 4
-    n = requested or max(1, int(cpus))
-    cpu = round(cpus * (1 - DATA_CPU_SHARE) / n, 3)
-    return n, cpu, 0, max(1, int(round(cpus / n)))
 
 
 class _Progress:
@@ -361,21 +353,31 @@ def _final_counts(actor: Any) -> Counts:
 def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, version: int | None,
                 writer: table.RunWriter) -> int:
     """Stream the plan's objects through the scoring actors into ``writer``; returns rows added."""
+    if plan.counts is not None and plan.counts.to_score == 0:
+        return 0
+    # GPUs: those the cluster has, or asks its autoscaler for (and waits, bounded);
+    # the request is withdrawn when scoring ends, so idle nodes go back.
+    want = parse_span(cfg.actors, "--actors")
+    with GpuRequest("scoring actor", cfg.use_gpu, want, cfg.gpu_wait_s, max(cfg.progress_s, 10.0), say=log.info) as grant:
+        return _stream(cfg, run_id, meta, plan, version, writer, want, grant)
+
+
+def _stream(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, version: int | None,
+            writer: table.RunWriter, want: Span, grant: Grant) -> int:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    if plan.counts is not None and plan.counts.to_score == 0:
-        return 0
     res = cluster()
-    actors, actor_cpu, actor_gpu, threads = size_actors(cfg.actors, res.cpus, res.gpus)
+    pool = size_actors(want, res.cpus, grant.gpus)
+    if grant.gpus and not grant.cuda:  # a GPU resource without CUDA: the model runs on the node's CPU
+        pool = Pool(pool.lo, pool.hi, pool.cpu, pool.gpu, max(1, int(CPUS_PER_GPU)))
     if plan.counts is not None:
         # Small blocks stream: results (and progress) arrive block by block, and a
         # decoded block (300 KB an image) stays small.
         n = plan.counts.to_score
-        rows_per_block = min(STREAM_BLOCK_ROWS, max(cfg.batch_size, math.ceil(n / (8 * actors))))
-        if math.ceil(n / rows_per_block) < actors:  # a handful of images: no idle actors to start
-            actors, actor_cpu, actor_gpu, threads = size_actors(math.ceil(n / rows_per_block), res.cpus, res.gpus)
+        rows_per_block = min(STREAM_BLOCK_ROWS, max(cfg.batch_size, math.ceil(n / (8 * pool.hi))))
+        pool = pool.at_most(math.ceil(n / rows_per_block))  # a handful of images: no idle actors to start
         blocks = [b.slice(i, rows_per_block) for b in plan.blocks or [] for i in range(0, b.num_rows, rows_per_block)]
         ds = ray.data.from_arrow(blocks)
     else:
@@ -396,15 +398,17 @@ def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan
         ds.context.target_max_block_size = STREAM_BLOCK_BYTES
     # On CPUs the scoring actors decode too (every 300 KB base square would
     # otherwise cross the object store); GPU actors get CPU decode tasks upstream.
-    fused = decode_beside_model(cfg.decode, "actors", actor_gpu > 0)
-    log.info("%d scoring actor(s) with %g CPU%s each; decoding %s", actors, actor_cpu,
-             " and 1 GPU" if actor_gpu else "", "in the scoring actors" if fused else "in CPU tasks", extra=DETAIL)
+    fused = decode_beside_model(cfg.decode, "actors", pool.gpu > 0)
+    log.info("%s scoring actor(s) with %g CPU%s each; decoding %s",
+             pool.hi if pool.lo == pool.hi else f"{pool.lo} to {pool.hi}", pool.cpu, " and 1 GPU" if pool.gpu else "",
+             "in the scoring actors" if fused else "in CPU tasks", extra=None if pool.gpu else DETAIL)
+    compute = ActorPoolStrategy(min_size=pool.lo, max_size=pool.hi)
     decoder = DecodeBatch(artifact.base_size_of(meta), cfg.max_pixels, max_bytes=cfg.max_bytes)
     pinned = (meta["version"], list(meta["classes"]))
     if fused:
         ds = ds.map_batches(
-            Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads, decoder, cfg.batch_size, pinned), batch_size=None,
-            compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,  # --decode actors on GPUs
+            Scorer, fn_constructor_args=(cfg.model, cfg.tta, pool.threads, decoder, cfg.batch_size, pinned),
+            batch_size=None, compute=compute, num_cpus=pool.cpu, num_gpus=pool.gpu,  # --decode actors on GPUs
         )
     else:
         # Few decode tasks, each overlapping its S3 GETs on threads: every extra
@@ -412,8 +416,8 @@ def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan
         ds = ds.map_batches(decoder, batch_size=cfg.batch_size, num_cpus=DATA_CPU_SHARE,
                             compute=TaskPoolStrategy(size=max(2, int(res.cpus))))
         ds = ds.map_batches(
-            Scorer, fn_constructor_args=(cfg.model, cfg.tta, threads, None, 8, pinned), batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(size=actors), num_cpus=actor_cpu, num_gpus=actor_gpu,
+            Scorer, fn_constructor_args=(cfg.model, cfg.tta, pool.threads, None, 8, pinned), batch_size=cfg.batch_size,
+            compute=compute, num_cpus=pool.cpu, num_gpus=pool.gpu,
         )
     progress = _Progress(cfg.progress_s)
     added = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
+from dragons.capacity import GPU_WAIT_S, USE_GPU_CHOICES
 from dragons.errors import DragonsError
 from dragons.images import DEFAULT_MAX_PIXELS
 
@@ -31,6 +32,8 @@ class TrainConfig:
     image_size: int = 0  # crop fed to the network; 0 = auto: 224 for photos, the data's own resolution below 320 px (recipe.py)
     crop_pct: float = 0.0  # evaluation centre crop as a share of the base square (side image_size / crop_pct); 0 = auto: 0.7 at 224 px (beat 0.875 on held-out splits), 0.875 for small images
     workers: int = 0  # Ray Train workers; 0 = one per GPU, else as many as the CPUs fit
+    use_gpu: str = USE_GPU_CHOICES[0]  # auto = GPUs the cluster has or its autoscaler adds (waiting --gpu-wait), else CPUs; yes = fail without GPUs; no = CPUs only
+    gpu_wait_s: float = GPU_WAIT_S  # seconds to wait for the GPU nodes of an autoscaling cluster (one per worker) before giving up on them
     batch_size: int = 16  # per worker; on CPU small batches are faster per image and give more steps
     precompute: bool = True  # fit the head on body features computed once (the notebook's trick)
     head_epochs: int = 20  # passes over the cached features; each costs milliseconds
@@ -88,6 +91,8 @@ class TrainConfig:
             (self.head_views >= -1, "--head-views must be >= 0 (or auto)"),
             (self.progress_s > 0, "--progress-s must be positive"),
             (self.max_images >= 0, "--max-images must be >= 0"),
+            (self.use_gpu in USE_GPU_CHOICES, f"--use-gpu must be one of: {', '.join(USE_GPU_CHOICES)}"),
+            (self.gpu_wait_s >= 0, "--gpu-wait must be >= 0 (seconds)"),
             (self.decode in DECODE_CHOICES, f"--decode must be one of: {', '.join(DECODE_CHOICES)}"),
         ]
         for ok, msg in checks:

@@ -39,6 +39,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.unresolved():  # run.train resolves every "auto" from the data before the workers start
         raise ValueError(f"TrainConfig fields still 'auto' in a training worker: {cfg.unresolved()}")
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # A GPU resource on a node without CUDA (a fake node, a broken driver):
+        # the driver has said so once; the model runs on this node's CPU.
+        device = torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     worker = Worker(cfg, config["classes"], config.get("class_weights"), device)

@@ -19,7 +19,9 @@ from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.preprocess import base_size_for
-from dragons.raycluster import DATA_CPU_SHARE, cluster, decode_beside_model, embedded, ensure_ray, ray_output, size_workers
+from dragons.capacity import GpuRequest, Grant, span_from_count
+from dragons.raycluster import (DATA_CPU_SHARE, Resources, cluster, decode_beside_model, embedded, ensure_ray,
+                                ray_output, size_workers)
 from dragons.columns import check_classes
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
@@ -167,9 +169,6 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | N
     """Check the images, decide the recipe (or keep ``saved``, a resumed run's:
     :func:`saved_recipe`), run TorchTrainer; returns the last checkpoint's state
     and the resolved configuration."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-
     facts: dict[str, Any] = {}
     t0 = time.perf_counter()
     good, bad, short_side = scan_folder(folder, cfg.max_pixels, cfg.progress_s)
@@ -182,7 +181,25 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | N
     if n_train == 0 or n_valid == 0:
         raise DragonsError(f"{folder.root}: no decodable images left in the {'train' if n_train == 0 else 'valid'} split")
 
-    workers, cpu_per_worker, use_gpu = size_workers(cfg.workers, cluster())
+    # GPUs: those the cluster has, or asks its autoscaler for (one node per worker,
+    # waiting --gpu-wait); the request is withdrawn when training ends.
+    gpus = GpuRequest("training worker", cfg.use_gpu, span_from_count(cfg.workers), cfg.gpu_wait_s,
+                      max(cfg.progress_s, 10.0))
+    grant = gpus.acquire()
+    try:
+        return _fit(cfg, folder, saved, facts, good, n_train, n_valid, short_side, grant)
+    finally:
+        gpus.release()
+
+
+def _fit(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | None, facts: dict[str, Any],
+         good: dict[str, np.ndarray], n_train: int, n_valid: int, short_side: int,
+         grant: Grant) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None, dict[str, Any], TrainConfig]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    workers, cpu_per_worker, use_gpu = size_workers(cfg.workers, Resources(cluster().cpus, grant.gpus))
     if workers > n_train:  # every worker needs a training image: each fits on its own shard
         print(f"{n_train} training image(s): {n_train} worker(s) instead of {workers}", flush=True)
         workers = n_train
@@ -239,6 +256,9 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | N
                            "rows": {"train": ray.put(_rows(folder.train, good["train"])),
                                     "valid": ray.put(_rows(folder.valid, good["valid"]))},
                            "decode_actors": decode_actors},
+        # A GPU resource without CUDA (a fake or broken node): the model runs on the
+        # node's CPU (dragons.train.loop), and NCCL would not start there.
+        torch_config=TorchConfig(backend="nccl" if use_gpu and grant.cuda else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(

@@ -20,8 +20,15 @@ def one_cycle(
     div_final: float = 1e5, start_step: int = 0,
 ) -> torch.optim.lr_scheduler.OneCycleLR:
     """A one-cycle schedule (warm-up then cosine annealing), resumable at ``start_step``."""
+    total = max(2, total_steps)
+    # torch divides by each phase's length in steps (pct_start * total - 1, then the
+    # rest): a phase of length zero (4 steps at 0.25: a tiny data set) divides by zero.
+    if math.isclose(pct_start * total, 1.0):
+        pct_start = 1.5 / total
+    elif math.isclose(pct_start * total, total):
+        pct_start = (total - 0.5) / total
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=max_lrs, total_steps=max(2, total_steps), pct_start=pct_start, div_factor=div,
+        opt, max_lr=max_lrs, total_steps=total, pct_start=pct_start, div_factor=div,
         final_div_factor=div_final / div, anneal_strategy="cos", cycle_momentum=False,
     )
     with warnings.catch_warnings():  # advancing without optimiser steps is intended on resume

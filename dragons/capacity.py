@@ -1,0 +1,254 @@
+"""Asking the cluster for the GPUs a job needs, and waiting for them, bounded.
+
+A nightly GPU cluster idles at zero GPU nodes: GPUs are paid for only while a
+job runs. A snapshot of ``ray.cluster_resources()`` on such a cluster shows no
+GPU, so a job sized from it would run on the head's CPUs and never ask the
+autoscaler for anything. Here a job says what it needs (``--use-gpu``, a count
+or ``MIN:MAX``), asks the autoscaler for that many GPU bundles
+(``ray.autoscaler.sdk.request_resources``), waits for at least MIN of them with
+a progress line, and gives the request back when it ends, so the autoscaler
+can remove the nodes after its idle timeout. The actor pool (or Ray Train's
+worker group) then asks for its GPUs like any Ray task and uses the nodes as
+they arrive.
+
+Without an autoscaler nothing is requested: GPUs the cluster has are used, and
+a cluster without any runs on CPUs (``--use-gpu yes`` refuses instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from dragons.errors import DragonsError
+
+log = logging.getLogger("dragons")
+
+# --use-gpu; the first is the default.
+USE_GPU_CHOICES = ["auto", "yes", "no"]
+# How long a job waits for its first GPU nodes before it gives up (auto: runs on
+# CPUs; yes: fails). Cloud GPU node pools take minutes to start a node.
+GPU_WAIT_S = 600.0
+# An autoscaler that has launched nothing this long after a request will launch
+# nothing: no worker group has GPUs, or they are all at their maximum.
+LAUNCH_GRACE_S = 60.0
+# CPUs that go with each GPU (a scoring actor, a training worker): the rest of
+# a GPU node's CPUs decode its images.
+CPUS_PER_GPU = 1.0
+
+
+@dataclass(frozen=True)
+class Span:
+    """How many GPU processes a job wants: at least ``lo``, at most ``hi``; (0, 0) = decide."""
+
+    lo: int
+    hi: int
+
+    @property
+    def auto(self) -> bool:
+        return self.hi == 0
+
+
+def parse_span(value: int | str, flag: str) -> Span:
+    """``0`` (auto), ``N`` or ``MIN:MAX``, from a flag; a clear error otherwise."""
+    text = str(value).strip()
+    try:
+        if ":" in text:
+            lo_s, hi_s = text.split(":", 1)
+            lo, hi = int(lo_s), int(hi_s)
+        else:
+            lo = hi = int(text or 0)
+    except ValueError:
+        raise DragonsError(f"{flag} {text!r} is not a count: give N, or MIN:MAX (e.g. 1:4), or 0 for auto") from None
+    if ":" in text and not 1 <= lo <= hi:
+        raise DragonsError(f"{flag} {text!r}: MIN:MAX needs 1 <= MIN <= MAX (e.g. 1:4)")
+    if lo < 0:
+        raise DragonsError(f"{flag} {text!r}: give a count >= 1, MIN:MAX, or 0 for auto")
+    return Span(lo, hi)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a job got: ``gpus`` GPU processes at most (0 = run on CPUs)."""
+
+    gpus: int
+    cuda: bool = True  # whether the GPU nodes have CUDA: a fake or broken GPU node runs the model on its CPU
+    requested: int = 0  # GPU bundles asked of the autoscaler (0 = none asked)
+    waited_s: float = 0.0
+
+
+def autoscaler_kind() -> str | None:
+    """"v1" or "v2" when the cluster has an autoscaler (KubeRay's, the cluster launcher's), else None."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return "v2"
+    except Exception:  # noqa: BLE001 (an older or embedded GCS without the key)
+        pass
+    raw = _internal_kv_get("__autoscaling_status")  # the v1 monitor's report, rewritten every few seconds
+    if not raw:
+        return None
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        return None
+    # A report older than a few minutes is a monitor that died, not one that will answer.
+    fresh = time.time() - float(status.get("time", 0)) < 300
+    return "v1" if fresh and ray.is_initialized() else None
+
+
+def pending_launches(kind: str | None) -> int:
+    """Nodes the autoscaler is launching or waiting for now."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if kind == "v2":
+            from ray.autoscaler.v2.sdk import get_cluster_status
+
+            st = get_cluster_status(ray.get_runtime_context().gcs_address)
+            return sum(r.count for r in st.pending_launches) + len(st.pending_nodes)
+        if kind == "v1":
+            report = json.loads(_internal_kv_get("__autoscaling_status") or b"{}").get("autoscaler_report") or {}
+            return sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
+    except Exception:  # noqa: BLE001 (no answer is "unknown": keep waiting, bounded)
+        return 1
+    return 0
+
+
+def _gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cuda_on_gpu_nodes(timeout_s: float = 180.0) -> bool:
+    """Whether a process given one of the cluster's GPUs sees a CUDA device (one short task)."""
+    import ray
+
+    @ray.remote(num_cpus=0, num_gpus=1, max_retries=1)
+    def probe() -> bool:
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    try:
+        return bool(ray.get(probe.remote(), timeout=timeout_s))
+    except Exception:  # noqa: BLE001 (a node that cannot even answer: the job will see)
+        return True
+
+
+class GpuRequest:
+    """``with GpuRequest(...) as grant:`` asks for GPUs, waits, and gives the request back at the end.
+
+    ``role`` names what holds a GPU ("scoring actor", "training worker");
+    ``use_gpu`` is auto | yes | no; ``want`` the span of GPU processes; ``say``
+    prints a line for the person watching (and the run's log).
+    """
+
+    def __init__(self, role: str, use_gpu: str, want: Span, wait_s: float = GPU_WAIT_S, progress_s: float = 10.0,
+                 say: Callable[[str], None] = print, sleep_s: float = 1.0) -> None:
+        if use_gpu not in USE_GPU_CHOICES:
+            raise DragonsError(f"--use-gpu {use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
+        self.role, self.use_gpu, self.want = role, use_gpu, want
+        self.wait_s, self.progress_s, self.say, self.sleep_s = wait_s, progress_s, say, sleep_s
+        self.requested = 0
+
+    def __enter__(self) -> Grant:
+        return self.acquire()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def acquire(self) -> Grant:
+        if self.use_gpu == "no":
+            return Grant(0)
+        have = _gpus()
+        lo = self.want.lo or 1
+        kind = autoscaler_kind()
+        if kind is None:
+            if have:
+                return Grant(min(have, self.want.hi) if self.want.hi else have, cuda=self._cuda())
+            if self.use_gpu == "yes":
+                raise DragonsError("--use-gpu yes: the cluster has no GPU and no autoscaler to add one; run on a "
+                                   "cluster with GPU nodes (or an autoscaling GPU worker group), or use --use-gpu auto")
+            return Grant(0)
+        # Ask for the most the job can use; wait for the least it can start with.
+        hi = self.want.hi or max(lo, have)
+        if have >= hi:
+            return Grant(hi, cuda=self._cuda())
+        self._request(hi)
+        t0 = time.monotonic()
+        last = t0 - self.progress_s  # the first line at once: a person sees why nothing moves yet
+        launching_seen = False
+        while True:
+            have = _gpus()
+            waited = time.monotonic() - t0
+            if have >= lo:
+                self.say(f"{have} GPU node(s) up after {waited:.0f} s; starting with {min(have, hi)} {self.role}(s), "
+                         f"up to {hi} as nodes arrive")
+                return Grant(min(have, hi), cuda=self._cuda(), requested=hi, waited_s=waited)
+            pending = pending_launches(kind)
+            launching_seen = launching_seen or pending > 0
+            gave_up = waited >= self.wait_s
+            nothing = not launching_seen and not pending and waited >= LAUNCH_GRACE_S
+            if gave_up or nothing:
+                return self._without(have, lo, waited, "the autoscaler launched no GPU node (no worker group has "
+                                     "GPUs, or all are at their maximum)" if nothing else
+                                     f"only {have} of {lo} GPU node(s) came in {waited:.0f} s (--gpu-wait)")
+            if time.monotonic() - last >= self.progress_s:
+                last = time.monotonic()
+                self.say(f"waiting for {lo} GPU node(s) ({have}/{lo} up, {waited:.0f} s)")
+            time.sleep(self.sleep_s)
+
+    def _request(self, n: int) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1, "CPU": CPUS_PER_GPU} for _ in range(n)])
+        self.requested = n
+        self.say(f"requested {n} GPU node(s) from the autoscaler ({n} {self.role}(s), 1 GPU and "
+                 f"{CPUS_PER_GPU:g} CPU each)")
+
+    def _without(self, have: int, lo: int, waited: float, why: str) -> Grant:
+        self.release(quiet=True)
+        if self.use_gpu == "yes":
+            raise DragonsError(f"--use-gpu yes: {why}; nothing was run. Check the GPU worker group (its "
+                               "maxReplicas, the node pool's quota), or raise --gpu-wait")
+        self.say(f"warning: {why}; running on CPUs (--use-gpu yes would fail instead)")
+        return Grant(0, waited_s=waited)
+
+    def _cuda(self) -> bool:
+        ok = cuda_on_gpu_nodes()
+        if not ok:
+            self.say(f"warning: the cluster's GPU nodes have a GPU resource but no CUDA device; each {self.role} "
+                     "runs its model on its node's CPU")
+        return ok
+
+    def release(self, quiet: bool = False) -> None:
+        """Withdraw the request: the autoscaler may remove the nodes once they idle."""
+        if not self.requested:
+            return
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])
+        except Exception as exc:  # noqa: BLE001 (the cluster is gone: so is the request)
+            log.warning("could not withdraw the GPU request: %s", exc)
+            return
+        if not quiet:
+            self.say(f"released the request for {self.requested} GPU node(s): the autoscaler removes them once "
+                     "they idle")
+        self.requested = 0
+
+
+def span_from_count(n: int) -> Span:
+    """A fixed count as a span (0 = auto)."""
+    return Span(n, n) if n > 0 else Span(0, 0)
