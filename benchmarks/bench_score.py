@@ -138,19 +138,20 @@ def _bound(model_uri: str, uris: list[str], sample: int) -> dict[str, float]:
 
     from dragons import artifact, storage
     from dragons.models.fuse import fuse_for_inference
-    from dragons.preprocess import decode_to_base, eval_batch, to_tensor
+    from dragons.images import decode_to_base
+    from dragons.preprocess import eval_batch, to_tensor
 
     torch.set_num_threads(os.cpu_count() or 1)
     art = artifact.load(model_uri)
     model = fuse_for_inference(art.model.eval())
     fs, _ = storage.filesystem(uris[0])
-    x_all = to_tensor(np.stack([decode_to_base(storage.read_bytes(u, fs), art.base_size) for u in uris[:sample]]))
+    x_all = to_tensor(np.stack([decode_to_base(storage.read_bytes(u, fs), art.data.base_size) for u in uris[:sample]]))
 
     def rate(layout: str, bs: int, passes: int) -> float:
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         m = model.to(memory_format=fmt)
         with torch.inference_mode():
-            batches = [eval_batch(x_all[i : i + bs], art.image_size, art.mean, art.std).contiguous(memory_format=fmt)
+            batches = [eval_batch(x_all[i : i + bs], art.data.image_size, art.data.mean, art.data.std).contiguous(memory_format=fmt)
                        for i in range(0, sample, bs)]
             m(batches[0])  # warm-up
             t = time.perf_counter()
@@ -298,11 +299,11 @@ def _peer_dataloader(model_uri: str, uris: list[str], out_file: str, timeout_s: 
     art = artifact.load(model_uri)
     # The unfused model: a practitioner loads the state dict and calls eval().
     model = art.model.eval().to(memory_format=torch.channels_last)
-    mean = torch.tensor(art.mean).view(1, 3, 1, 1)
-    std = torch.tensor(art.std).view(1, 3, 1, 1)
-    off, size = (art.base_size - art.image_size) // 2, art.image_size
+    mean = torch.tensor(art.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(art.data.std).view(1, 3, 1, 1)
+    off, size = (art.data.base_size - art.data.image_size) // 2, art.data.image_size
     # timeout: a worker that hangs fails the batch instead of the benchmark.
-    loader = torch.utils.data.DataLoader(_UriImages(uris, art.base_size), batch_size=PEER_BATCH_SIZE, num_workers=2,
+    loader = torch.utils.data.DataLoader(_UriImages(uris, art.data.base_size), batch_size=PEER_BATCH_SIZE, num_workers=2,
                                          timeout=timeout_s)
     probs: list[torch.Tensor] = []
     order: list[torch.Tensor] = []
@@ -342,7 +343,7 @@ class _RayClassifier:
         from dragons.preprocess import eval_batch, to_tensor
 
         with torch.inference_mode():
-            x = eval_batch(to_tensor(batch["image"]), self.art.image_size, self.art.mean, self.art.std)
+            x = eval_batch(to_tensor(batch["image"]), self.art.data.image_size, self.art.data.mean, self.art.data.std)
             p = self.model(x).softmax(1).numpy()
         out: dict[str, Any] = {"path": batch["path"]}
         for j, c in enumerate(self.art.classes):

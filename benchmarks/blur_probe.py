@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from dragons.images import decode_to_base
-from dragons.models.efficientnet_lite import EfficientNetLite0
+from dragons.models.efficientnet_lite import EfficientNetLite
 from dragons.models.registry import LITE_MEAN, LITE_STD, _lite_state, build_model
 from dragons.preprocess import base_size_for, eval_batch
 
@@ -114,7 +114,7 @@ def main() -> None:
     frames = sorted((DATA / "flowers5" / "train").glob("*/*"))[::40]
     for side in (96, 64, 48, 32):
         print(f"flowers5 frames shrunk to {side} px and back: median PSNR {psnr_after_rescale(frames, side):.1f} dB ({len(frames)} frames)")
-    model = EfficientNetLite0()
+    model = EfficientNetLite()
     model.load_state_dict(_lite_state(0)())
     model.eval()
     photos = sorted((DATA / "hymenoptera" / "val").glob("*/*"))

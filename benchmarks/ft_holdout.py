@@ -6,7 +6,7 @@ import argparse, random, time
 from pathlib import Path
 import numpy as np, torch
 from dragons.images import decode_to_base
-from dragons.preprocess import base_size_for
+from dragons.dataconfig import DataConfig
 from dragons.train.config import TrainConfig
 from dragons.train.worker import Worker
 from dragons.train.stream import Shard
@@ -29,7 +29,7 @@ k = len(files) // 5
 held, train = files[:k], files[k:]
 cfg = TrainConfig(data="x", out="y", arch=a.arch, image_size=a.size, crop_pct=a.crop, batch_size=a.bs, lr=a.lr, lr_mult=a.lr_mult,
                   augment=a.augment, weight_decay=a.wd, label_smoothing=a.ls, freeze_early=a.freeze_early)
-side = base_size_for(a.size, a.crop)
+side = DataConfig.create(a.size, a.crop, (0.5,) * 3, (0.5,) * 3).base_size
 def load(fs):
     x = np.stack([decode_to_base(f.read_bytes(), side) for f, _ in fs])
     return Shard(torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([c for _, c in fs]), torch.arange(len(fs)))
@@ -73,7 +73,7 @@ for view in [v for v in a.eval_views.split(",") if v]:
     from dragons.predictor import Predictor
 
     size, crop = int(view.split(":")[0]), float(view.split(":")[1])
-    x = np.stack([decode_to_base(f.read_bytes(), base_size_for(size, crop)) for f, _ in held])
+    x = np.stack([decode_to_base(f.read_bytes(), DataConfig.create(size, crop, (0.5,) * 3, (0.5,) * 3).base_size) for f, _ in held])
     spec, y = get_spec(cfg.arch), np.array([c for _, c in held])
     pred = Predictor(w.model, size, spec.mean, spec.std)
     probs = np.concatenate([pred.numpy(x[i : i + 64]) for i in range(0, len(x), 64)])

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dragons import __version__, storage
+from dragons.dataconfig import DataConfig
 from dragons.errors import DragonsError
 from dragons.models.registry import Classifier, build_model
 
@@ -34,20 +35,14 @@ class Artifact:
         return list(self.meta["classes"])
 
     @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(self.meta["normalization"]["mean"])
+    def data(self) -> DataConfig:
+        """How an image becomes this model's input (size, crop, normalisation)."""
+        return DataConfig.from_meta(self.meta)
 
     @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(self.meta["normalization"]["std"])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.meta["image_size"])
-
-    @property
-    def base_size(self) -> int:
-        return base_size_of(self.meta)
+    def temperature(self) -> float:
+        """The calibration temperature fitted at training (dragons.calibration); 1 for older artifacts."""
+        return float(self.meta.get("temperature", 1.0))
 
     @property
     def version(self) -> str:
@@ -55,10 +50,8 @@ class Artifact:
 
 
 def base_size_of(meta: dict[str, Any]) -> int:
-    """Side of the square images are decoded to; artifacts older than ``base_size`` used crop 87.5%."""
-    from dragons.preprocess import base_size_for
-
-    return int(meta.get("base_size") or base_size_for(int(meta["image_size"]), 0.875))
+    """Side of the square images are decoded to (from model.json alone: no weights loaded)."""
+    return DataConfig.from_meta(meta).base_size
 
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:

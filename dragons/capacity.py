@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,11 +82,11 @@ class Grant:
     waited_s: float = 0.0
 
 
-def autoscaler_kind() -> str | None:
-    """"v1" or "v2" when the cluster has an autoscaler (KubeRay's, the cluster launcher's), else None."""
-    import ray
-    from ray.experimental.internal_kv import _internal_kv_get
+def autoscaler_kind(settle_s: float = 15.0) -> str | None:
+    """"v1" or "v2" when the cluster has an autoscaler (KubeRay's, the cluster launcher's), else None.
 
+    A v1 monitor's first reports may name no node yet: read again, up to ``settle_s``.
+    """
     try:
         from ray.autoscaler.v2.utils import is_autoscaler_v2
 
@@ -93,16 +94,52 @@ def autoscaler_kind() -> str | None:
             return "v2"
     except Exception:  # noqa: BLE001 (an older or embedded GCS without the key)
         pass
-    raw = _internal_kv_get("__autoscaling_status")  # the v1 monitor's report, rewritten every few seconds
-    if not raw:
+    deadline = time.monotonic() + settle_s
+    while True:
+        report = _v1_report()
+        if report is None:
+            return None
+        if node_types(report):
+            return None if mirrors_only(report) else "v1"
+        if time.monotonic() >= deadline:
+            return None  # a monitor that never names a node launches none
+        time.sleep(1.0)
+
+
+def _v1_report() -> dict | None:
+    """The v1 monitor's autoscaler report (rewritten every few seconds), or None
+    without one, or when it is minutes old (a monitor that died)."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if not ray.is_initialized():
         return None
+    raw = _internal_kv_get("__autoscaling_status")
     try:
-        status = json.loads(raw)
+        status = json.loads(raw) if raw else None
     except ValueError:
+        status = None
+    if not status or time.time() - float(status.get("time", 0)) > 300:
         return None
-    # A report older than a few minutes is a monitor that died, not one that will answer.
-    fresh = time.time() - float(status.get("time", 0)) < 300
-    return "v1" if fresh and ray.is_initialized() else None
+    return dict(status.get("autoscaler_report") or {})
+
+
+# The node types Ray's read-only monitor reports: one per node, named after its id.
+# Every head without an autoscaling config (``ray.init()``, a plain ``ray start
+# --head``) runs that monitor: it mirrors the nodes there are and launches none.
+_READONLY_TYPE = re.compile(r"node_[0-9a-f]{56}")
+
+
+def node_types(report: dict) -> set[str]:
+    """The node types a v1 report names (active, or being launched)."""
+    return (set(report.get("active_nodes") or {}) | set((report.get("node_type_mapping") or {}).values())
+            | set(report.get("pending_launches") or {}))
+
+
+def mirrors_only(report: dict) -> bool:
+    """Whether a v1 report comes from the read-only monitor (see ``_READONLY_TYPE``)."""
+    types = node_types(report)
+    return bool(types) and all(_READONLY_TYPE.fullmatch(t) for t in types)
 
 
 def pending_launches(kind: str | None) -> int:
@@ -171,9 +208,11 @@ class GpuRequest:
     def acquire(self) -> Grant:
         if self.use_gpu == "no":
             return Grant(0)
+        from dragons.raycluster import embedded
+
         have = _gpus()
         lo = self.want.lo or 1
-        kind = autoscaler_kind()
+        kind = None if embedded() else autoscaler_kind()  # this process's own one-node Ray never scales
         if kind is None:
             if have:
                 return Grant(min(have, self.want.hi) if self.want.hi else have, cuda=self._cuda())

@@ -110,7 +110,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
 
 
 def get_predict_parser(prog: str = "dragons predict") -> argparse.ArgumentParser:
-    from dragons.evaluate import PredictConfig
+    from dragons.predictor import PredictConfig
 
     p = Parser(prog=prog, description="Print each image's class probabilities (no Ray needed).")
     add_config_args(p, PredictConfig, required=("model",), choices={"format": ["text", "json"]})
@@ -118,21 +118,22 @@ def get_predict_parser(prog: str = "dragons predict") -> argparse.ArgumentParser
     return p
 
 def predict_main(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from dragons.artifact import load
-    from dragons.columns import prob_column
-    from dragons.evaluate import predict_uris
+    from dragons.columns import prediction_columns
+    from dragons.predictor import predict_uris
 
     art = load(args.model)
     probs, errors = predict_uris(art, list(args.images), tta=args.tta)
+    cols = prediction_columns(art.classes, probs, errors)
     failed = 0
-    for uri, p, err in zip(args.images, probs, errors):
-        if err:
-            failed += 1
-            row: dict[str, Any] = {"uri": uri, "label": None, "error": err}
-        else:
-            top = int(p.argmax())
-            row = {"uri": uri, "label": art.classes[top], "score": round(float(p[top]), 6),
-                   **{prob_column(c): round(float(v), 6) for c, v in zip(art.classes, p)}}
+    for i, (uri, p, err) in enumerate(zip(args.images, probs, errors)):
+        failed += bool(err)
+        # The scores table's row layout; numbers to 6 places, none on an error row.
+        row: dict[str, Any] = {"uri": uri, **{k: (None if isinstance(v[i], float) and np.isnan(v[i]) else
+                                                  round(float(v[i]), 6) if isinstance(v[i], float) else v[i])
+                                              for k, v in cols.items()}}
         if args.format == "json":
             print(json.dumps(row))
         elif err:

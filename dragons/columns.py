@@ -1,9 +1,15 @@
-"""Class names as column names: ``p_<class>``, shared by training (which refuses
-colliding class sets before any work), reports and the scores table."""
+"""A prediction as columns, the one layout every output uses (the scores table,
+``dragons predict``, evaluate's predictions.csv): ``label`` is always the
+predicted class, ``score`` its probability, one ``p_<class>`` per class, and
+``error`` on an image that could not be scored. Class names become column names
+here, and training refuses colliding class sets before any work."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+import numpy as np
 
 from dragons.errors import DragonsError
 
@@ -29,3 +35,19 @@ def check_classes(classes: list[str]) -> None:
                 "rename one of the class folders (only letters, digits and '_' survive in column names)"
             )
         seen[col] = c
+
+
+def prediction_columns(classes: list[str], probs: np.ndarray, errors: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """``label``, ``score``, ``error`` and ``p_<class>`` for a batch; an error row has
+    no label and NaN probabilities (``probs`` may hold anything there)."""
+    p = np.asarray(probs, dtype=np.float64).reshape(len(errors), len(classes))
+    ok = np.array([not e for e in errors], dtype=bool)
+    top = np.where(ok, np.nan_to_num(p, nan=-1).argmax(1), -1) if len(p) else np.zeros(0, dtype=np.int64)
+    out: dict[str, np.ndarray] = {
+        "label": np.array([classes[t] if t >= 0 else None for t in top], dtype=object),
+        "score": np.where(ok, np.nan_to_num(p, nan=0).max(1) if len(p) else np.zeros(0), np.nan),
+        "error": np.array([e if e else None for e in errors], dtype=object),
+    }
+    for j, c in enumerate(classes):
+        out[prob_column(c)] = np.where(ok, p[:, j], np.nan)
+    return out

@@ -1,4 +1,4 @@
-"""Image-folder data sets on disk or S3, and the Ray Data decode step.
+"""Image-folder data sets on disk or S3: discovery, classes, the train/valid split.
 
 Layout: ``root/train/<class>/...`` and ``root/valid/<class>/...`` (or ``val/``).
 Classes come from folder names, sorted, as in fastai and torchvision. With no
@@ -12,11 +12,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from dragons import storage
 from dragons.errors import DragonsError
-from dragons.decode import DecodeBatch  # noqa: F401  (re-exported)
 from dragons.images import is_image_name
 
 log = logging.getLogger("dragons")
@@ -125,53 +122,3 @@ def _random_split(samples: list[Sample], pct: float, seed: int) -> tuple[list[Sa
         valid += group[:k]
         train += group[k:]
     return train, valid
-
-
-class ScanBatch(DecodeBatch):
-    """Ray Data map: ``uri`` -> ``error`` and ``short_side`` (pixels), nothing else.
-
-    The training driver's first pass: every image is read and decoded once (at
-    a reduced JPEG scale: a broken or truncated file still fails) so that bad
-    ones are reported by name and left out before the workers cut their shards,
-    and the data's resolution is known for the recipe. No pixels leave the task.
-    """
-
-    def __init__(self, max_pixels: int, io_threads: int = 8) -> None:
-        super().__init__(base_size=8, max_pixels=max_pixels, io_threads=io_threads)
-
-    def _scan_one(self, item: tuple[str, int | None]) -> tuple[int, str]:
-        import io
-
-        from PIL import Image
-
-        from dragons.images import DecodeOptions, ImageError, decode
-
-        uri, size = item
-        try:
-            data = self._read(uri, size)
-            try:
-                with Image.open(io.BytesIO(data)) as im:  # header only: the stored resolution
-                    short = min(im.size)
-            except Exception:
-                short = 0  # decode below names the problem
-            decode(data, DecodeOptions(max_pixels=self.max_pixels, min_side=32))
-            return short, ""
-        except ImageError as exc:
-            return 0, f"{exc.reason}: {exc.message}"
-        except storage.ObjectError as exc:
-            return 0, f"{exc.code}: {exc}"
-        except DragonsError as exc:
-            return 0, f"read_error: {exc}"
-        except Exception as exc:  # never lose a row to an unexpected decoder bug
-            return 0, f"decode_error: {type(exc).__name__}: {str(exc)[:200]}"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
-        from concurrent.futures import ThreadPoolExecutor
-
-        n = len(batch["uri"])
-        sizes = [int(x) for x in batch["size"]] if "size" in batch else [None] * n
-        with ThreadPoolExecutor(max_workers=self.io_threads) as pool:
-            res = list(pool.map(self._scan_one, zip([str(u) for u in batch["uri"]], sizes)))
-        return {"split": batch["split"], "pos": batch["pos"],
-                "short_side": np.array([r[0] for r in res], dtype=np.int32),
-                "error": np.array([r[1] for r in res], dtype=object)}

@@ -1,4 +1,10 @@
-"""The Ray Data decode step shared by training and scoring.
+"""The Ray Data decode steps shared by training and scoring, over one reader.
+
+* :func:`read_one`: an object's bytes (S3 or disk) or its row error, ``kind: message``;
+* :func:`row_error`: every exception a step can meet as that error, one mapping;
+* :class:`DecodeBatch`: ``uri`` -> base-square ``image`` and ``error`` (scoring,
+  training's Ray Data decode actors, the scoring actors' own decode on CPUs);
+* :class:`ScanBatch`: ``uri`` -> ``short_side`` and ``error`` (training's first pass).
 
 Deliberately light: numpy, PIL, pyarrow and boto3 only. Ray starts many
 decode worker processes; importing torch in each would cost seconds of CPU
@@ -8,25 +14,69 @@ apiece before the first image is read.
 from __future__ import annotations
 
 import math
-
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from dragons import storage
 from dragons.errors import DragonsError
-from dragons.images import ImageError, decode_to_base
+from dragons.images import DecodeOptions, ImageError, decode, decode_to_base
 
 # Per-process caches. Ray unpickles the callable for every task, so anything
 # kept on the instance would be rebuilt per task: a boto3 client costs ~0.3 s
 # of CPU to create, more than decoding a whole block.
 _CLIENTS: dict[str, Any] = {}
+_POOLS: dict[int, Any] = {}
 
 # Bytes one object may have before it is refused unread (error row ``too_large``):
 # several reader threads per decode task hold whole objects in memory, so one
 # multi-GB object under the prefix could get the decode worker OOM-killed.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-_POOLS: dict[int, Any] = {}
+# Concurrent reads per decode task: object stores answer in tens of milliseconds.
+IO_THREADS = 8
+
+
+def row_error(exc: BaseException) -> str:
+    """An image's failure as its row's ``error``: a stable kind first (docs/tables.md)."""
+    if isinstance(exc, ImageError):
+        return f"{exc.reason}: {exc.message}"
+    if isinstance(exc, storage.ObjectError):  # not_found, too_large, access_denied, read_error
+        return f"{exc.code}: {exc}"
+    if isinstance(exc, DragonsError):
+        return f"read_error: {exc}"
+    return f"decode_error: {type(exc).__name__}: {str(exc)[:200]}"  # never lose a row to a decoder bug
+
+
+def read_one(uri: str, size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | str:
+    """The object's bytes, or its row error (``kind: message``) when it cannot be read."""
+    try:
+        loc = storage.object_location(uri)  # a listed key verbatim: s3://b//x.jpg is not s3://b/x.jpg
+        if loc.is_s3:
+            # One GET per object through boto3: pyarrow's stream opens with a HEAD
+            # first, doubling requests (and S3 cost) for small objects.
+            if "s3" not in _CLIENTS:  # one client per process (thread-safe), not per file
+                _CLIENTS["s3"] = storage.boto3_client(max_pool_connections=IO_THREADS)
+            return storage.get_object(_CLIENTS["s3"], loc, max_bytes, size)
+        if "file" not in _CLIENTS:
+            _CLIENTS["file"] = storage.filesystem(uri)[0]
+        return storage.read_bytes(uri, _CLIENTS["file"], max_bytes)
+    except Exception as exc:  # noqa: BLE001 (every failure is the row's error)
+        return row_error(exc)
+
+
+def _map_uris(batch: dict[str, np.ndarray], one: Callable[[str, int | None], Any], threads: int) -> list[Any]:
+    """``one(uri, size)`` over a batch's rows on ``threads`` reader threads of the
+    process (PIL releases the GIL while decoding and resizing: decodes overlap too)."""
+    if threads not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads)
+    n = len(batch["uri"])
+    # A "size" column (the listing's) lets the byte limit act before any request.
+    # A --manifest lists no sizes: nulls arrive as None or NaN, and the GET's length decides.
+    sizes = [_size(x) for x in batch["size"]] if "size" in batch else [None] * n
+    return list(_POOLS[threads].map(lambda item: one(*item), zip([str(u) for u in batch["uri"]], sizes)))
 
 
 class DecodeBatch:
@@ -36,52 +86,27 @@ class DecodeBatch:
     driver can report it by name and drop it (training) or write it (scoring).
     """
 
-    def __init__(self, base_size: int, max_pixels: int, io_threads: int = 8, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, base_size: int, max_pixels: int, io_threads: int = IO_THREADS,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.base_size = base_size
         self.max_pixels = max_pixels
         self.io_threads = io_threads
         self.max_bytes = max_bytes
 
-    def _read(self, uri: str, size: int | None = None) -> bytes:
-        loc = storage.object_location(uri)  # a listed key verbatim: s3://b//x.jpg is not s3://b/x.jpg
-        if loc.is_s3:
-            # One GET per object through boto3: pyarrow's stream opens with a HEAD
-            # first, doubling requests (and S3 cost) for small objects.
-            if "s3" not in _CLIENTS:  # one client per process (thread-safe), not per file
-                _CLIENTS["s3"] = storage.boto3_client(max_pool_connections=self.io_threads)
-            return storage.get_object(_CLIENTS["s3"], loc, self.max_bytes, size)
-        if "file" not in _CLIENTS:
-            _CLIENTS["file"] = storage.filesystem(uri)[0]
-        return storage.read_bytes(uri, _CLIENTS["file"], self.max_bytes)
-
-    def _one(self, item: tuple[str, int | None]) -> tuple[np.ndarray | None, str]:
-        uri, size = item
+    def _one(self, uri: str, size: int | None) -> tuple[np.ndarray | None, str]:
+        data = read_one(uri, size, self.max_bytes)
+        if isinstance(data, str):
+            return None, data
         try:
-            return decode_to_base(self._read(uri, size), self.base_size, self.max_pixels), ""
-        except ImageError as exc:
-            return None, f"{exc.reason}: {exc.message}"
-        except storage.ObjectError as exc:  # stable code first: not_found, too_large, access_denied, read_error
-            return None, f"{exc.code}: {exc}"
-        except DragonsError as exc:
-            return None, f"read_error: {exc}"
-        except Exception as exc:  # never lose a row to an unexpected decoder bug
-            return None, f"decode_error: {type(exc).__name__}: {str(exc)[:200]}"
+            return decode_to_base(data, self.base_size, self.max_pixels), ""
+        except Exception as exc:  # noqa: BLE001 (the row's error)
+            return None, row_error(exc)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
         images = np.zeros((n, self.base_size, self.base_size, 3), dtype=np.uint8)
-        if self.io_threads not in _POOLS:
-            from concurrent.futures import ThreadPoolExecutor
-
-            # Object stores answer in tens of milliseconds: overlap the GETs. PIL
-            # releases the GIL while decoding and resizing, so decodes overlap too.
-            _POOLS[self.io_threads] = ThreadPoolExecutor(max_workers=self.io_threads)
         errors: list[str] = []
-        # A "size" column (the listing's) lets the byte limit act before any request.
-        # A --manifest lists no sizes: nulls arrive as None or NaN, and the GET's length decides.
-        sizes = [_size(x) for x in batch["size"]] if "size" in batch else [None] * n
-        items = list(zip([str(u) for u in batch["uri"]], sizes))
-        for i, (img, err) in enumerate(_POOLS[self.io_threads].map(self._one, items)):
+        for i, (img, err) in enumerate(_map_uris(batch, self._one, self.io_threads)):
             if img is not None:
                 images[i] = img
             errors.append(err)
@@ -89,6 +114,46 @@ class DecodeBatch:
         out["image"] = images
         out["error"] = np.array(errors, dtype=object)
         return out
+
+
+class ScanBatch:
+    """Ray Data map: ``uri`` -> ``error`` and ``short_side`` (pixels), nothing else.
+
+    The training driver's first pass: every image is read and decoded once (at
+    a reduced JPEG scale: a broken or truncated file still fails) so that bad
+    ones are reported by name and left out before the workers cut their shards,
+    and the data's resolution is known for the recipe. No pixels leave the task.
+    """
+
+    def __init__(self, max_pixels: int, io_threads: int = IO_THREADS, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_pixels = max_pixels
+        self.io_threads = io_threads
+        self.max_bytes = max_bytes
+
+    def _one(self, uri: str, size: int | None) -> tuple[int, str]:
+        import io
+
+        from PIL import Image
+
+        data = read_one(uri, size, self.max_bytes)
+        if isinstance(data, str):
+            return 0, data
+        try:
+            try:
+                with Image.open(io.BytesIO(data)) as im:  # header only: the stored resolution
+                    short = min(im.size)
+            except Exception:  # noqa: BLE001 (decode below names the problem)
+                short = 0
+            decode(data, DecodeOptions(max_pixels=self.max_pixels, min_side=32))
+            return short, ""
+        except Exception as exc:  # noqa: BLE001 (the row's error)
+            return 0, row_error(exc)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        res = _map_uris(batch, self._one, self.io_threads)
+        return {"split": batch["split"], "pos": batch["pos"],
+                "short_side": np.array([r[0] for r in res], dtype=np.int32),
+                "error": np.array([r[1] for r in res], dtype=object)}
 
 
 def _size(value: object) -> int | None:

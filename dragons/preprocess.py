@@ -1,9 +1,9 @@
-"""The one preprocessing module shared by training, evaluation and scoring.
+"""The torch half of the one preprocessing path shared by training, evaluation and scoring.
 
-Pipeline: bytes -> upright RGB (``images.decode``) -> a *base square*: shorter
+``dragons.images`` (PIL) turns bytes into a *base square*: upright RGB, shorter
 side resized to ``base_size`` and centre-cropped, uint8 HWC. That is what Ray
-Data tasks produce and ship (small, fixed-size, cacheable). On the model's
-device the base square becomes a normalised float batch:
+Data tasks produce and ship (small, fixed-size). Here, on the model's device,
+a batch of base squares becomes a normalised float batch:
 
 * eval:  centre crop ``image_size`` (``crop_pct`` of the square: 224 of 320 by default),
 * train: a named augmentation preset (random resized crop, flip, rotation,
@@ -20,21 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dragons.images import base_square, decode_to_base  # noqa: F401  (re-exported: one preprocessing module)
-
-
-# Share of the base square the evaluation crop keeps (timm's ``crop_pct``).
-# torchvision's classic 87.5% (resize 256, crop 224) leaves the small subjects
-# of everyday photos (an ant on a wall) smaller than the network likes, and
-# random resized crops make them look larger in training than at test time
-# (FixRes, Touvron et al. 2019). 70% did better on held-out splits of train/,
-# same pixels per pass, so scoring costs the same (docs/training.md, "How the defaults were chosen").
-DEFAULT_CROP_PCT = 0.7
-
-
-def base_size_for(image_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
-    """Side of the cached square: ``image_size / crop_pct`` (320 for 224 at 70%; torchvision's 256 at 87.5%)."""
-    return int(round(image_size / crop_pct))
 
 
 @dataclass(frozen=True)

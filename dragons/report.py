@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -20,6 +22,9 @@ from urllib.parse import quote
 
 import matplotlib
 
+from dragons import storage
+from dragons.errors import DragonsError
+from dragons.images import ImageError, decode_to_base
 from dragons.storage import redact_obj
 
 # Workers and CI have no display; select the file-only backend before pyplot
@@ -280,7 +285,8 @@ def _annotate_counts(ax: Axes, mat: np.ndarray) -> None:
         ax.text(j, i, str(int(value)), ha="center", va="center", color=color, fontsize=10)
 
 
-def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_bins: int = 15) -> None:
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_bins: int = 15,
+                     title: str = "Reliability diagram") -> None:
     """Reliability diagram (accuracy vs confidence per bin) with ECE in the title.
 
     The lower panel shows how many samples fall in each bin, because a large
@@ -315,7 +321,7 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8, loc="upper left")
-        ax.set_title(f"Reliability diagram (ECE = {ece:.3f}, n = {n})")
+        ax.set_title(f"{title} (ECE = {ece:.3f}, n = {n})", fontsize=10)
         ax_hist.bar(centers, count, width=width, color="0.5", edgecolor="black")
         ax_hist.set_xlabel("top-1 confidence")
         ax_hist.set_ylabel("count")
@@ -577,12 +583,16 @@ def write_report(
     title: str = "dragons evaluation",
     extra: dict[str, Any] | None = None,
     k: int = 4,
+    raw_probs: np.ndarray | None = None,
+    temperature: float = 1.0,
 ) -> Path:
     """Write metrics.json, all diagnostic PNGs and index.html into ``out_dir``.
 
     ``image_loader(i)`` must return sample ``i`` as an HxWx3 uint8 array; it
     is only called for the handful of images that appear in a grid, so it can
     lazily read from disk. Returns the path of ``index.html``.
+    ``raw_probs``: the same predictions before temperature scaling (``probs``
+    are after, at ``temperature``): a second reliability diagram shows the change.
     """
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
@@ -604,8 +614,15 @@ def write_report(
         images.append(("training_curves.png", "Training curves"))
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
     images.append(("confusion_matrix.png", "Confusion matrix"))
-    plot_reliability(p, y, out / "reliability.png")
-    images.append(("reliability.png", "Reliability diagram"))
+    if raw_probs is not None:
+        plot_reliability(np.asarray(raw_probs, dtype=np.float64), y, out / "reliability_uncalibrated.png",
+                         title="Before calibration (T = 1)")
+        images.append(("reliability_uncalibrated.png", "Reliability diagram before calibration (raw softmax)"))
+        plot_reliability(p, y, out / "reliability.png", title=f"After calibration (T = {temperature:.3g})")
+        images.append(("reliability.png", f"Reliability diagram after calibration (temperature {temperature:.3g})"))
+    else:
+        plot_reliability(p, y, out / "reliability.png")
+        images.append(("reliability.png", "Reliability diagram"))
 
     grids = select_grids(p, y, k=k)
     titler = _Titler(p, y, classes, names)
@@ -615,3 +632,49 @@ def write_report(
     index = out / "index.html"
     index.write_text(_render_html(title, metrics, classes, images, top), encoding="utf-8")
     return index
+
+
+# ----------------------------------------------------------------- from predictions
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def _loader(uris: list[str], side: int) -> Any:
+    def load(i: int) -> np.ndarray:
+        try:
+            return decode_to_base(storage.read_bytes(uris[i]), side)
+        except (ImageError, DragonsError):
+            return np.zeros((side, side, 3), dtype=np.uint8)
+
+    return load
+
+
+def _write_predictions(path: str, uris: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+    """Every image's probabilities beside the report, for a person's own analysis."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from dragons.columns import prediction_columns
+
+    # `label` is the prediction, as in every output; the folder's class is `true_label`.
+    pred = prediction_columns(classes, probs, [None] * len(uris))
+    pred.pop("error")
+    cols: dict[str, Any] = {"uri": uris, "true_label": [classes[int(y)] for y in labels], **pred}
+    pcsv.write_csv(pa.table(cols), path)
+
+
+def report_from_predictions(
+    report_uri: str, meta: dict[str, Any], uris: list[str], labels: np.ndarray, probs: np.ndarray,
+    history: list[dict[str, Any]] | None = None, lr_find: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+    raw_probs: np.ndarray | None = None,
+) -> str:
+    """Write the HTML report for given predictions; returns the index.html URI."""
+    names = [u.rsplit("/", 1)[-1] for u in uris]
+    info = {"model_version": meta.get("version"), "arch": meta.get("arch"), **(extra or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_predictions(os.path.join(tmp, PREDICTIONS_FILE), uris, labels, probs, list(meta["classes"]))
+        write_report(tmp, probs=probs, labels=labels, classes=list(meta["classes"]), names=names,
+                     image_loader=_loader(uris, 192), history=history, lr_find=lr_find,
+                     title=f"dragons: {meta.get('arch')} on {len(uris)} validation images", extra=info,
+                     raw_probs=raw_probs, temperature=float(meta.get("temperature", 1.0)))
+        storage.upload_dir(tmp, report_uri)
+    return storage.join(report_uri, "index.html")

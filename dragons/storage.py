@@ -223,13 +223,33 @@ def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
 
 def unreachable(loc: Location, exc: BaseException) -> DragonsError:
     endpoint = s3_endpoint() or "AWS S3"
-    return DragonsError(f"cannot reach S3 ({endpoint}) for {loc.uri}: {_short(exc)}. "
+    return DragonsError(f"cannot reach S3 ({endpoint}) for {loc.uri}: {short_error(exc)}. "
                         "Check that the endpoint is up, AWS_ENDPOINT_URL and the credentials")
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a message: its first line, cut, secrets redacted."""
     text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return redact(text[0][:limit]) if text else type(exc).__name__
+
+
+# S3 error codes (botocore's ``response["Error"]["Code"]``) by what they mean to us.
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NoSuchBucket"})
+DENIED_CODES = frozenset({"AccessDenied", "403", "AllAccessDisabled"})
+UNREACHABLE_CODES = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                               "ReadTimeoutError"})
+
+
+def s3_error_code(exc: BaseException) -> str:
+    """The S3 error code of a boto3 exception, else the exception's class name."""
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
+
+
+def s3_error_kind(code: str) -> str:
+    """An S3 error code as a row's error kind: not_found, access_denied or read_error."""
+    if code in NOT_FOUND_CODES:
+        return "not_found"
+    return "access_denied" if code in DENIED_CODES else "read_error"
 
 
 # ----------------------------------------------------------------- delta-rs failures
@@ -343,7 +363,7 @@ def _fail(fs: pafs.FileSystem, loc: Location, what: str, exc: OSError) -> Dragon
         _check_bucket(fs, loc)  # raises the clearer message when that is the cause
     if isinstance(exc, PermissionError) or "ACCESS_DENIED" in str(exc).upper() or "ACCESSDENIED" in str(exc).upper():
         return DragonsError(f"access denied: cannot {what} {loc.uri}: check the credentials' permissions on it")
-    return DragonsError(f"cannot {what} {loc.uri}: {_short(exc)}")
+    return DragonsError(f"cannot {what} {loc.uri}: {short_error(exc)}")
 
 
 def _info(uri: str, what: str) -> tuple[pafs.FileSystem, Location, pafs.FileInfo]:
@@ -455,10 +475,8 @@ def get_object(client: Any, loc: Location, max_bytes: int = 0, size: int | None 
     except ObjectError:
         raise
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-        kind = {"NoSuchKey": "not_found", "404": "not_found", "NoSuchBucket": "not_found",
-                "AccessDenied": "access_denied", "403": "access_denied"}.get(str(code), "read_error")
-        raise ObjectError(kind, f"cannot read {loc.uri}: {code}") from None
+        code = s3_error_code(exc)
+        raise ObjectError(s3_error_kind(code), f"cannot read {loc.uri}: {code}") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -511,8 +529,8 @@ def check_writable(uri: str, flag: str = "--out") -> None:
         try:
             client.put_object(Bucket=bucket, Key=key, Body=b"")
         except Exception as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
-            why = "access denied: check the credentials' permissions on it" if code in ("AccessDenied", "403") else code
+            code = s3_error_code(exc)
+            why = "access denied: check the credentials' permissions on it" if code in DENIED_CODES else code
             raise DragonsError(f"{flag} {parse(uri).uri} is not writable: {why}") from None
         try:
             client.delete_object(Bucket=bucket, Key=key)

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 
 def rows(run_id: str, n: int, start: int = 0) -> pa.Table:
-    from dragons.score.table import schema
+    from dragons.score.schema import schema
 
     now = datetime.now(timezone.utc)
     s = schema(["ants", "bees"])

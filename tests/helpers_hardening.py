@@ -24,14 +24,13 @@ def save_tiny_model(out: str, classes: tuple[str, ...] = ("ants", "bees")) -> di
 
     from dragons import artifact
     from dragons.models.registry import build_model, get_spec
-    from dragons.preprocess import base_size_for
+    from dragons.dataconfig import DataConfig
 
     torch.manual_seed(0)
     spec = get_spec("efficientnet_lite0")
     model = build_model("efficientnet_lite0", len(classes), weights="none").eval()
-    meta = {"arch": "efficientnet_lite0", "classes": list(classes), "image_size": IMAGE_SIZE,
-            "base_size": base_size_for(IMAGE_SIZE, 0.875),
-            "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "metrics": {}}
+    data = DataConfig.create(IMAGE_SIZE, 0.875, spec.mean, spec.std)
+    meta = {"arch": "efficientnet_lite0", "classes": list(classes), "data_config": data.to_dict(), "metrics": {}}
     return artifact.save(out, model, meta)
 
 
@@ -40,3 +39,13 @@ def rows_of(table_uri: str, run_id: str) -> list[dict]:
     from dragons.score.query import run_sql
 
     return run_sql(table_uri, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pylist()
+
+
+def head_only_settings() -> dict:
+    """What the recipe decides for a small photo set's head-only run, for the fields a
+    Worker reads itself: for tests that build a Worker without data to decide from."""
+    from dragons.train.config import TrainConfig
+    from dragons.train.recipe import resolve
+
+    cfg, _ = resolve(TrainConfig(data="x", out="y"), n_train=245, short_side=375)
+    return {"augment": cfg.augment, "label_smoothing": cfg.label_smoothing, "lr_mult": cfg.lr_mult}

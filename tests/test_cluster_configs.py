@@ -434,6 +434,8 @@ def test_entrypoint_arguments():
         assert flag in score
     (nightly,) = by_kind["nightly-score"]
     assert "--run-id 2000-01-31" in nightly  # rendered from __RUN_DATE__
+    # The morning report lands beside the table, one folder per night.
+    assert re.search(r"--report s3://\S+-reports/2000-01-31(\s|$)", nightly), nightly
 
 
 # --------------------------------------------------------------------------

@@ -27,16 +27,28 @@ def small_data(workdir: Path) -> str:
     return str(root)
 
 
+def train_worker_pids() -> list[int]:
+    """This machine's Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if line.startswith("ray::RayTrainWorker"):
+            pids.append(p.pid)
+    return sorted(pids)
+
+
 class _Killer(threading.Thread):
-    """Kill worker ``rank`` with SIGKILL once ``epochs`` checkpoints are complete.
+    """SIGKILL one training worker once ``epochs`` checkpoints are complete.
 
     Complete, not just present: a checkpoint folder appears before its state
     file is fully written, and resuming rightly passes over a half-written one.
     """
 
-    def __init__(self, pid_dir: Path, run_dir: Path, rank: int = 1, epochs: int = 2) -> None:
+    def __init__(self, run_dir: Path, epochs: int = 2) -> None:
         super().__init__(daemon=True)
-        self.pid_file, self.run_dir, self.epochs = pid_dir / f"rank{rank}.pid", run_dir, epochs
+        self.run_dir, self.epochs = run_dir, epochs
         self.killed: int | None = None
 
     def run(self) -> None:
@@ -45,14 +57,14 @@ class _Killer(threading.Thread):
         deadline = time.time() + 1200
         while time.time() < deadline:
             ckpts = list(self.run_dir.rglob("checkpoint_*")) if self.run_dir.exists() else []
-            if len(ckpts) >= 1 and self.pid_file.exists():
+            pids = train_worker_pids()
+            if len(ckpts) >= 1 and pids:
                 found = latest_checkpoint(str(ckpts[0].parent))
                 if found is not None and found[1]["epochs_done"] >= self.epochs:
-                    pid = int(self.pid_file.read_text())
-                    os.kill(pid, signal.SIGKILL)
-                    self.killed = pid
+                    os.kill(pids[-1], signal.SIGKILL)
+                    self.killed = pids[-1]
                     return
-            time.sleep(0.1)
+            time.sleep(0.2)
 
 
 def _cfg(data: str, out: Path, **kw: object) -> TrainConfig:
@@ -60,10 +72,9 @@ def _cfg(data: str, out: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, small_data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DRAGONS_WORKER_PID_DIR", str(tmp_path / "pids"))
+def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, small_data: str, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    killer = _Killer(tmp_path / "pids", out / "_runs", epochs=2)
+    killer = _Killer(out / "_runs", epochs=2)
     killer.start()
     meta = train(_cfg(small_data, out, max_failures=1))
     killer.join(timeout=5)
@@ -71,13 +82,12 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, small_da
     assert meta["resumes"] == 1
     # Every planned epoch ran exactly once, in order, across the restart.
     assert [h["epoch"] for h in meta["history"]] == list(range(5))
-    assert int((tmp_path / "pids" / "rank1.pid").read_text()) != killer.killed  # a new worker process finished it
+    assert killer.killed not in train_worker_pids()  # new worker processes finished it
 
 
-def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DRAGONS_WORKER_PID_DIR", str(tmp_path / "pids"))
+def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    killer = _Killer(tmp_path / "pids", out / "_runs", epochs=2)
+    killer = _Killer(out / "_runs", epochs=2)
     killer.start()
     with pytest.raises(DragonsError, match="training failed"):
         train(_cfg(small_data, out, max_failures=0))

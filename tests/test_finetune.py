@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from dragons.images import decode_to_base
-from dragons.preprocess import base_size_for
+from dragons.dataconfig import DataConfig
 from dragons.train.config import TrainConfig
-from dragons.train.recipe import HEAD_ONLY_SETTINGS, resolve
+from dragons.train.recipe import resolve
+from helpers_hardening import head_only_settings
 from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
@@ -47,7 +48,7 @@ def flowers_split() -> tuple[Shard, Shard, list[str], TrainConfig]:
     cfg, _ = resolve(TrainConfig(data="x", out="y", image_size=96, crop_pct=0.875, batch_size=16, epochs=2),
                      n_train=80, short_side=128)
     assert (cfg.augment, cfg.label_smoothing, cfg.lr_mult) == ("default", 0.1, 10.0)
-    side = base_size_for(cfg.image_size, cfg.crop_pct)
+    side = DataConfig.create(cfg.image_size, cfg.crop_pct, (0.5,) * 3, (0.5,) * 3).base_size
     return _load(train, side), _load(held, side), classes, cfg
 
 
@@ -82,7 +83,7 @@ def test_first_unfrozen_epoch_keeps_the_heads_fit(flowers_split: tuple[Shard, Sh
 
 
 def _tiny_worker(**kw: object) -> Worker:
-    kw = {**HEAD_ONLY_SETTINGS, **kw}  # settled, as recipe.resolve leaves them
+    kw = {**head_only_settings(), **kw}  # settled, as recipe.resolve leaves them
     cfg = TrainConfig(data="x", out="y", image_size=64, batch_size=4, seed=3, **kw)  # type: ignore[arg-type]
     return Worker(cfg, ["a", "b"], None, torch.device("cpu"))
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from dragons.preprocess import base_size_for, eval_batch
+from dragons.dataconfig import DEFAULT_CROP_PCT, LEGACY_CROP_PCT, DataConfig
+from dragons.preprocess import eval_batch
 from dragons.train.config import TrainConfig
-from dragons.train.recipe import HEAD_ONLY_SETTINGS
+from helpers_hardening import head_only_settings
 from dragons.train.worker import Worker
 from dragons.train.stream import Shard
 
 
 def _worker(**kw: object) -> Worker:
-    kw = {**HEAD_ONLY_SETTINGS, **kw}  # settled, as recipe.resolve leaves them
+    kw = {**head_only_settings(), **kw}  # settled, as recipe.resolve leaves them
     cfg = TrainConfig(data="x", out="y", image_size=64, **kw)  # type: ignore[arg-type]
     return Worker(cfg, ["a", "b"], None, torch.device("cpu"))
 
@@ -24,9 +25,18 @@ def _shard(n: int = 6, side: int = 80) -> Shard:
 
 
 def test_base_size_follows_crop_pct() -> None:
-    assert base_size_for(224, 0.875) == 256  # torchvision's resize 256 / crop 224
-    assert base_size_for(224, 0.7) == 320
-    assert base_size_for(224) == 320  # the photo default (recipe.HIGH_RES)
+    def base(size: int, crop: float) -> int:
+        return DataConfig.create(size, crop, (0.5,) * 3, (0.5,) * 3).base_size
+
+    assert base(224, 0.875) == 256  # torchvision's resize 256 / crop 224
+    assert base(224, DEFAULT_CROP_PCT) == 320  # the photo default (recipe.HIGH_RES)
+    # model.json keeps it; artifacts from before data_config read as they were written.
+    new = DataConfig.create(224, 0.7, (0.5,) * 3, (0.5,) * 3)
+    assert DataConfig.from_meta({"data_config": new.to_dict()}) == new
+    old = DataConfig.from_meta({"image_size": 224, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    assert (old.base_size, old.crop_pct) == (256, LEGACY_CROP_PCT)
+    assert DataConfig.from_meta({"image_size": 224, "base_size": 320, "normalization": {"mean": [0.5] * 3,
+                                                                                         "std": [0.5] * 3}}).base_size == 320
 
 
 def test_eval_view_is_the_centre_crop_and_augmented_views_differ() -> None:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from dragons.images import DecodeOptions, ImageError, decode
-from dragons.preprocess import base_square, decode_to_base
+from dragons.images import base_square, decode_to_base
 from dragons.local.synth import bad_file_catalogue
 
 

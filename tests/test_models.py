@@ -9,7 +9,8 @@ import torch
 
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, list_archs
-from dragons.preprocess import decode_to_base, eval_batch, to_tensor
+from dragons.images import decode_to_base
+from dragons.preprocess import eval_batch, to_tensor
 
 
 def test_unknown_arch_lists_choices() -> None:

@@ -27,7 +27,7 @@ ROWS = 12_345  # more than the 10,000 the terminal table shows
 
 def _rows(run_id: str, start: int, stop: int) -> pa.Table:
     """Synthetic scored rows in the table's schema (classes ants, bees)."""
-    from dragons.score.table import schema
+    from dragons.score.schema import schema
 
     n, now = stop - start, datetime.now(timezone.utc)
     return pa.table({

@@ -219,7 +219,10 @@ class FakeAutoscaler:
 
         self.requests: list[list[dict]] = []
         self.gpus = list(gpus)
-        monkeypatch.setattr(capacity, "autoscaler_kind", lambda: kind)
+        from dragons import raycluster
+
+        monkeypatch.setattr(raycluster, "embedded", lambda: False)  # as a job on a cluster (RAY_ADDRESS)
+        monkeypatch.setattr(capacity, "autoscaler_kind", lambda settle_s=0: kind)
         monkeypatch.setattr(capacity, "_gpus", lambda: self.gpus.pop(0) if len(self.gpus) > 1 else self.gpus[0])
         monkeypatch.setattr(capacity, "pending_launches", lambda k: pending)
         monkeypatch.setattr(capacity, "cuda_on_gpu_nodes", lambda: cuda)
@@ -264,3 +267,23 @@ def test_gpu_request_falls_back_to_cpus_or_refuses(monkeypatch: pytest.MonkeyPat
     assert GpuRequest("scoring actor", "no", Span(0, 0), say=said.append).acquire().gpus == 0
     with pytest.raises(DragonsError, match="no GPU and no autoscaler"):
         GpuRequest("scoring actor", "yes", Span(0, 0), say=said.append).acquire()
+
+
+def test_a_head_without_autoscaler_is_not_mistaken_for_one(ray_session: None):
+    """Every Ray head runs a monitor; without an autoscaling config it only mirrors
+    the nodes (types named node_<id>) and must not make a job wait for GPU nodes."""
+    import time
+
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from dragons.capacity import autoscaler_kind, mirrors_only
+
+    node = "node_" + "ab" * 28
+    assert mirrors_only({"active_nodes": {node: 1}, "node_type_mapping": {"ab" * 28: node}})
+    assert not mirrors_only({"active_nodes": {"ray.head.default": 1}, "pending_launches": {"gpu": 1}})
+    assert not mirrors_only({"active_nodes": {"headgroup": 1}})  # KubeRay: the groups' names
+    deadline = time.time() + 30  # the session's embedded head: its monitor reports every few seconds
+    while _internal_kv_get("__autoscaling_status") is None and time.time() < deadline:
+        time.sleep(1)
+    assert ray.is_initialized() and autoscaler_kind() is None

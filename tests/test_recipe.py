@@ -8,14 +8,13 @@ from dragons.train.config import TrainConfig
 import pytest
 
 from dragons.errors import DragonsError
-from dragons.train.recipe import FINE_TUNE_MIN_IMAGES, HEAD_ONLY_SETTINGS, from_json, resolve, resume, to_json
+from dragons.train.recipe import FINE_TUNE_MIN_IMAGES, from_json, resolve, resume, to_json
 
 
 def test_rule_small_photos_head_only_large_small_images_fine_tuned() -> None:
     small, chosen = resolve(TrainConfig(), n_train=245, short_side=375)  # hymenoptera-like
     assert (small.epochs, small.head_views, small.image_size, small.crop_pct) == (0, 4, 224, 0.7)
     assert (small.augment, small.label_smoothing, small.lr_mult) == ("light", 0.0, 10.0)  # a head alone
-    assert {k: getattr(small, k) for k in HEAD_ONLY_SETTINGS} == HEAD_ONLY_SETTINGS
     assert set(chosen) == {"epochs", "head_views", "image_size", "crop_pct", "augment", "label_smoothing", "lr_mult"}
     assert not small.unresolved()
     large, _ = resolve(TrainConfig(), n_train=3443, short_side=128)  # flowers5-like

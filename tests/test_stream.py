@@ -104,11 +104,11 @@ def test_capped_passes_sample_every_class() -> None:
 def test_empty_batch_trains_with_zero_gradients() -> None:
     """A rank whose shard is one row short can get an empty batch; it must not poison the model."""
     from dragons.train.config import TrainConfig
-    from dragons.train.recipe import HEAD_ONLY_SETTINGS
+    from helpers_hardening import head_only_settings
     from dragons.train.worker import Worker
     from dragons.train.schedule import one_cycle
 
-    cfg = TrainConfig(data="x", out="y", image_size=32, batch_size=1, **HEAD_ONLY_SETTINGS)
+    cfg = TrainConfig(data="x", out="y", image_size=32, batch_size=1, **head_only_settings())
     w = Worker(cfg, ["a", "b"], None, torch.device("cpu"))
     empty = Shard(torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     before = [p.detach().clone() for p in w.model.parameters()]

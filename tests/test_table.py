@@ -333,7 +333,7 @@ def test_skips_resume_incremental_and_error_kinds(tmp_path: Path) -> None:
     objects unchanged since this model version's rows, unless their last row is a
     transient error (or any error, with --retry-errors)."""
     from dragons.score.incremental import load_skips
-    from dragons.score.listing import LISTING_SCHEMA
+    from dragons.score.schema import LISTING_SCHEMA
 
     table = str(tmp_path / "t")
     assert load_skips(table, None, "v1", "n3", incremental=True).split(rows("x", 3).select(["uri", "etag", "size", "last_modified"]))[1:] == (0, 0)
@@ -406,7 +406,7 @@ def test_local_listing_keeps_a_name_that_is_not_utf8_and_refuses_an_empty_folder
 def test_many_classes_different_run_ids_both_land(tmp_path: Path) -> None:
     """From 28 classes on, run_id was past the 32 columns Delta keeps statistics
     for, so a concurrent commit of another run id looked like a conflict."""
-    from dragons.score.table import schema
+    from dragons.score.schema import schema
 
     classes = [f"c{i:02d}" for i in range(30)]
     table = str(tmp_path / "t")

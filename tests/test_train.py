@@ -37,7 +37,7 @@ def test_hymenoptera_from_s3_two_workers(hymenoptera_model: dict) -> None:
 
 def test_artifact_loads_from_s3_without_ray_and_predict_agrees(hymenoptera_model: dict, hymenoptera_s3: str) -> None:
     """Predictions of the loaded artifact reproduce the accuracy it claims."""
-    from dragons.evaluate import predict_uris
+    from dragons.predictor import predict_uris
 
     art = artifact.load(hymenoptera_model["uri"])  # plain torch.load(weights_only=True), no Ray
     assert art.version == hymenoptera_model["meta"]["version"]
@@ -92,6 +92,11 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     art = artifact.load(str(out))
     assert len(art.classes) == 3 and art.model.head[-1].out_features == 3
     assert storage.exists(str(out / "report" / "index.html"))
+    # Calibrated: a fitted temperature, ECE before and after, both reliability diagrams in the report.
+    m = meta["metrics"]
+    assert art.temperature == meta["temperature"] > 0 and m["valid_ece"] <= m["valid_ece_uncalibrated"] + 1e-9, m
+    assert (out / "report" / "reliability_uncalibrated.png").is_file() and (out / "report" / "reliability.png").is_file()
+    assert meta["data"]["train_class_counts"] == {"drogon": 15, "rhaegal": 14, "viserion": 14}
     # Progress of every long step, printed once (rank 0), in the run's log and beside the artifact.
     text = log_file.read_text()
     for step in ("decode check", "precompute train", "epoch 1 unfrozen"):

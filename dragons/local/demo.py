@@ -88,8 +88,7 @@ def run_demo(cfg: DemoConfig) -> None:
         # narrow enough for one screen: the runs from the commit log, then the rows a
         # person looks at first (errors, then the least sure).
         print("\n== query: the table's runs (dragons query --table ...), then errors and the least sure rows", flush=True)
-        print(format_table(run_sql(table_uri, "SELECT run_id, status, parts, listed, kept, skipped, scored, errors, "
-                                              "model_version FROM runs ORDER BY first_version")))
+        print(format_table(run_sql(table_uri)))  # no SQL: the runs summary, as `dragons query --table` prints it
         print(format_table(run_sql(table_uri, "SELECT regexp_extract(uri, '[^/]+$') AS file, label, round(score, 3) AS score, "
                                               "CASE WHEN length(error) > 64 THEN left(error, 63) || '…' ELSE error END AS error "
                                               "FROM latest ORDER BY error NULLS LAST, score LIMIT 7")))

@@ -130,8 +130,8 @@ class MBConvBlock(nn.Module):
         return h + x if self.use_residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (or ``variant`` 1, 2) with lukemelas module names; ``_fc`` is the classifier."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite ``variant`` 0, 1 or 2 (widths and depths from STAGES) with lukemelas module names; ``_fc`` is the classifier."""
 
     num_features = 1280
 

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from dragons.models.efficientnet_lite import EfficientNetLite0, MBConvBlock
+from dragons.models.efficientnet_lite import EfficientNetLite, MBConvBlock
 
 _LITE_PAIRS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
 
@@ -27,11 +27,11 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A fused copy where the architecture is known; the model itself otherwise."""
-    lite = [m for m in model.modules() if isinstance(m, EfficientNetLite0)]
+    lite = [m for m in model.modules() if isinstance(m, EfficientNetLite)]
     if not lite:
         return model
     fused = copy.deepcopy(model).eval()
-    for net in (m for m in fused.modules() if isinstance(m, EfficientNetLite0)):
+    for net in (m for m in fused.modules() if isinstance(m, EfficientNetLite)):
         fold(net._conv_stem, net._bn0)
         net._bn0 = nn.Identity()
         fold(net._conv_head, net._bn1)

@@ -91,9 +91,9 @@ class _LiteBody(nn.Module):
 
 def _lite(variant: int) -> Callable[[], tuple[nn.Module, int, list[nn.Module], nn.Module]]:
     def make() -> tuple[nn.Module, int, list[nn.Module], nn.Module]:
-        from dragons.models.efficientnet_lite import EfficientNetLite0
+        from dragons.models.efficientnet_lite import EfficientNetLite
 
-        net = EfficientNetLite0(1000, variant=variant)
+        net = EfficientNetLite(1000, variant=variant)
         body = _LiteBody(net)
         blocks = list(net._blocks)
         groups = [nn.ModuleList([net._conv_stem, net._bn0])] + blocks + [nn.ModuleList([net._conv_head, net._bn1])]

@@ -42,6 +42,7 @@ class ScoreConfig:
     commit_interval_s: float = 300.0  # seconds per part; 0 = no time limit (both 0: one commit at the end)
     file_size_mb: int = 0  # target Delta data file size; 0 = delta-rs' default (about 100 MB)
     spool_dir: str = ""  # local folder for the spool of the part not yet committed; "" = the temp dir
+    report: str = ""  # folder (path or s3://) for the run's report once it is complete (dragons report: index.html, summary.json); "" = none
     progress_s: float = 5.0  # seconds between progress lines
     log_file: str = ""  # "" = ./logs/score-<run_id>.log
     no_progress_timeout_s: float = 600.0  # a stalled pipeline fails with a message after this

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from dragons.errors import DragonsError
+from dragons.score.schema import newest_row
 
 # Kinds an unchanged object keeps: its bytes are what they are.
 PERMANENT_ERRORS = ("empty", "not_an_image", "truncated", "too_large", "decode_error")
@@ -102,7 +103,7 @@ def load_skips(table_root: str, version: int | None, model_version: str, run_id:
                 kept = "error IS NULL" if retry_errors else "error IS NULL OR split_part(error, ':', 1) IN $permanent"
                 sql = (f"SELECT {_OBJECT_HASH} AS h FROM (SELECT uri, etag, size, error FROM scores "
                        "WHERE model_version = $v AND run_id <> $r "
-                       "QUALIFY row_number() OVER (PARTITION BY uri ORDER BY scored_at DESC, run_id DESC) = 1) "
+                       f"{newest_row('uri')}) "
                        f"WHERE {kept}")
                 params: dict[str, Any] = {"v": model_version, "r": run_id}
                 if not retry_errors:

@@ -23,11 +23,8 @@ import pyarrow as pa
 
 from dragons import storage
 from dragons.errors import DragonsError
+from dragons.score.schema import LISTING_SCHEMA
 
-LISTING_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False), pa.field("etag", pa.string()), pa.field("size", pa.int64()),
-    pa.field("last_modified", pa.timestamp("us", tz="UTC")),
-])
 PAGE_ROWS = 1000  # S3's page size; local walks emit tables of the same size
 
 
@@ -47,10 +44,6 @@ def iter_listing(uri: str, page_rows: int = PAGE_ROWS) -> Iterator[pa.Table]:
         yield from _iter_s3(loc, page_rows)
     else:
         yield from _iter_local(loc.path, page_rows)
-
-
-def _s3_code(exc: BaseException) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
 
 
 def _iter_s3(loc: storage.Location, page_rows: int) -> Iterator[pa.Table]:
@@ -77,15 +70,15 @@ def _iter_s3(loc: storage.Location, page_rows: int) -> Iterator[pa.Table]:
     except DragonsError:
         raise
     except Exception as exc:
-        code = _s3_code(exc)
+        code = storage.s3_error_code(exc)
         if code == "NoSuchBucket":
             raise DragonsError(f"--input {loc.uri}: bucket {bucket!r} does not exist "
-                               f"(endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}): check the bucket name") from None
-        if code in ("404", "NoSuchKey"):
+                               f"(endpoint {storage.s3_endpoint() or 'AWS'}): check the bucket name") from None
+        if code in storage.NOT_FOUND_CODES:
             raise DragonsError(f"--input {loc.uri} does not exist: check the path or prefix") from None
-        if code in ("AccessDenied", "403", "AllAccessDisabled"):
+        if code in storage.DENIED_CODES:
             raise DragonsError(f"access denied: cannot list --input {loc.uri}: check the credentials' permissions on it") from None
-        if code in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
+        if code in storage.UNREACHABLE_CODES:
             raise storage.unreachable(loc, exc) from None
         raise DragonsError(f"cannot list --input {loc.uri}: {storage.redact(str(code))}; check AWS_ENDPOINT_URL and credentials") from None
     if not found:

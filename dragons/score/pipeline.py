@@ -31,10 +31,11 @@ from dragons import artifact, storage
 from dragons.score import listing, table
 from dragons.score.source import (LISTING_CPU, LISTING_MEMORY, LISTING_YIELD_ROWS, STREAM_BLOCK_BYTES, Counts,
                                    CountsActor, listing_pages, listing_source, todo_blocks)
-from dragons.data import DecodeBatch
-from dragons.columns import check_classes, prob_column
+from dragons.decode import DecodeBatch
+from dragons.columns import check_classes, prediction_columns
 from dragons.errors import DragonsError
 from dragons.score.config import ScoreConfig
+from dragons.score.schema import PASSTHROUGH
 from dragons.capacity import CPUS_PER_GPU, Grant, GpuRequest, Span, parse_span
 from dragons.raycluster import (DATA_CPU_SHARE, VERBOSE_ENV, Pool, cluster, decode_beside_model, driver_stderr_to_log,
                                 ensure_ray, ray_output, size_actors)
@@ -45,8 +46,6 @@ log = logging.getLogger("dragons.score")
 DETAIL = {"detail": True}
 
 
-# Listing columns carried through decode and scoring into the row.
-PASSTHROUGH = ("etag", "size", "last_modified")
 # Rows per block once the input is longer than a page (and the most for shorter
 # ones): a block is one actor call; a decoded block (300 KB an image) stays small.
 STREAM_BLOCK_ROWS = 256
@@ -107,17 +106,7 @@ class Scorer:
         return probs
 
     def _rows(self, batch: dict[str, np.ndarray], probs: np.ndarray) -> dict[str, np.ndarray]:
-        errors = batch["error"]
-        ok = np.array([e == "" for e in errors], dtype=bool)
-        top = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
-        out: dict[str, np.ndarray] = {
-            "uri": batch["uri"],
-            "label": np.array([self.classes[t] if t >= 0 else None for t in top], dtype=object),
-            "score": np.where(ok, np.nan_to_num(probs, nan=0).max(1), np.nan),
-            "error": np.array([e if e else None for e in errors], dtype=object),
-        }
-        for j, c in enumerate(self.classes):
-            out[prob_column(c)] = probs[:, j]
+        out = {"uri": batch["uri"], **prediction_columns(self.classes, probs, batch["error"])}
         for col in PASSTHROUGH:  # what the listing knew about the object, for --incremental
             if col in batch:
                 out[col] = batch[col]
@@ -194,6 +183,8 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     if not cfg.dry_run:
         table.check_output(cfg.output)  # a missing/read-only output fails before any image is read
         _check_spool_dir(cfg.spool_dir)
+        if cfg.report:
+            storage.check_writable(cfg.report, "--report")
     handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
     ray_output.addHandler(handler)  # Ray's own worker lines: in the run's log, not on the terminal
     try:
@@ -326,14 +317,34 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
              "the run holds %d rows, %d errors (%.2f%%) -> %s", run_id, manifest["version"], manifest["dragons_part"],
              manifest["listed"], manifest["kept"], manifest["skipped"], added, manifest["rows"], manifest["errors"],
              100 * rate, manifest["path"])
+    report_error = _write_report(cfg, run_id) if cfg.report else None
     if rate > cfg.max_error_rate:
         raise DragonsError(f"run {run_id}: error rate {rate:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%} "
                            f"({manifest['errors']} of {manifest['rows']}); the rows are committed, see the error column")
+    if report_error:
+        raise report_error
     # When things happened, seconds from the pipeline's start (for benchmarks; not committed).
     manifest["timings"] = {"listing_done_s": round(counts.done_at - t0, 3) if counts.done_at else None,
                            "first_part_s": round(writer.first_part_at - t0, 3) if writer.first_part_at else None,
                            "total_s": round(time.time() - t0, 3)}
     return manifest
+
+
+def _write_report(cfg: ScoreConfig, run_id: str) -> DragonsError | None:
+    """The run's morning report (dragons report) into ``cfg.report``; an error to raise
+    once the run is complete (its rows are committed whatever happens here)."""
+    from dragons.score.runreport import write_run_report
+
+    try:
+        summary = write_run_report(cfg.output, cfg.report, run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 (any failure: the table is complete, say how to redo the report)
+        return DragonsError(f"run {run_id} is complete but its report could not be written to "
+                            f"{storage.redact(cfg.report)}: {storage.redact(str(exc))[:300]}; write it with "
+                            f"dragons report --table {storage.redact(cfg.output)} --run-id {run_id} --out DIR")
+    drift = (summary.get("drift") or {}).get("js_distance")
+    log.info("run %s: report %s (previous run %s, drift %s)", run_id, storage.join(cfg.report, "index.html"),
+             summary.get("previous_run_id") or "none", "-" if drift is None else f"{drift:.3f}")
+    return None
 
 
 def _final_counts(actor: Any) -> Counts:

@@ -32,21 +32,11 @@ import pyarrow as pa
 
 from dragons import storage
 from dragons.errors import DragonsError
-
-SUMMARY_SQL = """
-SELECT run_id, status, parts, dt, committed_at, listed, kept, skipped, scored, errors, rows, model_version, input
-FROM runs ORDER BY first_version
-"""
+from dragons.score.schema import COMMIT_COLUMNS, LATEST_SQL, RUN_COLUMNS, SUMMARY_SQL
 
 # Rows per record batch handed out by stream_sql: big enough for Parquet row
 # groups and fast CSV, small enough (a few MB of Arrow) to be nothing beside DuckDB's memory.
 BATCH_ROWS = 65_536
-
-LATEST_SQL = """
-CREATE VIEW latest AS
-SELECT * FROM scores
-QUALIFY row_number() OVER (PARTITION BY uri, model_version ORDER BY scored_at DESC, run_id DESC) = 1
-"""
 
 
 @dataclass
@@ -72,23 +62,6 @@ def parse_as_of(value: str | None) -> int | datetime | None:
 
         ts = ts.replace(tzinfo=timezone.utc)
     return ts
-
-
-# The `commits` view: one row per table version, from the Delta log.
-COMMIT_COLUMNS = {
-    "version": pa.int64(), "committed_at": pa.string(), "operation": pa.string(), "run_id": pa.string(),
-    "status": pa.string(), "part": pa.int64(), "part_rows": pa.int64(), "listed": pa.int64(), "skipped": pa.int64(),
-    "kept": pa.int64(), "scored": pa.int64(), "errors": pa.int64(), "rows": pa.int64(), "model_version": pa.string(),
-    "model": pa.string(), "input": pa.string(), "incremental": pa.bool_(), "dt": pa.string(), "failure": pa.string(),
-    "files_added": pa.int64(), "files_removed": pa.int64(),
-}
-# The `runs` view: one row per run id (table.runs_summary).
-RUN_COLUMNS = {
-    "run_id": pa.string(), "status": pa.string(), "parts": pa.int64(), "dt": pa.string(), "started_at": pa.string(),
-    "committed_at": pa.string(), "listed": pa.int64(), "skipped": pa.int64(), "kept": pa.int64(), "scored": pa.int64(),
-    "errors": pa.int64(), "rows": pa.int64(), "model_version": pa.string(), "model": pa.string(), "input": pa.string(),
-    "incremental": pa.bool_(), "failure": pa.string(), "first_version": pa.int64(), "last_version": pa.int64(),
-}
 
 
 def _log_tables(root: str) -> tuple[pa.Table, pa.Table]:

@@ -38,10 +38,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dragons import storage
-from dragons.columns import check_classes, prob_column
+from dragons.columns import check_classes
 from dragons.errors import DragonsError
+from dragons.score.schema import PARTITION, schema
 
-PARTITION = "dt"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Rows per batch read back from the spool into delta-rs: bounds the commit's memory.
 SPOOL_BATCH_ROWS = 65_536
@@ -52,18 +52,6 @@ WRITE_ATTEMPTS = 4
 def check_run_id(run_id: str) -> None:
     if not _RUN_ID.match(run_id):
         raise DragonsError(f"--run-id {run_id!r} is not valid: use letters, digits, '_', '.', '-' (at most 128)")
-
-
-def schema(classes: list[str]) -> pa.Schema:
-    cols = [pa.field("uri", pa.string(), nullable=False), pa.field("label", pa.string()), pa.field("score", pa.float64())]
-    cols += [pa.field(prob_column(c), pa.float64()) for c in classes]
-    cols += [pa.field("model_version", pa.string()), pa.field("run_id", pa.string()),
-             pa.field("scored_at", pa.timestamp("us", tz="UTC")), pa.field("error", pa.string()),
-             # What was scored: incremental runs skip objects whose etag and size are unchanged.
-             pa.field("etag", pa.string()), pa.field("size", pa.int64()),
-             pa.field("last_modified", pa.timestamp("us", tz="UTC")),
-             pa.field(PARTITION, pa.string())]
-    return pa.schema(cols)
 
 
 # ---------------------------------------------------------------- location
@@ -124,14 +112,9 @@ def open_table(root: str, version: int | str | datetime | None = None) -> Any:
         except BaseException as exc:  # delta-rs raises several types for a bad version/time
             if not isinstance(exc, Exception) and not storage.is_delta_failure(exc):
                 raise
-            raise DragonsError(f"--as-of {version}: no such table version ({_short(exc)}); "
+            raise DragonsError(f"--as-of {version}: no such table version ({storage.short_error(exc)}); "
                                f"versions run from 0 to {dt.version()}, see `dragons table history`") from None
     return dt
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return storage.redact(text[0][:300]) if text else type(exc).__name__
 
 
 def check_output(root: str) -> None:
@@ -428,7 +411,7 @@ class RunWriter:
                     self._dt = landed[1]
                     return landed[0]
                 if n == WRITE_ATTEMPTS:
-                    raise DragonsError(f"cannot write the table at {self.uri} ({n} tries): {_short(exc)}; the run's "
+                    raise DragonsError(f"cannot write the table at {self.uri} ({n} tries): {storage.short_error(exc)}; the run's "
                                        "committed parts are kept: run the same command again to continue") from None
                 time.sleep(min(30.0, 2.0 ** n))
         raise AssertionError("unreachable")
@@ -444,7 +427,7 @@ class RunWriter:
 
 def _commit_error(uri: str, run_id: str, exc: BaseException) -> DragonsError:
     return DragonsError(
-        f"run {run_id}: another writer committed to this run id in {uri} first ({_short(exc)}); it carries the run "
+        f"run {run_id}: another writer committed to this run id in {uri} first ({storage.short_error(exc)}); it carries the run "
         "on, and every part committed so far is kept: let it finish, or run the same command again after it stops")
 
 

@@ -10,6 +10,10 @@ from dragons.errors import DragonsError
 from dragons.images import DEFAULT_MAX_PIXELS
 
 
+# Mixed precision (--amp); the first is the default. dragons.predictor.amp_dtype
+# maps a choice to a dtype for training and, from the artifact, for inference.
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
 # Where a run's images are decoded (--decode); the first is the default.
 DECODE_CHOICES = ["auto", "workers", "ray-data"]
 
@@ -56,7 +60,7 @@ class TrainConfig:
     class_weights: bool = False  # weight the loss by inverse class frequency (imbalanced data)
     max_failures: int = 0  # worker failures Ray Train recovers from, restarting at the last checkpoint
     resume: bool = False  # continue the run named `name` from its last checkpoint
-    amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: str = AMP_CHOICES[0]  # auto (bf16/fp16 on GPU, off on CPU) | bf16 | fp16 | off; scoring uses the model's
     report: bool = True  # write the evaluation report (HTML + PNGs) beside the artifact
     decode: str = DECODE_CHOICES[0]  # auto = in the training workers on CPU clusters (threads beside the model: no decode processes, ~0.25 GB less on 2 workers), in Ray Data decode actors beside GPU workers; workers | ray-data force one
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard for decoding
@@ -86,7 +90,7 @@ class TrainConfig:
             (self.lr >= 0, "--lr must be a positive number or 'auto'"),
             (self.lr_mult >= 1 or self.lr_mult == AUTO["lr_mult"], "--lr-mult must be >= 1 (or auto)"),
             (0 <= self.label_smoothing < 1 or self.label_smoothing == AUTO["label_smoothing"], "--label-smoothing must be in [0, 1) (or auto)"),
-            (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of: auto, bf16, fp16, off"),
+            (self.amp in AMP_CHOICES, f"--amp must be one of: {', '.join(AMP_CHOICES)}"),
             (self.tta >= 0, "--tta must be >= 0"),
             (self.head_views >= -1, "--head-views must be >= 0 (or auto)"),
             (self.progress_s > 0, "--progress-s must be positive"),

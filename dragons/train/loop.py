@@ -17,7 +17,6 @@ worker group (``max_failures``) or a ``--resume`` continues from the last one
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -46,7 +45,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     worker = Worker(cfg, config["classes"], config.get("class_weights"), device)
-    _write_pid(worker.rank)
     train, valid = _shards(config, cfg, worker.rank, worker.world)
     run = checkpoint.restore(config.get("run_dir"), worker.model) or RunState(lr=cfg.lr)
     if run.resumes and worker.rank == 0:
@@ -86,15 +84,6 @@ def _quiet_logs() -> None:
     except ImportError:  # a Ray without Train V2's module layout: nothing to quiet
         return
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
-def _write_pid(rank: int) -> None:
-    """Lets the fault-tolerance test find and kill a worker process (DRAGONS_WORKER_PID_DIR)."""
-    pid_dir = os.environ.get("DRAGONS_WORKER_PID_DIR")
-    if pid_dir:
-        os.makedirs(pid_dir, exist_ok=True)
-        with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
-            f.write(str(os.getpid()))
 
 
 def _shards(config: dict[str, Any], cfg: TrainConfig, rank: int, world_size: int) -> tuple[StreamShard, StreamShard]:

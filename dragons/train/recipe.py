@@ -38,7 +38,7 @@ import dataclasses
 import json
 from typing import Any
 
-from dragons.preprocess import DEFAULT_CROP_PCT
+from dragons.dataconfig import DEFAULT_CROP_PCT
 from dragons.train.config import AUTO, AUTO_AUGMENT, TrainConfig
 
 RECIPE_FILE = "recipe.json"  # in the run's folder: what resolve decided at the run's start
@@ -53,9 +53,6 @@ LABEL_SMOOTHING_HEAD_ONLY = 0.0
 LABEL_SMOOTHING_FINE_TUNE = 0.1
 LR_MULT_PHOTOS = 10.0  # fastai's slice(lr / 10, lr) for images at ImageNet's scale
 LR_MULT_SMALL = 1.0  # one rate for every layer: images below HIGH_RES_SIDE, FINE_TUNE_MIN_IMAGES or more
-# What resolve gives a head-only run for the fields a Worker reads itself: for
-# code that builds a Worker without any data to decide from (tests, the GPU check).
-HEAD_ONLY_SETTINGS: dict[str, Any] = {"augment": AUGMENT_HEAD_ONLY, "label_smoothing": LABEL_SMOOTHING_HEAD_ONLY, "lr_mult": LR_MULT_PHOTOS}
 
 
 def epochs_for(n_train: int) -> int:

@@ -18,11 +18,13 @@ from dragons import artifact, storage
 from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
-from dragons.preprocess import base_size_for
+from dragons.dataconfig import DataConfig
 from dragons.capacity import GpuRequest, Grant, span_from_count
 from dragons.raycluster import (DATA_CPU_SHARE, Resources, cluster, decode_beside_model, embedded, ensure_ray,
                                 ray_output, size_workers)
+from dragons.calibration import apply_temperature, fit_temperature
 from dragons.columns import check_classes
+from dragons.metrics import expected_calibration_error
 from dragons.train.config import TrainConfig
 from dragons.train.progress import tee_stdout
 from dragons.train import recipe
@@ -59,7 +61,7 @@ def scan_folder(folder: ImageFolder, max_pixels: int, progress_s: float) -> tupl
     """
     import ray.data
 
-    from dragons.data import ScanBatch
+    from dragons.decode import ScanBatch
     from dragons.train.progress import Progress
 
     rows = [{"uri": s.uri, "pos": i, "split": "train"} for i, s in enumerate(folder.train)]
@@ -177,6 +179,8 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | N
     for uri, err in bad:
         print(f"skipped unreadable image {uri}: {err}", flush=True)
     n_train, n_valid = len(good["train"]), len(good["valid"])
+    labels = np.bincount([folder.train[int(i)].label for i in good["train"]], minlength=len(folder.classes))
+    facts["train_class_counts"] = {c: int(n) for c, n in zip(folder.classes, labels)}
     facts.update({"n_train": n_train, "n_valid": n_valid, "median_short_side": short_side})
     if n_train == 0 or n_valid == 0:
         raise DragonsError(f"{folder.root}: no decodable images left in the {'train' if n_train == 0 else 'valid'} split")
@@ -239,19 +243,19 @@ def _fit(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | None, fa
     facts["recipe"] = {"auto": chosen, "n_train": n_at, "median_short_side": side_at}
     if chosen:
         print(recipe.describe(chosen, n_at, side_at), flush=True)
-    base_size = base_size_for(cfg.image_size, cfg.crop_pct)
+    spec = get_spec(cfg.arch)
+    data_cfg = DataConfig.create(cfg.image_size, cfg.crop_pct, spec.mean, spec.std)  # decided once: model.json keeps it
+    facts["data_config"] = data_cfg
 
     # MALLOC_ARENA_MAX: Ray Data's prefetch threads and torch allocate from
     # different threads, and glibc's per-thread arenas can keep freed batches
     # mapped. (Most of a worker's ~1.4 GB is torch itself and the backward
     # pass's activations, ~0.5 GB at 128 px and batch 16: docs/training.md.)
     env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker)))), "MALLOC_ARENA_MAX": "2"}
-    if os.environ.get("DRAGONS_WORKER_PID_DIR"):  # the fault-tolerance test kills a worker by pid
-        env_vars["DRAGONS_WORKER_PID_DIR"] = os.environ["DRAGONS_WORKER_PID_DIR"]
     trainer = _trainer_class(workers_decode=in_workers)(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights,
-                           "run_dir": run_dir, "base_size": base_size,
+                           "run_dir": run_dir, "base_size": data_cfg.base_size,
                            # Row tables go through the object store once, not pickled per worker.
                            "rows": {"train": ray.put(_rows(folder.train, good["train"])),
                                     "valid": ray.put(_rows(folder.valid, good["valid"]))},
@@ -339,13 +343,25 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"valid_accuracy": last.get("accuracy"), "valid_loss": last.get("valid_loss")}
     if state.get("tta"):
         metrics.update({"valid_accuracy_tta": state["tta"]["accuracy"], "valid_loss_tta": state["tta"]["valid_loss"], "tta": cfg.tta})
+    temperature, raw = 1.0, None
+    if idx is not None and probs is not None and len(idx):
+        # One temperature fitted on the validation predictions (the plain pass):
+        # every later probability (evaluate, predict, score) is divided by it.
+        y = np.array([folder.valid[int(i)].label for i in idx])
+        temperature = fit_temperature(probs[0], y)
+        metrics["valid_ece_uncalibrated"] = round(expected_calibration_error(probs[0], y), 5)
+        metrics["valid_ece"] = round(expected_calibration_error(apply_temperature(probs[0], temperature), y), 5)
+        raw = probs[-1]
     wall = time.perf_counter() - t_start
     meta = {
         "arch": cfg.arch,
         "classes": folder.classes,
+        "data_config": facts["data_config"].to_dict(),  # how an image becomes this model's input
+        # The same, as artifacts before data_config had it (readers of older dragons).
         "image_size": cfg.image_size,
-        "base_size": base_size_for(cfg.image_size, cfg.crop_pct),
+        "base_size": facts["data_config"].base_size,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "temperature": temperature,  # calibration (dragons.calibration): probabilities are softmax(log p / T)
         "metrics": metrics,
         "history": history,
         "lr_find": state.get("lr_find"),
@@ -353,6 +369,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "resumes": int(state.get("resumes", 0)),
         "config": cfg.to_dict(),
         "data": {"root": folder.root, "split": folder.split, "n_train": facts["n_train"], "n_valid": facts["n_valid"],
+                 # The training set's class mix, for drift reports of scoring runs (dragons report).
+                 "train_class_counts": facts["train_class_counts"],
                  "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"]},
         "timing": {"wall_s": round(wall, 2), "decode_s": facts["decode_s"], "train_s": facts["train_s"]},
         "recipe": facts["recipe"],  # what auto chose, and the n_train / median side it chose from
@@ -361,18 +379,21 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     saved = artifact.save(cfg.out, model, meta)
     print(f"valid accuracy {metrics['valid_accuracy']:.4f}, loss {metrics['valid_loss']:.4f}"
           + (f"; with TTA x{cfg.tta}: {metrics['valid_accuracy_tta']:.4f}" if state.get("tta") else "")
+          + (f"; ECE {metrics['valid_ece_uncalibrated']:.4f} -> {metrics['valid_ece']:.4f} at temperature "
+             f"{temperature:.3g}" if "valid_ece" in metrics else "")
           + f"; wall {wall:.1f}s", flush=True)
     print(f"model artifact {cfg.out} (version {saved['version']})", flush=True)
     report_wanted = cfg.report and idx is not None and probs is not None
     if report_wanted and importlib.util.find_spec("matplotlib") is None:  # the `report` extra is optional
         print("report skipped: matplotlib is not installed (pip install 'dragons[report]')", flush=True)
     elif report_wanted:
-        from dragons.evaluate import report_from_predictions
+        from dragons.report import report_from_predictions
 
         samples = [folder.valid[int(i)] for i in idx]  # idx: position in folder.valid
         report_uri = storage.join(cfg.out, "report")
         report_from_predictions(report_uri, saved, [s.uri for s in samples], np.array([s.label for s in samples]),
-                                probs[-1], history=history, lr_find=state.get("lr_find"),
+                                apply_temperature(probs[-1], temperature), raw_probs=raw, history=history,
+                                lr_find=state.get("lr_find"),
                                 # probs[-1] is the TTA pass when there is one: say so in the report.
                                 extra={"tta": cfg.tta if state.get("tta") else 0})
         print(f"report {storage.join(report_uri, 'index.html')}", flush=True)

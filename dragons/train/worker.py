@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dragons.models.registry import Classifier, build_model, get_spec
-from dragons.predictor import Predictor
+from dragons.predictor import Predictor, amp_dtype
 from dragons.preprocess import eval_batch, get_preset, train_batch
 from dragons.train.config import TrainConfig
 from dragons.train.progress import Progress
@@ -83,17 +83,10 @@ class Worker:
         w = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
         self.loss_fn = nn.CrossEntropyLoss(weight=w, label_smoothing=cfg.label_smoothing)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
-        self.amp_dtype = self._amp_dtype()
+        self.amp_dtype = amp_dtype(device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         # The current image phase's (optimiser, schedule, max rates): see phase_optimizer.
         self._phase_opt: tuple[str, tuple[torch.optim.Optimizer, Any, list[float]]] | None = None
-
-    def _amp_dtype(self) -> torch.dtype | None:
-        if self.device.type != "cuda" or self.cfg.amp == "off":
-            return None  # CPU autocast is slower than fp32 without AMX
-        if self.cfg.amp == "fp16" or (self.cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
