@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: setup demo test bench-score bench-train bench-driver clean
+.PHONY: setup browser demo test bench-score bench-train bench-driver clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Headless Chromium for the run report's browser test (tests/test_run_report.py):
+# Debian's package, installed once (as root, as CI runs); apt's output goes to a file.
+browser:
+	@command -v chromium >/dev/null || { echo "installing chromium for the report's browser test (apt's output: /tmp/dragons-apt-chromium.log)"; \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; } > /tmp/dragons-apt-chromium.log 2>&1 \
+		|| { tail -n 20 /tmp/dragons-apt-chromium.log; echo "error: could not install chromium (needs root and Debian's package lists); install it by hand: apt-get install chromium"; exit 1; }; }
+
 demo: $(STAMP)
 	@$(BIN)/dragons demo $(if $(DATA),--data $(DATA),)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 bench-score: $(STAMP)

@@ -165,11 +165,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if meta["image_size"] != 32:
         from dragons import artifact
         from dragons.models.registry import build_model
-        from dragons.preprocess import base_size_for
+        from dragons.dataconfig import DataConfig
 
         m = build_model("efficientnet_lite0", 2, weights="none").eval()
-        artifact.save(model, m, {**{k: meta[k] for k in ("arch", "classes", "normalization", "metrics")},
-                                 "image_size": 32, "base_size": base_size_for(32, 0.875)})
+        norm = meta["normalization"]
+        artifact.save(model, m, {**{k: meta[k] for k in ("arch", "classes", "metrics")},
+                                 "data_config": DataConfig.create(32, 0.875, norm["mean"], norm["std"]).to_dict()})
     figs: list[dict[str, Any]] = []
     for n in sorted(args.n):
         figs.append(run_one(f"driver-{n}", work, model, n, args.commit_every, input=str(build_archive(work, n)),

@@ -55,13 +55,13 @@ def model(work: Path) -> str:
         sys.path.insert(0, str(REPO))
         from dragons import artifact
         from dragons.models.registry import build_model, get_spec
-        from dragons.preprocess import base_size_for
+        from dragons.dataconfig import DataConfig
 
         spec = get_spec("efficientnet_lite0")
         m = build_model("efficientnet_lite0", 5, weights="none").eval()
         artifact.save(str(out), m, {"arch": "efficientnet_lite0", "classes": ["a", "b", "c", "d", "e"],
-                                    "image_size": 224, "base_size": base_size_for(224, 0.7),
-                                    "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "metrics": {}})
+                                    "data_config": DataConfig.create(224, 0.7, spec.mean, spec.std).to_dict(),
+                                    "metrics": {}})
     return str(out)
 
 

@@ -419,7 +419,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from dragons import artifact
     from dragons.local import s3server
     from dragons.models.registry import build_model, get_spec
-    from dragons.preprocess import base_size_for
+    from dragons.dataconfig import DEFAULT_CROP_PCT, DataConfig
     from dragons.raycluster import ensure_ray
     from dragons.score.pipeline import ScoreConfig, score
 
@@ -441,8 +441,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   flush=True)
             spec = get_spec(args.arch)
             model = build_model(args.arch, 2, "imagenet")
-            meta = {"arch": args.arch, "classes": ["drogon", "viserion"], "image_size": 224, "base_size": base_size_for(224),
-                    "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "metrics": {}}
+            meta = {"arch": args.arch, "classes": ["drogon", "viserion"], "metrics": {},
+                    "data_config": DataConfig.create(224, DEFAULT_CROP_PCT, spec.mean, spec.std).to_dict()}
             # The model lives beside the images: a local run reads nothing from S3.
             models = {"local": f"{work}/model", "s3": "s3://bench/model"}
             for s in sources:

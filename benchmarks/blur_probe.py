@@ -19,7 +19,8 @@ from PIL import Image, ImageFilter
 from dragons.images import decode_to_base
 from dragons.models.efficientnet_lite import EfficientNetLite
 from dragons.models.registry import LITE_MEAN, LITE_STD, _lite_state, build_model
-from dragons.preprocess import base_size_for, eval_batch
+from dragons.dataconfig import DataConfig
+from dragons.preprocess import eval_batch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ANT, BEE = 310, 309  # ImageNet class indices
@@ -62,7 +63,7 @@ def linear_probe(size: int = 128) -> None:
     files = [(f, ci) for ci, c in enumerate(classes) for f in sorted((root / c).iterdir())]
     random.Random(42).shuffle(files)
     k = len(files) // 5
-    side = base_size_for(size, 0.875)
+    side = DataConfig.create(size, 0.875, (0.5,) * 3, (0.5,) * 3).base_size
 
     def load(fs: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         x = np.stack([decode_to_base(f.read_bytes(), side) for f, _ in fs])

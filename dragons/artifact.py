@@ -67,13 +67,18 @@ def content_hash(data: bytes) -> str:
 
 def save(out: str, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     """Write the weights, then ``model.json`` last (a reader never sees a half artifact)."""
-    weights = state_dict_bytes(model)
-    # Redacted: meta carries the training config, whose URIs may hold a secret.
-    full = storage.redact_obj({**meta, "version": content_hash(weights), "dragons_version": __version__,
-                               "weights_file": WEIGHTS_FILE})
-    for key in ("arch", "classes", "image_size", "normalization", "metrics"):
-        if key not in full:
+    for key in ("arch", "classes", "data_config", "metrics"):
+        if key not in meta:
             raise ValueError(f"artifact metadata lacks {key!r}")
+    weights = state_dict_bytes(model)
+    data = DataConfig.from_meta(meta)
+    # The data config again as loose keys, as artifacts before data_config had it:
+    # what older dragons (and scripts written for them) read.
+    legacy = {"image_size": data.image_size, "base_size": data.base_size,
+              "normalization": {"mean": list(data.mean), "std": list(data.std)}}
+    # Redacted: meta carries the training config, whose URIs may hold a secret.
+    full = storage.redact_obj({**meta, **legacy, "version": content_hash(weights), "dragons_version": __version__,
+                               "weights_file": WEIGHTS_FILE})
     storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights)
     storage.write_bytes(storage.join(out, META_FILE), json.dumps(full, indent=2, sort_keys=True).encode())
     return full

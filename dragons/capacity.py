@@ -37,6 +37,21 @@ GPU_WAIT_S = 600.0
 # An autoscaler that has launched nothing this long after a request will launch
 # nothing: no worker group has GPUs, or they are all at their maximum.
 LAUNCH_GRACE_S = 60.0
+# Where images are decoded (--decode, training and scoring alike); the first is the default:
+# auto = beside the model on CPU clusters, separate beside GPUs; model = in the
+# processes that run the model (training workers, scoring actors); separate = in
+# Ray Data decode tasks or actors ahead of them.
+DECODE_CHOICES = ["auto", "model", "separate"]
+
+
+def decode_beside_model(choice: str, gpu: bool) -> bool:
+    """Whether the processes that run the model also decode its images. On CPUs a
+    separate decode stage only adds processes (their imports and memory) and
+    copies through the object store on the same cores; beside a GPU, separate
+    CPU decoders keep the GPU fed."""
+    return choice == "model" or (choice == "auto" and not gpu)
+
+
 # CPUs that go with each GPU (a scoring actor, a training worker): the rest of
 # a GPU node's CPUs decode its images.
 CPUS_PER_GPU = 1.0
@@ -188,15 +203,17 @@ class GpuRequest:
 
     ``role`` names what holds a GPU ("scoring actor", "training worker");
     ``use_gpu`` is auto | yes | no; ``want`` the span of GPU processes; ``say``
-    prints a line for the person watching (and the run's log).
+    prints a line for the person watching (and the run's log); ``local``: the
+    cluster is this process's own (nothing to ask, no monitor to read).
     """
 
     def __init__(self, role: str, use_gpu: str, want: Span, wait_s: float = GPU_WAIT_S, progress_s: float = 10.0,
-                 say: Callable[[str], None] = print, sleep_s: float = 1.0) -> None:
+                 say: Callable[[str], None] = print, sleep_s: float = 1.0, local: bool = False) -> None:
         if use_gpu not in USE_GPU_CHOICES:
             raise DragonsError(f"--use-gpu {use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
         self.role, self.use_gpu, self.want = role, use_gpu, want
         self.wait_s, self.progress_s, self.say, self.sleep_s = wait_s, progress_s, say, sleep_s
+        self.local = local  # the process's own embedded Ray (dragons.raycluster.embedded): no autoscaler to ask
         self.requested = 0
 
     def __enter__(self) -> Grant:
@@ -208,11 +225,9 @@ class GpuRequest:
     def acquire(self) -> Grant:
         if self.use_gpu == "no":
             return Grant(0)
-        from dragons.raycluster import embedded
-
         have = _gpus()
         lo = self.want.lo or 1
-        kind = None if embedded() else autoscaler_kind()  # this process's own one-node Ray never scales
+        kind = None if self.local else autoscaler_kind()  # this process's own one-node Ray never scales
         if kind is None:
             if have:
                 return Grant(min(have, self.want.hi) if self.want.hi else have, cuda=self._cuda())

@@ -69,7 +69,7 @@ def lr_find_main(args: argparse.Namespace) -> int:
     import tempfile
 
     from dragons import storage
-    from dragons.evaluate import require_plotting
+    from dragons.errors import require_plotting
     from dragons.train.config import TrainConfig
     from dragons.train.run import train
 

@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a clean, traceback-free message."""
+"""The one exception type the CLI turns into a clean, traceback-free message, and
+the check for an optional extra that a command needs."""
 
 from __future__ import annotations
 
@@ -9,3 +10,11 @@ class DragonsError(Exception):
     The message must name the input and say what to do; the CLI prints it as
     ``error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+def require_plotting(what: str) -> None:
+    """matplotlib is the optional ``report`` extra (cluster nodes do without it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DragonsError(f"{what} needs matplotlib, which is not installed: pip install 'dragons[report]'")

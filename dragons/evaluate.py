@@ -10,17 +10,9 @@ import numpy as np
 
 from dragons import artifact
 from dragons.data import discover
-from dragons.errors import DragonsError
+from dragons.errors import DragonsError, require_plotting
 from dragons.predictor import predict_uris
 from dragons.train.config import TrainConfig
-
-
-def require_plotting(what: str) -> None:
-    """matplotlib is the optional ``report`` extra (cluster nodes do without it)."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise DragonsError(f"{what} needs matplotlib, which is not installed: pip install 'dragons[report]'")
 
 
 # valid_pct / seed: take the value the model was trained with (its model.json),
@@ -64,6 +56,7 @@ def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0
     metrics = classification_metrics(probs[ok], labels[ok], art.classes)
     metrics["skipped"] = int((~ok).sum())
     if report_uri:
+        require_plotting("the report")
         from dragons.report import report_from_predictions
 
         page = report_from_predictions(report_uri, art.meta, [u for u, k in zip(uris, ok) if k], labels[ok], probs[ok],

@@ -229,15 +229,6 @@ def cluster() -> Resources:
     return Resources(cpus=float(res.get("CPU", 0.0)), gpus=int(res.get("GPU", 0)))
 
 
-def decode_beside_model(choice: str, beside: str, gpu: bool) -> bool:
-    """Whether the processes that run the model also decode its images (train
-    workers, scoring actors): when ``choice`` forces it (``beside``), or on
-    ``auto`` without GPUs. On CPUs a separate decode stage only adds processes
-    (their imports and memory) and copies through the object store on the same
-    cores; beside a GPU, separate CPU decoders keep the GPU fed."""
-    return choice == beside or (choice == "auto" and not gpu)
-
-
 def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:
     """(workers, CPUs per worker, use_gpu) for Ray Train.
 

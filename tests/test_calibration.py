@@ -45,8 +45,8 @@ def test_the_predictor_applies_the_artifact_temperature(tta: int):
 
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", 3, weights="none").eval()
-    meta = {"classes": ["a", "b", "c"], "image_size": 64, "base_size": 73,
-            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    meta = {"classes": ["a", "b", "c"], "data_config": {"image_size": 64, "base_size": 73, "crop_pct": 64 / 73,
+                                                         "mean": [0.5] * 3, "std": [0.5] * 3}}
     images = np.random.default_rng(1).integers(0, 255, size=(4, 73, 73, 3), dtype=np.uint8)
     old = Artifact(model=model, meta=dict(meta), uri="old")  # an artifact from before calibration: T = 1
     assert old.temperature == 1.0

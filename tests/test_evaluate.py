@@ -68,14 +68,15 @@ def test_evaluate_splits_a_folder_without_valid_as_the_model_was_trained(tmp_pat
     from dragons.data import discover
     from dragons.evaluate import evaluate
     from dragons.local.synth import write_dataset
+    from dragons.dataconfig import DataConfig
     from dragons.models.registry import build_model, get_spec
 
     data = tmp_path / "data"
     write_dataset(str(data), ["drogon", "viserion"], n_train=10, n_valid=0, seed=2, size=(96, 80))
     shutil.rmtree(data / "valid")
     spec = get_spec("efficientnet_lite0")
-    meta = {"arch": "efficientnet_lite0", "classes": ["drogon", "viserion"], "image_size": 64, "base_size": 73,
-            "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "metrics": {},
+    meta = {"arch": "efficientnet_lite0", "classes": ["drogon", "viserion"], "metrics": {},
+            "data_config": DataConfig.create(64, 0.875, spec.mean, spec.std).to_dict(),
             "config": {"valid_pct": 0.5, "seed": 7}}
     artifact.save(str(tmp_path / "model"), build_model("efficientnet_lite0", 2, "none"), meta)
     trained_split = discover(str(data), 0.5, 7).valid

@@ -177,13 +177,13 @@ def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(capfd:
 
 
 def test_the_model_processes_decode_on_cpus_and_leave_it_to_cpu_decoders_beside_gpus() -> None:
-    """One rule for train (workers|ray-data) and score (actors|tasks): auto decodes beside
+    """One vocabulary and one rule for both wings (--decode auto|model|separate): auto decodes beside
     the model without GPUs, in separate CPU decoders with them; explicit choices win."""
-    from dragons.raycluster import decode_beside_model
+    from dragons.capacity import decode_beside_model
 
-    assert decode_beside_model("auto", "workers", gpu=False) and not decode_beside_model("auto", "workers", gpu=True)
-    assert decode_beside_model("actors", "actors", gpu=True)  # forced: the scoring actors decode on a GPU cluster too
-    assert not decode_beside_model("tasks", "actors", gpu=False) and not decode_beside_model("ray-data", "workers", gpu=False)
+    assert decode_beside_model("auto", gpu=False) and not decode_beside_model("auto", gpu=True)
+    assert decode_beside_model("model", gpu=True)  # forced: the model's processes decode on a GPU cluster too
+    assert not decode_beside_model("separate", gpu=False)
 
 
 # ----- asking the autoscaler for GPUs (dragons.capacity) ---------------------------
@@ -219,9 +219,6 @@ class FakeAutoscaler:
 
         self.requests: list[list[dict]] = []
         self.gpus = list(gpus)
-        from dragons import raycluster
-
-        monkeypatch.setattr(raycluster, "embedded", lambda: False)  # as a job on a cluster (RAY_ADDRESS)
         monkeypatch.setattr(capacity, "autoscaler_kind", lambda settle_s=0: kind)
         monkeypatch.setattr(capacity, "_gpus", lambda: self.gpus.pop(0) if len(self.gpus) > 1 else self.gpus[0])
         monkeypatch.setattr(capacity, "pending_launches", lambda k: pending)

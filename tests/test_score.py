@@ -100,7 +100,7 @@ def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -
     # On this CPU cluster the scoring actors decode ("auto"); decoding in upstream CPU
     # tasks (what GPU clusters do) gives the same rows, errors and probabilities.
     score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat-tasks",
-                      decode="tasks"))
+                      decode="separate"))
     tasks = {r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores WHERE run_id = 'cat-tasks'").to_pylist()}
     assert set(tasks) == set(rows)
     for name, r in rows.items():

@@ -15,11 +15,12 @@ from dragons.score.pipeline import score
 @pytest.fixture()
 def tiny_model(tmp_path: Path) -> str:
     from dragons import artifact
+    from dragons.dataconfig import DataConfig
     from dragons.models.registry import build_model, get_spec
 
     spec = get_spec("efficientnet_lite0")
-    meta = {"arch": "efficientnet_lite0", "classes": ["drogon", "viserion"], "image_size": 64, "base_size": 73,
-            "normalization": {"mean": list(spec.mean), "std": list(spec.std)}, "metrics": {}}
+    data = DataConfig.create(64, 0.875, spec.mean, spec.std)
+    meta = {"arch": "efficientnet_lite0", "classes": ["drogon", "viserion"], "data_config": data.to_dict(), "metrics": {}}
     artifact.save(str(tmp_path / "model"), build_model("efficientnet_lite0", 2, "none"), meta)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(b"not really a jpeg")

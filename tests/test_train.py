@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_hymenoptera_from_s3_two_workers(hymenoptera_model: dict) -> None:
     meta = hymenoptera_model["meta"]
     assert meta["resources"]["workers"] == 2
-    assert meta["resources"]["decode"] == "workers"  # a CPU cluster: the workers decode their own rows
+    assert meta["resources"]["decode"] == "model"  # a CPU cluster: the workers decode their own rows
     assert meta["data"]["n_train"] == 245 and meta["data"]["n_valid"] == 153
     # The issue's bar for the defaults: 5 or fewer wrong of 153 (training is reproducible for a seed).
     assert meta["metrics"]["valid_accuracy"] >= 0.967, meta["metrics"]
@@ -73,11 +73,11 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
         (root / "train" / "drogon" / name).write_bytes(cat[name][0])
     out = workdir / "three-model"
     log_file = workdir / "three.log"
-    # decode="ray-data": the GPU clusters' layout (Ray Data decode actors per
+    # decode="separate": the GPU clusters' layout (Ray Data decode actors per
     # worker), end to end; the S3 test above decodes in the workers (CPU "auto").
     meta = train(TrainConfig(data=str(root), out=str(out), workers=2, image_size=96, epochs=1, head_epochs=30, batch_size=8,
-                             log_file=str(log_file), progress_s=0.5, decode="ray-data"))
-    assert meta["resources"]["decode"].startswith("ray-data"), meta["resources"]
+                             log_file=str(log_file), progress_s=0.5, decode="separate"))
+    assert meta["resources"]["decode"].startswith("separate"), meta["resources"]
     bad = {b["uri"].rsplit("/", 1)[-1]: b["error"] for b in meta["data"]["bad_images"]}
     assert set(bad) == {"truncated.jpg", "zero_byte.jpg"}
     assert bad["truncated.jpg"].startswith("truncated") and bad["zero_byte.jpg"].startswith("empty")

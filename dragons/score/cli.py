@@ -1,4 +1,5 @@
-"""CLI wiring for scoring, querying and table maintenance (``dragons score|query|table``)."""
+"""CLI wiring for scoring, querying, reports, labelling exports and table maintenance
+(``dragons score|query|report|export|table``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from typing import Any, Callable
 
 from dragons.cliargs import Parser, add_config_args, config_from
+from dragons.errors import DragonsError
 
 FORMATS = ["table", "csv", "json"]  # dragons query / table output; the first is the default
 
@@ -25,8 +27,9 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
                     only=("batch_size", "actors", "use_gpu", "gpu_wait_s", "decode", "tta", "max_error_rate",
                           "max_pixels", "max_bytes", "no_progress_timeout_s"),
                     choices={"decode": DECODE_CHOICES, "use_gpu": USE_GPU_CHOICES}, flags={"gpu_wait_s": "--gpu-wait"})
-    add_config_args(p.add_argument_group("table files and logs"), ScoreConfig,
-                    only=("commit_every", "commit_interval_s", "file_size_mb", "spool_dir", "progress_s", "log_file"),
+    add_config_args(p.add_argument_group("table files, report and logs"), ScoreConfig,
+                    only=("commit_every", "commit_interval_s", "file_size_mb", "spool_dir", "report", "progress_s",
+                          "log_file"),
                     flags={"commit_interval_s": "--commit-interval"})
     return p
 
@@ -89,6 +92,87 @@ def query_main(args: argparse.Namespace) -> int:
         print(f"{rows} rows -> {out}", file=sys.stderr)
     return 0
 
+# `dragons report --fail-on-drift X`: the exit status when the class mix drifted more
+# than X (2 is every other error), so a CronJob or CI step can tell drift from a failure.
+DRIFT_EXIT = 3
+
+
+def get_report_parser(prog: str = "dragons report") -> argparse.ArgumentParser:
+    from dragons.score.query import QueryLimits
+    from dragons.score.runreport import ReportOptions
+
+    p = Parser(prog=prog, description="The morning after a night: an HTML report (index.html, summary.json, plots, "
+                                      "thumbnails) of one scoring run, compared with the complete run before it and "
+                                      "with the training set's class mix.")
+    g = p.add_argument_group("which run, and where the report goes")
+    g.add_argument("--table", required=True, help="table root (path or s3://)")
+    g.add_argument("--run-id", default=None, help="the run to report; default: the table's newest complete run")
+    g.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and summary.json (path or s3://)")
+    g.add_argument("--fail-on-drift", type=float, default=None, metavar="X",
+                   help=f"after writing the report, exit {DRIFT_EXIT} when the class mix's Jensen-Shannon distance "
+                        "from the previous run is above X (0..1); no previous run passes")
+    add_config_args(p.add_argument_group("what the report shows"), ReportOptions)
+    add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
+    return p
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from dragons.score.query import QueryLimits
+    from dragons.score.runreport import ReportOptions, write_run_report
+
+    if args.fail_on_drift is not None and not 0 <= args.fail_on_drift <= 1:
+        raise DragonsError(f"--fail-on-drift {args.fail_on_drift:g}: give a Jensen-Shannon distance between 0 and 1 "
+                           "(e.g. 0.1)")
+    opts = config_from(ReportOptions, args)
+    s = write_run_report(args.table, args.out, args.run_id, top=opts.top, surest=opts.surest, bins=opts.bins,
+                         thumb_px=opts.thumb_px, limits=config_from(QueryLimits, args))
+    js = s["drift"]["js_distance"]
+    c = s["counts"]
+    print(f"run {s['run_id']}: scored {c['scored']}, errors {c['errors']}"
+          + (f"; vs {s['previous_run_id']}: class-mix JS distance {js:.3f}" if js is not None else "; no previous run")
+          + f" -> {s['report']}")
+    if args.fail_on_drift is None:
+        return 0
+    if js is None:
+        print(f"note: --fail-on-drift passes: run {s['run_id']} has no previous complete run to compare with",
+              file=sys.stderr)
+        return 0
+    if js > args.fail_on_drift:
+        print(f"error: run {s['run_id']} drifted from {s['previous_run_id']}: class-mix Jensen-Shannon distance "
+              f"{js:.3f} > --fail-on-drift {args.fail_on_drift:g}; see {s['report']} (exit {DRIFT_EXIT})",
+              file=sys.stderr)
+        return DRIFT_EXIT
+    return 0
+
+
+def get_export_parser(prog: str = "dragons export") -> argparse.ArgumentParser:
+    from dragons.score.labelling import FORMATS as LABEL_FORMATS
+    from dragons.score.query import QueryLimits
+
+    p = Parser(prog=prog, description="A run's least sure images as a labelling batch: Label Studio tasks with the "
+                                      "model's prediction pre-filled, or CSV (uri,label,score,margin).")
+    p.add_argument("--table", required=True, help="table root (path or s3://)")
+    p.add_argument("--run-id", required=True, help="the run to take the images from")
+    p.add_argument("--uncertain", type=int, required=True, metavar="N", help="how many of its least sure images")
+    p.add_argument("--per-class", action="store_true",
+                   help="balance across predicted classes: N // classes from each, the rest least sure overall")
+    p.add_argument("--format", choices=LABEL_FORMATS, default=LABEL_FORMATS[0], help="output format")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write to this local file (complete, or not at all) instead of stdout")
+    add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
+    return p
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from dragons.score.labelling import write_export
+    from dragons.score.query import QueryLimits
+
+    n = write_export(args.table, args.run_id, args.uncertain, args.format, args.out, args.per_class,
+                     config_from(QueryLimits, args))
+    if args.out:
+        print(f"{n} {'tasks' if args.format == 'label-studio' else 'rows'} -> {args.out}", file=sys.stderr)
+    return 0
+
 
 def get_table_parser(prog: str = "dragons table") -> argparse.ArgumentParser:
     from dragons.score.maintenance import MaintenanceConfig
@@ -112,5 +196,7 @@ def table_main(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[Any], int]]] = {
     "score": (get_score_parser, score_main),
     "query": (get_query_parser, query_main),
+    "report": (get_report_parser, report_main),
+    "export": (get_export_parser, export_main),
     "table": (get_table_parser, table_main),
 }

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dragons.capacity import GPU_WAIT_S, USE_GPU_CHOICES, parse_span
+from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES, parse_span
 from dragons.errors import DragonsError
 
 from dragons.decode import DEFAULT_MAX_BYTES
 from dragons.images import DEFAULT_MAX_PIXELS
 
-# Where images are decoded; the first is the default.
-DECODE_CHOICES = ["auto", "actors", "tasks"]
 
 
 @dataclass
@@ -29,7 +27,7 @@ class ScoreConfig:
     use_gpu: str = USE_GPU_CHOICES[0]  # auto = GPUs the cluster has or its autoscaler adds (waiting --gpu-wait), else CPUs; yes = fail without GPUs; no = CPUs only
     gpu_wait_s: float = GPU_WAIT_S  # seconds to wait for the first GPU nodes of an autoscaling cluster before giving up on them
     tta: int = 0  # test-time augmentation views (0 = off)
-    decode: str = DECODE_CHOICES[0]  # auto = in the scoring actors on CPU clusters, in CPU tasks where actors have GPUs
+    decode: str = DECODE_CHOICES[0]  # auto = in the scoring actors on CPU clusters, in separate CPU tasks where actors have GPUs; model | separate force one
     max_error_rate: float = 1.0  # exit non-zero when errors / objects scored this run exceeds this
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images become error rows `too_large`
     max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread

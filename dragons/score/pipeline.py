@@ -36,9 +36,9 @@ from dragons.columns import check_classes, prediction_columns
 from dragons.errors import DragonsError
 from dragons.score.config import ScoreConfig
 from dragons.score.schema import PASSTHROUGH
-from dragons.capacity import CPUS_PER_GPU, Grant, GpuRequest, Span, parse_span
-from dragons.raycluster import (DATA_CPU_SHARE, VERBOSE_ENV, Pool, cluster, decode_beside_model, driver_stderr_to_log,
-                                ensure_ray, ray_output, size_actors)
+from dragons.capacity import CPUS_PER_GPU, Grant, GpuRequest, Span, decode_beside_model, parse_span
+from dragons.raycluster import (DATA_CPU_SHARE, VERBOSE_ENV, Pool, cluster, driver_stderr_to_log,
+                                embedded, ensure_ray, ray_output, size_actors)
 
 log = logging.getLogger("dragons.score")
 # Lines an operator may want but a person watching a run need not read: always in
@@ -369,7 +369,8 @@ def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan
     # GPUs: those the cluster has, or asks its autoscaler for (and waits, bounded);
     # the request is withdrawn when scoring ends, so idle nodes go back.
     want = parse_span(cfg.actors, "--actors")
-    with GpuRequest("scoring actor", cfg.use_gpu, want, cfg.gpu_wait_s, max(cfg.progress_s, 10.0), say=log.info) as grant:
+    with GpuRequest("scoring actor", cfg.use_gpu, want, cfg.gpu_wait_s, max(cfg.progress_s, 10.0), say=log.info,
+                    local=embedded()) as grant:
         return _stream(cfg, run_id, meta, plan, version, writer, want, grant)
 
 
@@ -409,7 +410,7 @@ def _stream(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, ve
         ds.context.target_max_block_size = STREAM_BLOCK_BYTES
     # On CPUs the scoring actors decode too (every 300 KB base square would
     # otherwise cross the object store); GPU actors get CPU decode tasks upstream.
-    fused = decode_beside_model(cfg.decode, "actors", pool.gpu > 0)
+    fused = decode_beside_model(cfg.decode, pool.gpu > 0)
     log.info("%s scoring actor(s) with %g CPU%s each; decoding %s",
              pool.hi if pool.lo == pool.hi else f"{pool.lo} to {pool.hi}", pool.cpu, " and 1 GPU" if pool.gpu else "",
              "in the scoring actors" if fused else "in CPU tasks", extra=None if pool.gpu else DETAIL)
@@ -419,7 +420,7 @@ def _stream(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, ve
     if fused:
         ds = ds.map_batches(
             Scorer, fn_constructor_args=(cfg.model, cfg.tta, pool.threads, decoder, cfg.batch_size, pinned),
-            batch_size=None, compute=compute, num_cpus=pool.cpu, num_gpus=pool.gpu,  # --decode actors on GPUs
+            batch_size=None, compute=compute, num_cpus=pool.cpu, num_gpus=pool.gpu,  # --decode model on GPUs
         )
     else:
         # Few decode tasks, each overlapping its S3 GETs on threads: every extra

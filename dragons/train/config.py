@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from dragons.capacity import GPU_WAIT_S, USE_GPU_CHOICES
+from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES
 from dragons.errors import DragonsError
 from dragons.images import DEFAULT_MAX_PIXELS
 
@@ -14,8 +14,6 @@ from dragons.images import DEFAULT_MAX_PIXELS
 # maps a choice to a dtype for training and, from the artifact, for inference.
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
-# Where a run's images are decoded (--decode); the first is the default.
-DECODE_CHOICES = ["auto", "workers", "ray-data"]
 
 # Fields whose default means "decide from the data" (dragons.train.recipe); the
 # CLI accepts the word "auto" for them.
@@ -62,7 +60,7 @@ class TrainConfig:
     resume: bool = False  # continue the run named `name` from its last checkpoint
     amp: str = AMP_CHOICES[0]  # auto (bf16/fp16 on GPU, off on CPU) | bf16 | fp16 | off; scoring uses the model's
     report: bool = True  # write the evaluation report (HTML + PNGs) beside the artifact
-    decode: str = DECODE_CHOICES[0]  # auto = in the training workers on CPU clusters (threads beside the model: no decode processes, ~0.25 GB less on 2 workers), in Ray Data decode actors beside GPU workers; workers | ray-data force one
+    decode: str = DECODE_CHOICES[0]  # auto = in the training workers on CPU clusters (threads beside the model: no decode processes, ~0.25 GB less on 2 workers), in separate Ray Data decode actors beside GPU workers; model | separate force one
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard for decoding
     max_images: int = 0  # benchmarks only: cap every pass (precompute, epochs, validation) at this many images, through the same data path (0 = all)
     progress_s: float = 15.0  # seconds between two progress lines of a long step (decode, precompute, epochs)

