@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers_hardening.Shard: images in memory
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -21,7 +22,7 @@ from dragons.models.fuse import fuse_for_inference  # noqa: E402
 from dragons.preprocess import eval_batch  # noqa: E402
 from dragons.train.config import TrainConfig  # noqa: E402
 from dragons.train.recipe import resolve  # noqa: E402
-from dragons.train.stream import Shard  # noqa: E402
+from helpers_hardening import Shard  # noqa: E402
 from dragons.train.worker import Worker  # noqa: E402
 
 assert torch.cuda.is_available(), "no CUDA device"

@@ -1,12 +1,19 @@
-"""Shared helpers for the hardening tests: a tiny untrained model artifact and
-small JPEGs. Untrained weights are enough where a test compares rows with rows."""
+"""Shared test helpers: a tiny untrained model artifact, small JPEGs, the recipe's
+head-only settings, and a training Source of images in memory. Untrained weights
+are enough where a test compares rows with rows."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SIZE = 64
 
@@ -49,3 +56,32 @@ def head_only_settings() -> dict:
 
     cfg, _ = resolve(TrainConfig(data="x", out="y"), n_train=245, short_side=375)
     return {"augment": cfg.augment, "label_smoothing": cfg.label_smoothing, "lr_mult": cfg.lr_mult}
+
+
+@dataclass
+class Shard:
+    """A training Source (dragons.train.stream) of images already in memory: uint8
+    NCHW base squares, labels and row ids; for tests and the GPU check."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def row_ids(self) -> np.ndarray:
+        return self.idx.numpy().astype(np.int64)
+
+    def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[tuple]:
+        import torch
+
+        from dragons.train.stream import num_steps, shard_rows, split_sizes
+
+        order = torch.from_numpy(shard_rows(len(self), 0, 1, self.seed, epoch, shuffle))
+        start = 0
+        for size in split_sizes(len(self), num_steps(len(self), batch_size)):
+            sel = order[start : start + size]
+            start += size
+            yield self.x[sel], self.y[sel], self.idx[sel]

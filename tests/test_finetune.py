@@ -21,7 +21,7 @@ from dragons.train.config import TrainConfig
 from dragons.train.recipe import resolve
 from helpers_hardening import head_only_settings
 from dragons.train.worker import Worker
-from dragons.train.stream import Shard
+from helpers_hardening import Shard
 
 FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers5"
 

@@ -9,7 +9,7 @@ from dragons.preprocess import eval_batch
 from dragons.train.config import TrainConfig
 from helpers_hardening import head_only_settings
 from dragons.train.worker import Worker
-from dragons.train.stream import Shard
+from helpers_hardening import Shard
 
 
 def _worker(**kw: object) -> Worker:

@@ -123,7 +123,7 @@ def test_pickled_s3_filesystem_holds_no_secret(s3: object) -> None:
 def test_a_listed_key_that_begins_with_a_slash_is_read_as_itself(s3: object) -> None:
     """s3://b//x.jpg (key '/x.jpg') is another object than s3://b/x.jpg: scoring
     must read each row's own bytes, not its neighbour's (parse strips slashes)."""
-    from dragons.decode import DecodeBatch
+    from dragons.decode import read_one
     from dragons.score.listing import iter_listing
 
     client = storage.boto3_client()
@@ -132,8 +132,7 @@ def test_a_listed_key_that_begins_with_a_slash_is_read_as_itself(s3: object) -> 
     client.put_object(Bucket="dragons-slash", Key="/x.jpg", Body=b"key with a leading slash")
     uris = sorted(u for t in iter_listing("s3://dragons-slash") for u in t.column("uri").to_pylist())
     assert uris == ["s3://dragons-slash//x.jpg", "s3://dragons-slash/x.jpg"]
-    reader = DecodeBatch(base_size=64, max_pixels=10**6)
-    assert [reader._read(u) for u in uris] == [b"key with a leading slash", b"plain key"]
+    assert [read_one(u) for u in uris] == [b"key with a leading slash", b"plain key"]
     assert storage.object_location("s3://dragons-slash//x.jpg").path == "dragons-slash//x.jpg"
     assert storage.object_location("s3://dragons-slash/a/x.jpg") == storage.parse("s3://dragons-slash/a/x.jpg")
     assert storage.parse("s3://dragons-slash//x.jpg").path == "dragons-slash/x.jpg"  # a typed prefix keeps its old meaning

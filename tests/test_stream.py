@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dragons.train.progress import Progress
-from dragons.train.stream import Shard, StreamShard, shard_rows, split_sizes
+from helpers_hardening import Shard
+from dragons.train.stream import StreamShard, shard_rows, split_sizes
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 17, 100, 1001])

@@ -24,8 +24,8 @@ import torch
 from dragons.train.checkpoint import RunState
 from dragons.train.config import TrainConfig
 from dragons.train.ranks import gather, mean_all
-from dragons.train.stream import Shard
-from dragons.train.worker import Preds, Source, Worker
+from dragons.train.stream import Source
+from dragons.train.worker import Preds, Worker
 
 
 def plan(cfg: TrainConfig) -> list[str]:
@@ -165,7 +165,4 @@ def print_row(history: list[dict[str, Any]], rank: int) -> None:
 
 def valid_rows(src: Source) -> np.ndarray:
     """Row ids of an unshuffled pass over ``src``, without decoding an image."""
-    if isinstance(src, Shard):
-        return src.idx.numpy().astype(np.int64)
-    positions = src.positions(0, False)
-    return np.asarray(src.rows["idx"])[positions].astype(np.int64)
+    return src.row_ids()

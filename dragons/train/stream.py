@@ -1,14 +1,14 @@
 """Where a worker's images come from, batch by batch.
 
-Two sources with one interface (``batches``):
+One interface, :class:`Source` (``batches``, ``row_ids``), one implementation:
 
-* :class:`StreamShard` (training runs): the worker's own rows of the data set,
+* :class:`StreamShard`: the worker's own rows of the data set,
   read and decoded to the base square the recipe needs and no larger, and
   consumed as they arrive: beside GPU workers in Ray Data decode actors
   (``map_batches(DecodeBatch)``, ``iter_batches(prefetch_batches=...)``); on
   CPU clusters by the same ``DecodeBatch`` on threads in the worker itself.
   Memory is bounded by the chunks in flight, not by the number of images.
-* :class:`Shard` (unit tests, tiny sets): images already in memory.
+  (Tests train on images in memory through the same interface: tests/helpers_hardening.py.)
 
 Sharding is ours, not Ray's streaming split: every epoch the driver's row list
 is permuted with a seeded generator (the same on every rank) and rank ``r``
@@ -27,8 +27,7 @@ batches whose sizes differ by at most one (:func:`split_sizes`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -80,25 +79,15 @@ def split_sizes(n: int, steps: int) -> list[int]:
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 NCHW base squares, labels, row ids
 
 
-@dataclass
-class Shard:
-    """Images already in memory: uint8 NCHW base squares, labels and row ids."""
+class Source(Protocol):
+    """Where a worker's images come from: ``len``, batches of (images, labels, row
+    ids), and the row ids of an unshuffled pass without decoding an image."""
 
-    x: torch.Tensor
-    y: torch.Tensor
-    idx: torch.Tensor
-    seed: int = 0
+    def __len__(self) -> int: ...
 
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
+    def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]: ...
 
-    def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
-        order = torch.from_numpy(shard_rows(len(self), 0, 1, self.seed, epoch, shuffle))
-        start = 0
-        for size in split_sizes(len(self), num_steps(len(self), batch_size)):
-            sel = order[start : start + size]
-            start += size
-            yield self.x[sel], self.y[sel], self.idx[sel]
+    def row_ids(self) -> np.ndarray: ...
 
 
 class StreamShard:
@@ -186,6 +175,10 @@ class StreamShard:
             sample = shard_rows(self.n_total, self.rank, self.world, self.seed, -1, True)[: len(self)]
             return np.sort(sample)
         return shard_rows(self.n_total, self.rank, self.world, self.seed, epoch, shuffle)[: len(self)]
+
+    def row_ids(self) -> np.ndarray:
+        """Row ids of an unshuffled pass, without decoding an image."""
+        return np.asarray(self.rows["idx"])[self.positions(0, False)].astype(np.int64)
 
     def batches(self, batch_size: int, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
         positions = self.positions(epoch, shuffle)

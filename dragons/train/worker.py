@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +28,11 @@ from dragons.train.config import TrainConfig
 from dragons.train.progress import Progress
 from dragons.train.ranks import all_reduce, mean_all, world
 from dragons.train.schedule import discriminative_lrs, exp_lrs, is_finite, one_cycle, smooth, suggest_valley
-from dragons.train.stream import Shard, StreamShard, num_steps
+from dragons.train.stream import Source, num_steps
 
 # Images per forward pass when nothing is learnt (features, validation).
 EVAL_BATCH = 32
 
-# Where a worker's images come from: a Ray Data stream, or (tests) tensors in memory.
-Source = Union[Shard, StreamShard]
 
 
 @dataclass
