@@ -25,7 +25,6 @@ import json
 import math
 import os
 import tempfile
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -273,37 +272,24 @@ class _Thumbnailer:
 
     def __init__(self, folder: Path, px: int) -> None:
         self.folder, self.px = folder, px
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def _read(self, uri: str) -> bytes:
-        from dragons.decode import DEFAULT_MAX_BYTES
-
-        loc = storage.object_location(uri)  # the listed key verbatim, as scoring read it
-        if not loc.is_s3:
-            return storage.read_bytes(uri, max_bytes=DEFAULT_MAX_BYTES)
-        with self._lock:  # one boto3 client for all threads (creating one costs ~0.3 s of CPU)
-            if self._client is None:
-                self._client = storage.boto3_client(max_pool_connections=THUMB_THREADS)
-        return storage.get_object(self._client, loc, DEFAULT_MAX_BYTES)
 
     def one(self, uri: str) -> str | None:
-        """Write ``uri``'s thumbnail; None when written, else why not."""
-        from dragons.images import DecodeOptions, ImageError, decode
+        """Write ``uri``'s thumbnail; None when written, else why not (as the table's error rows say it)."""
+        from dragons.decode import read_one, row_error
+        from dragons.images import DecodeOptions, decode
 
+        data = read_one(uri)  # the listed key verbatim, as scoring read it
+        if isinstance(data, str):
+            return storage.redact(data)
         try:
-            img = decode(self._read(uri), DecodeOptions(min_side=self.px))
+            img = decode(data, DecodeOptions(min_side=self.px))
             img.thumbnail((self.px, self.px))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=80)
             (self.folder / _thumb_name(uri)).write_bytes(buf.getvalue())
             return None
-        except ImageError as exc:
-            return f"{exc.reason}: {exc.message}"
-        except storage.ObjectError as exc:  # the error kinds of the table's own rows
-            return f"{exc.code}: {storage.redact(str(exc))}"
-        except Exception as exc:  # noqa: BLE001 (S3 trouble, a codec bug: name it on the page)
-            return storage.redact(f"{type(exc).__name__}: {str(exc)[:200]}")
+        except Exception as exc:  # noqa: BLE001 (a codec bug or a bad file: name it on the page)
+            return storage.redact(row_error(exc))
 
     def all(self, uris: list[str]) -> dict[str, str]:
         """Thumbnails for ``uris``; returns uri -> reason for those that failed."""
