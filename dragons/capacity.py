@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from dragons import runlog
 from dragons.errors import DragonsError
 
 log = logging.getLogger("dragons")
@@ -125,11 +126,12 @@ def _v1_report() -> dict | None:
     """The v1 monitor's autoscaler report (rewritten every few seconds), or None
     without one, or when it is minutes old (a monitor that died)."""
     import ray
-    from ray.experimental.internal_kv import _internal_kv_get
+
+    from dragons import raycompat
 
     if not ray.is_initialized():
         return None
-    raw = _internal_kv_get("__autoscaling_status")
+    raw = raycompat.kv_get("__autoscaling_status")
     try:
         status = json.loads(raw) if raw else None
     except ValueError:
@@ -160,7 +162,8 @@ def mirrors_only(report: dict) -> bool:
 def pending_launches(kind: str | None) -> int:
     """Nodes the autoscaler is launching or waiting for now."""
     import ray
-    from ray.experimental.internal_kv import _internal_kv_get
+
+    from dragons import raycompat
 
     try:
         if kind == "v2":
@@ -169,7 +172,7 @@ def pending_launches(kind: str | None) -> int:
             st = get_cluster_status(ray.get_runtime_context().gcs_address)
             return sum(r.count for r in st.pending_launches) + len(st.pending_nodes)
         if kind == "v1":
-            report = json.loads(_internal_kv_get("__autoscaling_status") or b"{}").get("autoscaler_report") or {}
+            report = json.loads(raycompat.kv_get("__autoscaling_status") or b"{}").get("autoscaler_report") or {}
             return sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
     except Exception:  # noqa: BLE001 (no answer is "unknown": keep waiting, bounded)
         return 1
@@ -208,7 +211,7 @@ class GpuRequest:
     """
 
     def __init__(self, role: str, use_gpu: str, want: Span, wait_s: float = GPU_WAIT_S, progress_s: float = 10.0,
-                 say: Callable[[str], None] = print, sleep_s: float = 1.0, local: bool = False) -> None:
+                 say: Callable[[str], None] = runlog.say, sleep_s: float = 1.0, local: bool = False) -> None:
         if use_gpu not in USE_GPU_CHOICES:
             raise DragonsError(f"--use-gpu {use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
         self.role, self.use_gpu, self.want = role, use_gpu, want

@@ -13,10 +13,13 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
+from dragons import raycompat
 from dragons.capacity import CPUS_PER_GPU, Span
+from dragons.runlog import ray_output, say, verbose
 
 # Ray Train's print patch echoes every worker print twice; plain stdout is enough.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -77,49 +80,36 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-# Workers' stderr (Ray's own logging: worker-group set-up, Ray Data notices, C++
-# warnings) goes here, not to the terminal; the run's log file has a handler on it.
-ray_output = logging.getLogger("dragons.ray")
-ray_output.setLevel(logging.INFO)
-ray_output.propagate = False  # never the terminal (a run adds its log file's handler)
 DASHBOARD_ENV = "DRAGONS_DASHBOARD"  # "1": the embedded cluster starts Ray's dashboard (loopback only)
-VERBOSE_ENV = "DRAGONS_VERBOSE"  # "1" (or --verbose): workers' stderr on the terminal too, as Ray prints it
 
 
 def _route_worker_output() -> None:
-    """What a person sees of the workers is what dragons prints there.
+    """What a person sees of the workers is what dragons says there.
 
     Ray forwards every worker's stdout and stderr to the driver with a coloured
     ``(RayTrainWorker pid=...)`` prefix. Our lines (progress, the epoch table,
-    printed by rank 0) are on stdout: they are shown as plain lines (and reach
-    the run's log through its tee). Ray's own lines are on stderr: they go to the
+    said by rank 0) are on stdout: they join the run's log as plain lines
+    (dragons.runlog). Ray's own lines are on stderr: they go to the
     ``dragons.ray`` logger, i.e. the run's log file; ``DRAGONS_VERBOSE=1`` also
     shows them as Ray would. Ray's session logs keep everything regardless.
     """
-    import functools
+    ray_print: Any = None
 
-    from ray._private import worker as ray_worker
-
-    dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    verbose = os.environ.get(VERBOSE_ENV, "") == "1"
-    ray_print = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
-
-    def route(data: dict) -> None:
+    def route(data: dict[str, Any]) -> None:
         lines = [str(line) for line in data.get("lines") or []]
         if data.get("pid") == "autoscaler":  # like Ray: its events, not its status dump every 5 s
-            lines = list(ray_worker.filter_autoscaler_events(lines))
+            lines = raycompat.autoscaler_events(lines)
         if not data.get("is_err") and data.get("pid") != "autoscaler":  # the autoscaler's status dumps are Ray's too
-            if lines:
-                print("\n".join(lines), flush=True)
+            for line in lines:
+                say(line)
             return
-        if verbose:
+        if verbose() and ray_print is not None:
             ray_print(data)
         who = data.get("actor_name") or data.get("task_name") or "worker"
         for line in lines:
             ray_output.info("(%s pid=%s) %s", who, data.get("pid"), line)
 
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", route)
+    ray_print = raycompat.route_worker_output(route)
 
 
 # Known-harmless lines Ray's C++ core prints on the driver's stderr, where no
@@ -140,7 +130,7 @@ def driver_stderr_to_log(noise: tuple[str, ...] = DRIVER_NOISE) -> Iterator[None
     import sys
     import threading
 
-    if os.environ.get(VERBOSE_ENV, "") == "1":
+    if verbose():
         yield
         return
     sys.stderr.flush()
@@ -176,9 +166,7 @@ def _check_token_auth() -> None:
     ray before dragons, setting the variable now would be silently ignored.
     ``RAY_AUTH_MODE=disabled``, set explicitly, is the only way to opt out.
     """
-    from ray._raylet import AuthenticationMode, get_authentication_mode
-
-    if get_authentication_mode() == AuthenticationMode.TOKEN:
+    if raycompat.token_auth_on() is not False:  # on, or a Ray that cannot say (then its own checks apply)
         return
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         log.warning("RAY_AUTH_MODE=disabled: this Ray cluster accepts jobs from anyone who can reach its ports")
@@ -199,9 +187,7 @@ def _forget_dead_cluster_address() -> None:
     """
     import socket
 
-    from ray._common.utils import get_ray_address_file
-
-    path = get_ray_address_file(None)
+    path = raycompat.address_file()
     try:
         with open(path) as f:
             host, _, port = f.read().strip().rpartition(":")

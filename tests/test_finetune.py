@@ -138,18 +138,24 @@ def test_a_phase_keeps_one_optimiser_and_a_resume_restores_it() -> None:
     a resumed run re-enters the phase with the moments its checkpoint saved."""
     import copy
 
-    from dragons.train import phases
+    from dragons.train.trainer import Trainer
     from dragons.train.checkpoint import RunState
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     plan, shard = ["head", "unfrozen", "unfrozen", "unfrozen"], _tiny_shard()  # 12 images at batch 4: 3 steps an epoch
     w, run = _tiny_worker(), RunState(lr=1e-3)
-    phases.images(w, run, shard, plan, 1)
+
+    def trainer(w: Worker, run: RunState) -> Trainer:
+        t = Trainer(w, run, shard, shard)
+        t.phases = plan
+        return t
+
+    trainer(w, run).fit_images(1)
     first = w.phase_optimizer("unfrozen", run.lr, 9, 3)[0]
     assert run.optimizer is not None and run.optimizer["phase"] == "unfrozen"
     assert int(run.optimizer["state"]["state"][0]["step"]) == 3
-    phases.images(w, run, shard, plan, 2)
+    trainer(w, run).fit_images(2)
     assert w.phase_optimizer("unfrozen", run.lr, 9, 6)[0] is first  # the same optimiser, not a new one
     assert int(run.optimizer["state"]["state"][0]["step"]) == 6  # moments of both epochs
     saved = copy.deepcopy(run.optimizer)
@@ -160,7 +166,7 @@ def test_a_phase_keeps_one_optimiser_and_a_resume_restores_it() -> None:
     opt2, sched2, _ = w2.phase_optimizer("unfrozen", run2.lr, 9, 6, run2.optimizer)
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], saved["state"]["state"][0]["exp_avg"])
     assert [g["lr"] for g in opt2.param_groups] == pytest.approx(sched2.get_last_lr())  # the schedule's position
-    phases.images(w2, run2, shard, plan, 3)
+    trainer(w2, run2).fit_images(3)
     assert int(run2.optimizer["state"]["state"][0]["step"]) == 9
     # A run resumed without a saved optimiser (an older checkpoint) starts it afresh.
     w3 = _tiny_worker()

@@ -128,16 +128,19 @@ def test_embedded_training_starts_no_cluster_only_actors(ray_session: None) -> N
     processes (~0.1 GB each) that only matter on a long-lived cluster; and
     without its DatasetManager actor when the workers decode their own rows."""
     from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     from dragons.raycluster import embedded
-    from dragons.train.run import _trainer_class
+    from dragons.raycompat import lean_trainer
 
     assert embedded()
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # read by Ray Train's controller
 
     def callbacks(workers_decode: bool) -> list[str]:
-        trainer = _trainer_class(workers_decode)(lambda: None, scaling_config=ScalingConfig(num_workers=1),
-                                                 run_config=RunConfig(name="callbacks-only", storage_path=tempfile.mkdtemp()))
+        # What dragons.train.run._trainer leaves out on the embedded cluster.
+        unused = {"PlacementGroupCleanerCallback"} | ({"DatasetsCallback"} if workers_decode else set())
+        trainer = lean_trainer(TorchTrainer, unused)(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                                                     run_config=RunConfig(name="callbacks-only", storage_path=tempfile.mkdtemp()))
         return [type(c).__name__ for c in trainer._create_default_callbacks()]
 
     # Workers that decode their own rows use no Ray Data shards: no DatasetManager actor either.
@@ -153,7 +156,8 @@ def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(capfd:
     raised inside the block (stderr is restored before it leaves)."""
     import logging
 
-    from dragons.raycluster import DRIVER_NOISE, VERBOSE_ENV, driver_stderr_to_log, ray_output
+    from dragons.raycluster import DRIVER_NOISE, driver_stderr_to_log
+    from dragons.runlog import VERBOSE_ENV, ray_output
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     seen: list[str] = []

@@ -67,7 +67,7 @@ def test_rule_applied_to_synthetic_sets(ray_session: None, workdir: Path) -> Non
     """The driver's decode check measures what the rule needs, on real files."""
     from dragons.data import discover
     from dragons.local.synth import write_dataset
-    from dragons.train.run import scan_folder
+    from dragons.train.plan import scan_folder
 
     for name, n, size, expect_epochs, expect_size in (("small", 12, (480, 360), 0, 224),
                                                        ("larger", FINE_TUNE_MIN_IMAGES // 2 + 8, (64, 64), None, 64)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dragons.train.progress import Progress
+from dragons.runlog import Progress
 from helpers_hardening import Shard
 from dragons.train.stream import StreamShard, shard_rows, split_sizes
 
@@ -85,10 +85,36 @@ def test_progress_lines(capsys: pytest.CaptureFixture[str]) -> None:
     quiet = Progress("other rank", 100, enabled=False, every_s=0.0)
     quiet.update(50)
     quiet.finish()
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()  # the run's lines are on stderr: stdout carries results
     assert len(lines) == 3 and all(line.startswith("epoch 1 unfrozen") for line in lines)
     assert "20/100 images" in lines[0] and "60/100 images" in lines[1] and "ETA" in lines[1]
     assert "100/100 images" in lines[2] and "images/s" in lines[2] and lines[2].endswith("done")
+
+
+def test_one_run_log_for_both_wings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Scoring's progress (total unknown while the listing goes on) and training's
+    share one Progress and one log: terminal lines, and the file with UTC times;
+    details and Ray's worker lines in the file only."""
+    import logging
+    import re
+
+    from dragons.runlog import ray_output, run_log, say
+
+    with run_log(str(tmp_path / "logs" / "run.log")) as path:
+        p = Progress("scored", None, every_s=0.0)
+        p.update(40, note="0 errors, listing goes on")
+        p.finish(total=40, note="1 errors")
+        say("an operator's detail", detail=True)
+        ray_output.info("(RayTrainWorker pid=1) a line of Ray's")
+    say("after the run")  # the file is closed: terminal only
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("scored  40 images") and "listing goes on" in err[0] and "/" not in err[0].split("images")[0]
+    assert err[1].startswith("scored  40/40 images") and err[1].endswith("done  (1 errors)")
+    assert err[2] == "after the run" and len(err) == 3
+    text = open(path).read().splitlines()
+    assert len(text) == 4 and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in text)
+    assert text[2].endswith("an operator's detail") and text[3].endswith("a line of Ray's")
+    assert not logging.getLogger("dragons").propagate
 
 
 def test_capped_passes_sample_every_class() -> None:

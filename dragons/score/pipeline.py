@@ -37,8 +37,8 @@ from dragons.errors import DragonsError
 from dragons.score.config import ScoreConfig
 from dragons.score.schema import PASSTHROUGH
 from dragons.capacity import CPUS_PER_GPU, Grant, GpuRequest, Span, decode_beside_model, parse_span
-from dragons.raycluster import (DATA_CPU_SHARE, VERBOSE_ENV, Pool, cluster, driver_stderr_to_log,
-                                embedded, ensure_ray, ray_output, size_actors)
+from dragons.raycluster import DATA_CPU_SHARE, Pool, cluster, driver_stderr_to_log, embedded, ensure_ray, size_actors
+from dragons.runlog import Progress, run_log
 
 log = logging.getLogger("dragons.score")
 # Lines an operator may want but a person watching a run need not read: always in
@@ -126,47 +126,11 @@ def check_pinned(uri: str, version: str, classes: list[str], want_version: str, 
                            "(with --replace to rescore the whole run with the new model)")
 
 
-class _Progress:
-    """Rows scored and rate, to the terminal and the run's log file."""
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self.t0 = self.last = time.perf_counter()
-        self.rows = self.errors = 0
-
-    def update(self, rows: int, errors: int, counts: Counts | None = None, force: bool = False) -> None:
-        """``counts``: the listing so far (its total is known once it is done)."""
-        self.rows += rows
-        self.errors += errors
-        now = time.perf_counter()
-        if not (force or now - self.last >= self.every_s):
-            return
-        self.last = now
-        rate = self.rows / max(now - self.t0, 1e-9)
-        if counts is not None and counts.done:
-            eta = (counts.to_score - self.rows) / rate if rate > 0 else float("inf")
-            log.info("scored %d/%d rows (%.1f%%), %d errors, %.1f images/s, eta %s", self.rows, counts.to_score,
-                     100.0 * self.rows / max(counts.to_score, 1), self.errors, rate,
-                     "-" if math.isinf(eta) else f"{eta:.0f}s")
-        else:
-            listed = f", listing goes on: {counts.listed} listed, {counts.to_score} to score so far" if counts else ""
-            log.info("scored %d rows, %d errors, %.1f images/s%s", self.rows, self.errors, rate, listed)
-
-
-def _setup_logging(path: str) -> logging.Handler:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
-        console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("%(message)s"))
-        if os.environ.get(VERBOSE_ENV, "") != "1":
-            console.addFilter(lambda record: not getattr(record, "detail", False))
-        log.addHandler(console)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    return handler
+def _progress_note(errors: int, counts: Counts | None) -> str:
+    note = f"{errors} errors"
+    if counts is not None and not counts.done:
+        note += f", listing goes on: {counts.listed} listed, {counts.to_score} to score so far"
+    return note
 
 
 def score(cfg: ScoreConfig) -> dict[str, Any]:
@@ -185,16 +149,10 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         _check_spool_dir(cfg.spool_dir)
         if cfg.report:
             storage.check_writable(cfg.report, "--report")
-    handler = _setup_logging(cfg.log_file or os.path.join("logs", f"score-{run_id}.log"))
-    ray_output.addHandler(handler)  # Ray's own worker lines: in the run's log, not on the terminal
-    try:
+    with run_log(cfg.log_file or os.path.join("logs", f"score-{run_id}.log")):
         if cfg.dry_run:
             return _dry_run(cfg, run_id, meta)
         return _run(cfg, run_id, started, meta, classes)
-    finally:
-        ray_output.removeHandler(handler)
-        log.removeHandler(handler)
-        handler.close()
 
 
 def _check_spool_dir(path: str) -> None:
@@ -431,16 +389,13 @@ def _stream(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, ve
             Scorer, fn_constructor_args=(cfg.model, cfg.tta, pool.threads, None, 8, pinned), batch_size=cfg.batch_size,
             compute=compute, num_cpus=pool.cpu, num_gpus=pool.gpu,
         )
-    progress = _Progress(cfg.progress_s)
-    added = 0
+    progress = Progress("scored", plan.counts.to_score if plan.counts is not None else None, every_s=cfg.progress_s)
+    added = errors = 0
 
     def listing_so_far() -> Counts | None:
         if plan.counts is not None:
             return plan.counts
-        return ray.get(plan.counts_actor.counts.remote()) if progress_due() else None
-
-    def progress_due() -> bool:
-        return time.perf_counter() - progress.last >= progress.every_s
+        return ray.get(plan.counts_actor.counts.remote()) if progress.due() else None
 
     try:
         with driver_stderr_to_log():
@@ -448,12 +403,16 @@ def _stream(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], plan: _Plan, ve
                 if writer.add(batch):
                     log.info("run %s: part %d committed (the run holds %d rows)", run_id, writer.part, writer.rows)
                 added += batch.num_rows
-                progress.update(batch.num_rows, batch.num_rows - batch.column("error").null_count, listing_so_far())
+                errors += batch.num_rows - batch.column("error").null_count
+                counts = listing_so_far()
+                progress.update(batch.num_rows, total=counts.to_score if counts is not None and counts.done else None,
+                                note=_progress_note(errors, counts))
     except DragonsError:
         raise
     except Exception as exc:
         raise _pipeline_error(run_id, exc) from None
-    progress.update(0, 0, plan.counts if plan.counts is not None else _final_counts(plan.counts_actor), force=True)
+    final = plan.counts if plan.counts is not None else _final_counts(plan.counts_actor)
+    progress.finish(total=final.to_score, note=_progress_note(errors, final))
     return added
 
 

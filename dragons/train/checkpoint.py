@@ -1,16 +1,25 @@
-"""Checkpoints: what a run saves after every epoch, and where it resumes from.
+"""A run's saved state: its folder, its recipe file and its checkpoints.
 
-A checkpoint folder holds ``STATE_FILE`` (the model's weights and the run's
-:class:`RunState`) and, after a trained epoch, ``PREDS_FILE`` (the validation
-predictions the report is drawn from). Every epoch ends with one, through
-``ray.train.report``; a restarted worker group (``--max-failures``) or a
-``--resume`` continues from the newest complete one.
+Every read of saved state is here (the driver's and the workers'), so what a
+resume trusts is decided in one place:
+
+* the run's folder (:class:`RunFolder`): ``<storage>/<name>``, named after
+  ``--out`` unless ``--name`` says otherwise; Ray Train resumes by this name;
+* its recipe file (:func:`saved_recipe`): what the run decided at its start,
+  which ``--resume`` keeps;
+* its checkpoints: a folder per epoch holding ``STATE_FILE`` (the weights and
+  the run's :class:`RunState`) and, after a trained epoch, ``PREDS_FILE`` (the
+  validation predictions the report is drawn from). Every epoch ends with one,
+  through ``ray.train.report`` (:func:`save`); a restarted worker group
+  (``--max-failures``) or a ``--resume`` continues from the newest complete one
+  (:func:`restore`); the driver reads the last one (:func:`final_state`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +29,74 @@ import torch
 from torch import nn
 
 from dragons import storage
+from dragons.errors import DragonsError
+from dragons.train import recipe
+from dragons.train.config import TrainConfig
 
 STATE_FILE = "state.pt"
 PREDS_FILE = "valid_preds.npz"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a run keeps its checkpoints and recipe file."""
+
+    name: str  # Ray Train's run name (it resumes by it)
+    storage: str  # the folder runs are kept under (--storage, else <out>/_runs)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "RunFolder":
+        name = cfg.name
+        if not name:  # derived from --out, so a --resume with the same --out finds the run
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", storage.parse(cfg.out or cfg.data).uri.strip("/")).strip("-")
+            name = ("lr-find-" if cfg.lr_find_only else "") + slug[-80:]
+        return cls(name, cfg.storage or storage.join(cfg.out or os.path.expanduser("~/dragons_results"), "_runs"))
+
+    @property
+    def uri(self) -> str:
+        return storage.join(self.storage, self.name)
+
+    @property
+    def recipe_uri(self) -> str:
+        return storage.join(self.uri, recipe.RECIPE_FILE)
+
+
+def saved_recipe(cfg: TrainConfig, classes: list[str], data: str) -> dict[str, Any] | None:
+    """For ``--resume``: the run's saved recipe (None for a fresh run, or a run
+    started by a dragons without recipe files). Checked before any image is
+    read: the run must exist, and its classes must be the data's (the head's
+    outputs are those classes, in that order)."""
+    if not cfg.resume:
+        return None
+    run = RunFolder.of(cfg)
+    if not storage.exists(run.uri):
+        raise DragonsError(f"--resume: no earlier run at {run.uri}; run without --resume first (same --out/--name)")
+    if not storage.exists(run.recipe_uri):
+        return None
+    saved = recipe.from_json(storage.read_bytes(run.recipe_uri), run.recipe_uri)
+    if saved["classes"] != classes:
+        def show(c: list[str]) -> str:
+            return ", ".join(c[:10]) + (f" … ({len(c)} in all)" if len(c) > 10 else "")
+
+        raise DragonsError(f"--resume: the run at {run.uri} was started with the classes [{show(saved['classes'])}] "
+                           f"but {data} has [{show(classes)}]; resume on the same classes, or start a new run "
+                           "(without --resume, or with another --name)")
+    return saved
+
+
+def final_state(result: Any) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """The state in a finished Ray Train ``Result``'s last checkpoint, and its
+    validation predictions (row ids, probabilities by pass) when it has them."""
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise DragonsError("training finished without a checkpoint; see the worker log above")
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        idx = probs = None
+        if os.path.exists(os.path.join(d, PREDS_FILE)):
+            z = np.load(os.path.join(d, PREDS_FILE))
+            idx, probs = z["idx"], z["probs"]
+    return state, idx, probs
 
 
 @dataclass

@@ -62,7 +62,7 @@ class TrainConfig:
     report: bool = True  # write the evaluation report (HTML + PNGs) beside the artifact
     decode: str = DECODE_CHOICES[0]  # auto = in the training workers on CPU clusters (threads beside the model: no decode processes, ~0.25 GB less on 2 workers), in separate Ray Data decode actors beside GPU workers; model | separate force one
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard for decoding
-    max_images: int = 0  # benchmarks only: cap every pass (precompute, epochs, validation) at this many images, through the same data path (0 = all)
+    max_images: int = 0  # cap every pass (precompute, epochs, validation) at this many images, through the same data path (0 = all)
     progress_s: float = 15.0  # seconds between two progress lines of a long step (decode, precompute, epochs)
     log_file: str = ""  # the run's log (terminal output, workers' lines included); "" = logs/train-<run name>.log, copied to <out>/train.log
     no_progress_timeout_s: float = 300.0  # a stalled Ray Data stage fails after this, with a message

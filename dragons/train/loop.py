@@ -1,6 +1,6 @@
 """The per-worker training function that Ray Train runs on every worker.
 
-fastai's ``fine_tune`` recipe, data-parallel (dragons.train.phases):
+fastai's ``fine_tune`` recipe, data-parallel (dragons.train.trainer):
 
 1. (``precompute``) compute the frozen body's features once, each worker for its
    shard, and fit the head on them for many cheap epochs (the learning-rate
@@ -17,17 +17,19 @@ worker group (``max_failures``) or a ``--resume`` continues from the last one
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from dragons.train import checkpoint, phases
+from dragons import runlog
+from dragons.dataconfig import DataConfig
+from dragons.train import checkpoint
 from dragons.train.checkpoint import RunState
 from dragons.train.config import TrainConfig
 from dragons.train.stream import StreamShard
+from dragons.train.trainer import Trainer
 from dragons.train.worker import Worker
 
 
@@ -39,67 +41,64 @@ class WorkerContext:
     classes: list[str]
     class_weights: list[float] | None  # None = unweighted loss
     run_dir: str  # the run's storage folder: checkpoints to resume from
-    base_size: int  # side of the decoded squares (the model's DataConfig)
+    data: DataConfig  # how an image becomes the model's input (decoded to data.base_size squares)
     rows: dict[str, Any]  # "train" / "valid": row tables (uri, label, row id), as object refs
     decode_actors: int  # Ray Data decode actors per worker (0 = the worker decodes its own rows)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config["context"]`` is the run's :class:`WorkerContext`."""
+    ctx: WorkerContext = config["context"]
+    if ctx.cfg.unresolved():  # dragons.train.plan resolves every "auto" from the data before the workers start
+        raise ValueError(f"TrainConfig fields still 'auto' in a training worker: {ctx.cfg.unresolved()}")
+    _quiet_logs()
+    worker = Worker(ctx.cfg, ctx.classes, ctx.class_weights, _device())
+    train, valid = _shards(ctx, worker.rank, worker.world)
+    trainer = Trainer(worker, checkpoint.restore(ctx.run_dir, worker.model) or RunState(lr=ctx.cfg.lr), train, valid)
+    if trainer.run.resumes:
+        trainer.say(f"resumed from checkpoint after epoch {trainer.run.epochs_done} (restart #{trainer.run.resumes})")
+    trainer.precompute()
+    if ctx.cfg.lr_find_only:
+        trainer.save_lr_find()
+        return
+    if not trainer.phases:
+        trainer.say("nothing to train: every epoch count is 0")
+    elif not trainer.epochs_left():
+        trainer.say(f"nothing left to train: the run had done {trainer.run.epochs_done} of its "
+                    f"{len(trainer.phases)} epochs; its last checkpoint is the result")
+    for epoch in trainer.epochs_left():
+        trainer.train_one_epoch(epoch)
+
+
+def _device() -> torch.device:
     import ray.train.torch
 
-    _quiet_logs()
-    ctx: WorkerContext = config["context"]
-    cfg = ctx.cfg
-    if cfg.unresolved():  # run.train resolves every "auto" from the data before the workers start
-        raise ValueError(f"TrainConfig fields still 'auto' in a training worker: {cfg.unresolved()}")
     device = ray.train.torch.get_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         # A GPU resource on a node without CUDA (a fake node, a broken driver):
         # the driver has said so once; the model runs on this node's CPU.
-        device = torch.device("cpu")
+        return torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    worker = Worker(cfg, ctx.classes, ctx.class_weights, device)
-    train, valid = _shards(ctx, worker.rank, worker.world)
-    run = checkpoint.restore(ctx.run_dir, worker.model) or RunState(lr=cfg.lr)
-    if run.resumes and worker.rank == 0:
-        print(f"resumed from checkpoint after epoch {run.epochs_done} (restart #{run.resumes})", flush=True)
-    plan = phases.plan(cfg)
-    feats = phases.precompute(worker, run, train, valid)
-    if cfg.lr_find_only:  # dragons lr-find: the sweep is the whole result
-        state = {"epochs_done": 0, "history": [], "lr": run.lr, "lr_find": run.lr_find}
-        checkpoint.save(worker.rank, worker.model, state, {"lr": run.lr}, None)
-        return
-    if plan and run.epochs_done >= len(plan) and worker.rank == 0:
-        print(f"nothing left to train: the run had done {run.epochs_done} of its {len(plan)} epochs; "
-              "its last checkpoint is the result", flush=True)
-    for epoch in range(run.epochs_done, len(plan)):
-        t0 = time.perf_counter()
-        if plan[epoch] == "head":
-            fit = phases.head(worker, run, feats, epoch)
-        else:
-            fit = phases.images(worker, run, train, plan, epoch)
-        scores = phases.validate(worker, run, valid, fit, feats, t0, tta=cfg.tta if epoch == len(plan) - 1 else 0)
-        feats = None  # only the head phase (epoch 0) uses them: free them before fine-tuning
-        run.epochs_done = epoch + 1
-        checkpoint.save(worker.rank, worker.model, run.state(scores.tta), scores.metrics, scores.preds)
-    if not plan and worker.rank == 0:
-        print("nothing to train: every epoch count is 0", flush=True)
+    return device
+
+
+class _DropReports(logging.Filter):
+    """Ray Train logs "Reporting training result N: TrainingReport(...)" from every
+    worker for every epoch, at INFO, on a logger named after its *file* (so the
+    ``ray.train`` level misses it): a filter on the handlers drops it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Reporting training result")
 
 
 def _quiet_logs() -> None:
     """Our epoch table and progress lines are the display: Ray's INFO lines would repeat or drown them."""
+    runlog.worker_mode()  # say() to stdout: Ray forwards it to the driver's run log
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-execution banners
-    # Ray Train logs "Reporting training result N: TrainingReport(...)" from every
-    # worker for every epoch, at INFO, on a logger named after its *file*, so the
-    # "ray.train" level above misses it.
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # a Ray without Train V2's module layout: nothing to quiet
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropReports())
 
 
 def _shards(ctx: WorkerContext, rank: int, world_size: int) -> tuple[StreamShard, StreamShard]:
@@ -112,6 +111,6 @@ def _shards(ctx: WorkerContext, rank: int, world_size: int) -> tuple[StreamShard
     cap = -(-cfg.max_images // world_size) if cfg.max_images else 0  # --max-images in all: a share per rank
 
     def shard(split: str) -> StreamShard:
-        return StreamShard(rows[split], rank, world_size, ctx.base_size, cfg.max_pixels, cfg.seed, ctx.decode_actors, cap)
+        return StreamShard(rows[split], rank, world_size, ctx.data.base_size, cfg.max_pixels, cfg.seed, ctx.decode_actors, cap)
 
     return shard("train"), shard("valid")

@@ -118,7 +118,7 @@ class StreamShard:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # batches in our order: reproducible training
         # A worker runs several executions per epoch: Ray Data's per-execution
-        # banners would drown our progress lines (dragons.train.progress).
+        # banners would drown our progress lines (dragons.runlog).
         ctx.enable_progress_bars = False
         items = [{"uri": str(self.rows["uri"][p]), "label": int(self.rows["label"][p]), "idx": int(self.rows["idx"][p])}
                  for p in positions]

@@ -1,7 +1,7 @@
 """One Ray Train worker's model and the steps it takes: features, head fits,
 the lr finder, image epochs and prediction.
 
-The training loop (dragons.train.loop, dragons.train.phases) decides which
+The training loop (dragons.train.loop, dragons.train.trainer) decides which
 steps run when; a Worker also runs alone, without Ray (one rank of one), which
 is how the unit tests and benchmarks/ft_holdout.py use it.
 """
@@ -25,7 +25,7 @@ from dragons.models.registry import Classifier, build_model, get_spec
 from dragons.predictor import Predictor, amp_dtype
 from dragons.preprocess import eval_batch, get_preset, train_batch
 from dragons.train.config import TrainConfig
-from dragons.train.progress import Progress
+from dragons.runlog import Progress
 from dragons.train.ranks import all_reduce, mean_all, world
 from dragons.train.schedule import discriminative_lrs, exp_lrs, is_finite, one_cycle, smooth, suggest_valley
 from dragons.train.stream import Source, num_steps
@@ -62,7 +62,7 @@ def _feature_buffer(rows: int, dim: int, spill_dir: str | None) -> torch.Tensor:
 
 
 class Worker:
-    """State and steps of one Ray Train worker; dragons.train.phases drives it."""
+    """State and steps of one Ray Train worker; a dragons.train.trainer.Trainer drives it."""
 
     def __init__(self, cfg: TrainConfig, classes: list[str], class_weights: list[float] | None, device: torch.device) -> None:
         auto = [f for f in cfg.unresolved() if f in ("augment", "label_smoothing", "lr_mult")]  # what a worker reads itself
