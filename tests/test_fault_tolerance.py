@@ -40,63 +40,61 @@ def train_worker_pids() -> list[int]:
 
 
 class _Killer(threading.Thread):
-    """SIGKILL one training worker once ``epochs`` checkpoints are complete.
+    """SIGKILL one training worker each time the run's checkpoints reach one of ``at``
+    epochs (a new worker each time: the one killed is gone).
 
-    Complete, not just present: a checkpoint folder appears before its state
-    file is fully written, and resuming rightly passes over a half-written one.
+    Complete checkpoints, not just present: a checkpoint folder appears before
+    its state file is fully written, and resuming rightly passes over a half-written one.
     """
 
-    def __init__(self, run_dir: Path, epochs: int = 2) -> None:
+    def __init__(self, run_dir: Path, at: tuple[int, ...]) -> None:
         super().__init__(daemon=True)
-        self.run_dir, self.epochs = run_dir, epochs
-        self.killed: int | None = None
+        self.run_dir, self.at = run_dir, list(at)
+        self.killed: list[int] = []
 
     def run(self) -> None:
         # Generous: on a loaded 2-core machine two epochs took over 300 s, the
         # killer gave up, and the run it was meant to break finished instead.
         deadline = time.time() + 1200
-        while time.time() < deadline:
+        while self.at and time.time() < deadline:
             ckpts = list(self.run_dir.rglob("checkpoint_*")) if self.run_dir.exists() else []
-            pids = train_worker_pids()
+            pids = [p for p in train_worker_pids() if p not in self.killed]
             if len(ckpts) >= 1 and pids:
                 found = latest_checkpoint(str(ckpts[0].parent))
-                if found is not None and found[1]["epochs_done"] >= self.epochs:
+                if found is not None and found[1]["epochs_done"] >= self.at[0]:
                     os.kill(pids[-1], signal.SIGKILL)
-                    self.killed = pids[-1]
-                    return
+                    self.killed.append(pids[-1])
+                    self.at.pop(0)
             time.sleep(0.2)
 
 
 def _cfg(data: str, out: Path, **kw: object) -> TrainConfig:
-    base = dict(data=data, out=str(out), workers=2, image_size=64, epochs=4, head_epochs=5, batch_size=8, report=False)
+    base = dict(data=data, out=str(out), workers=2, image_size=64, epochs=5, head_epochs=5, batch_size=8, report=False)
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def test_killed_worker_restarts_from_last_checkpoint(ray_session: None, small_data: str, tmp_path: Path) -> None:
-    out = tmp_path / "model"
-    killer = _Killer(out / "_runs", epochs=2)
-    killer.start()
-    meta = train(_cfg(small_data, out, max_failures=1))
-    killer.join(timeout=5)
-    assert killer.killed is not None, "no worker was killed"
-    assert meta["resumes"] == 1
-    # Every planned epoch ran exactly once, in order, across the restart.
-    assert [h["epoch"] for h in meta["history"]] == list(range(5))
-    assert killer.killed not in train_worker_pids()  # new worker processes finished it
+def test_killed_workers_restart_then_resume_finishes_the_run(ray_session: None, small_data: str, tmp_path: Path) -> None:
+    """One run through both ways back from a killed worker (one training, not two):
 
+    1. a worker killed after epoch 2: the group restarts from the last checkpoint
+       (``max_failures=1``) and goes on;
+    2. a worker killed again after epoch 4: no restarts left, the run fails;
+    3. ``--resume`` continues it from its last checkpoint, keeping its recipe.
 
-def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_path: Path) -> None:
+    Every planned epoch (head + 5) runs exactly once, in order, across all of it.
+    """
     out = tmp_path / "model"
-    killer = _Killer(out / "_runs", epochs=2)
+    killer = _Killer(out / "_runs", at=(2, 4))
     killer.start()
     with pytest.raises(DragonsError, match="training failed"):
-        train(_cfg(small_data, out, max_failures=0))
+        train(_cfg(small_data, out, max_failures=1))
     killer.join(timeout=5)
-    assert killer.killed is not None
+    assert len(killer.killed) == 2, f"killed {killer.killed}: the run was meant to lose two workers"
     found = latest_checkpoint(str(out / "_runs" / os.listdir(out / "_runs")[0]))
     assert found is not None
     first_epochs = found[1]["history"]
-    assert 2 <= len(first_epochs) < 5
+    assert found[1]["resumes"] == 1  # restarted once within the run (the first kill)
+    assert [h["epoch"] for h in first_epochs] == list(range(len(first_epochs))) and 4 <= len(first_epochs) < 6
     with pytest.raises(DragonsError, match="no earlier run"):
         train(_cfg(small_data, tmp_path / "other", resume=True))
     # The run's recipe is kept on resume, even where the data would now decide
@@ -105,7 +103,7 @@ def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_p
 
     recipe_file = out / "_runs" / os.listdir(out / "_runs")[0] / "recipe.json"
     saved = json.loads(recipe_file.read_text())
-    assert saved["n_train"] == 48 and saved["settings"]["label_smoothing"] == 0.1 and saved["settings"]["epochs"] == 4
+    assert saved["n_train"] == 48 and saved["settings"]["label_smoothing"] == 0.1 and saved["settings"]["epochs"] == 5
     # Other classes than the run started with: refused before any image is read.
     recipe_file.write_text(json.dumps({**saved, "classes": ["drogon", "rhaegal"]}))
     t0 = time.monotonic()
@@ -115,11 +113,12 @@ def test_resume_continues_a_failed_run(ray_session: None, small_data: str, tmp_p
     saved["settings"]["label_smoothing"] = 0.05
     recipe_file.write_text(json.dumps(saved))
     meta = train(_cfg(small_data, out, resume=True))
-    assert meta["resumes"] == 1
+    assert meta["resumes"] == 2
     assert meta["config"]["label_smoothing"] == 0.05 and meta["recipe"]["auto"]["label_smoothing"] == 0.05
-    assert [h["epoch"] for h in meta["history"]] == list(range(5))
-    # The epochs before the kill come from the checkpoint, not from a second run of them.
+    assert [h["epoch"] for h in meta["history"]] == list(range(6))
+    # The epochs before the kills come from the checkpoints, not from a second run of them.
     assert meta["history"][0]["time"] == pytest.approx(first_epochs[0]["time"])
+    assert not set(killer.killed) & set(train_worker_pids())  # new worker processes finished it
 
 
 def test_latest_checkpoint_passes_over_one_cut_short(tmp_path: Path) -> None:
