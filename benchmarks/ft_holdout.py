@@ -2,17 +2,19 @@
     python benchmarks/ft_holdout.py --epochs 3 --lr 1e-3 [--size 224] [--arch efficientnet_lite2] [--freeze-early] [--tta 2,4]
         [--eval-views 160:1.0,...] [--ema 0.99,0.995]
 Prints the head-only and per-epoch held-out accuracy (docs/training.md)."""
-import argparse, random, time
+import argparse, random, sys, time
 from pathlib import Path
 import numpy as np, torch
 from dragons.images import decode_to_base
 from dragons.dataconfig import DataConfig
 from dragons.train.config import TrainConfig
+from dragons.train.recipe import LOW_RES_CROP
 from dragons.train.worker import Worker
-from dragons.train.stream import Shard
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers_hardening import Shard  # an in-memory Source: images already decoded, no Ray
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--size", type=int, default=128); ap.add_argument("--arch", default="efficientnet_lite0"); ap.add_argument("--ema", default="", help="comma-separated decays per step: also read out exponential moving averages of the weights"); ap.add_argument("--crop", type=float, default=0.875)
+ap.add_argument("--size", type=int, default=128); ap.add_argument("--arch", default="efficientnet_lite0"); ap.add_argument("--ema", default="", help="comma-separated decays per step: also read out exponential moving averages of the weights"); ap.add_argument("--crop", type=float, default=LOW_RES_CROP)
 ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--lr-mult", type=float, default=10.0)
 ap.add_argument("--epochs", type=int, default=3); ap.add_argument("--bs", type=int, default=32)
 ap.add_argument("--augment", default="light"); ap.add_argument("--n", type=int, default=0)
