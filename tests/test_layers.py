@@ -123,3 +123,20 @@ def test_benchmarks_and_jobs_import_what_exists() -> None:
                         except ImportError:
                             missing.append(f"{path.relative_to(REPO)}: from {node.module} import {alias.name}")
     assert scripts and not missing, missing
+
+
+def test_readme_layout_names_every_module() -> None:
+    """The README's Layout section names every module of the tree (and so stays true as it changes)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = text.split("### Layout", 1)[1].split("\n#", 1)[0]
+    bullets = {b.split("`", 2)[1]: b for b in layout.split("\n* ")[1:]}  # "dragons/train/": its bullet
+    missing = []
+    for path in sorted((REPO / "dragons").rglob("*.py")):
+        rel = path.relative_to(REPO)
+        if path.name == "__init__.py":
+            continue
+        # A folder without a bullet of its own (models/) is described in the dragons/ bullet.
+        bullet = bullets.get(f"{'/'.join(rel.parts[:-1])}/", bullets.get("dragons/", ""))
+        if f"`{path.stem}" not in bullet:  # `name` or `name.py`
+            missing.append(str(rel))
+    assert not missing, f"README.md's Layout section does not name: {missing}"

@@ -1,7 +1,9 @@
 """Scoring: Ray Data from a prefix to a Delta Lake table, and SQL over it.
 
-``config`` (ScoreConfig), ``pipeline`` (listing -> decode -> scoring actors -> one
-commit), ``table`` (Delta), ``query`` (DuckDB), ``listing``, ``incremental``,
-``maintenance``, ``cli``. Modules are imported by their full names: importing
+``config`` (ScoreConfig), ``schema`` (the table's columns and views),
+``pipeline`` (listing -> decode -> scoring actors -> commits in parts),
+``source`` (the streamed listing), ``table`` (Delta), ``query`` (DuckDB),
+``export``, ``listing``, ``incremental``, ``maintenance``, ``runreport`` and
+``labelling`` (the morning after), ``cli``. Modules are imported by their full names: importing
 the package starts nothing heavy.
 """
