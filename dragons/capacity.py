@@ -13,6 +13,12 @@ they arrive.
 
 Without an autoscaler nothing is requested: GPUs the cluster has are used, and
 a cluster without any runs on CPUs (``--use-gpu yes`` refuses instead).
+
+Ray keeps a resource request until another call replaces it, so the request is
+withdrawn on every way out, the wait included: the end of the ``with`` block,
+any exception, and a stop signal (dragons.signals turns SIGTERM, SIGINT and
+SIGHUP into an exception). Withdrawing is idempotent, bounded in time and
+shielded from a second signal.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from dragons import runlog
+from dragons import runlog, signals
 from dragons.errors import DragonsError
 
 log = logging.getLogger("dragons")
@@ -38,6 +45,9 @@ GPU_WAIT_S = 600.0
 # An autoscaler that has launched nothing this long after a request will launch
 # nothing: no worker group has GPUs, or they are all at their maximum.
 LAUNCH_GRACE_S = 60.0
+# The longest a withdrawal of the request may take: a GCS that does not answer
+# must not keep a stopping job from exiting (a `ray job stop` SIGKILLs it soon).
+WITHDRAW_TIMEOUT_S = 10.0
 # Where images are decoded (--decode, training and scoring alike); the first is the default:
 # auto = beside the model on CPU clusters, separate beside GPUs; model = in the
 # processes that run the model (training workers, scoring actors); separate = in
@@ -108,8 +118,8 @@ def autoscaler_kind(settle_s: float = 15.0) -> str | None:
 
         if is_autoscaler_v2(fetch_from_server=True):
             return "v2"
-    except Exception:  # noqa: BLE001 (an older or embedded GCS without the key)
-        pass
+    except Exception as exc:  # noqa: BLE001 (an older or embedded GCS without the key)
+        log.debug("autoscaler v2 check: %s", exc)
     deadline = time.monotonic() + settle_s
     while True:
         report = _v1_report()
@@ -218,9 +228,17 @@ class GpuRequest:
         self.wait_s, self.progress_s, self.say, self.sleep_s = wait_s, progress_s, say, sleep_s
         self.local = local  # the process's own embedded Ray (dragons.raycluster.embedded): no autoscaler to ask
         self.requested = 0
+        self._forget: Callable[[], None] | None = None  # unregisters the withdrawal from dragons.signals
 
     def __enter__(self) -> Grant:
-        return self.acquire()
+        # ray.init (run before this) replaced our SIGTERM handler with its own sys.exit.
+        signals.rearm()
+        try:
+            return self.acquire()
+        except BaseException:
+            # A stop signal, Ctrl-C or an error during the wait: __exit__ will not run.
+            self.release()
+            raise
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
@@ -269,8 +287,14 @@ class GpuRequest:
     def _request(self, n: int) -> None:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": 1, "CPU": CPUS_PER_GPU} for _ in range(n)])
+        # Recorded first: a stop that lands inside the call still withdraws (withdrawing
+        # a request that never reached the cluster is harmless).
         self.requested = n
+        if self._forget is None:
+            # A stop signal withdraws at once, in its handler: the unwinding (Ray Data
+            # shutting its pool down) can outlast the SIGKILL that follows a SIGTERM.
+            self._forget = signals.on_stop(self._withdraw_on_stop)
+        request_resources(bundles=[{"GPU": 1, "CPU": CPUS_PER_GPU} for _ in range(n)])
         self.say(f"requested {n} GPU node(s) from the autoscaler ({n} {self.role}(s), 1 GPU and "
                  f"{CPUS_PER_GPU:g} CPU each)")
 
@@ -290,20 +314,72 @@ class GpuRequest:
         return ok
 
     def release(self, quiet: bool = False) -> None:
-        """Withdraw the request: the autoscaler may remove the nodes once they idle."""
+        """Withdraw the request: the autoscaler may remove the nodes once they idle.
+
+        Idempotent (a second call does nothing), at most ``WITHDRAW_TIMEOUT_S``, and
+        not cut short by a stop signal (one that arrives meanwhile is raised after)."""
+        with signals.shielded():  # all of it: what was withdrawn is recorded before a held stop is raised
+            self._release(quiet)
+
+    def _release(self, quiet: bool) -> None:
         if not self.requested:
+            self._unhook()
             return
+        hung, error = _withdraw(WITHDRAW_TIMEOUT_S)
+        if error and not hung:
+            log.warning("could not withdraw the GPU request: %s", error)  # the cluster is gone: so is the request
+            return
+        if hung:
+            # Left as it is, a later release (the same run's) tries again.
+            self.say(f"warning: could not withdraw the request for {self.requested} GPU node(s) ({error}); the "
+                     "autoscaler keeps them until a new request replaces it: run `python -c \"import ray; from "
+                     "ray.autoscaler.sdk import request_resources; ray.init(); request_resources(bundles=[])\"` "
+                     "on the cluster")
+            return
+        n, self.requested = self.requested, 0
+        self._unhook()
+        if not quiet:
+            self.say(f"released the request for {n} GPU node(s): the autoscaler removes them once they idle")
+
+    def _withdraw_on_stop(self) -> None:
+        """In the stop signal's handler: withdraw at once, quietly (the handler interrupted
+        the main thread anywhere, a print or a log line included). ``requested`` stays:
+        release withdraws once more on the way out, after the unwinding, because Ray
+        Data's executor may send its own request (through its AutoscalingCoordinator
+        actor, which writes the same key) until its shutdown cancels it."""
+        if self.requested:
+            _withdraw(WITHDRAW_TIMEOUT_S)
+
+    def _unhook(self) -> None:
+        if self._forget is not None:
+            self._forget()
+            self._forget = None
+
+
+def _withdraw(timeout_s: float) -> tuple[bool, str]:
+    """Replace this cluster's resource request with an empty one: (hung, error), both
+    empty when done; hung when the cluster did not answer in ``timeout_s``.
+
+    In a daemon thread, waited for at most ``timeout_s``: a GCS that hangs must not
+    hang a job that is stopping."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
         try:
             from ray.autoscaler.sdk import request_resources
 
             request_resources(bundles=[])
-        except Exception as exc:  # noqa: BLE001 (the cluster is gone: so is the request)
-            log.warning("could not withdraw the GPU request: %s", exc)
-            return
-        if not quiet:
-            self.say(f"released the request for {self.requested} GPU node(s): the autoscaler removes them once "
-                     "they idle")
-        self.requested = 0
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 (reported by the caller, in its thread)
+            outcome.append(exc)
+
+    t = threading.Thread(target=run, name="dragons-withdraw-gpu-request", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if not outcome:
+        return True, f"no answer from the cluster in {timeout_s:g} s"
+    exc = outcome[0]
+    return False, "" if exc is None else f"{type(exc).__name__}: {exc}"[:300]
 
 
 def span_from_count(n: int) -> Span:

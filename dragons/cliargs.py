@@ -14,21 +14,32 @@ import re
 import sys
 from typing import Any, Callable, Iterable
 
+from dragons import signals
 from dragons.errors import DragonsError
 
 
 def guarded(fn: Callable[[], int | None]) -> int:
-    """Run a command: a DragonsError is ``error: ...`` and exit 2, with no traceback."""
-    try:
-        return int(fn() or 0)
-    except DragonsError as exc:
-        from dragons.storage import redact
+    """Run a command: a DragonsError is ``error: ...`` and exit 2, with no traceback.
 
-        print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    SIGTERM, SIGINT and SIGHUP stop it (dragons.signals, whose handlers are
+    installed for exactly this call): everything on the way out runs (the GPU
+    request is withdrawn), then one ``error: stopped by SIGTERM ...`` line, the Ray
+    driver shut down (its actors with it), and exit 128 + signal (143, 130, 129).
+    """
+    with signals.stop_on_signals():
+        try:
+            try:
+                return int(fn() or 0)
+            except DragonsError as exc:
+                from dragons.storage import redact
+
+                print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
+                return 2
+        except signals.Stopped as stop:  # outside: a stop while the error above is printed is a stop too
+            return signals.finish(stop)
+        except KeyboardInterrupt:  # Python's own Ctrl-C: guarded outside the main thread, where no handler is set
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 class _Formatter(argparse.HelpFormatter):

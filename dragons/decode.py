@@ -45,7 +45,7 @@ def row_error(exc: BaseException) -> str:
         return f"{exc.code}: {exc}"
     if isinstance(exc, DragonsError):
         return f"read_error: {exc}"
-    return f"decode_error: {type(exc).__name__}: {str(exc)[:200]}"  # never lose a row to a decoder bug
+    return f"decode_error: {type(exc).__name__}: {storage.shorten(str(exc), 200)}"  # never lose a row to a decoder bug
 
 
 def read_one(uri: str, size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | str:

@@ -69,6 +69,11 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         drop_empty_aws_env()
         ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True, **local)
         _route_worker_output()
+        # ray.init puts its own SIGTERM handler (sys.exit) in place: ours again, so a stop
+        # from here on withdraws what the run asked for and says so (dragons.signals).
+        from dragons import signals
+
+        signals.rearm()
     if no_progress_timeout_s is not None:
         from ray.data import DataContext
 

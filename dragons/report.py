@@ -23,6 +23,7 @@ from urllib.parse import quote
 import matplotlib
 
 from dragons import storage
+from dragons.calibration import describe as describe_calibration
 from dragons.errors import DragonsError
 from dragons.images import ImageError, decode_to_base
 from dragons.storage import redact_obj
@@ -531,8 +532,12 @@ def _render_html(
     classes: list[str],
     images: list[tuple[str, str]],
     top_losses: list[list[Any]],
+    calibration_note: str | None = None,
 ) -> str:
-    """Assemble the self-contained index page (inline CSS, relative links)."""
+    """Assemble the self-contained index page (inline CSS, relative links).
+
+    ``calibration_note``: a paragraph set just before the first reliability diagram.
+    """
     summary = _table(
         ["metric", "value"],
         [[key, metrics[key]] for key in ("n", "accuracy", "errors", "log_loss", "ece", "macro_f1")],
@@ -563,6 +568,10 @@ def _render_html(
                   _table(["index", "file", "actual", "predicted", "p(actual)", "loss"], top_losses)]
     parts.append("<h2>Figures</h2>")
     for file_name, caption in images:
+        if calibration_note and file_name.startswith("reliability"):
+            # Beside the diagrams it explains: which calibration case applied, with its held-out figures.
+            parts.append(f'<p class="calibration">{html.escape(calibration_note)}</p>')
+            calibration_note = None
         src = html.escape(quote(file_name))
         cap = html.escape(caption)
         parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{cap}"></a><figcaption>{cap}</figcaption></figure>')
@@ -585,6 +594,7 @@ def write_report(
     k: int = 4,
     raw_probs: np.ndarray | None = None,
     temperature: float = 1.0,
+    calibration_note: str | None = None,
 ) -> Path:
     """Write metrics.json, all diagnostic PNGs and index.html into ``out_dir``.
 
@@ -593,6 +603,8 @@ def write_report(
     lazily read from disk. Returns the path of ``index.html``.
     ``raw_probs``: the same predictions before temperature scaling (``probs``
     are after, at ``temperature``): a second reliability diagram shows the change.
+    ``calibration_note``: how that temperature was chosen (dragons.calibration.describe),
+    printed beside the reliability diagrams.
     """
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
@@ -630,7 +642,7 @@ def write_report(
 
     top = _top_loss_rows(grids["top_losses"], p, y, classes, names)
     index = out / "index.html"
-    index.write_text(_render_html(title, metrics, classes, images, top), encoding="utf-8")
+    index.write_text(_render_html(title, metrics, classes, images, top, calibration_note), encoding="utf-8")
     return index
 
 
@@ -670,11 +682,17 @@ def report_from_predictions(
     """Write the HTML report for given predictions; returns the index.html URI."""
     names = [u.rsplit("/", 1)[-1] for u in uris]
     info = {"model_version": meta.get("version"), "arch": meta.get("arch"), **(extra or {})}
+    # Which calibration case the model's T came from (older artifacts: T alone, fitted in-sample).
+    note = describe_calibration(meta.get("calibration"), meta.get("temperature"))
+    if raw_probs is not None and float(meta.get("temperature", 1.0)) != 1.0:
+        # The diagram after applies the final T to the very images it was fitted on: say which figures are held out.
+        note += (" The diagram after calibration applies that T to the same images (in-sample); "
+                 "the out-of-fold figures are the held-out ones.")
     with tempfile.TemporaryDirectory() as tmp:
         _write_predictions(os.path.join(tmp, PREDICTIONS_FILE), uris, labels, probs, list(meta["classes"]))
         write_report(tmp, probs=probs, labels=labels, classes=list(meta["classes"]), names=names,
                      image_loader=_loader(uris, 192), history=history, lr_find=lr_find,
                      title=f"dragons: {meta.get('arch')} on {len(uris)} validation images", extra=info,
-                     raw_probs=raw_probs, temperature=float(meta.get("temperature", 1.0)))
+                     raw_probs=raw_probs, temperature=float(meta.get("temperature", 1.0)), calibration_note=note)
         storage.upload_dir(tmp, report_uri)
     return storage.join(report_uri, "index.html")

@@ -66,6 +66,10 @@ def drop_empty_aws_env() -> list[str]:
     return names
 
 
+# delta-rs needs a region where pyarrow and boto3 would ask the endpoint or the default chain.
+DEFAULT_REGION = "us-east-1"
+
+
 def s3_endpoint() -> str | None:
     """The S3 endpoint URL from the environment (None: real AWS S3)."""
     return aws_env("AWS_ENDPOINT_URL_S3") or aws_env("AWS_ENDPOINT_URL")
@@ -177,6 +181,28 @@ def s3_options() -> dict[str, object]:
     return opts
 
 
+def delta_options(uri: str) -> dict[str, str]:
+    """delta-rs object-store options from the same variables as ``s3_options`` (blank = unset).
+
+    delta-rs is handed the credentials (it does not read the default chain the way
+    pyarrow does): the one place they are read for it; never log or store the result.
+    """
+    if not parse(uri).is_s3:
+        return {}
+    opts = {var: value for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+            if (value := aws_env(var))}
+    opts["AWS_REGION"] = aws_env("AWS_REGION") or aws_env("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    endpoint = s3_endpoint()
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    # Commits are put-if-absent on the _delta_log entry: safe concurrent writers
+    # without a DynamoDB lock (AWS S3 and moto support conditional puts).
+    opts["conditional_put"] = "etag"
+    return opts
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**s3_options())  # type: ignore[arg-type]
 
@@ -227,10 +253,16 @@ def unreachable(loc: Location, exc: BaseException) -> DragonsError:
                         "Check that the endpoint is up, AWS_ENDPOINT_URL and the credentials")
 
 
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` for a message, a log line or a table: secrets redacted, then cut to ``limit``.
+    In that order: a secret cut first could straddle the cut, and its head no longer matches."""
+    return redact(text)[:limit]
+
+
 def short_error(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line for a message: its first line, cut, secrets redacted."""
+    """An exception as one line for a message: its first line, secrets redacted, cut."""
     text = str(exc).strip().splitlines()
-    return redact(text[0][:limit]) if text else type(exc).__name__
+    return shorten(text[0], limit) if text else type(exc).__name__
 
 
 # S3 error codes (botocore's ``response["Error"]["Code"]``) by what they mean to us.
@@ -285,7 +317,7 @@ def is_delta_failure(exc: BaseException) -> bool:
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     """A multi-line, coloured delta-rs message as one redacted line."""
     text = " ".join(_ANSI_RE.sub("", str(exc)).replace("↳", " ").split())
-    return redact(text[:limit]) if text else type(exc).__name__
+    return shorten(text, limit) if text else type(exc).__name__
 
 
 def delta_failure(uri: str, exc: BaseException, what: str = "read") -> DragonsError:
@@ -426,7 +458,8 @@ def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) 
     if fs is None:
         fs, _ = filesystem(uri)
     try:
-        for attempt in range(S3_MAX_ATTEMPTS if loc.is_s3 else 1):
+        attempts = S3_MAX_ATTEMPTS if loc.is_s3 else 1  # a local read that failed once fails again
+        for attempt in range(attempts):
             try:
                 # A random-access file knows its size before any read (a HEAD on S3).
                 with (fs.open_input_file if max_bytes else fs.open_input_stream)(loc.path) as f:
@@ -442,7 +475,7 @@ def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) 
                 # An endpoint that refused every connection (curl's code 7) was
                 # already retried by pyarrow's own strategy: four more rounds took
                 # 11-18 s to say "cannot reach". A reset mid-transfer is retried here.
-                if attempt + 1 >= S3_MAX_ATTEMPTS or "ACCESS_DENIED" in str(exc).upper() or _NOT_CONNECTED in str(exc):
+                if attempt + 1 >= attempts or "ACCESS_DENIED" in str(exc).upper() or _NOT_CONNECTED in str(exc):
                     raise
                 time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
@@ -559,14 +592,22 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
 
 
 def download_dir(uri: str, local_dir: str | Path) -> None:
-    """Copy every file under a URI into a local directory."""
+    """Copy every file under a URI into a local directory. A key that would land
+    outside it (``..`` parts, an absolute path) is refused before anything is written."""
     loc = parse(uri)
     fs, _ = filesystem(uri)
+    root = Path(local_dir).resolve()
+    plan = []
     for entry in list_files(uri):
         rel = entry.uri[len(loc.uri) :].lstrip("/")
-        dest = Path(local_dir) / rel
+        dest = (root / rel).resolve()
+        if root not in dest.parents:
+            raise DragonsError(f"{redact(entry.uri)} would be written outside {local_dir} (its key holds '..' or is "
+                               "absolute): nothing was copied; remove or rename that object")
+        plan.append((entry.uri, dest))
+    for src, dest in plan:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(read_bytes(entry.uri, fs))
+        dest.write_bytes(read_bytes(src, fs))
 
 
 # Secret-bearing parts of URLs: user:password@ and presigned-URL signatures.

@@ -7,7 +7,10 @@ per request sequence (seeded RNG under a lock) and bounded: the same request
 retries enough always gets through, unless its key matches ``always_fail``
 (500 forever) or ``deny`` (403 AccessDenied forever). ``delete_on_get`` keys
 are deleted on the endpoint just before their first GET is forwarded: an object
-that vanishes between listing and reading.
+that vanishes between listing and reading. ``latency_s`` delays every request
+whose kind is in ``latency_methods`` ("LIST" = a bucket listing, or an HTTP
+method) before it is forwarded: a far-away endpoint (AWS's ~0.1-0.3 s a LIST
+page) in front of a local one; requests wait concurrently, as on a network.
 
 Runs in its own thread (``start()``) or as a process (``python tests/s3_fault_proxy.py``).
 """
@@ -21,6 +24,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +49,8 @@ class FaultPlan:
     deny_methods: tuple[str, ...] = ("GET", "PUT", "POST", "DELETE", "HEAD")
     delete_on_get: tuple[str, ...] = ()  # key substrings deleted just before their first GET
     kinds: tuple[str, ...] = ("slowdown", "internal", "reset")
+    latency_s: float = 0.0  # added before forwarding each request of latency_methods
+    latency_methods: tuple[str, ...] = ("LIST",)  # "LIST" (a bucket listing: GET ?list-type=2 ...) or HTTP methods
 
 
 @dataclass
@@ -97,6 +103,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                proxy._delay(self.command, self.path)
                 action = proxy._decide(self.command, self.path)
                 if action == "reset":
                     # RST instead of FIN: the client sees "connection reset by peer".
@@ -145,6 +152,16 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _delay(self, method: str, path: str) -> None:
+        plan = self.plan
+        if plan.latency_s <= 0:
+            return
+        u = urlsplit(path)
+        # A listing is a GET on the bucket itself (path-style: /bucket) with a query.
+        is_list = method == "GET" and u.path.strip("/").count("/") == 0 and ("list-type" in u.query or "prefix" in u.query)
+        if method in plan.latency_methods or ("LIST" in plan.latency_methods and is_list):
+            time.sleep(plan.latency_s)
+
     def _decide(self, method: str, path: str) -> str:
         key = unquote(urlsplit(path).path)
         plan = self.plan
@@ -177,7 +194,7 @@ class FaultProxy:
         finally:
             conn.close()
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._thread = threading.Thread(target=self.server.serve_forever, name="s3-fault-proxy", daemon=True)
         self._thread.start()
         return self

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     # 0: no dragons imports, or errors only: the vocabulary
     "dragons": 0, "dragons.errors": 0, "dragons.rayauth": 0, "dragons.dataconfig": 0, "dragons.calibration": 0,
     "dragons.metrics": 0, "dragons.images": 0, "dragons.models": 0, "dragons.models.efficientnet_lite": 0,
-    "dragons.train": 0, "dragons.runlog": 0, "dragons.raycompat": 0, "dragons.train.ranks": 0, "dragons.train.schedule": 0,
+    "dragons.train": 0, "dragons.runlog": 0, "dragons.signals": 0, "dragons.raycompat": 0, "dragons.train.ranks": 0, "dragons.train.schedule": 0,
     "dragons.score": 0, "dragons.local": 0, "dragons.local.synth": 0,
     # 1: storage and names
     "dragons.storage": 1, "dragons.columns": 1,
@@ -29,14 +29,14 @@ LAYERS: dict[str, int] = {
     "dragons.score.schema": 3,
     # 4: each wing's configuration and storage
     "dragons.train.config": 4, "dragons.score.config": 4, "dragons.score.export": 4, "dragons.score.listing": 4,
-    "dragons.score.table": 4,
+    "dragons.score.table": 4, "dragons.score.inventory": 4,
     # 5: the wings
     "dragons.train.recipe": 5, "dragons.train.stream": 5, "dragons.train.worker": 5, "dragons.train.trainer": 5,
     "dragons.train.checkpoint": 5, "dragons.train.plan": 5,
     "dragons.train.loop": 5, "dragons.train.run": 5,
     "dragons.score.query": 5, "dragons.score.incremental": 5, "dragons.score.source": 5,
     "dragons.score.maintenance": 5, "dragons.score.pipeline": 5, "dragons.score.runreport": 5,
-    "dragons.score.labelling": 5,
+    "dragons.score.labelling": 5, "dragons.score.scorer": 5,
     # 6: commands over both wings
     "dragons.evaluate": 6,
     # 7: entry points

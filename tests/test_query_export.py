@@ -162,3 +162,26 @@ def test_a_closed_pipe_ends_the_export_quietly(table: str) -> None:
     p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(p.stdout.splitlines()) == 2 and "Traceback" not in p.stderr and "Error" not in p.stderr
+
+
+def test_csv_cells_that_look_like_formulas_open_as_text(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """OWASP CSV injection: a class named `=1+1` (and keys starting with + - @ tab) come out
+    with a leading ' in `dragons query --format csv` and `dragons export --format csv`;
+    numbers (a negative margin) are untouched."""
+    from dragons.score.labelling import render
+    from dragons.score.table import RunWriter
+
+    root = str(tmp_path / "t")
+    w = RunWriter(root, "inj", datetime.now(timezone.utc), ["=1+1", "ok"], model_version="v1")
+    w.add(pa.table({"uri": ["s3://b/1.jpg", "+cmd|' /C calc'!A0", "@SUM(1)", "\tx"],
+                    "label": ["=1+1", "ok", "ok", "=1+1"], "score": [0.9, 0.8, 0.7, 0.6],
+                    "p__1_1": [0.9, 0.2, 0.3, 0.6], "p_ok": [0.1, 0.8, 0.7, 0.4], "error": pa.nulls(4, pa.string())}))
+    w.commit({})
+    out = tmp_path / "q.csv"
+    assert main(["query", "--table", root, "SELECT uri, label, -score AS neg FROM scores ORDER BY score DESC",
+                 "--format", "csv", "--out", str(out)]) == 0
+    got = list(csv.reader(io.StringIO(out.read_text())))
+    assert got[1:] == [["s3://b/1.jpg", "'=1+1", "-0.9"], ["'+cmd|' /C calc'!A0", "ok", "-0.8"],
+                       ["'@SUM(1)", "ok", "-0.7"], ["'\tx", "'=1+1", "-0.6"]]
+    text = render([{"uri": "=HYPERLINK(\"http://x\")", "label": "=1+1", "score": 0.5, "margin": -0.1}], "csv").decode()
+    assert list(csv.reader(io.StringIO(text)))[1] == ["'=HYPERLINK(\"http://x\")", "'=1+1", "0.500000", "-0.100000"]

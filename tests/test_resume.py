@@ -146,3 +146,15 @@ def test_a_model_changed_under_a_run_commits_none_of_its_rows(ray_session: None,
     assert _committed(table, "pinned") == 0
     # It committed nothing, so it records nothing (a marker could fence a healthy writer of the id).
     assert run_sql(table, "SELECT status FROM runs WHERE run_id = 'pinned'").to_pylist() == []
+    # The night then runs with the model at --model; republished afterwards (another version
+    # there), a retry of the run id is refused, naming both versions, and the table is unchanged.
+    monkeypatch.setattr(pipeline.artifact, "read_meta", real)
+    done = score(ScoreConfig(model=tiny_model, input=f"{hymenoptera_s3}/val/ants", output=table, run_id="pinned",
+                             commit_every=10, log_file=str(tmp_path / "s.log")))
+    monkeypatch.setattr(pipeline.artifact, "read_meta", pinned_elsewhere)
+    with pytest.raises(DragonsError, match=r"model_version: the run has '\w+', this command '0123456789abcdef'.*--replace"):
+        score(ScoreConfig(model=tiny_model, input=f"{hymenoptera_s3}/val/ants", output=table, run_id="pinned",
+                          log_file=str(tmp_path / "s.log")))
+    runs = run_sql(table, "SELECT status, rows, model_version FROM runs WHERE run_id = 'pinned'").to_pylist()
+    assert runs == [{"status": "complete", "rows": done["rows"], "model_version": done["model_version"]}]
+    assert run_sql(table, "SELECT count(DISTINCT model_version) AS n FROM scores").to_pylist() == [{"n": 1}]

@@ -60,7 +60,7 @@ def _night2_input(bucket: str, hymenoptera_s3: str) -> str:
 def nights(hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One table, two nights scored once for every test here."""
     from dragons.score.config import ScoreConfig
-    from dragons.score.pipeline import score
+    from dragons.score.cli import run_score as score
 
     root = tmp_path_factory.mktemp("nights")
     table = str(root / "scores")

@@ -15,7 +15,8 @@ import pytest
 from dragons import storage
 from dragons.errors import DragonsError
 from dragons.score.query import run_sql
-from dragons.score.pipeline import ScoreConfig, score
+from dragons.score.cli import run_score as score
+from dragons.score.config import ScoreConfig
 from dragons.score.table import open_table, run_history
 
 pytestmark = pytest.mark.slow

@@ -136,3 +136,67 @@ def test_a_listed_key_that_begins_with_a_slash_is_read_as_itself(s3: object) -> 
     assert storage.object_location("s3://dragons-slash//x.jpg").path == "dragons-slash//x.jpg"
     assert storage.object_location("s3://dragons-slash/a/x.jpg") == storage.parse("s3://dragons-slash/a/x.jpg")
     assert storage.parse("s3://dragons-slash//x.jpg").path == "dragons-slash/x.jpg"  # a typed prefix keeps its old meaning
+
+
+def test_a_local_folder_read_as_an_object_is_a_read_error(tmp_path: Path) -> None:
+    """A local read that fails (here: a folder) is the object's read error, not an internal AssertionError."""
+    from dragons.storage import ObjectError, read_bytes
+
+    with pytest.raises(ObjectError, match="is a directory") as exc:
+        read_bytes(str(tmp_path))
+    assert exc.value.code == "read_error"
+
+
+def test_a_secret_at_every_cut_position_is_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every place that shortens a message redacts first: a secret straddling the cut
+    (the old order left 'secret=wJalrXUtnFEMI/') never shows, whatever the offset."""
+    from dragons.decode import row_error
+    from dragons.score.pipeline import _pipeline_error
+
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+
+    def leaks(text: str) -> bool:  # any 6 characters of the secret in a row
+        return any(secret[i:i + 6] in text for i in range(len(secret) - 5))
+
+    for limit in (200, 300):
+        for at in range(limit - len(secret) - 2, limit + 2):
+            msg = "x" * at + f"secret={secret} tail"
+            shown = [storage.shorten(msg, limit), storage.short_error(RuntimeError(msg), limit),
+                     storage._one_line(RuntimeError(msg), limit), row_error(ValueError(msg)),
+                     str(_pipeline_error("r", RuntimeError(msg)))]
+            assert not any(leaks(s) for s in shown), (limit, at, [s[-60:] for s in shown if leaks(s)])
+
+
+def test_a_run_failure_reason_is_redacted_then_cut_in_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from dragons.score.query import run_sql
+    from dragons.score.table import RunWriter
+
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    table = str(tmp_path / "t")
+    w = RunWriter(table, "r", datetime.now(timezone.utc), ["a", "b"], model_version="v", commit_every=1)
+    w.add(pa.table({"uri": ["s3://x/1.jpg"], "label": ["a"], "score": [0.9], "p_a": [0.9], "p_b": [0.1],
+                    "error": pa.nulls(1, pa.string())}))
+    w.fail("x" * (500 - 20) + f"secret={secret}")
+    failure = run_sql(table, "SELECT failure FROM runs").to_pylist()[0]["failure"]
+    assert failure.startswith("xxx") and secret[:6] not in failure
+
+
+def test_download_dir_refuses_keys_that_leave_the_folder(bucket: str, tmp_path: Path) -> None:
+    """An S3 key with '..' parts would be written outside the folder: refused, nothing written."""
+    client = storage.boto3_client()
+    client.put_object(Bucket=bucket, Key="dl-escape/model.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="dl-escape/a/../../../escaped.txt", Body=b"x")
+    dest = tmp_path / "inner" / "model"
+    with pytest.raises(DragonsError, match="would be written outside"):
+        storage.download_dir(f"s3://{bucket}/dl-escape", dest)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "inner" / "escaped.txt").exists()
+    assert not dest.exists() or not any(dest.rglob("*"))
+    client.delete_object(Bucket=bucket, Key="dl-escape/a/../../../escaped.txt")
+    storage.download_dir(f"s3://{bucket}/dl-escape", dest)
+    assert (dest / "model.json").read_bytes() == b"{}"

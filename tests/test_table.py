@@ -180,6 +180,127 @@ def test_parts_resume_date_and_run_status(tmp_path: Path) -> None:
     assert a.finish()["rows"] == 4 and _count(table, "run_id = 'g'") == 4
 
 
+def test_parts_commit_on_the_committer_thread_in_order_and_a_fenced_part_surfaces(tmp_path: Path) -> None:
+    """The pipeline's writer (background=True): parts commit off the caller's loop, in
+    order, with the same numbering and counts as inline commits; a part the committer
+    cannot commit (another writer of the id got there first) fails the caller's next call."""
+    from dragons.score.table import app_id, runs_summary
+
+    table = str(tmp_path / "t")
+    seen: list[tuple[int, int]] = []
+    w = RunWriter(table, "bg", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", commit_every=10,
+                  background=True, on_commit=lambda part, n: seen.append((part, n)))
+    w.begin()
+    batch = rows("bg", 45).drop_columns(["model_version", "run_id", "scored_at", "dt"])
+    for i in range(0, 45, 5):
+        w.add(batch.slice(i, 5))
+    m = w.finish({"listed": 45})
+    assert seen == [(1, 10), (2, 20), (3, 30), (4, 40)]  # every part, in order, before the final one
+    assert (m["dragons_part"], m["rows"], m["dragons_status"]) == (5, 45, "complete")
+    assert _count(table, "run_id = 'bg'") == 45 and open_table(table).transaction_version(app_id("bg")) == 5
+    assert [(r["status"], r["parts"], r["rows"]) for r in runs_summary(run_history(table))] == [("complete", 5, 45)]
+    # Two writers of one id: the second commits first, so the first's queued part is fenced.
+    a = RunWriter(table, "race", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", commit_every=5,
+                  background=True)
+    a.begin()
+    b = RunWriter(table, "race", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
+    b.begin()
+    b.add(batch.slice(0, 3))
+    b.finish()
+    a.add(batch.slice(0, 5))  # a part handed to the committer, which a's stale handle cannot commit
+    with pytest.raises(DragonsError, match="another writer committed to this run id"):
+        a.add(batch.slice(5, 5))
+        a.finish()
+    assert _count(table, "run_id = 'race'") == 3
+
+
+def _night(table: str, run_id: str = "night", every: int = 5, classes: tuple[str, ...] = ("ants", "bees"),
+           **kw: object) -> RunWriter:
+    w = RunWriter(table, run_id, datetime.now(timezone.utc), list(classes), model_version="v1", commit_every=every, **kw)
+    w.begin()
+    return w
+
+
+@pytest.mark.parametrize("change", ["schema", "append", "optimize", "delete_other", "protocol", "delete_ours", "rival"])
+def test_each_conflict_kind_gets_its_own_behaviour(tmp_path: Path, change: str) -> None:
+    """A running night (part 1 committed) meets a real second writer's commit before its part 2:
+    a schema change (a backfill whose model adds a class), an append, optimize or a delete of
+    other rows are retried on a fresh snapshot and the night ends complete; a protocol upgrade,
+    a delete of the night's own rows, or another writer of its run id are named errors."""
+    table = str(tmp_path / "t")
+    batch = rows("night", 10).drop_columns(["model_version", "run_id", "scored_at", "dt"])
+    night = _night(table)
+    night.add(batch.slice(0, 5))  # part 1
+    if change == "schema":
+        other = _night(table, "backfill", 0, ("ants", "bees", "wasps"))
+        other.add(batch.slice(0, 2).append_column("p_wasps", pa.array([0.1, 0.2])))
+        other.finish()
+    elif change in ("append", "optimize", "delete_other"):
+        _commit(table, "other", 4)
+        if change == "optimize":
+            open_table(table).optimize.compact()
+        if change == "delete_other":
+            open_table(table).delete("run_id = 'other'")
+    elif change == "protocol":
+        open_table(table).alter.set_table_properties({"delta.minWriterVersion": "4"})
+    elif change == "delete_ours":
+        open_table(table).delete("run_id = 'night'")
+    elif change == "rival":
+        rival = _night(table, "night", 0)
+        rival.add(batch.slice(5, 2))
+        rival.finish()
+    expected = {"protocol": "changed its Delta protocol", "delete_ours": "rows of this run were deleted",
+                "rival": "another writer committed to this run id"}
+    if change in expected:
+        with pytest.raises(DragonsError, match=expected[change]):
+            night.add(batch.slice(5, 5))
+        return
+    night.add(batch.slice(5, 5))  # part 2, on a fresh snapshot
+    m = night.finish({"listed": 10})
+    assert (m["dragons_part"], m["rows"], m["dragons_status"]) == (3, 10, "complete")
+    assert _count(table, "run_id = 'night'") == 10
+
+
+def test_a_failure_marker_that_conflicts_is_retried(tmp_path: Path) -> None:
+    """The run's failed marker meets a schema change: retried, so the run never stays 'running'."""
+    table = str(tmp_path / "t")
+    batch = rows("night", 10).drop_columns(["model_version", "run_id", "scored_at", "dt"])
+    night = _night(table)
+    night.add(batch.slice(0, 5))
+    other = _night(table, "backfill", 0, ("ants", "bees", "wasps"))
+    other.add(batch.slice(0, 2).append_column("p_wasps", pa.array([0.1, 0.2])))
+    other.finish()
+    night.fail("RuntimeError: the actors died")
+    runs = {r["run_id"]: r for r in run_sql(table, "SELECT * FROM runs").to_pylist()}
+    assert runs["night"]["status"] == "failed" and "actors died" in runs["night"]["failure"]
+
+
+def test_a_run_id_is_bound_to_its_model_input_and_row_options(tmp_path: Path) -> None:
+    """Continuing a run id with another model, input or --max-bytes is refused naming both
+    sides, the table unchanged; --replace rescores it; the same binding continues it."""
+    table = str(tmp_path / "t")
+    bound = {"model_version": "aaa111", "classes": ["ants", "bees"], "input": "s3://b/night", "max_bytes": 1000,
+             "max_pixels": 10, "tta": 0}
+    batch = rows("night", 10).drop_columns(["model_version", "run_id", "scored_at", "dt"])
+    first = _night(table, binding=bound)
+    first.add(batch.slice(0, 5))
+    first.discard()  # killed after part 1
+    version = open_table(table).version()
+    for key, other in (("model_version", "bbb222"), ("input", "s3://b/other"), ("max_bytes", 2000)):
+        with pytest.raises(DragonsError, match=rf"{key}: the run has .*, this command .*--replace.*--run-id"):
+            _night(table, binding={**bound, key: other})
+        assert open_table(table).version() == version and _count(table) == 5
+    again = _night(table, binding=bound)  # the same command continues it
+    again.add(batch.slice(5, 5))
+    assert again.finish()["rows"] == 10
+    replaced = _night(table, binding={**bound, "model_version": "bbb222"}, replace=True)
+    replaced.add(batch.slice(0, 3))
+    assert replaced.finish()["rows"] == 3
+    runs = run_sql(table, "SELECT status, rows FROM runs").to_pylist()
+    assert runs == [{"status": "complete", "rows": 3}]
+    assert json.loads([h for h in open_table(table).history(1)][0]["binding"])["model_version"] == "bbb222"
+
+
 def test_latest_view_one_row_per_uri_and_model_version(tmp_path: Path) -> None:
     table = str(tmp_path / "t")
     _commit(table, "a", 10)

@@ -39,7 +39,7 @@ def run_demo(cfg: DemoConfig) -> None:
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     server = None
-    if data.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL") is None and os.environ.get("AWS_ACCESS_KEY_ID") is None:
+    if data.startswith("s3://") and storage.s3_endpoint() is None and storage.aws_env("AWS_ACCESS_KEY_ID") is None:
         raise DragonsError(f"--data {data}: set AWS_* variables for that bucket (or use a local folder)")
     if not data.startswith("s3://"):
         server = s3server.start()

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from dragons import storage
 from dragons.errors import DragonsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -146,7 +147,7 @@ def load_hub_checkpoint(url: str) -> dict[str, torch.Tensor]:
             torch.hub.download_url_to_file(url, path, hash_prefix=m.group(1), progress=False)
         except Exception as exc:
             raise DragonsError(
-                f"could not download {url} ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"could not download {url} ({type(exc).__name__}: {storage.shorten(str(exc), 200)}); "
                 "pass --weights with a local or s3:// .pth file, or --weights none"
             ) from None
     digest = hashlib.sha256()
@@ -159,7 +160,7 @@ def load_hub_checkpoint(url: str) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DragonsError(f"{path} is not a plain state dict (refused by weights_only=True: {str(exc)[:200]})") from None
+        raise DragonsError(f"{path} is not a plain state dict (refused by weights_only=True: {storage.shorten(str(exc), 200)})") from None
 
 
 def _tv_state(name: str) -> Callable[[], dict[str, torch.Tensor]]:
@@ -233,7 +234,7 @@ def _load_weights_file(uri: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DragonsError(f"--weights {uri} is not a PyTorch state dict loadable with weights_only=True: {str(exc)[:200]}") from None
+        raise DragonsError(f"--weights {uri} is not a PyTorch state dict loadable with weights_only=True: {storage.shorten(str(exc), 200)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

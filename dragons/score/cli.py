@@ -21,11 +21,12 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="Score every image under a prefix into a Delta Lake table of class probabilities "
                                       "(committed in parts; running a run id again continues it).")
     add_config_args(p.add_argument_group("what to score, and where"), ScoreConfig,
-                    only=("model", "input", "manifest", "output", "run_id", "date", "replace", "incremental",
+                    only=("model", "input", "manifest", "inventory", "output", "run_id", "date", "replace", "incremental",
                           "retry_errors", "dry_run"), required=("model", "output"))
     add_config_args(p.add_argument_group("resources and limits"), ScoreConfig,
-                    only=("batch_size", "actors", "use_gpu", "gpu_wait_s", "decode", "tta", "max_error_rate",
-                          "max_pixels", "max_bytes", "no_progress_timeout_s"),
+                    only=("batch_size", "block_rows", "actors", "use_gpu", "gpu_wait_s", "decode", "tta", "max_error_rate",
+                          "max_pixels", "max_bytes", "list_concurrency", "skip_memory_limit",
+                          "no_progress_timeout_s"),
                     choices={"decode": DECODE_CHOICES, "use_gpu": USE_GPU_CHOICES}, flags={"gpu_wait_s": "--gpu-wait"})
     add_config_args(p.add_argument_group("table files, report and logs"), ScoreConfig,
                     only=("commit_every", "commit_interval_s", "file_size_mb", "spool_dir", "report", "progress_s",
@@ -34,11 +35,52 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
     return p
 
 
-def score_main(args: argparse.Namespace) -> int:
-    from dragons.score.config import ScoreConfig
+def run_score(cfg: Any) -> dict[str, Any]:
+    """``dragons score``: the pipeline, then the run's report (``--report``) and the
+    ``--max-error-rate`` rule, once its rows are committed whatever happens here."""
+    from dragons.runlog import run_log
     from dragons.score.pipeline import score
 
-    m = score(config_from(ScoreConfig, args))
+    m = score(cfg)
+    if m.get("dry_run"):
+        return m
+    with run_log(cfg.log_file or os.path.join("logs", f"score-{m['run_id']}.log")):
+        report_error = _write_report(cfg, m["run_id"]) if cfg.report else None
+        rate = m["errors"] / max(m["rows"], 1)
+        if rate > cfg.max_error_rate:
+            raise DragonsError(f"run {m['run_id']}: error rate {rate:.2%} exceeds --max-error-rate "
+                               f"{cfg.max_error_rate:.2%} ({m['errors']} of {m['rows']}); the rows are committed, "
+                               "see the error column")
+        if report_error:
+            raise report_error
+    return m
+
+
+def _write_report(cfg: Any, run_id: str) -> DragonsError | None:
+    """The run's morning report (dragons report) into ``cfg.report``; an error to raise
+    once the run is complete (its rows are committed whatever happens here)."""
+    import logging
+
+    from dragons import storage
+    from dragons.score.runreport import write_run_report
+
+    try:
+        summary = write_run_report(cfg.output, cfg.report, run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 (any failure: the table is complete, say how to redo the report)
+        return DragonsError(f"run {run_id} is complete but its report could not be written to "
+                            f"{storage.redact(cfg.report)}: {storage.shorten(str(exc), 300)}; write it with "
+                            f"dragons report --table {storage.redact(cfg.output)} --run-id {run_id} --out DIR")
+    drift = (summary.get("drift") or {}).get("js_distance")
+    logging.getLogger("dragons.score").info(
+        "run %s: report %s (previous run %s, drift %s)", run_id, storage.join(cfg.report, "index.html"),
+        summary.get("previous_run_id") or "none", "-" if drift is None else f"{drift:.3f}")
+    return None
+
+
+def score_main(args: argparse.Namespace) -> int:
+    from dragons.score.config import ScoreConfig
+
+    m = run_score(config_from(ScoreConfig, args))
     if m.get("dry_run"):
         print(f"dry run: listed {m['listed']}  kept {m['kept']}  skipped {m['skipped']}  would score {m['would_score']}  "
               "(nothing written)",

@@ -19,9 +19,13 @@ class ScoreConfig:
     input: str = ""  # prefix to score: every object under it gets a row
     output: str = ""  # Delta table root (path or s3://), partitioned by dt; a run is committed in parts
     manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
+    inventory: str = ""  # an AWS S3 Inventory report's manifest.json (s3:// or a local path), instead of listing --input; keys outside --input are left out
+    list_concurrency: int = 4  # parallel listing streams (S3 key ranges, local subfolders, inventory files)
+    skip_memory_limit: str = "256MB"  # DuckDB memory for the resume and --incremental skip sets; beyond it they spill to disk
     run_id: str = ""  # "" = a UTC timestamp with a random suffix; running an id again continues that run
     replace: bool = False  # rescore the run id from scratch: its first commit deletes the run's earlier rows
     date: str = ""  # the run's logical date (its rows' dt, YYYY-MM-DD); "" = kept from the run's first start
+    block_rows: int = 0  # rows per scoring-actor call; 0 = 4,096 where actors hold GPUs (Ray Data's cost is per call), 256 on CPUs (a row is a decode: small calls keep the actors evenly loaded)
     batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
     actors: str = "0"  # scoring actors: N, or MIN:MAX (a pool that grows as GPU nodes arrive); 0 = one per GPU, else as many as the CPUs fit
     use_gpu: str = USE_GPU_CHOICES[0]  # auto = GPUs the cluster has or its autoscaler adds (waiting --gpu-wait), else CPUs; yes = fail without GPUs; no = CPUs only
@@ -60,6 +64,12 @@ class ScoreConfig:
             raise DragonsError("--gpu-wait must be >= 0 (seconds)")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise DragonsError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
+        if self.manifest and self.inventory:
+            raise DragonsError("give --manifest or --inventory, not both")
+        if self.block_rows < 0:
+            raise DragonsError(f"--block-rows must be >= 0 (0 = chosen for the actors), got {self.block_rows}")
+        if self.list_concurrency < 1:
+            raise DragonsError(f"--list-concurrency must be >= 1, got {self.list_concurrency}")
         if self.incremental and self.manifest:
             raise DragonsError("--incremental needs --input (a listing gives each object's etag and size); "
                                "a --manifest names URIs only")

@@ -57,27 +57,48 @@ def _csv_writable(field: pa.Field) -> bool:
         return False
 
 
+# Cells a spreadsheet would evaluate as a formula (OWASP, "CSV Injection"): a class
+# folder named =HYPERLINK(...) or a key beginning with '+' must open as text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_RE = "^[=+\\-@\t\r]"
+
+
+def safe_cell(text: str) -> str:
+    """A CSV cell that opens as text: a leading formula character gets OWASP's ``'`` before it."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def _safe_text(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """``safe_cell`` over a string column, in Arrow (numbers are never touched: -0.5 stays a number)."""
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col
+    risky = pc.fill_null(pc.match_substring_regex(col, _FORMULA_RE), False)
+    return pc.if_else(risky, pc.binary_join_element_wise("'", col, ""), col)
+
+
 def _as_json_text(col: pa.Array) -> pa.Array:
     return pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
 
 
 def write_csv(reader: pa.RecordBatchReader, out: BinaryIO | IO[bytes]) -> int:
-    """Every row as CSV with a header line; returns the number of rows."""
+    """Every row as CSV with a header line; returns the number of rows. Text cells that
+    begin like a formula are neutralised (``safe_cell``), the header's names too."""
     import pyarrow.csv as pacsv
 
     textual = [i for i, f in enumerate(reader.schema) if not _csv_writable(f)]
     schema = reader.schema
     for i in textual:
         schema = schema.set(i, pa.field(schema.field(i).name, pa.string()))
+    schema = pa.schema([f.with_name(safe_cell(f.name)) for f in schema])
     rows = 0
     with pacsv.CSVWriter(out, schema) as w:
         for batch in reader:
-            if textual:
-                cols = list(batch.columns)
-                for i in textual:
-                    cols[i] = _as_json_text(cols[i])
-                batch = pa.record_batch(cols, schema=schema)
-            w.write_batch(batch)
+            cols = list(batch.columns)
+            for i in textual:
+                cols[i] = _as_json_text(cols[i])
+            w.write_batch(pa.record_batch([_safe_text(c) for c in cols], schema=schema))
             rows += batch.num_rows
     return rows
 

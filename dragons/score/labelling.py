@@ -73,12 +73,14 @@ def label_studio_tasks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> bytes:
+    from dragons.score.export import safe_cell  # CSV cells that open as text, not formulas
+
     if fmt == "label-studio":
         return (json.dumps(label_studio_tasks(rows), indent=1) + "\n").encode("utf-8")
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
-    w.writerows([[r["uri"], r["label"], f"{r['score']:.6f}", f"{r['margin']:.6f}"] for r in rows])
+    w.writerows([[safe_cell(r["uri"]), safe_cell(r["label"]), f"{r['score']:.6f}", f"{r['margin']:.6f}"] for r in rows])
     return text.getvalue().encode("utf-8")
 
 

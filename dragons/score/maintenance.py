@@ -101,7 +101,7 @@ def optimize(root: str, target_size_mb: int) -> dict[str, object]:
         except CommitFailedError as exc:
             if attempt == OPTIMIZE_ATTEMPTS:
                 raise DragonsError(f"optimize lost the race for a commit {attempt} times to writers of {root} "
-                                   f"({str(exc).splitlines()[0][:200]}); nothing changed: run it again later") from None
+                                   f"({storage.short_error(exc, 200)}); nothing changed: run it again later") from None
             time.sleep(0.5 * attempt)
     return {"version": dt.version(), "files_added": m.get("numFilesAdded"), "files_removed": m.get("numFilesRemoved"),
             "partitions_optimized": m.get("partitionsOptimized"), "total_considered": m.get("totalConsideredFiles"),

@@ -249,7 +249,7 @@ def training_mix(model_uri: str | None) -> tuple[dict[str, float] | None, str | 
     try:
         meta = read_meta(model_uri)
     except Exception as exc:  # noqa: BLE001 (moved or unreadable: the report goes on without it)
-        return None, f"the model artifact {storage.redact(model_uri)} could not be read ({str(exc)[:200]})"
+        return None, f"the model artifact {storage.redact(model_uri)} could not be read ({storage.shorten(str(exc), 200)})"
     counts = (meta.get("data") or {}).get("train_class_counts")
     if not counts:
         return None, f"the model artifact {storage.redact(model_uri)} does not record its training class counts"

@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,27 +63,8 @@ def table_uri(root: str) -> str:
 
 
 def storage_options(uri: str) -> dict[str, str]:
-    """delta-rs object-store options from the standard AWS variables.
-
-    The one place the secret is read for delta-rs: never log or store the result.
-    """
-    if not storage.parse(uri).is_s3:
-        return {}
-    opts: dict[str, str] = {}
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        if os.environ.get(var):
-            opts[var] = os.environ[var]
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    opts["AWS_REGION"] = region
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
-            opts["AWS_ALLOW_HTTP"] = "true"
-    # Commits are put-if-absent on the _delta_log entry: safe concurrent writers
-    # without a DynamoDB lock (AWS S3 and moto support conditional puts).
-    opts["conditional_put"] = "etag"
-    return opts
+    """delta-rs object-store options for the table at ``uri`` (``storage.delta_options``)."""
+    return storage.delta_options(uri)
 
 
 def open_table(root: str, version: int | str | datetime | None = None) -> Any:
@@ -157,7 +138,7 @@ def run_state(dt: Any, run_id: str) -> RunState:
                                       {"r": run_id}).fetchone()
     except duckdb.Error as exc:
         raise DragonsError(f"cannot read what the table holds of run {run_id}: "
-                           f"{storage.redact(str(exc).splitlines()[0])[:300]}") from None
+                           f"{storage.short_error(exc, 300)}") from None
     finally:
         con.close()
     return RunState(part=int(part), rows=int(n or 0), errors=int(errors or 0), date=date)
@@ -187,6 +168,14 @@ class RunWriter:
     spool_dir: str = ""  # "" = the system temp dir
     target_file_size: int | None = None  # bytes per data file; None = delta-rs' default (~100 MB)
     info: dict[str, Any] = field(default_factory=dict)  # run metadata for its first and last commits (redacted)
+    # What the run scores (model version, classes, input, options that change a row):
+    # recorded on every commit; a writer that continues the run id must match it.
+    binding: dict[str, Any] = field(default_factory=dict)
+    # Parts commit on a committer thread while the caller goes on adding rows (a
+    # commit takes a Delta write and a log entry: seconds on S3, which the driver's
+    # loop must not wait for). The final commit always waits for them.
+    background: bool = False
+    on_commit: Callable[[int, int], None] | None = None  # (part, rows the run holds) after each part commits
     rows: int = 0  # rows the run holds in the table, committed (after begin: earlier attempts' included)
     errors: int = 0
     parts: int = 0  # parts this writer committed
@@ -199,6 +188,12 @@ class RunWriter:
     _dt: Any = field(init=False, default=None)
     _part: int = field(init=False, default=0)
     _since: float = field(init=False, default=0.0)
+    _queued: int = field(init=False, default=0)  # the last part number handed to the committer
+    _queued_rows: int = field(init=False, default=0)  # rows (and errors) the run holds once the queue commits
+    _queued_errors: int = field(init=False, default=0)
+    _committer: Any = field(init=False, default=None)
+    _inflight: list[Any] = field(init=False, default_factory=list)
+    _begun_at: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
@@ -226,6 +221,8 @@ class RunWriter:
             self._dt = _open_or_create(self.uri, self.schema)
             state = run_state(self._dt, self.run_id)
         self._part = state.part
+        if state.part and not self.replace:
+            self._check_binding()
         if state.date and self.date and self.date != state.date and not self.replace:
             raise DragonsError(f"run {self.run_id} already holds rows dated {state.date}; --date {self.date} would split "
                                "the night: leave --date out to continue it, or add --replace to rescore it under the new date")
@@ -234,8 +231,25 @@ class RunWriter:
             self._delete_rows()
             state = RunState(part=self._part, date=state.date)
         self.rows, self.errors = state.rows, state.errors
+        self._queued, self._queued_rows, self._queued_errors = self._part, self.rows, self.errors
+        self._begun_at = self._part  # this writer's first commit carries the run's info
         self._since = time.monotonic()
         return state
+
+    def _check_binding(self) -> None:
+        """Refuse to continue a run id with another model, input or row options: its rows
+        would mix two kinds of answers under one run, and it would end ``complete``."""
+        if not self.binding:
+            return
+        found = run_binding(self._dt, self.run_id)
+        if found is None:
+            return  # a run committed before bindings: nothing recorded to compare
+        diff = [f"{k}: the run has {found.get(k)!r}, this command {v!r}" for k, v in self.binding.items()
+                if k in found and found[k] != v]
+        if diff:
+            raise DragonsError(f"run {self.run_id} in {self.uri} was started with something else ({'; '.join(diff)}); "
+                               "continuing it would mix the two in one run. Add --replace to rescore the run from "
+                               "scratch with this command, or give a new --run-id")
 
     def _delete_rows(self) -> None:
         from deltalake.transaction import CommitProperties, Transaction
@@ -250,7 +264,7 @@ class RunWriter:
                     custom_metadata=meta, app_transactions=[Transaction(app_id(self.run_id), part)]))
             except CommitFailedError as exc:
                 raise _commit_error(self.uri, self.run_id, exc) from None
-        self._part = part
+        self._part = self._queued = part
 
     # -- rows
 
@@ -260,6 +274,7 @@ class RunWriter:
         True when a part was committed."""
         if self._dt is None:
             self.begin()
+        self._raise_failed()
         t = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         committed = False
         while True:
@@ -268,7 +283,10 @@ class RunWriter:
             if head.num_rows:
                 self._spool_rows(self._normalise(head, model_version))
             if self._pending and self.due():
-                self._commit(PART)
+                if self.background:
+                    self._hand_off()
+                else:
+                    self._commit(PART)
                 committed = True
             if not t.num_rows:
                 return committed
@@ -292,10 +310,10 @@ class RunWriter:
         n = t.num_rows
         now = datetime.now(timezone.utc)
         extra = {
-            "model_version": pa.array([model_version or self.model_version] * n, pa.string()),
-            "run_id": pa.array([self.run_id] * n, pa.string()),
-            "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-            PARTITION: pa.array([self.dt] * n, pa.string()),
+            "model_version": pa.repeat(pa.scalar(model_version or self.model_version, pa.string()), n),
+            "run_id": pa.repeat(pa.scalar(self.run_id, pa.string()), n),
+            "scored_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
+            PARTITION: pa.repeat(pa.scalar(self.dt, pa.string()), n),
         }
         cols = []
         for f in self.schema:
@@ -312,12 +330,45 @@ class RunWriter:
                 cols.append(pa.nulls(n, f.type))
         return pa.Table.from_arrays(cols, schema=self.schema)
 
-    def _batches(self) -> Iterator[pa.RecordBatch]:
-        if not self._spool:
-            return
+    def _batches(self, spool: str) -> Iterator[pa.RecordBatch]:
+        if spool:
+            yield from pq.ParquetFile(spool).iter_batches(batch_size=SPOOL_BATCH_ROWS)
+
+    def _close_spool(self) -> str:
+        """Close the spool being written and hand its path over (the writer starts a new one)."""
         if self._writer is not None and self._writer.is_open:
             self._writer.close()
-        yield from pq.ParquetFile(self._spool).iter_batches(batch_size=SPOOL_BATCH_ROWS)
+        spool, self._spool, self._writer = self._spool, "", None
+        return spool
+
+    # -- the committer thread
+
+    def _hand_off(self) -> None:
+        """Queue the pending rows as the next part; the committer thread commits it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._raise_failed()
+        while len(self._inflight) >= 2:  # commits slower than scoring: wait, rather than queue spools without end
+            self._inflight.pop(0).result()
+        part = self._queued + 1
+        meta = self._meta(PART, part, self.info if part == self._begun_at + 1 else None)
+        spool = self._close_spool()
+        self._queued, self._queued_rows, self._queued_errors = part, meta["rows"], meta["errors"]
+        self._pending = self._pending_errors = 0
+        self._since = time.monotonic()
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dragons-commit")
+        self._inflight.append(self._committer.submit(self._commit_spool, spool, part, meta))
+
+    def _raise_failed(self) -> None:
+        """Surface a part the committer could not commit (on the caller's thread, at its next call)."""
+        while self._inflight and self._inflight[0].done():
+            self._inflight.pop(0).result()
+
+    def drain(self) -> None:
+        """Wait for every queued part; raise the first failure."""
+        while self._inflight:
+            self._inflight.pop(0).result()
 
     # -- commits
 
@@ -335,41 +386,60 @@ class RunWriter:
         so the runs view says why the run stopped, when this writer has committed
         parts. Never raises."""
         self.discard()
+        try:
+            self.drain()
+        except Exception:  # noqa: BLE001 (the run is failing already; its error is the one to show)
+            self._inflight.clear()
         # Only a writer that has committed parts records the failure: one that never
         # committed may be a second attempt beside a healthy one, whose next part
         # its marker would fence. Its error is on the terminal and in the log.
         if self._dt is None or self.parts == 0:
             return
         try:
-            self._commit(FAILED, {"failure": storage.redact(reason)[:500]})
+            self._commit(FAILED, {"failure": storage.shorten(reason, 500)})
         except Exception:  # noqa: BLE001 (the run is failing already; its error is the one to show)
             pass
 
     def _meta(self, status: str, part: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        rows, errors = self.rows + self._pending, self.errors + self._pending_errors
+        rows, errors = self._queued_rows + self._pending, self._queued_errors + self._pending_errors
         meta = {"dragons_run_id": self.run_id, "dragons_part": part, "dragons_status": status, "rows": rows,
                 "scored": rows - errors, "errors": errors, "part_rows": self._pending, "dt": self.dt,
                 "started_at": self.started.isoformat(), "model_version": self.model_version,
-                "commit_interval_s": self.commit_interval_s, **(extra or {})}
+                "commit_interval_s": self.commit_interval_s,
+                "binding": json.dumps(self.binding, sort_keys=True) if self.binding else None,
+                "input": self.binding.get("input"), **(extra or {})}
         return {k: v for k, v in meta.items() if v is not None}
 
     def _commit(self, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        part = self._part + 1
-        first = self.parts == 0
+        """Commit what is pending now, on this thread, after every queued part."""
+        self.drain()
+        part = self._queued + 1
+        first = part == self._begun_at + 1
         meta = self._meta(status, part, {**(self.info if first else {}), **(extra or {})})
+        spool = self._close_spool()
+        self._pending = self._pending_errors = 0
+        version = self._commit_spool(spool, part, meta)
+        self._queued, self._queued_rows, self._queued_errors = part, meta["rows"], meta["errors"]
+        self._since = time.monotonic()
+        return {**meta, "version": version, "path": self.uri, "run_id": self.run_id}
+
+    def _commit_spool(self, spool: str, part: int, meta: dict[str, Any]) -> int:
+        """Append one spool file as part ``part`` (then remove it); the writer's counters follow."""
         try:
-            version = self._append(part, meta)
+            version = self._append(spool, part, meta)
         finally:
-            self.discard()
+            if spool and os.path.exists(spool):
+                os.remove(spool)
         self._part = part
         self.parts += 1
         if meta["part_rows"] and not self.first_part_at:
             self.first_part_at = time.time()
         self.rows, self.errors = meta["rows"], meta["errors"]
-        self._since = time.monotonic()
-        return {**meta, "version": version, "path": self.uri, "run_id": self.run_id}
+        if self.on_commit is not None and meta["dragons_status"] == PART:
+            self.on_commit(part, meta["rows"])
+        return version
 
-    def _append(self, part: int, meta: dict[str, Any]) -> int:
+    def _append(self, spool: str, part: int, meta: dict[str, Any]) -> int:
         """Append the pending rows as part ``part``: one Delta commit; returns its version.
 
         The write goes through this writer's own table handle, which sits at its
@@ -386,10 +456,13 @@ class RunWriter:
         json.dumps(custom)  # fail here, not inside delta-rs, on anything not JSON-able
         props = CommitProperties(custom_metadata=custom, app_transactions=[
             Transaction(app_id(self.run_id), part, last_updated=int(time.time() * 1000))])
-        for n in range(1, WRITE_ATTEMPTS + 1):
+        conflicts = 0
+        n = 0
+        while n < WRITE_ATTEMPTS:
+            n += 1
             try:
                 write_deltalake(
-                    self._dt, pa.RecordBatchReader.from_batches(self.schema, self._batches()), mode="append",
+                    self._dt, pa.RecordBatchReader.from_batches(self.schema, self._batches(spool)), mode="append",
                     partition_by=[PARTITION],
                     # A model with other classes adds its p_<class> columns (older rows read NULL there).
                     schema_mode="merge", storage_options=storage_options(self.uri),
@@ -400,7 +473,9 @@ class RunWriter:
                 if landed is not None:
                     self._dt = landed[1]
                     return landed[0]
-                raise _commit_error(self.uri, self.run_id, exc) from None
+                conflicts += 1
+                self._dt = self._after_conflict(exc, conflicts)  # raises unless a retry is safe
+                continue
             except BaseException as exc:  # S3 trouble: OSError, delta-rs' own error types, a Rust panic
                 if not storage.is_delta_failure(exc):
                     raise
@@ -416,19 +491,83 @@ class RunWriter:
                 time.sleep(min(30.0, 2.0 ** n))
         raise AssertionError("unreachable")
 
+    def _after_conflict(self, exc: BaseException, conflicts: int) -> Any:
+        """A commit delta-rs refused: a fresh handle to retry on, or the error that names the conflict.
+
+        delta-rs checks our commit against every commit since our handle's version
+        (this writer's last part). Only a commit carrying this run's app transaction
+        is a rival writer; a schema change (another model's p_<class> columns), an
+        append, or a delete of other rows is retried on a fresh snapshot, once the
+        fresh snapshot shows that no rival advanced the run and its rows are intact."""
+        kind = conflict_kind(exc)
+        if kind == RIVAL:
+            raise _commit_error(self.uri, self.run_id, exc) from None
+        if kind == PROTOCOL:
+            raise DragonsError(f"run {self.run_id}: the table at {self.uri} changed its Delta protocol during the run "
+                               f"({storage.short_error(exc)}); dragons writes protocol 1/2 tables: undo the upgrade or "
+                               "score into a new --output; every part committed so far is kept") from None
+        if conflicts > CONFLICT_RETRIES:
+            raise DragonsError(f"run {self.run_id}: {conflicts} commits in a row refused by concurrent changes to "
+                               f"{self.uri} ({storage.short_error(exc)}); every part committed so far is kept: run the "
+                               "same command again when the table is quieter") from None
+        fresh = open_table(self.uri)
+        if (fresh.transaction_version(app_id(self.run_id)) or 0) != self._part:
+            raise _commit_error(self.uri, self.run_id, exc) from None
+        if kind == DELETE and run_state(fresh, self.run_id).rows != self.rows:
+            raise DragonsError(f"run {self.run_id}: rows of this run were deleted from {self.uri} while it ran "
+                               f"({storage.short_error(exc)}); its counts no longer hold: rescore it with --replace, or "
+                               "under a new --run-id") from None
+        time.sleep(min(5.0, 0.2 * 2**conflicts))
+        return fresh
+
     def discard(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._spool and os.path.exists(self._spool):
-            os.remove(self._spool)
-        self._spool, self._writer = "", None
+        """Drop the uncommitted spool (a failing or finished run). Parts already
+        handed to the committer still commit: they are whole parts of the run."""
+        spool = self._close_spool()
+        if spool and os.path.exists(spool):
+            os.remove(spool)
         self._pending = self._pending_errors = 0
+
+
+# What a refused commit means (delta-rs' CommitFailedError, read from its message:
+# deltalake 1.6.6 raises one type for every conflict kind).
+RIVAL, PROTOCOL, DELETE, RETRY = "rival", "protocol", "delete", "retry"
+_CONFLICTS = (("Concurrent transaction failed", RIVAL),  # a newer commit carries our app transaction id
+              ("Protocol changed", PROTOCOL),
+              ("deleted data this operation read", DELETE), ("deleted the same data", DELETE),
+              ("Metadata changed", RETRY), ("concurrent transactions added new data", RETRY))
+# Commits in a row a writer retries after conflicts that are not a rival's.
+CONFLICT_RETRIES = 5
+
+
+def conflict_kind(exc: BaseException) -> str:
+    """``rival`` (another writer of the run id: fenced), ``protocol`` (the table was upgraded),
+    ``delete`` (rows removed under us: retried only if this run's are intact) or ``retry``
+    (an append, schema change or anything else: retried on a fresh snapshot)."""
+    text = str(exc)
+    return next((kind for marker, kind in _CONFLICTS if marker in text), RETRY)
 
 
 def _commit_error(uri: str, run_id: str, exc: BaseException) -> DragonsError:
     return DragonsError(
         f"run {run_id}: another writer committed to this run id in {uri} first ({storage.short_error(exc)}); it carries the run "
         "on, and every part committed so far is kept: let it finish, or run the same command again after it stops")
+
+
+def run_binding(dt: Any, run_id: str) -> dict[str, Any] | None:
+    """What run ``run_id`` was bound to by its newest commit (None: none recorded). Reads
+    the log newest first, a window at a time: a run being continued committed recently."""
+    seen = 0
+    for limit in (100, None):
+        history = dt.history(limit)
+        for h in history[seen:]:
+            if h.get("dragons_run_id") == run_id and h.get("binding"):
+                found: dict[str, Any] = json.loads(h["binding"])
+                return found
+        if limit is not None and len(history) < limit:
+            return None
+        seen = len(history)
+    return None
 
 
 def _open_or_create(uri: str, schema_: pa.Schema) -> Any:

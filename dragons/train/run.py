@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from dragons import artifact, raycompat, storage
-from dragons.calibration import apply_temperature, fit_temperature
+from dragons.calibration import Calibration, apply_temperature, calibrate
 from dragons.capacity import GpuRequest, Grant, decode_beside_model, span_from_count
 from dragons.errors import DragonsError
-from dragons.metrics import expected_calibration_error
 from dragons.models.registry import build_model
 from dragons.raycluster import DATA_CPU_SHARE, Resources, cluster, embedded, size_workers
 from dragons.runlog import run_log, say
@@ -142,13 +141,18 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
     if state.get("tta"):
         metrics.update({"valid_accuracy_tta": state["tta"]["accuracy"], "valid_loss_tta": state["tta"]["valid_loss"], "tta": cfg.tta})
     temperature, raw, idx, probs = 1.0, None, fitted.idx, fitted.probs
+    cal: Calibration | None = None
     if idx is not None and probs is not None and len(idx):
-        # One temperature fitted on the validation predictions (the plain pass):
-        # every later probability (evaluate, predict, score) is divided by it.
+        # One temperature for the validation predictions (the plain pass), chosen by
+        # cross-validation so it holds beyond them, else T = 1 (dragons.calibration
+        # says when): every later probability (evaluate, predict, score) is divided by it.
         y = np.array([folder.valid[int(i)].label for i in idx])
-        temperature = fit_temperature(probs[0], y)
-        metrics["valid_ece_uncalibrated"] = round(expected_calibration_error(probs[0], y), 5)
-        metrics["valid_ece"] = round(expected_calibration_error(apply_temperature(probs[0], temperature), y), 5)
+        cal = calibrate(probs[0], y)
+        temperature = cal.temperature
+        say(cal.sentence())
+        metrics["valid_ece_uncalibrated"] = cal.ece_before  # the raw ECE (15 bins), as calibrate measured it
+        # Held out: the out-of-fold ECE when T is applied; the raw one (nothing fitted) when it fell back.
+        metrics["valid_ece"] = cal.valid_ece
         raw = probs[-1]
     facts = plan.facts
     meta = {
@@ -156,6 +160,8 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
         "classes": folder.classes,
         "data_config": plan.data.to_dict(),  # how an image becomes this model's input
         "temperature": temperature,  # calibration (dragons.calibration): probabilities are softmax(log p / T)
+        # How T was chosen (method, reason, out-of-fold ECE / NLL before and after); None: no validation predictions.
+        "calibration": cal.to_meta() if cal is not None else None,
         "metrics": metrics,
         "history": history,
         "lr_find": state.get("lr_find"),
@@ -173,8 +179,10 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
     saved = artifact.save(cfg.out, model, meta)
     say(f"valid accuracy {metrics['valid_accuracy']:.4f}, loss {metrics['valid_loss']:.4f}"
         + (f"; with TTA x{cfg.tta}: {metrics['valid_accuracy_tta']:.4f}" if state.get("tta") else "")
-        + (f"; ECE {metrics['valid_ece_uncalibrated']:.4f} -> {metrics['valid_ece']:.4f} at temperature "
-           f"{temperature:.3g}" if "valid_ece" in metrics else "")
+        + ("" if cal is None else
+           f"; out-of-fold ECE {metrics['valid_ece_uncalibrated']:.4f} -> {metrics['valid_ece']:.4f} at temperature "
+           f"{temperature:.3g} ({cal.method})" if cal.reason == "applied" else
+           f"; ECE {metrics['valid_ece']:.4f} at temperature 1 ({cal.method}: {cal.reason})")
         + f"; wall {wall_s:.1f}s")
     say(f"model artifact {cfg.out} (version {saved['version']})")
     if cfg.report and idx is not None and probs is not None:
@@ -220,5 +228,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         with open(path, "rb") as f:
             storage.write_bytes(storage.join(cfg.out, "train.log"), f.read())
     except Exception as exc:  # the model is saved; a log that cannot be copied must not fail the run
-        log.warning("could not copy the run log to %s: %s", cfg.out, storage.redact(str(exc))[:200])
+        log.warning("could not copy the run log to %s: %s", cfg.out, storage.shorten(str(exc), 200))
     return meta
