@@ -281,8 +281,12 @@ def run_one(label: str, work: Path, model: str, n: int, args: argparse.Namespace
     table = work / "tables" / (cfg.pop("table_name", None) or label)
     if not keep_table:
         shutil.rmtree(table, ignore_errors=True)
+    from dragons.score.source import BLOCK_ROWS
+
+    # block_rows=BLOCK_ROWS: each actor call takes a whole listing block, as GPU actors do
+    # (the CPU default cuts blocks into 256-row calls for actors that decode).
     c = ScoreConfig(model=model, output=str(table), run_id=label, commit_every=args.commit_every,
-                    list_concurrency=args.list_concurrency, block_rows=4096, max_bytes=1, progress_s=30,
+                    list_concurrency=args.list_concurrency, block_rows=BLOCK_ROWS, max_bytes=1, progress_s=30,
                     log_file=str(work / "logs" / f"{label}.log"), **cfg)
     with Sampler() as s:
         t0 = time.perf_counter()

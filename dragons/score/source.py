@@ -29,14 +29,17 @@ from dragons.score.schema import LISTING_SCHEMA
 
 log = logging.getLogger("dragons.score")
 
-# Rows per block a listing read task yields: a block is one scoring-actor call, and
-# Ray Data's cost is per block (bare Ray Data in this shape: ~12.8k rows/s with
-# 256-row blocks, ~70k with 4,096), so blocks are sized for throughput; the actor
-# still feeds its model --batch-size images at a time.
-BLOCK_ROWS = 4096
-# Ray Data's target block size for the listing's dataset: a listing page is cut
-# once its rows pass PAGE_OVER times it (see _stream_pages), which with rows of
-# 60 bytes or more (uri, a 32-character etag, size, time) is at most BLOCK_ROWS rows.
+# The most rows a listing block holds. A block is one scoring-actor call, and Ray
+# Data's cost is per block (bare Ray Data in this shape: ~12.8k rows/s with 256-row
+# blocks, ~70k with 4,096), so blocks are sized for throughput: a listing page is
+# cut by bytes (STREAM_BLOCK_BYTES, see _stream_pages), which at the ~100-200 bytes
+# of a listed object is 5,000-10,000 rows, never more than this. The actor still
+# feeds its model --batch-size images at a time.
+BLOCK_ROWS = 16_384
+# Ray Data's target block size for the run's dataset: a listing page is cut once
+# its rows pass PAGE_OVER times it (see _stream_pages), which with rows of 60 bytes
+# or more (uri, a 32-character etag, size, time) is at most BLOCK_ROWS rows. Blocks
+# further on (the actors' rows, decoded images) are cut to it too: ~0.75 MiB.
 STREAM_BLOCK_BYTES = 48 * BLOCK_ROWS
 # CPU the listing read task asks for: it waits on LIST calls, and must never
 # starve the scoring actors of a whole CPU on a small cluster.
