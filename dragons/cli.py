@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -153,6 +154,17 @@ COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argpa
 }
 
 
+def usage() -> str:
+    """``dragons --help``: one line per command, the first sentence of its own description."""
+    width = max(len(c) for c in COMMANDS)
+    lines = []
+    for name, (make_parser, _) in COMMANDS.items():
+        text = re.sub(r"\s*\([^)]*\)", "", (make_parser().description or "").split(". ")[0]).rstrip(".")
+        lines.append(f"  {name:<{width}}  {text}")
+    return ("usage: dragons <command> [options]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n'dragons <command> --help' for each; --verbose (any command) also shows Ray's own lines.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from dragons.storage import drop_empty_aws_env
 
@@ -161,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     drop_empty_aws_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dragons <command> [options]\n\ncommands: " + ", ".join(COMMANDS) + "\n\n'dragons <command> --help' for each; --verbose (any command) also shows Ray's own lines.")
+        print(usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if "--verbose" in rest:  # every command: Ray's own worker lines on the terminal too (they are always in the log)

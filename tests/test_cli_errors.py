@@ -75,3 +75,14 @@ def test_a_broken_command_module_is_an_error_not_an_unknown_command(monkeypatch:
     monkeypatch.delitem(sys.modules, "dragons.cli", raising=False)
     with pytest.raises(ImportError):
         importlib.import_module("dragons.cli")
+
+
+def test_top_level_help_gives_one_line_per_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`dragons --help` names every command with a line from its own description, as git and kubectl do."""
+    from dragons.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln.split(None, 1)[1] for ln in out.splitlines() if ln.startswith("  ") and len(ln.split()) > 1}
+    assert set(lines) == set(COMMANDS) and all(len(text) > 10 for text in lines.values()), out
+    assert lines["score"].startswith("Score every image under a prefix")
