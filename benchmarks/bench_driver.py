@@ -7,7 +7,7 @@ In order, on an embedded Ray in this process (the same machine, minutes apart):
 
 1. **ceiling**: ``../shared/bench/raydata_ceiling.py`` (bare Ray Data: one read task yielding listing-like
    rows -> one actor returning error rows -> the driver spooling Arrow batches to Parquet), at 256-row
-   blocks and at dragons' own block (``source.BLOCK_ROWS``, 4,096).
+   blocks of 4,096 rows and of ~12k rows (a page of dragons' driver-mode runs: the same block size).
 2. **driver mode** (``--max-bytes 1``: every object is refused from its listed size inside the scoring
    actor, before any read, so each row costs what the orchestration costs: list -> skip split -> Ray
    Data blocks -> actor call -> spool -> commit in parts), over a local folder of hard links, a Parquet
@@ -47,6 +47,9 @@ sys.path.insert(0, str(REPO / "tests"))
 import dragons  # noqa: F401,E402  (before anything imports ray: it turns on Ray token auth)
 
 CEILING = REPO.parent / "shared" / "bench" / "raydata_ceiling.py"
+# Block sizes for the ceiling: the issue's 4,096, and the ~12k rows a page of dragons' driver-mode
+# runs holds (STREAM_BLOCK_BYTES at ~80 bytes a manifest row): the same block size as dragons'.
+CEILING_BLOCKS = (4096, 12_288)
 SOURCE_BUCKET = "archive"
 
 
@@ -296,7 +299,9 @@ def run_one(label: str, work: Path, model: str, n: int, args: argparse.Namespace
     assert m["rows"] == n - m["skipped"], (label, m["rows"], n, m["skipped"])
     cpu = s.cpu_by_kind()
     fig = {"label": label, "n": n, "scored": m["new_rows"], "wall_s": round(wall, 1),
-           "rows_per_s": round(n / wall), "driver_peak_rss_mb": round(s.peak_rss_mb),
+           "rows_per_s": round(n / wall), "pipeline_s": m["timings"]["total_s"],
+           # from Ray's start to the last commit, as the ceiling is timed (after ray.init)
+           "pipeline_rows_per_s": round(n / m["timings"]["total_s"]), "driver_peak_rss_mb": round(s.peak_rss_mb),
            "peak_above_idle_mb": round(s.peak_used_mb - s.idle_mb), "first_part_s": m["timings"]["first_part_s"],
            "listing_done_s": m["timings"]["listing_done_s"], "parts": m["dragons_part"],
            "cpu_us_per_row": {k: round(1e6 * v / n, 1) for k, v in sorted(cpu.items())}}
@@ -305,13 +310,11 @@ def run_one(label: str, work: Path, model: str, n: int, args: argparse.Namespace
 
 
 def ceiling(n: int) -> dict[int, float]:
-    """Bare Ray Data's rows/s at 256-row blocks and at dragons' block, in a process of its own."""
-    from dragons.score.source import BLOCK_ROWS
-
+    """Bare Ray Data's rows/s at CEILING_BLOCKS, in a process of its own."""
     if not CEILING.exists():
         raise SystemExit(f"error: {CEILING} is missing: it ships in ../shared/bench beside the repo")
     # RAY_ADDRESS=local: a Ray of its own, never one `ray start` left running on this machine.
-    out = subprocess.run([sys.executable, str(CEILING), str(n), "256", str(BLOCK_ROWS)], cwd=REPO, text=True,
+    out = subprocess.run([sys.executable, str(CEILING), str(n), *map(str, CEILING_BLOCKS)], cwd=REPO, text=True,
                          capture_output=True, timeout=1800, env={**os.environ, "RAY_ADDRESS": "local"})
     if out.returncode:
         raise SystemExit(f"error: the Ray Data ceiling failed:\n{out.stderr[-2000:]}")
@@ -356,20 +359,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     """The issue's bars, each against its figure measured above."""
-    from dragons.score.source import BLOCK_ROWS
-
     runs = {r["label"]: r for r in out["runs"]}
-    ceil = out.get("ceiling", {}).get(BLOCK_ROWS)
+    block = max(CEILING_BLOCKS)
+    ceil = out.get("ceiling", {}).get(block)
 
     def bar(name: str, ok: bool, text: str) -> None:
         print(f"{name}: {text} -> {'ok' if ok else 'MISSED'}", flush=True)
 
     for r in out["runs"]:
         if r["label"].startswith(("folder-", "manifest-", "inventory-")) and r["n"] >= 1_000_000:
-            bar(f"{r['label']} rate", r["rows_per_s"] >= 40_000, f"{r['rows_per_s']:,} rows/s (bar 40,000)")
+            bar(f"{r['label']} rate", r["pipeline_rows_per_s"] >= 40_000,
+                f"{r['pipeline_rows_per_s']:,} rows/s over the pipeline's time, {r['rows_per_s']:,} over the "
+                f"command's (Ray's start included) (bar 40,000)")
         if ceil and r["label"].startswith(("folder-", "manifest-", "inventory-")):
             bar(f"{r['label']} vs ceiling", r["rows_per_s"] >= 0.8 * ceil,
-                f"{r['rows_per_s'] / ceil:.2f} x bare Ray Data's {ceil:,.0f} rows/s at {BLOCK_ROWS}-row blocks (bar 0.8)")
+                f"{r['pipeline_rows_per_s'] / ceil:.2f} x bare Ray Data's {ceil:,.0f} rows/s at {block}-row blocks "
+                f"(pipeline time; bar 0.8)")
     for kind in ("manifest", "inventory"):
         sizes = sorted(r["n"] for r in out["runs"] if r["label"].startswith(f"{kind}-"))
         if len(sizes) > 1:

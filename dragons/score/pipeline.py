@@ -38,7 +38,7 @@ from dragons.runlog import Progress, run_log
 from dragons.score import listing, table
 from dragons.score.config import ScoreConfig
 from dragons.score.scorer import ModelChanged, Scorer
-from dragons.score.source import (BLOCK_ROWS, Counts, SharedSkips, counts_now, final_counts, listing_dataset,
+from dragons.score.source import (BLOCK_ROWS, Counts, SharedSkips, block_bytes, counts_now, final_counts, listing_dataset,
                                   listing_pages, load_run_skips, new_counts, share_skips, todo_blocks)
 
 log = logging.getLogger("dragons.score")
@@ -199,7 +199,8 @@ def build_dataset(p: ScorePlan, counts_actor: Any = None, shared: SharedSkips | 
         blocks = [b.slice(i, p.call_rows) for b in p.listed.blocks for i in range(0, b.num_rows, p.call_rows)]
         ds = ray.data.from_arrow(blocks)
     else:
-        ds = listing_dataset(cfg, p.version, p.model_version, p.run_id, counts_actor, shared)
+        # Pages of about one actor call: small ones where actors decode, so that every actor has work.
+        ds = listing_dataset(cfg, p.version, p.model_version, p.run_id, counts_actor, shared, block_bytes(p.call_rows))
     pool = p.pool
     log.info("%s scoring actor(s) with %g CPU%s each; decoding %s",
              pool.hi if pool.lo == pool.hi else f"{pool.lo} to {pool.hi}", pool.cpu, " and 1 GPU" if pool.gpu else "",

@@ -41,6 +41,17 @@ BLOCK_ROWS = 16_384
 # or more (uri, a 32-character etag, size, time) is at most BLOCK_ROWS rows. Blocks
 # further on (the actors' rows, decoded images) are cut to it too: ~0.75 MiB.
 STREAM_BLOCK_BYTES = 48 * BLOCK_ROWS
+# ... and where the scoring actors decode (CPU clusters: a row is tens of ms of work),
+# small blocks, so that every actor gets work and results stream: ~250 listed objects.
+CPU_BLOCK_BYTES = 32 * 1024
+
+
+def block_bytes(call_rows: int) -> int:
+    """Ray Data's target block size for actor calls of ``call_rows`` rows: listing pages
+    (cut by bytes, at 60+ bytes a row) of about that many rows, never below CPU_BLOCK_BYTES."""
+    return min(STREAM_BLOCK_BYTES, max(CPU_BLOCK_BYTES, 48 * call_rows))
+
+
 # CPU the listing read task asks for: it waits on LIST calls, and must never
 # starve the scoring actors of a whole CPU on a small cluster.
 LISTING_CPU = 0.1
@@ -304,10 +315,10 @@ def plan_units(cfg: ScoreConfig) -> list[list[listing.Unit]]:
 
 
 def listing_dataset(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, counts: Any,
-                    shared: SharedSkips | None = None) -> Any:
+                    shared: SharedSkips | None = None, target_bytes: int = STREAM_BLOCK_BYTES) -> Any:
     """The objects to score as a Ray Data dataset streamed by up to --list-concurrency
     listing read tasks (``counts``: the actor from ``new_counts``; ``shared``: the
-    driver's skip-set files)."""
+    driver's skip-set files), in blocks of about ``target_bytes`` (``block_bytes``)."""
     import ray
     import ray.data
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -325,7 +336,7 @@ def listing_dataset(cfg: ScoreConfig, version: int | None, model_version: str, r
     # Ray Data merges what a read task yields until it passes this many bytes and
     # slices what passes 1.5 times it (output_buffer.py): pages are cut to land in
     # between, so each page leaves as one block (PAGE_OVER, _stream_pages).
-    ds.context.target_max_block_size = STREAM_BLOCK_BYTES
+    ds.context.target_max_block_size = target_bytes
     return ds
 
 
