@@ -6,7 +6,7 @@
 In order, on an embedded Ray in this process (the same machine, minutes apart):
 
 1. **ceiling**: ``../shared/bench/raydata_ceiling.py`` (bare Ray Data: one read task yielding listing-like
-   rows -> one actor returning error rows -> the driver spooling Arrow batches to Parquet), at 256-row
+   rows -> one actor returning error rows -> the driver spooling Arrow batches to Parquet), at
    blocks of 4,096 rows and of ~12k rows (a page of dragons' driver-mode runs: the same block size).
 2. **driver mode** (``--max-bytes 1``: every object is refused from its listed size inside the scoring
    actor, before any read, so each row costs what the orchestration costs: list -> skip split -> Ray
