@@ -84,12 +84,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _meminfo_used_mb() -> float:
-    m = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            k, v = line.split(":")
-            m[k] = int(v.split()[0])
-    return (m["MemTotal"] - m["MemAvailable"]) / 1024
+    """MemTotal - MemAvailable in MB (bench_driver's measure: Ray's shared memory counts)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_driver import meminfo_used_mb  # type: ignore[import-not-found]
+
+    return float(meminfo_used_mb())
 
 
 def _disk_mb(folder: Path) -> float:
