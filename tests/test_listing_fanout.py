@@ -144,15 +144,22 @@ def test_n_streams_list_the_same_set_as_one(ray_session: None, fan_bucket: str, 
         assert max(b.num_rows for b in blocks) <= source.BLOCK_ROWS
 
 
-def _listing_pids(timeout_s: float = 60) -> tuple[object, dict[int, list[int]]]:
+def _counts_actors() -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(source.COUNTS_ACTOR_PREFIX)}
+
+
+def _listing_pids(before: set[str], timeout_s: float = 60, poll_s: float = 0.01) -> tuple[object, dict[int, list[int]]]:
     """The run's counts actor and the process ids its listing streams reported to it."""
     import ray
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         for a in ray.util.list_named_actors(all_namespaces=True):
-            if not a["name"].startswith(source.COUNTS_ACTOR_PREFIX):
-                continue
+            if not a["name"].startswith(source.COUNTS_ACTOR_PREFIX) or a["name"] in before:
+                continue  # an earlier test's actor, whose processes are not this run's
             try:
                 actor = ray.get_actor(a["name"], namespace=a["namespace"])
                 reported: Any = ray.get(actor.processes.remote())
@@ -160,7 +167,7 @@ def _listing_pids(timeout_s: float = 60) -> tuple[object, dict[int, list[int]]]:
                 continue
             if reported:
                 return actor, reported
-        time.sleep(0.1)
+        time.sleep(poll_s)
     raise AssertionError("no listing stream reported its process id")
 
 
@@ -189,21 +196,27 @@ def test_a_killed_listing_stream_is_retried_exactly_once(ray_session: None, tiny
     retried: list[int] = []
 
     def kill_one() -> None:
+        """Kill a stream the moment it says hello (a stream lists for about a second: no sleep
+        here, or a loaded machine lets it finish first); one already gone is passed over."""
         import ray
 
-        actor, pids = _listing_pids()
-        stream, (pid,) = next(iter(pids.items()))
-        time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(300):  # the retry says hello from a new process
+        actor, pids = _listing_pids(before)
+        for stream, (pid, *_) in pids.items():
             try:
-                retried.extend(ray.get(actor.processes.remote())[stream][1:])  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 (the run ended: its actor is gone)
-                return
-            if retried:
-                return
-            time.sleep(0.1)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            for _ in range(600):  # the retry says hello from a new process
+                try:
+                    retried.extend(ray.get(actor.processes.remote())[stream][1:])  # type: ignore[attr-defined]
+                except Exception:  # noqa: BLE001 (the run ended: its actor is gone)
+                    return
+                if retried:
+                    return
+                time.sleep(0.1)
+            return
 
+    before = _counts_actors()
     threads = [threading.Thread(target=arrive, daemon=True), threading.Thread(target=kill_one, daemon=True)]
     for t in threads:
         t.start()
