@@ -447,7 +447,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             models = {"local": f"{work}/model", "s3": "s3://bench/model"}
             for s in sources:
                 artifact.save(models[s], model, meta)
-            base = int(meta["base_size"])  # type: ignore[call-overload]
+            base = DataConfig.from_meta(meta).base_size
 
             print("model-only bound (one process, every core, pre-decoded tensors):", flush=True)
             sample_uris = [f"{local_root}/{key(i)}" for i in range(min(192, max(sizes)))]

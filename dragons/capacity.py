@@ -23,7 +23,6 @@ shielded from a second signal.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -113,13 +112,10 @@ def autoscaler_kind(settle_s: float = 15.0) -> str | None:
 
     A v1 monitor's first reports may name no node yet: read again, up to ``settle_s``.
     """
-    try:
-        from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from dragons import raycompat
 
-        if is_autoscaler_v2(fetch_from_server=True):
-            return "v2"
-    except Exception as exc:  # noqa: BLE001 (an older or embedded GCS without the key)
-        log.debug("autoscaler v2 check: %s", exc)
+    if raycompat.is_autoscaler_v2():
+        return "v2"
     deadline = time.monotonic() + settle_s
     while True:
         report = _v1_report()
@@ -141,11 +137,7 @@ def _v1_report() -> dict | None:
 
     if not ray.is_initialized():
         return None
-    raw = raycompat.kv_get("__autoscaling_status")
-    try:
-        status = json.loads(raw) if raw else None
-    except ValueError:
-        status = None
+    status = raycompat.autoscaler_v1_status()
     if not status or time.time() - float(status.get("time", 0)) > 300:
         return None
     return dict(status.get("autoscaler_report") or {})
@@ -171,18 +163,14 @@ def mirrors_only(report: dict) -> bool:
 
 def pending_launches(kind: str | None) -> int:
     """Nodes the autoscaler is launching or waiting for now."""
-    import ray
 
     from dragons import raycompat
 
     try:
         if kind == "v2":
-            from ray.autoscaler.v2.sdk import get_cluster_status
-
-            st = get_cluster_status(ray.get_runtime_context().gcs_address)
-            return sum(r.count for r in st.pending_launches) + len(st.pending_nodes)
+            return raycompat.autoscaler_v2_pending()
         if kind == "v1":
-            report = json.loads(raycompat.kv_get("__autoscaling_status") or b"{}").get("autoscaler_report") or {}
+            report = (raycompat.autoscaler_v1_status() or {}).get("autoscaler_report") or {}
             return sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
     except Exception:  # noqa: BLE001 (no answer is "unknown": keep waiting, bounded)
         return 1

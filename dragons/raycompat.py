@@ -1,6 +1,6 @@
 """Every Ray internal dragons touches, in one place, each with a way out.
 
-Ray's public API has no way to do these five things; each is used here only,
+Ray's public API has no way to do these six things; each is used here only,
 says why, and falls back to Ray's own behaviour when a Ray upgrade moves the
 name (a run then looks noisier or costs a process more; it never fails).
 ``tests/test_raycompat.py`` checks that the pinned Ray (2.58) still has every
@@ -16,8 +16,11 @@ the auth mode Ray fixed at    refuse to run a cluster without token auth even
 import (``ray._raylet``)      when ray was imported before dragons set it
 the address file's path       forget a crashed cluster's address, which Ray's
 (``ray._common.utils``)       helpers inside workers would otherwise dial
-the GCS key-value store       the v1 autoscaler's status: whether an autoscaler
-(``internal_kv``)             is there and what it is launching (dragons.capacity)
+the autoscaler's status:      whether an autoscaler is there and what it is
+v2's SDK (``ray.autoscaler.   launching (dragons.capacity): ``autoscaler_kind``,
+v2``), v1's GCS key           ``autoscaler_report``, ``pending_launches``
+(``__autoscaling_status``
+via ``internal_kv``)
 ``_create_default_callbacks`` leave out Ray Train actors a run does not use
 of Ray Train's trainer        (~0.1 GB and a process each)
 ============================  ====================================================
@@ -25,6 +28,7 @@ of Ray Train's trainer        (~0.1 GB and a process each)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -88,6 +92,40 @@ def kv_get(key: str) -> bytes | None:
     except Exception:  # noqa: BLE001 (no store, another Ray: unknown)
         return None
     return value if isinstance(value, bytes) else None
+
+
+# The v1 monitor writes its report under this GCS key every few seconds.
+AUTOSCALING_STATUS_KEY = "__autoscaling_status"
+
+
+def is_autoscaler_v2() -> bool | None:
+    """Whether the cluster runs autoscaler v2 (None: unknown: an older or embedded GCS without the key)."""
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2 as check
+
+        return bool(check(fetch_from_server=True))
+    except Exception as exc:  # noqa: BLE001
+        log.debug("autoscaler v2 check: %s", exc)
+        return None
+
+
+def autoscaler_v1_status() -> dict[str, Any] | None:
+    """The v1 monitor's whole status record (``time``, ``autoscaler_report``), or None."""
+    raw = kv_get(AUTOSCALING_STATUS_KEY)
+    try:
+        status = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def autoscaler_v2_pending() -> int:
+    """Nodes autoscaler v2 is launching or waiting for (raises when it cannot say)."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    st = get_cluster_status(ray.get_runtime_context().gcs_address)
+    return int(sum(r.count for r in st.pending_launches) + len(st.pending_nodes))
 
 
 def lean_trainer(trainer: type, unused: set[str]) -> type:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # What reaching into Ray looks like: its private packages, and underscore names imported from it.
-PRIVATE = re.compile(r"ray\._|ray\.[\w.]*\._|from ray[\w.]* import .*\b_[a-z]|\._create_default_callbacks|_internal_kv")
+# Also the autoscaler's internals (v2's SDK and utils) and Ray's internal GCS keys ("__name").
+PRIVATE = re.compile(r"ray\._|ray\.[\w.]*\._|from ray[\w.]* import .*\b_[a-z]|\._create_default_callbacks|_internal_kv"
+                     r"|ray\.autoscaler\.v2|[\"']__(?!main__)[a-z_]+[\"']")
 
 
 def test_only_raycompat_reaches_into_ray() -> None:
@@ -41,6 +43,9 @@ def test_the_pinned_ray_has_every_internal_raycompat_uses() -> None:
     assert raycompat.address_file() == utils.get_ray_address_file(None)
     kv = importlib.import_module("ray.experimental.internal_kv")
     assert callable(kv._internal_kv_get)
+    v2_utils = importlib.import_module("ray.autoscaler.v2.utils")
+    v2_sdk = importlib.import_module("ray.autoscaler.v2.sdk")
+    assert callable(v2_utils.is_autoscaler_v2) and callable(v2_sdk.get_cluster_status)
     lean = raycompat.lean_trainer(TorchTrainer, {"DatasetsCallback"})
     assert lean is not TorchTrainer and hasattr(TorchTrainer, "_create_default_callbacks")
     assert raycompat.lean_trainer(TorchTrainer, set()) is TorchTrainer
