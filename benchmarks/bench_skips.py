@@ -160,7 +160,7 @@ def _rows(idx: np.ndarray, run_id: str, day: int, etag: str, error: pa.Array) ->
     p = (idx % 997) / 997.0
     return pa.record_batch({
         "uri": _uris(idx), "label": pa.array(np.where(p > 0.5, "ants", "bees")), "score": pa.array(np.maximum(p, 1 - p)),
-        "p_ants": pa.array(p), "p_bees": pa.array(1 - p), "model_version": pa.array(np.full(k, "v1")),
+        "p_ants": pa.array(p), "p_bees": pa.array(1 - p), "novelty": pa.nulls(k, pa.float64()), "model_version": pa.array(np.full(k, "v1")),
         "run_id": pa.array(np.full(k, run_id)), "scored_at": at, "error": error, "etag": _etags(idx, etag),
         "size": _sizes(idx), "last_modified": at, "dt": pa.array(np.full(k, f"2026-11-{28 + day}")),
     }, schema=schema(CLASSES))

@@ -3,6 +3,8 @@
 Loading needs no Ray and uses ``torch.load(..., weights_only=True)``, so an
 artifact from an untrusted bucket cannot run code. ``version`` is a content hash
 of the weights: scoring tables record it, so every row says which model made it.
+Wherever a model URI is read, ``ROOT@alias`` / ``ROOT@<version>`` name a version
+in a registry (dragons.loop.versions), resolved once.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -18,10 +21,9 @@ import torch
 from dragons import __version__, storage
 from dragons.dataconfig import DataConfig
 from dragons.errors import DragonsError
+from dragons.loop import versions
+from dragons.loop.versions import META_FILE, WEIGHTS_FILE  # the file names live there: it must not import torch
 from dragons.models.registry import Classifier, build_model
-
-WEIGHTS_FILE = "model.pt"
-META_FILE = "model.json"
 
 
 @dataclass
@@ -65,8 +67,13 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def save(out: str, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the weights, then ``model.json`` last (a reader never sees a half artifact)."""
+def save(out: str, model: torch.nn.Module, meta: dict[str, Any], register: bool = False) -> dict[str, Any]:
+    """Write the weights, then ``model.json`` last (a reader never sees a half artifact).
+
+    ``register`` (``dragons train``): ``out`` is a registry too: the same two files also go to
+    ``out/versions/<version>/`` first (never replaced), and alias ``latest`` moves to it last.
+    A top-level artifact from before registries is kept as a version before it is replaced.
+    """
     for key in ("arch", "classes", "data_config", "metrics"):
         if key not in meta:
             raise ValueError(f"artifact metadata lacks {key!r}")
@@ -77,14 +84,23 @@ def save(out: str, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, An
     legacy = {"image_size": data.image_size, "base_size": data.base_size,
               "normalization": {"mean": list(data.mean), "std": list(data.std)}}
     # Redacted: meta carries the training config, whose URIs may hold a secret.
+    created = meta.get("created_at") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     full = storage.redact_obj({**meta, **legacy, "version": content_hash(weights), "dragons_version": __version__,
-                               "weights_file": WEIGHTS_FILE})
+                               "weights_file": WEIGHTS_FILE, "created_at": created})
+    text = json.dumps(full, indent=2, sort_keys=True).encode()
+    if register:
+        versions.adopt(out)  # the artifact being replaced, if it predates registries: kept, not lost
+        versions.write_version(out, full["version"], weights, text)
     storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights)
-    storage.write_bytes(storage.join(out, META_FILE), json.dumps(full, indent=2, sort_keys=True).encode())
+    storage.write_bytes(storage.join(out, META_FILE), text)
+    if register:
+        versions.set_latest(out, full["version"])
     return full
 
 
 def read_meta(uri: str) -> dict[str, Any]:
+    """model.json of an artifact folder (or of its ``model.json``, or of ``ROOT@alias`` / ``ROOT@<version>``)."""
+    uri = versions.artifact_dir(uri)
     base = uri[: -len(META_FILE)].rstrip("/") if uri.rstrip("/").endswith(META_FILE) else uri
     meta_uri = storage.join(base, META_FILE)
     if not storage.exists(meta_uri):
@@ -96,7 +112,9 @@ def read_meta(uri: str) -> dict[str, Any]:
 
 
 def load(uri: str, map_location: str | torch.device = "cpu") -> Artifact:
-    """Load an artifact directory (or its ``model.json``) from disk or S3."""
+    """Load an artifact directory (or its ``model.json``, or ``ROOT@alias`` / ``ROOT@<version>``)
+    from disk or S3; ``Artifact.uri`` is the folder the weights came from."""
+    uri = versions.artifact_dir(uri)  # resolved once: the weights and model.json come from one version's folder
     base = uri[: -len(META_FILE)].rstrip("/") if uri.rstrip("/").endswith(META_FILE) else uri
     meta = read_meta(base)
     raw = storage.read_bytes(storage.join(base, meta.get("weights_file", WEIGHTS_FILE)))

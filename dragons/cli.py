@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 
 from dragons.cliargs import Parser, add_config_args, guarded
 from dragons.local import cli as local_cli
+from dragons.loop import cli as loop_cli
 from dragons.score import cli as score_cli
 
 # TrainConfig's fields by argument group (the rest: cluster, faults and logs).
-TRAIN_IO = ("data", "out", "storage", "name", "resume", "report", "valid_pct", "ignore_valid", "max_pixels")
+TRAIN_IO = ("data", "labels", "out", "storage", "name", "resume", "report", "valid_pct", "ignore_valid", "max_pixels")
 TRAIN_RECIPE = ("arch", "weights", "image_size", "crop_pct", "batch_size", "precompute", "head_epochs", "head_views",
                 "freeze_epochs", "epochs", "lr", "head_lr_scale", "lr_mult", "bn_stats", "freeze_early", "recompute_early", "weight_decay",
                 "label_smoothing", "augment", "tta", "seed", "class_weights", "amp")
@@ -36,12 +37,13 @@ def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
     from dragons.train.config import TrainConfig
 
     p = Parser(prog=prog, description="Fine-tune a pretrained CNN on an image folder with Ray Train.")
-    helps = {"data": "image folder: path, file:// or s3://bucket/prefix with train/<class>/ and valid/<class>/",
+    helps = {"data": "image folder: path, file:// or s3://bucket/prefix with train/<class>/ and valid/<class>/ "
+                     "(optional with --labels)",
              # Checked by the library (its error lists the choices), so a job config gets the same message.
              "arch": f"backbone, one of: {', '.join(list_archs())}",
              "augment": f"augmentation preset, one of: {', '.join(AUGMENT_PRESETS)}; or auto (the default): "
                         "light for a head alone, default when the body is fine-tuned"}
-    add_config_args(p.add_argument_group("data and output"), TrainConfig, only=TRAIN_IO, required=("data", "out"), helps=helps)
+    add_config_args(p.add_argument_group("data and output"), TrainConfig, only=TRAIN_IO, required=("out",), helps=helps)
     add_config_args(p.add_argument_group("model and recipe"), TrainConfig, only=TRAIN_RECIPE, helps=helps)
     add_config_args(p.add_argument_group("cluster, faults and logs"), TrainConfig,
                     skip={*TRAIN_IO, *TRAIN_RECIPE, "lr_find_only"}, flags={"gpu_wait_s": "--gpu-wait"},
@@ -101,7 +103,11 @@ def evaluate_main(args: argparse.Namespace) -> int:
     from dragons import storage
     from dragons.evaluate import evaluate
 
-    m = evaluate(args.model, args.data, args.report or storage.join(args.model, "report"), tta=args.tta,
+    from dragons.loop import versions
+
+    # ROOT@prod: the report goes beside the version it evaluates, not into a folder named "ROOT@prod".
+    default = storage.join(versions.resolve(args.model).dir, "report")
+    m = evaluate(args.model, args.data, args.report or default, tta=args.tta,
                  valid_pct=args.valid_pct, seed=args.seed)
     print(f"accuracy {m['accuracy']:.4f}  log_loss {m['log_loss']:.4f}  ece {m['ece']:.4f}  errors {m['errors']}/{m['n']}")
     for name, pc in m["per_class"].items():
@@ -123,11 +129,11 @@ def predict_main(args: argparse.Namespace) -> int:
 
     from dragons.artifact import load
     from dragons.columns import prediction_columns
-    from dragons.predictor import predict_uris
+    from dragons.predictor import predict_rows
 
     art = load(args.model)
-    probs, errors = predict_uris(art, list(args.images), tta=args.tta)
-    cols = prediction_columns(art.classes, probs, errors)
+    probs, novelty, errors = predict_rows(art, list(args.images), tta=args.tta)
+    cols = prediction_columns(art.classes, probs, errors, novelty)
     failed = 0
     for i, (uri, p, err) in enumerate(zip(args.images, probs, errors)):
         failed += bool(err)
@@ -140,7 +146,8 @@ def predict_main(args: argparse.Namespace) -> int:
         elif err:
             print(f"{uri}\terror: {err}")
         else:
-            print(f"{uri}\t{row['label']}\t" + "\t".join(f"{c}={float(v):.4f}" for c, v in zip(art.classes, p)))
+            print(f"{uri}\t{row['label']}\t" + "\t".join(f"{c}={float(v):.4f}" for c, v in zip(art.classes, p))
+                  + ("" if novelty is None else f"\tnovelty={float(novelty[i]):.2f}"))
     return 1 if failed else 0
 
 
@@ -150,6 +157,7 @@ COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argpa
     "evaluate": (get_evaluate_parser, evaluate_main),
     "predict": (get_predict_parser, predict_main),
     **score_cli.COMMANDS,
+    **loop_cli.COMMANDS,
     **local_cli.COMMANDS,
 }
 

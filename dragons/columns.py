@@ -37,9 +37,15 @@ def check_classes(classes: list[str]) -> None:
         seen[col] = c
 
 
-def prediction_columns(classes: list[str], probs: np.ndarray, errors: Sequence[str | None]) -> dict[str, np.ndarray]:
+# The novelty score's column (dragons.novelty): NULL on error rows and for models without statistics.
+NOVELTY = "novelty"
+
+
+def prediction_columns(classes: list[str], probs: np.ndarray, errors: Sequence[str | None],
+                       novelty: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``label``, ``score``, ``error`` and ``p_<class>`` for a batch; an error row has
-    no label and NaN probabilities (``probs`` may hold anything there)."""
+    no label and NaN probabilities (``probs`` may hold anything there). With ``novelty``
+    (one value a row) a ``novelty`` column too, NaN on error rows."""
     p = np.asarray(probs, dtype=np.float64).reshape(len(errors), len(classes))
     ok = np.array([not e for e in errors], dtype=bool)
     top = np.where(ok, np.nan_to_num(p, nan=-1).argmax(1), -1) if len(p) else np.zeros(0, dtype=np.int64)
@@ -50,4 +56,6 @@ def prediction_columns(classes: list[str], probs: np.ndarray, errors: Sequence[s
     }
     for j, c in enumerate(classes):
         out[prob_column(c)] = np.where(ok, p[:, j], np.nan)
+    if novelty is not None:  # after the probabilities, as the table and the scorer's refused rows have it
+        out[NOVELTY] = np.where(ok, np.asarray(novelty, dtype=np.float64).reshape(len(errors)), np.nan)
     return out

@@ -25,7 +25,7 @@ def rows(run_id: str, n: int, start: int = 0) -> pa.Table:
     s = schema(["ants", "bees"])
     data = {
         "uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(start, start + n)], "label": ["ants"] * n, "score": [0.75] * n,
-        "p_ants": [0.75] * n, "p_bees": [0.25] * n, "model_version": ["v1"] * n, "run_id": [run_id] * n,
+        "p_ants": [0.75] * n, "p_bees": [0.25] * n, "novelty": [None] * n, "model_version": ["v1"] * n, "run_id": [run_id] * n,
         "scored_at": [now] * n, "error": [None] * n, "etag": [f"e{i}" for i in range(start, start + n)], "size": [100] * n,
         "last_modified": [now] * n, "dt": [now.strftime("%Y-%m-%d")] * n,
     }

@@ -18,10 +18,13 @@ LAYERS: dict[str, int] = {
     "dragons": 0, "dragons.errors": 0, "dragons.rayauth": 0, "dragons.dataconfig": 0, "dragons.calibration": 0,
     "dragons.metrics": 0, "dragons.images": 0, "dragons.models": 0, "dragons.models.efficientnet_lite": 0,
     "dragons.train": 0, "dragons.runlog": 0, "dragons.signals": 0, "dragons.raycompat": 0, "dragons.train.ranks": 0, "dragons.train.schedule": 0,
-    "dragons.score": 0, "dragons.local": 0, "dragons.local.synth": 0,
+    "dragons.score": 0, "dragons.local": 0, "dragons.local.synth": 0, "dragons.novelty": 0, "dragons.telemetry": 0,
+    "dragons.loop": 0,
     # 1: storage and names
     "dragons.storage": 1, "dragons.columns": 1,
-    # 2: images to tensors, the model registry, reading objects in Ray, what a job asks of the cluster
+    # 2: images to tensors, the model registry, reading objects in Ray, what a job asks of the cluster;
+    # the labels people gave and the registry's versions (the artifact and the data read them)
+    "dragons.loop.labels": 2, "dragons.loop.versions": 2,
     "dragons.models.registry": 2, "dragons.models.fuse": 2, "dragons.preprocess": 2, "dragons.decode": 2,
     "dragons.data": 2, "dragons.cliargs": 2, "dragons.capacity": 2,
     # 3: the artifact, the one inference path, Ray start-up and sizing, reports, the table's layout
@@ -38,9 +41,9 @@ LAYERS: dict[str, int] = {
     "dragons.score.maintenance": 5, "dragons.score.pipeline": 5, "dragons.score.runreport": 5,
     "dragons.score.labelling": 5, "dragons.score.scorer": 5,
     # 6: commands over both wings
-    "dragons.evaluate": 6,
+    "dragons.evaluate": 6, "dragons.loop.compare": 6, "dragons.loop.comparereport": 6,
     # 7: entry points
-    "dragons.cli": 7, "dragons.score.cli": 7, "dragons.local.cli": 7, "dragons.local.demo": 7,
+    "dragons.cli": 7, "dragons.score.cli": 7, "dragons.loop.cli": 7, "dragons.local.cli": 7, "dragons.local.demo": 7,
     "dragons.local.s3server": 2,
 }
 

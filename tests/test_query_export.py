@@ -32,7 +32,7 @@ def _rows(run_id: str, start: int, stop: int) -> pa.Table:
     n, now = stop - start, datetime.now(timezone.utc)
     return pa.table({
         "uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(start, stop)], "label": ["ants"] * n, "score": [0.75] * n,
-        "p_ants": [0.75] * n, "p_bees": [0.25] * n, "model_version": ["v1"] * n, "run_id": [run_id] * n,
+        "p_ants": [0.75] * n, "p_bees": [0.25] * n, "novelty": [None] * n, "model_version": ["v1"] * n, "run_id": [run_id] * n,
         "scored_at": [now] * n, "error": [None] * n, "etag": [f"e{i}" for i in range(start, stop)], "size": [100] * n,
         "last_modified": [now] * n, "dt": [now.strftime("%Y-%m-%d")] * n,
     }, schema=schema(["ants", "bees"]))

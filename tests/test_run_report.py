@@ -192,10 +192,10 @@ def test_export_least_sure_for_labelling(nights: dict, tmp_path: Path) -> None:
     version = nights["model"]["meta"]["version"]
     for t in tasks:
         pred = t["predictions"][0]
-        assert pred["model_version"] == version and pred["score"] == t["data"]["score"]
+        assert pred["model_version"] == version and pred["score"] == t["data"]["model_score"]
         assert pred["result"] == [{"from_name": "label", "to_name": "image", "type": "choices",
-                                   "value": {"choices": [t["data"]["label"]]}}]
-    scores = [t["data"]["score"] for t in tasks]
+                                   "value": {"choices": [t["data"]["model_label"]]}}]
+    scores = [t["data"]["model_score"] for t in tasks]
     assert scores == sorted(scores)
 
     from dragons.score.labelling import select, write_export

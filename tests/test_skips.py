@@ -62,7 +62,7 @@ def _rows(spec: list[Row]) -> pa.Table:
     at = [T0 + timedelta(hours=s[3]) for s in spec]
     return pa.table({
         "uri": [f"s3://x/{s[0]}.jpg" for s in spec], "label": [None if s[4] else "ants" for s in spec],
-        "score": [None if s[4] else 0.75 for s in spec], "p_ants": [0.75] * n, "p_bees": [0.25] * n,
+        "score": [None if s[4] else 0.75 for s in spec], "p_ants": [0.75] * n, "p_bees": [0.25] * n, "novelty": [None] * n,
         "model_version": [s[1] for s in spec], "run_id": [s[2] for s in spec], "scored_at": at,
         "error": [s[4] for s in spec], "etag": [s[5] for s in spec], "size": [s[6] for s in spec],
         "last_modified": at, "dt": [a.strftime("%Y-%m-%d") for a in at],
@@ -226,6 +226,7 @@ def _big_table(path: str, n: int) -> None:
         return pa.record_batch({
             "uri": pc.binary_join_element_wise(PREFIX, digits, ".jpg", ""), "label": pa.array(np.full(k, "ants")),
             "score": pa.array(np.full(k, 0.75)), "p_ants": pa.array(np.full(k, 0.75)), "p_bees": pa.array(np.full(k, 0.25)),
+            "novelty": pa.nulls(k, pa.float64()),
             "model_version": pa.array(np.full(k, "v1")), "run_id": pa.array(np.full(k, run)),
             "scored_at": at.cast(pa.timestamp("us", tz="UTC")), "error": error,
             "etag": pc.binary_join_element_wise(pa.array(idx).cast(pa.string()), etag, ""),

@@ -136,6 +136,7 @@ def query_main(args: argparse.Namespace) -> int:
 
 # `dragons report --fail-on-drift X`: the exit status when the class mix drifted more
 # than X (2 is every other error), so a CronJob or CI step can tell drift from a failure.
+# `--fail-on-novelty X` exits with it too, when more than X of the rows are novel.
 DRIFT_EXIT = 3
 
 
@@ -153,6 +154,10 @@ def get_report_parser(prog: str = "dragons report") -> argparse.ArgumentParser:
     g.add_argument("--fail-on-drift", type=float, default=None, metavar="X",
                    help=f"after writing the report, exit {DRIFT_EXIT} when the class mix's Jensen-Shannon distance "
                         "from the previous run is above X (0..1); no previous run passes")
+    g.add_argument("--fail-on-novelty", type=float, default=None, metavar="X",
+                   help=f"after writing the report, exit {DRIFT_EXIT} when the share of the run's rows above its "
+                        "model's novelty threshold (the 95th percentile at training: about 0.05 when nothing "
+                        "changed) is above X (0..1); a model without novelty statistics passes")
     add_config_args(p.add_argument_group("what the report shows"), ReportOptions)
     add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
     return p
@@ -165,16 +170,20 @@ def report_main(args: argparse.Namespace) -> int:
     if args.fail_on_drift is not None and not 0 <= args.fail_on_drift <= 1:
         raise DragonsError(f"--fail-on-drift {args.fail_on_drift:g}: give a Jensen-Shannon distance between 0 and 1 "
                            "(e.g. 0.1)")
+    if args.fail_on_novelty is not None and not 0 <= args.fail_on_novelty <= 1:
+        raise DragonsError(f"--fail-on-novelty {args.fail_on_novelty:g}: give a share of rows between 0 and 1 "
+                           "(e.g. 0.2)")
     opts = config_from(ReportOptions, args)
     s = write_run_report(args.table, args.out, args.run_id, top=opts.top, surest=opts.surest, bins=opts.bins,
-                         thumb_px=opts.thumb_px, limits=config_from(QueryLimits, args))
+                         thumb_px=opts.thumb_px, limits=config_from(QueryLimits, args), novel=opts.novel)
     js = s["drift"]["js_distance"]
     c = s["counts"]
     print(f"run {s['run_id']}: scored {c['scored']}, errors {c['errors']}"
           + (f"; vs {s['previous_run_id']}: class-mix JS distance {js:.3f}" if js is not None else "; no previous run")
           + f" -> {s['report']}")
+    novel = _novelty_verdict(s, args.fail_on_novelty)
     if args.fail_on_drift is None:
-        return 0
+        return novel
     if js is None:
         print(f"note: --fail-on-drift passes: run {s['run_id']} has no previous complete run to compare with",
               file=sys.stderr)
@@ -184,6 +193,24 @@ def report_main(args: argparse.Namespace) -> int:
               f"{js:.3f} > --fail-on-drift {args.fail_on_drift:g}; see {s['report']} (exit {DRIFT_EXIT})",
               file=sys.stderr)
         return DRIFT_EXIT
+    return novel
+
+
+def _novelty_verdict(s: dict[str, Any], limit: float | None) -> int:
+    """``--fail-on-novelty``: DRIFT_EXIT when the run's share of novel rows is above ``limit``, with a line saying so."""
+    nov = s.get("novelty") or {}
+    if limit is None:
+        return 0
+    if nov.get("share") is None:
+        print(f"note: --fail-on-novelty passes: run {s['run_id']} has no novelty scores (its model was trained "
+              "without novelty statistics, or the table predates the novelty column)", file=sys.stderr)
+        return 0
+    before = "" if nov.get("previous_share") is None else f"; the previous run had {nov['previous_share']:.1%}"
+    if nov["share"] > limit:
+        print(f"error: run {s['run_id']}: {nov['share']:.1%} of its rows ({nov['above']} of {nov['rows']}) are above "
+              f"the model's novelty threshold {nov['threshold_p95']:.3f} > --fail-on-novelty {limit:g}{before}; "
+              f"see the most novel images in {s['report']} (exit {DRIFT_EXIT})", file=sys.stderr)
+        return DRIFT_EXIT
     return 0
 
 
@@ -191,11 +218,15 @@ def get_export_parser(prog: str = "dragons export") -> argparse.ArgumentParser:
     from dragons.score.labelling import FORMATS as LABEL_FORMATS
     from dragons.score.query import QueryLimits
 
-    p = Parser(prog=prog, description="A run's least sure images as a labelling batch: Label Studio tasks with the "
-                                      "model's prediction pre-filled, or CSV (uri,label,score,margin).")
+    p = Parser(prog=prog, description="A run's least sure (and/or most novel) images as a labelling batch: Label "
+                                      "Studio tasks with the model's prediction pre-filled, or CSV "
+                                      "(uri,label,score,margin[,novelty]).")
     p.add_argument("--table", required=True, help="table root (path or s3://)")
     p.add_argument("--run-id", required=True, help="the run to take the images from")
-    p.add_argument("--uncertain", type=int, required=True, metavar="N", help="how many of its least sure images")
+    p.add_argument("--uncertain", type=int, default=None, metavar="N", help="how many of its least sure images")
+    p.add_argument("--novel", type=int, default=None, metavar="N",
+                   help="how many of its most novel images (the highest novelty; with --uncertain: added after the "
+                        "least sure, none twice)")
     p.add_argument("--per-class", action="store_true",
                    help="balance across predicted classes: N // classes from each, the rest least sure overall")
     p.add_argument("--format", choices=LABEL_FORMATS, default=LABEL_FORMATS[0], help="output format")
@@ -209,8 +240,11 @@ def export_main(args: argparse.Namespace) -> int:
     from dragons.score.labelling import write_export
     from dragons.score.query import QueryLimits
 
+    if args.uncertain is None and args.novel is None:
+        raise DragonsError("dragons export: say which images: --uncertain N (the least sure), --novel N (the most "
+                           "novel) or both")
     n = write_export(args.table, args.run_id, args.uncertain, args.format, args.out, args.per_class,
-                     config_from(QueryLimits, args))
+                     config_from(QueryLimits, args), novel=args.novel)
     if args.out:
         print(f"{n} {'tasks' if args.format == 'label-studio' else 'rows'} -> {args.out}", file=sys.stderr)
     return 0

@@ -8,8 +8,12 @@ balances the batch across predicted classes (``N // classes`` from each, the
 rest from the least sure overall), so a rare class is not crowded out by a
 common one's borderline cases.
 
+``--novel N`` adds (or, alone, sends) the run's ``N`` most novel rows: the images
+the model's training set had nothing like (dragons.novelty), after the least
+sure ones and never twice; their CSV rows and tasks carry ``novelty``.
+
 Only ``N`` rows are read: Top-N queries through the query layer
-(``runreport.least_sure`` / ``runreport.per_class``), never the run.
+(``runreport.least_sure`` / ``runreport.per_class`` / ``runreport.most_novel``), never the run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from typing import Any
 from dragons import storage
 from dragons.errors import DragonsError
 from dragons.score.query import QueryLimits
-from dragons.score.runreport import RunReader, class_counts, least_sure, list_runs, per_class
+from dragons.score.runreport import (
+    RunReader,
+    class_counts,
+    least_sure,
+    list_runs,
+    most_novel,
+    per_class,
+)
 
 FORMATS = ["label-studio", "csv"]  # dragons export --format; the first is the default
 CSV_COLUMNS = ["uri", "label", "score", "margin"]
@@ -43,27 +54,48 @@ def balanced(reader: RunReader, run_id: str, n: int) -> list[dict[str, Any]]:
     return sorted(picked, key=lambda e: (e["score"], e["margin"], e["uri"]))
 
 
-def select(table_uri: str, run_id: str, n: int, per_class_: bool = False,
-           limits: QueryLimits | None = None) -> list[dict[str, Any]]:
-    """The rows to label: {uri, label, score, margin, model_version}, least sure first."""
-    if n < 1:
+def select(table_uri: str, run_id: str, n: int | None, per_class_: bool = False,
+           limits: QueryLimits | None = None, novel: int | None = None) -> list[dict[str, Any]]:
+    """The rows to label: {uri, label, score, margin, model_version[, novelty]}: the ``n`` least
+    sure first, then the ``novel`` most novel not already taken (most novel first)."""
+    if n is not None and n < 1:
         raise DragonsError(f"--uncertain {n}: give the number of images to export (1 or more)")
+    if novel is not None and novel < 1:
+        raise DragonsError(f"--novel {novel}: give the number of novel images to export (1 or more)")
+    if n is None and novel is None:
+        raise DragonsError("dragons export: say which images: --uncertain N, --novel N or both")
     reader = RunReader(table_uri, limits)
     try:
+        shown = storage.redact(table_uri)
         if run_id not in {r["run_id"] for r in list_runs(reader)}:
-            shown = storage.redact(table_uri)
             raise DragonsError(f"run {run_id!r} is not in the table {shown}: give one of its runs with --run-id "
                                f"(`dragons query --table {shown}` lists them)")
-        return balanced(reader, run_id, n) if per_class_ else least_sure(reader, run_id, n)
+        rows = [] if not n else balanced(reader, run_id, n) if per_class_ else least_sure(reader, run_id, n)
+        if novel:
+            if not reader.has_novelty:
+                raise DragonsError(f"--novel: the table {shown} has no novelty column (it was written before "
+                                   "dragons scored novelty): score the run again with a model trained by this dragons")
+            found = most_novel(reader, run_id, novel, exclude={r["uri"] for r in rows})
+            if not found and not rows:
+                raise DragonsError(f"--novel: run {run_id!r} has no novelty scores (its model was trained without "
+                                   "novelty statistics): retrain the model with this dragons and score again")
+            rows += found
+        return rows
     finally:
         reader.close()
 
 
 def label_studio_tasks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Label Studio's import format: one task per image, the model's label as a
-    pre-annotation (``predictions``) a person accepts or corrects."""
+    pre-annotation (``predictions``) a person accepts or corrects.
+
+    The model's answer sits in ``data`` as ``model_label``/``model_score``, never under
+    the control's own name (``label``): JSON_MIN exports copy ``data`` into every record
+    and write the person's choice over the control's key, so a key named ``label`` would
+    turn the model's guess into a human label whenever an annotation had no choice."""
     return [{
-        "data": {"image": r["uri"], "label": r["label"], "score": r["score"]},
+        "data": {"image": r["uri"], "model_label": r["label"], "model_score": r["score"],
+                 **({"novelty": r["novelty"]} if r.get("novelty") is not None else {})},
         "predictions": [{
             "model_version": r.get("model_version") or "", "score": r["score"],
             "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
@@ -72,15 +104,19 @@ def label_studio_tasks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     } for r in rows]
 
 
-def render(rows: list[dict[str, Any]], fmt: str) -> bytes:
-    from dragons.score.export import safe_cell  # CSV cells that open as text, not formulas
+def render(rows: list[dict[str, Any]], fmt: str, novelty: bool = False) -> bytes:
+    """The batch as bytes; ``novelty``: CSV gets a ``novelty`` column (empty for rows without one)."""
+    from dragons.score.export import (
+        safe_cell,  # CSV cells that open as text, not formulas
+    )
 
     if fmt == "label-studio":
         return (json.dumps(label_studio_tasks(rows), indent=1) + "\n").encode("utf-8")
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    w.writerows([[safe_cell(r["uri"]), safe_cell(r["label"]), f"{r['score']:.6f}", f"{r['margin']:.6f}"] for r in rows])
+    w.writerow(CSV_COLUMNS + (["novelty"] if novelty else []))
+    w.writerows([[safe_cell(r["uri"]), safe_cell(r["label"]), f"{r['score']:.6f}", f"{r['margin']:.6f}"]
+                 + ([f"{r['novelty']:.6f}" if r.get("novelty") is not None else ""] if novelty else []) for r in rows])
     return text.getvalue().encode("utf-8")
 
 
@@ -89,15 +125,16 @@ def check_format(fmt: str) -> None:
         raise DragonsError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def write_export(table_uri: str, run_id: str, n: int, fmt: str = FORMATS[0], out: str | None = None,
-                 per_class_: bool = False, limits: QueryLimits | None = None) -> int:
-    """Write the batch to the local file ``out`` (complete, or not at all) or stdout; returns its rows."""
+def write_export(table_uri: str, run_id: str, n: int | None, fmt: str = FORMATS[0], out: str | None = None,
+                 per_class_: bool = False, limits: QueryLimits | None = None, novel: int | None = None) -> int:
+    """Write the batch to the local file ``out`` (complete, or not at all) or stdout; returns its rows.
+    ``n``: the least sure rows (None: none), ``novel``: the most novel rows after them (None: none)."""
     from dragons.score import export
 
     check_format(fmt)
     path = export.check_target("csv", out)  # the same --out checks as `dragons query` (local, folder exists)
-    rows = select(table_uri, run_id, n, per_class_, limits)
-    data = render(rows, fmt)
+    rows = select(table_uri, run_id, n, per_class_, limits, novel)
+    data = render(rows, fmt, novelty=novel is not None)
     if path is None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()

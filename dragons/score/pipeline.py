@@ -22,7 +22,7 @@ import math
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,11 +33,13 @@ from dragons.capacity import CPUS_PER_GPU, Grant, GpuRequest, decode_beside_mode
 from dragons.columns import check_classes
 from dragons.decode import DecodeBatch
 from dragons.errors import DragonsError
+from dragons.loop import versions
 from dragons.raycluster import DATA_CPU_SHARE, Pool, cluster, driver_stderr_to_log, embedded, ensure_ray, size_actors
 from dragons.runlog import Progress, run_log
 from dragons.score import listing, table
 from dragons.score.config import ScoreConfig
 from dragons.score.scorer import ModelChanged, Scorer
+from dragons.telemetry import ScoreMetrics
 from dragons.score.source import (BLOCK_ROWS, Counts, SharedSkips, block_bytes, counts_now, final_counts, listing_dataset,
                                   listing_pages, load_run_skips, new_counts, share_skips, todo_blocks)
 
@@ -70,18 +72,43 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     # the same second into one table never share an id (and continue each other).
     run_id = cfg.run_id or f"{started.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
     table.check_run_id(run_id)
-    meta = artifact.read_meta(cfg.model)  # a wrong --model fails before any Ray work
-    classes = list(meta["classes"])
-    check_classes(classes)
+    # ROOT@alias is resolved once, here: a promotion during the run changes nothing in it.
+    model = versions.resolve(cfg.model)
+    meta = artifact.read_meta(model.dir)  # a wrong --model fails before any Ray work
+    check_classes(list(meta["classes"]))
     if not cfg.dry_run:
         table.check_output(cfg.output)  # a missing/read-only output fails before any image is read
         _check_spool_dir(cfg.spool_dir)
         if cfg.report:
             storage.check_writable(cfg.report, "--report")
     with run_log(cfg.log_file or os.path.join("logs", f"score-{run_id}.log")):
+        if model.alias is not None and not cfg.replace:
+            model, meta = _bound_version(cfg, run_id, model, meta)
+        # From here on the model is that one version's folder: the actors load it, never the alias.
+        ref, cfg = model.ref, replace(cfg, model=model.dir)
         if cfg.dry_run:
             return _dry_run(cfg, run_id, meta)
-        return _run(cfg, run_id, started, meta, classes)
+        return _run(cfg, run_id, started, meta, list(meta["classes"]), ref)
+
+
+def _bound_version(cfg: ScoreConfig, run_id: str, model: versions.Resolved,
+                   meta: dict[str, Any]) -> tuple[versions.Resolved, dict[str, Any]]:
+    """A run continued with ``ROOT@alias`` after the alias moved keeps the version it is
+    bound to, when that registry holds it: one run, one model. Otherwise (another registry,
+    a version it lacks) the model stays as resolved and the run's binding check refuses it."""
+    bound = table.bound_model_version(cfg.output, run_id)
+    if bound is None or bound == model.version:
+        return model, meta
+    assert model.registry is not None
+    try:
+        pinned = versions.resolve(f"{model.registry}@{bound}")
+    except DragonsError:
+        return model, meta
+    if pinned.version != bound:
+        return model, meta
+    log.info("run %s is bound to version %s; @%s is now %s; continuing with %s", run_id, bound, model.alias,
+             model.version, bound)
+    return versions.Resolved(pinned.dir, bound, model.registry, model.name, model.alias), artifact.read_meta(pinned.dir)
 
 
 def _check_spool_dir(path: str) -> None:
@@ -232,22 +259,32 @@ class Streamed:
     counts: Counts
 
 
-def commit_stream(ds: Any, writer: table.RunWriter, p: ScorePlan, counts_actor: Any = None) -> Streamed:
+def commit_stream(ds: Any, writer: table.RunWriter, p: ScorePlan, counts_actor: Any = None,
+                  metrics: ScoreMetrics | None = None) -> Streamed:
     """Iterate the dataset's blocks into ``writer`` (parts commit on its thread); progress
-    lines every --progress seconds. The listing's counts come from ``p`` or the counts actor."""
+    lines (and the run's metrics) every --progress seconds. The listing's counts come from
+    ``p`` or the counts actor."""
     cfg = p.cfg
     progress = Progress("scored", p.to_score, every_s=cfg.progress_s)
     added = errors = 0
+    t0 = time.monotonic()
 
     def listing_so_far() -> Counts | None:
         if p.listed is not None:
             return p.listed.counts
-        return counts_now(counts_actor) if progress.due() else None
+        if not progress.due():
+            return None
+        counts = counts_now(counts_actor)
+        if metrics is not None:
+            metrics.progress(counts.listed, added / max(time.monotonic() - t0, 1e-6))
+        return counts
 
     try:
         with driver_stderr_to_log():
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
                 writer.add(batch)
+                if metrics is not None:
+                    metrics.scored(batch)
                 added += batch.num_rows
                 errors += batch.num_rows - batch.column("error").null_count
                 counts = listing_so_far()
@@ -259,27 +296,39 @@ def commit_stream(ds: Any, writer: table.RunWriter, p: ScorePlan, counts_actor: 
         raise _pipeline_error(p.run_id, exc) from None
     final = p.listed.counts if p.listed is not None else final_counts(counts_actor)
     progress.finish(total=final.to_score, note=_progress_note(errors, final))
+    if metrics is not None:
+        metrics.progress(final.listed, added / max(time.monotonic() - t0, 1e-6))
     return Streamed(added, errors, final)
 
 
-def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str],
+         model_ref: str = "") -> dict[str, Any]:
     source = cfg.inventory or cfg.manifest or cfg.input
     info = storage.redact_obj({  # one redaction for everything the commits store
-        "model": cfg.model, "input": source, "incremental": cfg.incremental,
+        # model: the folder scored with (ROOT/versions/<v> for a registry); model_ref: as given (ROOT@prod).
+        "model": cfg.model, **({"model_ref": model_ref} if model_ref and model_ref != cfg.model else {}),
+        "input": source, "incremental": cfg.incremental,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "spool_dir")},
     })
     writer = table.RunWriter(cfg.output, run_id, started, classes, model_version=meta["version"], date=cfg.date,
                              replace=cfg.replace, commit_every=cfg.commit_every, commit_interval_s=cfg.commit_interval_s,
                              spool_dir=cfg.spool_dir, info=info, background=True, binding=binding(cfg, meta),
                              target_file_size=cfg.file_size_mb * 2**20 if cfg.file_size_mb else None,
-                             on_commit=lambda part, rows: log.info("run %s: part %d committed (the run holds %d rows)",
-                                                                   run_id, part, rows))
+                             on_commit=lambda part, rows: on_part(part, rows))
+    metrics: ScoreMetrics | None = None  # made once Ray is up (its metrics need it)
+
+    def on_part(part: int, rows: int) -> None:
+        log.info("run %s: part %d committed (the run holds %d rows)", run_id, part, rows)
+        if metrics is not None:
+            metrics.committed()
+
     one_page = _one_page(cfg)
     state = writer.begin()  # the table exists from here on; --replace has removed the run's rows
     if state.rows:
         log.info("run %s: continuing, the table holds %d of its rows (%d commits); those are kept", run_id, state.rows,
                  state.part)
     ensure_ray(cfg.no_progress_timeout_s)
+    metrics = ScoreMetrics(run_id)
     # The table version the run's skip sets are read at; None when there is nothing
     # to skip (a new run, no --incremental): the listing tasks then never open the table.
     version = int(writer.table_version) if cfg.incremental or state.rows else None
@@ -287,20 +336,21 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
     # The skip sets, built once here (bounded by --skip-memory-limit, files the listing streams map).
     skips = load_run_skips(cfg, version, meta["version"], run_id)
     try:
-        return _run_listed(cfg, run_id, meta, writer, version, skips, one_page, t0, source)
+        return _run_listed(cfg, run_id, meta, writer, version, skips, one_page, t0, source, metrics)
     finally:
         skips.close()
 
 
 def _run_listed(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], writer: table.RunWriter, version: int | None,
-                skips: Any, one_page: bool, t0: float, source: str) -> dict[str, Any]:
+                skips: Any, one_page: bool, t0: float, source: str, metrics: ScoreMetrics) -> dict[str, Any]:
+    metrics.state("running")
     listed = list_here(cfg, version, meta["version"], run_id, skips) if one_page else None
     log.info("run %s (dt %s): scoring %s with model %s (version %s)%s", run_id, writer.dt, storage.redact(source),
              storage.redact(cfg.model), meta["version"],
              "" if listed is None else f": listed {listed.counts.listed}, kept {listed.counts.kept}, "
                                        f"skipped {listed.counts.skipped} unchanged, scoring {listed.counts.to_score}")
     try:
-        streamed = _score_into(cfg, run_id, meta, version, listed, writer, share_skips(skips))
+        streamed = _score_into(cfg, run_id, meta, version, listed, writer, share_skips(skips), metrics)
         counts = streamed.counts
         if streamed.added != counts.to_score:
             raise DragonsError(f"run {run_id}: {counts.to_score} objects to score but {streamed.added} rows came back; "
@@ -308,10 +358,12 @@ def _run_listed(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], writer: tab
         manifest = writer.finish({"listed": counts.listed, "skipped": counts.skipped, "kept": counts.kept,
                                   "new_rows": streamed.added})
     except BaseException as exc:
+        metrics.state("failed")
         writer.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         writer.discard()
+    metrics.state("complete")
     rate = manifest["errors"] / max(manifest["rows"], 1)
     log.info("run %s complete at table version %d (its commit %d): listed %d, kept %d, skipped %d, scored %d new; "
              "the run holds %d rows, %d errors (%.2f%%) -> %s", run_id, manifest["version"], manifest["dragons_part"],
@@ -333,7 +385,7 @@ def binding(cfg: ScoreConfig, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], version: int | None, listed: Listed | None,
-                writer: table.RunWriter, shared: SharedSkips | None) -> Streamed:
+                writer: table.RunWriter, shared: SharedSkips | None, metrics: ScoreMetrics | None = None) -> Streamed:
     """Ask for GPUs (those the cluster has, or its autoscaler adds: waited for, bounded,
     and the request withdrawn when scoring ends), then plan, build and stream."""
     if listed is not None and listed.counts.to_score == 0:
@@ -343,7 +395,7 @@ def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], version: in
                     local=embedded()) as grant:
         p = plan(cfg, run_id, meta, version, listed, cluster().cpus, grant)
         counts_actor = new_counts() if listed is None else None
-        return commit_stream(build_dataset(p, counts_actor, shared), writer, p, counts_actor)
+        return commit_stream(build_dataset(p, counts_actor, shared), writer, p, counts_actor, metrics)
 
 
 def _pipeline_error(run_id: str, exc: BaseException) -> DragonsError:

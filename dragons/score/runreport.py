@@ -3,8 +3,10 @@
 One scoring run of a Delta scores table, compared with the complete run before
 it in the same table and, where the model artifact records it, with the
 training set's class mix: counts, error kinds with examples, the predicted
-class mix and its drift (Jensen-Shannon distance), confidence histograms, and
-the least and most sure images as thumbnails. Written as ``index.html``,
+class mix and its drift (Jensen-Shannon distance), confidence histograms,
+the least and most sure images as thumbnails, and novelty (dragons.novelty): the
+share of rows above the model's threshold against the previous run's, and the
+most novel images. Written as ``index.html``,
 ``summary.json``, two PNG plots and ``thumbs/`` in one folder (all links
 relative: open it from disk or copy it anywhere).
 
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dragons import storage
+from dragons.columns import NOVELTY
 from dragons.errors import DragonsError
 from dragons.score.query import QueryLimits
 
@@ -55,9 +58,10 @@ class ReportOptions:
     surest: int = 4  # surest images shown per predicted class
     bins: int = 10  # confidence histogram bins over the top score, 0..1
     thumb_px: int = 128  # thumbnail size in pixels (longest side), JPEG
+    novel: int = 12  # most novel images shown (what the model does not know)
 
     def validate(self) -> None:
-        for name in ("top", "surest", "bins", "thumb_px"):
+        for name in ("top", "surest", "bins", "thumb_px", "novel"):
             if getattr(self, name) < (1 if name in ("bins", "thumb_px") else 0):
                 raise DragonsError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small: give a positive "
                                    "number")
@@ -79,6 +83,8 @@ class RunReader:
         cols = self.con.execute("SELECT * FROM scores LIMIT 0").to_arrow_table().schema.names
         # Probability columns of every model the table has seen; a run's own are the non-NULL ones.
         self.prob_columns = [c for c in cols if c.startswith("p_")]
+        # Tables written before dragons.novelty have no novelty column until their next append.
+        self.has_novelty = NOVELTY in cols
 
     def close(self) -> None:
         self.con.close()
@@ -170,8 +176,54 @@ def errors_by_kind(reader: RunReader, run_id: str) -> tuple[dict[str, int], dict
 
 
 def _entry(r: dict[str, Any]) -> dict[str, Any]:
-    return {"uri": r["uri"], "label": r["label"], "score": float(r["score"]), "margin": float(r["margin"]),
-            "model_version": r.get("model_version")}
+    out = {"uri": r["uri"], "label": r["label"], "score": float(r["score"]), "margin": float(r["margin"]),
+           "model_version": r.get("model_version")}
+    if r.get(NOVELTY) is not None:
+        out[NOVELTY] = float(r[NOVELTY])
+    return out
+
+
+def most_novel(reader: RunReader, run_id: str, n: int, exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """The ``n`` rows of the run with the highest novelty, most novel first (a Top-N query);
+    none when the table has no novelty column or the run's model no statistics (NULL novelty)."""
+    if n <= 0 or not reader.has_novelty:
+        return []
+    extra = len(exclude or ())
+    rows = reader.rows(f"SELECT uri, label, score, {reader.margin_sql()} AS margin, {NOVELTY}, model_version "
+                       f"FROM scores WHERE {RUN_ROWS} AND {NOVELTY} IS NOT NULL ORDER BY {NOVELTY} DESC, uri LIMIT ?",
+                       [run_id, n + extra])
+    return [_entry(r) for r in rows if r["uri"] not in (exclude or set())][:n]
+
+
+def novelty_threshold(model_uri: str | None) -> float | None:
+    """The run's model's ``threshold_p95`` (dragons.novelty): None for models without
+    statistics, or an artifact that cannot be read now (the report goes on without it)."""
+    if not model_uri:
+        return None
+    from dragons.artifact import read_meta
+
+    try:
+        nov = read_meta(model_uri).get("novelty") or {}
+    except Exception:  # noqa: BLE001 (moved or unreadable: training_mix's note already says so)
+        return None
+    t = nov.get("threshold_p95")
+    return float(t) if t is not None else None
+
+
+def novel_share(reader: RunReader, run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``{threshold_p95, above, rows, share}`` of one run: the share of its scored rows whose novelty
+    is above its model's threshold; None without novelty (no column, no statistics, no rows)."""
+    if run is None or not reader.has_novelty:
+        return None
+    threshold = novelty_threshold(run.get("model"))
+    if threshold is None:
+        return None
+    r = reader.rows(f"SELECT count(*) FILTER (WHERE {NOVELTY} > ?) AS above, count({NOVELTY}) AS n FROM scores "
+                    f"WHERE {RUN_ROWS}", [threshold, run["run_id"]])[0]
+    n = int(r["n"] or 0)
+    if not n:
+        return None
+    return {"threshold_p95": threshold, "above": int(r["above"] or 0), "rows": n, "share": int(r["above"] or 0) / n}
 
 
 def least_sure(reader: RunReader, run_id: str, n: int, exclude: set[str] | None = None) -> list[dict[str, Any]]:
@@ -400,6 +452,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _thumb(entry: dict[str, Any], failed: dict[str, str]) -> str:
     name = entry["uri"].rsplit("/", 1)[-1]
     caption = f"{_e(name)}<br>{_e(entry['label'])} {entry['score']:.3f} (margin {entry['margin']:.3f})"
+    if entry.get(NOVELTY) is not None:
+        caption += f"<br>novelty {entry[NOVELTY]:.2f}"
     if entry["uri"] in failed:  # unreadable now: named, never a broken <img>
         return (f'<figure class="missing" title="{_e(entry["uri"])}"><span class="why">unreadable: '
                 f'{_e(failed[entry["uri"]])}</span><figcaption>{caption}</figcaption></figure>')
@@ -421,6 +475,21 @@ def _drift_line(s: dict[str, Any]) -> str:
         return "<p class=\"drift\">No previous complete run in this table to compare with.</p>"
     return (f"<p class=\"drift\">Class-mix drift from <b>{_e(s['previous_run_id'])}</b>: Jensen-Shannon distance "
             f"<b>{js:.3f}</b> (0 = the same mix, 1 = no class in common)</p>")
+
+
+def _novelty_section(nov: dict[str, Any], previous: str | None, failed: dict[str, str]) -> list[str]:
+    """What the model does not know: the share of rows above the training threshold, and the most novel images."""
+    head = "<h2>Novelty: what the model does not know</h2>"
+    if nov["share"] is None:
+        return [head, ("<p>No novelty scores for this run: its model was trained without novelty statistics "
+                       "(retrain it with this dragons), or the table predates the novelty column.</p>")]
+    before = ("no previous run with novelty to compare with" if nov["previous_share"] is None
+              else f"previous run {_e(previous)}: {_pct(nov['previous_share'])}")
+    line = (f'<p class="novelty">Rows above the model\'s novelty threshold ({nov["threshold_p95"]:.2f}, the 95th '
+            f"percentile of its held-out training-time images, so about 5% when nothing changed): "
+            f"<b>{_pct(nov['share'])}</b> ({nov['above']} of {nov['rows']}); {before}.</p>")
+    grid = _grids({"the most novel images": nov["most_novel"]}, failed) if nov["most_novel"] else "<p>none</p>"
+    return [head, line, grid]
 
 
 def render_html(s: dict[str, Any], failed: dict[str, str]) -> str:
@@ -456,6 +525,7 @@ def render_html(s: dict[str, Any], failed: dict[str, str]) -> str:
         _table(["kind", "rows", "examples"], err_rows) if err_rows else "<p>No error rows.</p>",
         f"<h2>The {len(s['uncertain'])} least sure images, by predicted class</h2>", _grids(groups, failed),
         "<h2>The surest images per predicted class</h2>", _grids(s["surest"], failed),
+        *_novelty_section(s["novelty"], s["previous_run_id"], failed),
     ]
     if failed:
         parts += ["<h2>Images that could not be shown</h2>", f"<ul>{unreadable}</ul>"]
@@ -497,8 +567,20 @@ def _summary(reader: RunReader, run: dict[str, Any], prev: dict[str, Any] | None
                       for e in least_sure(reader, rid, opts.top)],
         "surest": {label: [{k: e[k] for k in ("uri", "label", "score", "margin")} for e in items]
                    for label, items in per_class(reader, rid, opts.surest, surest=True).items()},
+        "novelty": _novelty_summary(reader, run, prev, opts.novel),
         "notes": notes,
     }
+
+
+def _novelty_summary(reader: RunReader, run: dict[str, Any], prev: dict[str, Any] | None, n: int) -> dict[str, Any]:
+    """The run's share of novel rows (above its model's threshold) against the previous run's, and
+    its most novel images. ``share`` is None when the run has no novelty (older model or table)."""
+    now, before = novel_share(reader, run), novel_share(reader, prev)
+    return {"threshold_p95": now["threshold_p95"] if now else None, "above": now["above"] if now else None,
+            "rows": now["rows"] if now else None, "share": now["share"] if now else None,
+            "previous_share": before["share"] if before else None,
+            "most_novel": [{k: e[k] for k in ("uri", "label", "score", "margin", NOVELTY)}
+                           for e in most_novel(reader, run["run_id"], n)]}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -516,7 +598,8 @@ def _render(folder: Path, s: dict[str, Any], opts: ReportOptions) -> dict[str, s
     conf = s["confidence"]
     _plot_confidence(conf["edges"], conf["now"], conf["previous"], folder / CONFIDENCE_PLOT)
     uris = list(dict.fromkeys([e["uri"] for e in s["uncertain"]]
-                              + [e["uri"] for items in s["surest"].values() for e in items]))
+                              + [e["uri"] for items in s["surest"].values() for e in items]
+                              + [e["uri"] for e in s["novelty"]["most_novel"]]))
     failed = _Thumbnailer(folder / THUMBS_DIR, opts.thumb_px).all(uris)
     s["thumbnails"] = {"written": len(uris) - len(failed), "failed": [{"uri": u, "reason": r} for u, r in failed.items()]}
     _write_text(folder / SUMMARY_FILE, json.dumps(storage.redact_obj(s), indent=2) + "\n")
@@ -538,14 +621,15 @@ def _local_folder(out_dir: str) -> Iterator[Path]:
 
 def write_run_report(table_uri: str, out_dir: str, run_id: str | None = None, top: int = ReportOptions.top,
                      surest: int = ReportOptions.surest, bins: int = ReportOptions.bins,
-                     thumb_px: int = ReportOptions.thumb_px, limits: QueryLimits | None = None) -> dict[str, Any]:
+                     thumb_px: int = ReportOptions.thumb_px, limits: QueryLimits | None = None,
+                     novel: int = ReportOptions.novel) -> dict[str, Any]:
     """Write ``out_dir``/index.html, summary.json, plots and thumbs/ for one run of the
     table (default: its newest complete run); returns the summary.
 
     ``out_dir`` is a local folder or ``s3://`` (built locally, then uploaded)."""
     from dragons.errors import require_plotting
 
-    opts = ReportOptions(top=top, surest=surest, bins=bins, thumb_px=thumb_px)
+    opts = ReportOptions(top=top, surest=surest, bins=bins, thumb_px=thumb_px, novel=novel)
     opts.validate()
     require_plotting("dragons report")  # before any query: the report extra is optional
     storage.parse(out_dir)  # a malformed --out fails before the table is read

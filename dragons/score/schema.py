@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from dragons.columns import prob_column
+from dragons.columns import NOVELTY, prob_column
 
 # The partition column: a run's logical date (YYYY-MM-DD).
 PARTITION = "dt"
@@ -27,9 +27,12 @@ PASSTHROUGH = tuple(f.name for f in LISTING_SCHEMA if f.name != "uri")
 
 def schema(classes: list[str]) -> pa.Schema:
     """A scores table's columns: ``label`` is the predicted class (``None`` on an
-    error row), ``score`` its probability, one ``p_<class>`` per class."""
+    error row), ``score`` its probability, one ``p_<class>`` per class, ``novelty``."""
     cols = [pa.field("uri", pa.string(), nullable=False), pa.field("label", pa.string()), pa.field("score", pa.float64())]
     cols += [pa.field(prob_column(c), pa.float64()) for c in classes]
+    # Novelty (dragons.novelty): NULL on error rows and for models without statistics. Tables
+    # written before it gain the column on their next append (schema_mode="merge"); older rows read NULL.
+    cols += [pa.field(NOVELTY, pa.float64())]
     cols += [pa.field("model_version", pa.string()), pa.field("run_id", pa.string()),
              pa.field("scored_at", pa.timestamp("us", tz="UTC")), pa.field("error", pa.string()),
              *[LISTING_SCHEMA.field(name) for name in PASSTHROUGH],

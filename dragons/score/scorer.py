@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dragons import artifact, storage
-from dragons.columns import prediction_columns, prob_column
+from dragons.columns import NOVELTY, prediction_columns, prob_column
 from dragons.decode import DecodeBatch
 from dragons.errors import DragonsError
 from dragons.score.schema import PASSTHROUGH
@@ -55,6 +55,7 @@ def refused_rows(block: pa.Table, classes: list[str], max_bytes: int) -> pa.Tabl
     cols: dict[str, Any] = {"uri": block.column("uri"), "label": pa.nulls(n, pa.string()), "score": nulls,
                             "error": msg}
     cols.update({prob_column(c): nulls for c in classes})
+    cols[NOVELTY] = nulls
     return _with_passthrough(pa.table(cols), block)
 
 
@@ -95,7 +96,8 @@ class Scorer:
     def __call__(self, block: pa.Table | dict[str, np.ndarray]) -> pa.Table:
         if isinstance(block, dict):  # decoded upstream (numpy batches with base squares): score what decoded
             listed = pa.table({k: v for k, v in block.items() if k in ("uri", *PASSTHROUGH)})
-            return self._rows(listed, self._probs(block), block["error"])
+            probs, novelty = self._probs(block)
+            return self._rows(listed, probs, block["error"], novelty)
         assert self.decode is not None, "Arrow blocks go to actors that decode"
         big = too_large(block, self.decode.max_bytes)
         n_big = pc.sum(big).as_py() or 0
@@ -115,26 +117,34 @@ class Scorer:
         n = block.num_rows
         chunks = [_as_numpy(block.slice(i, self.chunk)) for i in range(0, n, self.chunk)]
         pending = self.prefetch.submit(self.decode, chunks[0])
-        probs, errors = [], []
+        probs, novelty, errors = [], [], []
         for i in range(len(chunks)):
             decoded = pending.result()
             if i + 1 < len(chunks):
                 pending = self.prefetch.submit(self.decode, chunks[i + 1])
-            probs.append(self._probs(decoded))
+            p, nov = self._probs(decoded)
+            probs.append(p)
+            novelty.append(nov)
             errors.append(decoded["error"])
             del decoded  # 300 KB an image: only the probabilities go on
-        return self._rows(block, np.concatenate(probs), np.concatenate(errors))
+        return self._rows(block, np.concatenate(probs), np.concatenate(errors), np.concatenate(novelty))
 
-    def _probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def _probs(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, novelty) of a decoded batch: NaN on error rows, and novelty NaN
+        throughout for a model without novelty statistics (NULL in the table)."""
         errors = batch["error"]
         ok = np.array([not e for e in errors], dtype=bool)
         probs = np.full((len(errors), len(self.classes)), np.nan, dtype=np.float64)
+        novelty = np.full(len(errors), np.nan, dtype=np.float64)
         if ok.any():
-            probs[ok] = self.predictor.numpy(batch["image"] if ok.all() else batch["image"][ok])
-        return probs
+            p, nov = self.predictor.numpy_with_novelty(batch["image"] if ok.all() else batch["image"][ok])
+            probs[ok] = p
+            if nov is not None:
+                novelty[ok] = nov
+        return probs, novelty
 
-    def _rows(self, block: pa.Table, probs: np.ndarray, errors: np.ndarray) -> pa.Table:
-        cols = prediction_columns(self.classes, probs, list(errors))
+    def _rows(self, block: pa.Table, probs: np.ndarray, errors: np.ndarray, novelty: np.ndarray) -> pa.Table:
+        cols = prediction_columns(self.classes, probs, list(errors), novelty)
         rows = pa.table({"uri": block.column("uri"), "label": pa.array(cols.pop("label"), pa.string()),
                          "score": pa.array(cols.pop("score"), pa.float64(), from_pandas=True),
                          "error": pa.array(cols.pop("error"), pa.string()),

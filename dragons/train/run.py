@@ -2,7 +2,7 @@
 
     plan = prepare(cfg)       # dragons.train.plan: checks, decode check, recipe
     fitted = fit(plan)        # GPUs (asked for), workers sized, TorchTrainer.fit
-    meta = save(plan, fitted) # calibration, model.json + weights, the report
+    meta = save(plan, fitted, wall_s) # calibration, model.json + weights (and a registry version), the report
 
 :func:`train` runs the three inside the run's log (dragons.runlog).
 """
@@ -22,6 +22,7 @@ from dragons import artifact, raycompat, storage
 from dragons.calibration import Calibration, apply_temperature, calibrate
 from dragons.capacity import GpuRequest, Grant, decode_beside_model, span_from_count
 from dragons.errors import DragonsError
+from dragons.loop import versions
 from dragons.models.registry import build_model
 from dragons.raycluster import DATA_CPU_SHARE, Resources, cluster, embedded, size_workers
 from dragons.runlog import run_log, say
@@ -167,16 +168,20 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
         "lr_find": state.get("lr_find"),
         "lr": state.get("lr"),
         "resumes": int(state.get("resumes", 0)),
+        "novelty": state.get("novelty"),  # dragons.novelty: what the model does not know (None: not fitted)
         "config": cfg.to_dict(),
         "data": {"root": folder.root, "split": folder.split, "n_train": plan.n_train, "n_valid": plan.n_valid,
                  # The training set's class mix, for drift reports of scoring runs (dragons report).
                  "train_class_counts": facts["train_class_counts"],
-                 "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"]},
+                 "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"],
+                 # --labels: where they came from, how many folder labels they overrode and images they added.
+                 "labels": facts.get("labels")},
         "timing": {"wall_s": round(wall_s, 2), "decode_s": facts["decode_s"], "train_s": fitted.train_s},
         "recipe": facts["recipe"],  # what auto chose, and the n_train / median side it chose from
         "resources": fitted.sizing.facts(),
     }
-    saved = artifact.save(cfg.out, model, meta)
+    # --out is a registry too: the version's own immutable copy, and alias latest (dragons.loop.versions).
+    saved = artifact.save(cfg.out, model, meta, register=True)
     say(f"valid accuracy {metrics['valid_accuracy']:.4f}, loss {metrics['valid_loss']:.4f}"
         + (f"; with TTA x{cfg.tta}: {metrics['valid_accuracy_tta']:.4f}" if state.get("tta") else "")
         + ("" if cal is None else
@@ -184,7 +189,8 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
            f"{temperature:.3g} ({cal.method})" if cal.reason == "applied" else
            f"; ECE {metrics['valid_ece']:.4f} at temperature 1 ({cal.method}: {cal.reason})")
         + f"; wall {wall_s:.1f}s")
-    say(f"model artifact {cfg.out} (version {saved['version']})")
+    kept = versions.version_dir(cfg.out, saved["version"])
+    say(f"model artifact {cfg.out} (version {saved['version']}; kept as {kept}, {cfg.out}@{versions.LATEST})")
     if cfg.report and idx is not None and probs is not None:
         _report(plan, fitted, saved, temperature, raw)
     return saved
@@ -226,7 +232,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         meta = save(plan, fitted, time.perf_counter() - t0)
     try:  # the log beside the artifact: for S3 outputs the only copy that travels with the model
         with open(path, "rb") as f:
-            storage.write_bytes(storage.join(cfg.out, "train.log"), f.read())
+            text = f.read()
+        storage.write_bytes(storage.join(cfg.out, "train.log"), text)
+        versions.add_file(cfg.out, meta["version"], "train.log", text)  # once: a version's folder is never rewritten
     except Exception as exc:  # the model is saved; a log that cannot be copied must not fail the run
         log.warning("could not copy the run log to %s: %s", cfg.out, storage.shorten(str(exc), 200))
     return meta

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dragons.runlog import say
+from dragons.telemetry import TrainMetrics
 from dragons.train import checkpoint
 from dragons.train.checkpoint import RunState
 from dragons.train.config import TrainConfig
@@ -78,6 +79,8 @@ class Trainer:
         self.cfg = worker.cfg
         self.phases = epoch_phases(self.cfg)
         self.feats: Features | None = None
+        # Epoch, loss and accuracy on Ray's metrics endpoint (Grafana), from rank 0 only.
+        self.metrics = TrainMetrics(checkpoint.RunFolder.of(self.cfg).name) if worker.rank == 0 else None
 
     def say(self, message: str) -> None:
         if self.worker.rank == 0:  # one line for the whole group
@@ -90,11 +93,53 @@ class Trainer:
         """Train, validate, checkpoint."""
         t0 = time.perf_counter()
         fit = self.fit_head(epoch) if self.phases[epoch] == "head" else self.fit_images(epoch)
-        scores = self.validate(fit, t0, tta=self.cfg.tta if epoch == len(self.phases) - 1 else 0)
+        last = epoch == len(self.phases) - 1
+        scores = self.validate(fit, t0, tta=self.cfg.tta if last else 0)
+        # The last epoch's checkpoint is the artifact: it carries the novelty statistics of the final model.
+        nov = self.novelty() if last else None
         self.feats = None  # only the head phase (epoch 0) uses them: free them before fine-tuning
         self.run.epochs_done = epoch + 1
-        checkpoint.save(self.worker.rank, self.worker.model, self.run.state(scores.tta), scores.metrics, scores.preds)
+        state = self.run.state(scores.tta)
+        if nov is not None:
+            state["novelty"] = nov
+        checkpoint.save(self.worker.rank, self.worker.model, state, scores.metrics, scores.preds)
         return scores
+
+    def novelty(self) -> dict[str, Any]:
+        """The final model's novelty scorer (dragons.novelty) as model.json keeps it: statistics of
+        the training images' eval-view features, summed over ranks, and the 95th percentile of
+        the validation images' novelty as its threshold.
+
+        When the body never trained (the head recipe) the precomputed eval-view features are the
+        final model's: no image is read again. Otherwise one eval pass over both shards."""
+        from dragons import novelty
+
+        worker, feats = self.worker, self.feats
+        if feats is not None and "head" in self.phases and self.phases[-1] == "head":
+            n = len(self.train)  # rows k * n + i hold view k: view 0 is the eval view
+            train_f, train_y = feats.train[:n], feats.train_y[:n]
+            valid_f = feats.valid[0] if feats.valid is not None else None
+        else:
+            spill_dir = os.path.join(tempfile.gettempdir(), "dragons-features")
+            train_f, train_y = worker.features(self.train, 0, what="novelty statistics: train", spill_dir=spill_dir)
+            valid_f, _ = worker.features(self.valid, 0, what="novelty statistics: valid", spill_dir=spill_dir)
+        def chunks(f: torch.Tensor) -> list[np.ndarray]:  # fp32 a chunk at a time: the features may be a disk map
+            return [f[i: i + 8192].float().numpy() for i in range(0, len(f), 8192)]
+
+        y = train_y.numpy()
+        stats = novelty.Stats.of(np.zeros((0, worker.model.num_features)), y[:0], len(worker.classes))
+        for i, c in enumerate(chunks(train_f)):
+            stats = stats + novelty.Stats.of(c, y[i * 8192: i * 8192 + len(c)], len(worker.classes))
+        nov = novelty.fit(stats.all_reduce())
+
+        def scores(f: torch.Tensor) -> np.ndarray:
+            return gather(np.concatenate([nov.score(c) for c in chunks(f)] or [np.zeros(0)]))
+
+        nov = novelty.with_threshold(nov, scores(valid_f) if valid_f is not None else None, scores(train_f))
+        shown = "none" if nov.threshold_p95 is None else f"{nov.threshold_p95:.3f}"
+        self.say(f"novelty: Mahalanobis over {nov.proj.shape[1]} principal directions (+ the residual), fitted on "
+                 f"{nov.fitted_on} training images; threshold (95th percentile, {nov.threshold_from}) {shown}")
+        return nov.to_meta()
 
     def precompute(self) -> None:
         """Body features when the head phase or the lr finder needs them; the lr
@@ -166,6 +211,8 @@ class Trainer:
         row: dict[str, Any] = {"epoch": fit.epoch, "phase": fit.phase, "train_loss": mean_all(fit.train_loss),
                                "valid_loss": valid_loss, "accuracy": acc, "time": time.perf_counter() - t0, "lr": fit.lr}
         self.run.history.append(row)
+        if self.metrics is not None:
+            self.metrics.epoch(row)
         if fit.curve:
             row["head_curve"] = fit.curve  # one point per pass over the cached features, for the report
         metrics: dict[str, Any] = {"epoch": fit.epoch, "valid_loss": valid_loss, "accuracy": acc, "train_loss": row["train_loss"]}
