@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: setup browser demo test bench-score bench-train bench-driver clean
+.PHONY: setup browser demo lint test bench-score bench-train bench-driver clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ browser:
 demo: $(STAMP)
 	@$(BIN)/dragons demo $(if $(DATA),--data $(DATA),)
 
-test: $(STAMP) browser
+# Lint, format and types (pyproject.toml's [tool.ruff] and [tool.mypy]): seconds, before the suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q tests
 
 bench-score: $(STAMP)
@@ -42,4 +48,4 @@ bench-driver: $(STAMP)
 	$(BIN)/python benchmarks/bench_driver.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache dragons_demo
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dragons_demo

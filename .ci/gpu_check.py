@@ -17,19 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helper
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from helpers_hardening import Shard  # noqa: E402
 
 from dragons.models.fuse import fuse_for_inference  # noqa: E402
 from dragons.preprocess import eval_batch  # noqa: E402
 from dragons.train.config import TrainConfig  # noqa: E402
 from dragons.train.recipe import resolve  # noqa: E402
-from helpers_hardening import Shard  # noqa: E402
 from dragons.train.worker import Worker  # noqa: E402
 
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")
 out: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 # What the recipe decides for a small photo set (head only), at this check's size.
-cfg, _ = resolve(TrainConfig(data="x", out="y", batch_size=64, image_size=224, crop_pct=0.875), n_train=245, short_side=375)
+cfg, _ = resolve(
+    TrainConfig(data="x", out="y", batch_size=64, image_size=224, crop_pct=0.875), n_train=245, short_side=375
+)
 w = Worker(cfg, ["a", "b"], None, dev)
 out["amp_dtype"] = str(w.amp_dtype)
 n = 512

@@ -60,14 +60,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory-n", type=int, nargs="*", default=[1_000_000, 10_000_000], help="Parquet inventory runs")
     p.add_argument("--ceiling-n", type=int, default=1_000_000, help="rows for the bare Ray Data ceiling (0 = skip)")
     p.add_argument("--listing-n", type=int, default=100_000, help="keys for the listing benchmark (0 = skip)")
-    p.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=True,
-                   help="the incremental night over the largest inventory run's table")
+    p.add_argument(
+        "--incremental",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the incremental night over the largest inventory run's table",
+    )
     p.add_argument("--smallest", action="store_true", help="every step at its smallest size (a smoke run)")
     p.add_argument("--commit-every", type=int, default=100_000, help="rows per part (the scoring default)")
     p.add_argument("--list-concurrency", type=int, default=4, help="listing streams (the scoring default)")
-    p.add_argument("--gpu-rate", type=float, default=1000.0, help="images/s one GPU scores, for the GPUs-per-driver figure")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dragons-bench-driver"),
-                   help="folder for the inputs (kept between runs: building 10M rows takes minutes), tables and logs")
+    p.add_argument(
+        "--gpu-rate", type=float, default=1000.0, help="images/s one GPU scores, for the GPUs-per-driver figure"
+    )
+    p.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "dragons-bench-driver"),
+        help="folder for the inputs (kept between runs: building 10M rows takes minutes), tables and logs",
+    )
     p.add_argument("--json", default="", help="write the figures here")
     return p
 
@@ -79,6 +88,7 @@ def smallest(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------ measuring
+
 
 def meminfo_used_mb() -> float:
     m = {}
@@ -158,6 +168,7 @@ class Sampler:
 
 # ------------------------------------------------------------------ inputs
 
+
 def build_folder(work: Path, n: int) -> Path:
     """``n`` hard links of a few small JPEGs, 1000 to a subfolder (a directory entry each); reused."""
     import numpy as np
@@ -212,8 +223,9 @@ def build_manifest(work: Path, n: int) -> Path:
             for s in range(0, n, 1_000_000):
                 k = min(1_000_000, n - s)
                 uris = pc.binary_join_element_wise(f"s3://{SOURCE_BUCKET}/", _keys(s, k), "")
-                w.write_table(pa.table({"uri": uris, "size": pa.array(1000 + np.arange(s, s + k) % 5000)}),
-                              row_group_size=65_536)
+                w.write_table(
+                    pa.table({"uri": uris, "size": pa.array(1000 + np.arange(s, s + k) % 5000)}), row_group_size=65_536
+                )
     return path
 
 
@@ -240,15 +252,27 @@ def build_inventory(work: Path, n: int, day: int = 0, changed: float = 0.0, new:
             k = min(1_000_000, total - s)
             i = np.arange(s, s + k)
             etag = np.where((i < n) & (i % max(1, int(1 / changed)) == 0), i + 7, i) if changed else i
-            t = pa.table({"bucket": pa.repeat(pa.scalar(SOURCE_BUCKET), k), "key": _keys(s, k),
-                          "size": pa.array(1000 + i % 5000), "last_modified_date": pa.repeat(mtime, k),
-                          "e_tag": pc.utf8_lpad(pc.cast(pa.array(etag), pa.string()), 32, "0")})
+            t = pa.table(
+                {
+                    "bucket": pa.repeat(pa.scalar(SOURCE_BUCKET), k),
+                    "key": _keys(s, k),
+                    "size": pa.array(1000 + i % 5000),
+                    "last_modified_date": pa.repeat(mtime, k),
+                    "e_tag": pc.utf8_lpad(pc.cast(pa.array(etag), pa.string()), 32, "0"),
+                }
+            )
             buf = io.BytesIO()
             pq.write_table(t, buf, row_group_size=65_536)
             yield buf.getvalue()
 
-    uri = write_report(root, SOURCE_BUCKET, files(), "Parquet", created=DEFAULT_CREATED.replace(day=5 + day),
-                       fields=("Bucket", "Key", "Size", "LastModifiedDate", "ETag"))
+    uri = write_report(
+        root,
+        SOURCE_BUCKET,
+        files(),
+        "Parquet",
+        created=DEFAULT_CREATED.replace(day=5 + day),
+        fields=("Bucket", "Key", "Size", "LastModifiedDate", "ETag"),
+    )
     done.write_text(uri)
     return uri
 
@@ -268,15 +292,23 @@ def tiny_model(work: Path) -> str:
     if meta["image_size"] != 32:
         m = build_model("efficientnet_lite0", 2, weights="none").eval()
         norm = meta["normalization"]
-        artifact.save(str(model), m, {**{k: meta[k] for k in ("arch", "classes", "metrics")},
-                                      "data_config": DataConfig.create(32, 0.875, norm["mean"], norm["std"]).to_dict()})
+        artifact.save(
+            str(model),
+            m,
+            {
+                **{k: meta[k] for k in ("arch", "classes", "metrics")},
+                "data_config": DataConfig.create(32, 0.875, norm["mean"], norm["std"]).to_dict(),
+            },
+        )
     return str(model)
 
 
 # ------------------------------------------------------------------ runs
 
-def run_one(label: str, work: Path, model: str, n: int, args: argparse.Namespace, keep_table: bool = False,
-            **cfg: Any) -> dict[str, Any]:
+
+def run_one(
+    label: str, work: Path, model: str, n: int, args: argparse.Namespace, keep_table: bool = False, **cfg: Any
+) -> dict[str, Any]:
     import shutil
 
     from dragons.score.pipeline import ScoreConfig, score
@@ -288,9 +320,18 @@ def run_one(label: str, work: Path, model: str, n: int, args: argparse.Namespace
 
     # block_rows=BLOCK_ROWS: each actor call takes a whole listing block, as GPU actors do
     # (the CPU default cuts blocks into 256-row calls for actors that decode).
-    c = ScoreConfig(model=model, output=str(table), run_id=label, commit_every=args.commit_every,
-                    list_concurrency=args.list_concurrency, block_rows=BLOCK_ROWS, max_bytes=1, progress_s=30,
-                    log_file=str(work / "logs" / f"{label}.log"), **cfg)
+    c = ScoreConfig(
+        model=model,
+        output=str(table),
+        run_id=label,
+        commit_every=args.commit_every,
+        list_concurrency=args.list_concurrency,
+        block_rows=BLOCK_ROWS,
+        max_bytes=1,
+        progress_s=30,
+        log_file=str(work / "logs" / f"{label}.log"),
+        **cfg,
+    )
     with Sampler() as s:
         t0 = time.perf_counter()
         m = score(c)
@@ -298,13 +339,22 @@ def run_one(label: str, work: Path, model: str, n: int, args: argparse.Namespace
     assert m["listed"] == n, (label, m["listed"], n)
     assert m["rows"] == n - m["skipped"], (label, m["rows"], n, m["skipped"])
     cpu = s.cpu_by_kind()
-    fig = {"label": label, "n": n, "scored": m["new_rows"], "wall_s": round(wall, 1),
-           "rows_per_s": round(n / wall), "pipeline_s": m["timings"]["total_s"],
-           # from Ray's start to the last commit, as the ceiling is timed (after ray.init)
-           "pipeline_rows_per_s": round(n / m["timings"]["total_s"]), "driver_peak_rss_mb": round(s.peak_rss_mb),
-           "peak_above_idle_mb": round(s.peak_used_mb - s.idle_mb), "first_part_s": m["timings"]["first_part_s"],
-           "listing_done_s": m["timings"]["listing_done_s"], "parts": m["dragons_part"],
-           "cpu_us_per_row": {k: round(1e6 * v / n, 1) for k, v in sorted(cpu.items())}}
+    fig = {
+        "label": label,
+        "n": n,
+        "scored": m["new_rows"],
+        "wall_s": round(wall, 1),
+        "rows_per_s": round(n / wall),
+        "pipeline_s": m["timings"]["total_s"],
+        # from Ray's start to the last commit, as the ceiling is timed (after ray.init)
+        "pipeline_rows_per_s": round(n / m["timings"]["total_s"]),
+        "driver_peak_rss_mb": round(s.peak_rss_mb),
+        "peak_above_idle_mb": round(s.peak_used_mb - s.idle_mb),
+        "first_part_s": m["timings"]["first_part_s"],
+        "listing_done_s": m["timings"]["listing_done_s"],
+        "parts": m["dragons_part"],
+        "cpu_us_per_row": {k: round(1e6 * v / n, 1) for k, v in sorted(cpu.items())},
+    }
     print(json.dumps(fig), flush=True)
     return fig
 
@@ -314,11 +364,19 @@ def ceiling(n: int) -> dict[int, float]:
     if not CEILING.exists():
         raise SystemExit(f"error: {CEILING} is missing: it ships in ../shared/bench beside the repo")
     # RAY_ADDRESS=local: a Ray of its own, never one `ray start` left running on this machine.
-    out = subprocess.run([sys.executable, str(CEILING), str(n), *map(str, CEILING_BLOCKS)], cwd=REPO, text=True,
-                         capture_output=True, timeout=1800, env={**os.environ, "RAY_ADDRESS": "local"})
+    out = subprocess.run(
+        [sys.executable, str(CEILING), str(n), *map(str, CEILING_BLOCKS)],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=1800,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+    )
     if out.returncode:
         raise SystemExit(f"error: the Ray Data ceiling failed:\n{out.stderr[-2000:]}")
-    rates = {int(b): float(r.replace(",", "")) for b, r in re.findall(r"block\s+(\d+) rows: .*= ([\d,]+) rows/s", out.stdout)}
+    rates = {
+        int(b): float(r.replace(",", "")) for b, r in re.findall(r"block\s+(\d+) rows: .*= ([\d,]+) rows/s", out.stdout)
+    }
     for line in out.stdout.splitlines():
         print(f"ceiling: {line}", flush=True)
     return rates
@@ -339,14 +397,35 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for n in args.manifest_n:
         runs.append(run_one(f"manifest-{n}", work, model, n, args, manifest=str(build_manifest(work, n))))
     for n in args.inventory_n:
-        runs.append(run_one(f"inventory-{n}", work, model, n, args, inventory=build_inventory(work, n),
-                            input=f"s3://{SOURCE_BUCKET}/photos"))
+        runs.append(
+            run_one(
+                f"inventory-{n}",
+                work,
+                model,
+                n,
+                args,
+                inventory=build_inventory(work, n),
+                input=f"s3://{SOURCE_BUCKET}/photos",
+            )
+        )
     if args.incremental and args.inventory_n:
         n = max(args.inventory_n)
         day2 = build_inventory(work, n, day=1, changed=0.01, new=0.01)
-        runs.append(run_one(f"incremental-{n}", work, model, n + int(n * 0.01), args, keep_table=True,
-                            table_name=f"inventory-{n}", inventory=day2, input=f"s3://{SOURCE_BUCKET}/photos",
-                            incremental=True, skip_memory_limit="256MB"))
+        runs.append(
+            run_one(
+                f"incremental-{n}",
+                work,
+                model,
+                n + int(n * 0.01),
+                args,
+                keep_table=True,
+                table_name=f"inventory-{n}",
+                inventory=day2,
+                input=f"s3://{SOURCE_BUCKET}/photos",
+                incremental=True,
+                skip_memory_limit="256MB",
+            )
+        )
     if args.listing_n:
         from bench_listing import main as listing_main  # type: ignore[import-not-found]
 
@@ -368,25 +447,40 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
 
     for r in out["runs"]:
         if r["label"].startswith(("folder-", "manifest-", "inventory-")) and r["n"] >= 1_000_000:
-            bar(f"{r['label']} rate", r["pipeline_rows_per_s"] >= 40_000,
+            bar(
+                f"{r['label']} rate",
+                r["pipeline_rows_per_s"] >= 40_000,
                 f"{r['pipeline_rows_per_s']:,} rows/s over the pipeline's time, {r['rows_per_s']:,} over the "
-                f"command's (Ray's start included) (bar 40,000)")
+                f"command's (Ray's start included) (bar 40,000)",
+            )
         if ceil and r["label"].startswith(("folder-", "manifest-", "inventory-")):
-            bar(f"{r['label']} vs ceiling", r["rows_per_s"] >= 0.8 * ceil,
+            bar(
+                f"{r['label']} vs ceiling",
+                r["rows_per_s"] >= 0.8 * ceil,
                 f"{r['pipeline_rows_per_s'] / ceil:.2f} x bare Ray Data's {ceil:,.0f} rows/s at {block}-row blocks "
-                f"(pipeline time; bar 0.8)")
+                f"(pipeline time; bar 0.8)",
+            )
     for kind in ("manifest", "inventory"):
         sizes = sorted(r["n"] for r in out["runs"] if r["label"].startswith(f"{kind}-"))
         if len(sizes) > 1:
             lo, hi = runs[f"{kind}-{sizes[0]}"], runs[f"{kind}-{sizes[-1]}"]
-            bar(f"{kind} {hi['n']:,} rate vs {lo['n']:,}", hi["rows_per_s"] >= 0.8 * lo["rows_per_s"],
-                f"{hi['rows_per_s'] / lo['rows_per_s']:.2f} (bar 0.8)")
-            bar(f"{kind} {hi['n']:,} driver RSS vs {lo['n']:,}", hi["driver_peak_rss_mb"] <= 1.25 * lo["driver_peak_rss_mb"],
-                f"{hi['driver_peak_rss_mb'] / lo['driver_peak_rss_mb']:.2f} (bar 1.25)")
+            bar(
+                f"{kind} {hi['n']:,} rate vs {lo['n']:,}",
+                hi["rows_per_s"] >= 0.8 * lo["rows_per_s"],
+                f"{hi['rows_per_s'] / lo['rows_per_s']:.2f} (bar 0.8)",
+            )
+            bar(
+                f"{kind} {hi['n']:,} driver RSS vs {lo['n']:,}",
+                hi["driver_peak_rss_mb"] <= 1.25 * lo["driver_peak_rss_mb"],
+                f"{hi['driver_peak_rss_mb'] / lo['driver_peak_rss_mb']:.2f} (bar 1.25)",
+            )
     for r in out["runs"]:
         if r["label"].startswith("incremental-"):
-            bar(f"{r['label']} peak memory above idle", r["peak_above_idle_mb"] < 2048,
-                f"{r['peak_above_idle_mb']:,} MB (bar 2,048; skip sets at 256 MB; {r['scored']:,} scored)")
+            bar(
+                f"{r['label']} peak memory above idle",
+                r["peak_above_idle_mb"] < 2048,
+                f"{r['peak_above_idle_mb']:,} MB (bar 2,048; skip sets at 256 MB; {r['scored']:,} scored)",
+            )
     if "listing" in out:
         lst = out["listing"]
         bar("listing 8 streams vs 1", lst.get("ratio", 0) >= 4, f"{lst.get('ratio', 0):.2f}x (bar 4)")
@@ -394,8 +488,11 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
     if rates:
         best = max(rates)
         out["gpus_per_driver"] = round(best / args.gpu_rate, 1)
-        print(f"one driver passes {best:,} rows/s: it keeps {out['gpus_per_driver']} GPUs busy at "
-              f"{args.gpu_rate:,.0f} images/s each", flush=True)
+        print(
+            f"one driver passes {best:,} rows/s: it keeps {out['gpus_per_driver']} GPUs busy at "
+            f"{args.gpu_rate:,.0f} images/s each",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -82,18 +82,24 @@ def serve_sorted(n: int) -> None:
             prefix, after = q.get("prefix", ""), q.get("continuation-token") or q.get("start-after") or ""
             lo = max(bisect.bisect_right(keys, after), bisect.bisect_left(keys, prefix))
             hi = bisect.bisect_left(keys, prefix + "\U0010ffff")
-            page = keys[lo: min(hi, lo + int(q.get("max-keys", 1000)))]
+            page = keys[lo : min(hi, lo + int(q.get("max-keys", 1000)))]
             more = lo + len(page) < hi
-            body = "".join(f"<Contents><Key>{quote(k)}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
-                           f"<ETag>&quot;{i:032x}&quot;</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass>"
-                           "</Contents>" for i, k in enumerate(page, lo))
-            xml = ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
-                   'xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
-                   f"<Name>{BUCKET}</Name><Prefix>{quote(prefix)}</Prefix><KeyCount>{len(page)}</KeyCount>"
-                   f"<MaxKeys>{q.get('max-keys', 1000)}</MaxKeys><EncodingType>url</EncodingType>"
-                   f"<IsTruncated>{'true' if more else 'false'}</IsTruncated>"
-                   + (f"<NextContinuationToken>{quote(page[-1])}</NextContinuationToken>" if more else "")
-                   + body + "</ListBucketResult>").encode()
+            body = "".join(
+                f"<Contents><Key>{quote(k)}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+                f"<ETag>&quot;{i:032x}&quot;</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass>"
+                "</Contents>"
+                for i, k in enumerate(page, lo)
+            )
+            xml = (
+                '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+                'xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                f"<Name>{BUCKET}</Name><Prefix>{quote(prefix)}</Prefix><KeyCount>{len(page)}</KeyCount>"
+                f"<MaxKeys>{q.get('max-keys', 1000)}</MaxKeys><EncodingType>url</EncodingType>"
+                f"<IsTruncated>{'true' if more else 'false'}</IsTruncated>"
+                + (f"<NextContinuationToken>{quote(page[-1])}</NextContinuationToken>" if more else "")
+                + body
+                + "</ListBucketResult>"
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(xml)))
@@ -111,8 +117,14 @@ def serve_sorted(n: int) -> None:
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if not line:
@@ -168,10 +180,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rates[s] = n / secs
             print(f"{s} stream(s): {n} keys in {secs:.1f}s over {units} units: {rates[s]:,.0f} keys/s")
         lo, hi = min(a.streams), max(a.streams)
-        print(f"{hi} streams / {lo}: {rates[hi] / rates[lo]:.1f}x (bar: >= 4x at 8 streams; "
-              f"LIST latency {a.latency_ms:g} ms)")
-        return {"keys": a.n, "endpoint": a.endpoint, "latency_ms": a.latency_ms,
-                "keys_per_s": {str(k): round(v) for k, v in rates.items()}, "ratio": round(rates[hi] / rates[lo], 2)}
+        print(
+            f"{hi} streams / {lo}: {rates[hi] / rates[lo]:.1f}x (bar: >= 4x at 8 streams; "
+            f"LIST latency {a.latency_ms:g} ms)"
+        )
+        return {
+            "keys": a.n,
+            "endpoint": a.endpoint,
+            "latency_ms": a.latency_ms,
+            "keys_per_s": {str(k): round(v) for k, v in rates.items()},
+            "ratio": round(rates[hi] / rates[lo], 2),
+        }
     finally:
         for proc in (proxy, moto):
             assert proc.stdin is not None

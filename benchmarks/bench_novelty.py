@@ -59,13 +59,23 @@ def images_under(root: Path, limit: int = 0) -> tuple[list[str], list[str]]:
     return paths, labels
 
 
-def fit_here(art: artifact.Artifact, paths: list[str], labels: list[str], dim: int, shrink: float,
-             held_out: np.ndarray | None = None) -> novelty.Novelty:
+def fit_here(
+    art: artifact.Artifact,
+    paths: list[str],
+    labels: list[str],
+    dim: int,
+    shrink: float,
+    held_out: np.ndarray | None = None,
+) -> novelty.Novelty:
     """Statistics fitted on ``paths``' eval-view features with this process's predictor (what training does)."""
     pred = Predictor.from_artifact(art)
     base = art.data.base_size
-    feats = np.concatenate([pred.features(np.stack([decode_to_base(Path(p).read_bytes(), base) for p in paths[i: i + 32]]))
-                            for i in range(0, len(paths), 32)])
+    feats = np.concatenate(
+        [
+            pred.features(np.stack([decode_to_base(Path(p).read_bytes(), base) for p in paths[i : i + 32]]))
+            for i in range(0, len(paths), 32)
+        ]
+    )
     y = np.array([art.classes.index(c) for c in labels])
     nov = novelty.fit(novelty.Stats.of(feats, y, len(art.classes)), dim=dim, shrink=shrink)
     return novelty.with_threshold(nov, None, nov.score(feats))
@@ -83,8 +93,12 @@ def smallest_model(out: str, per_class: int) -> str:
     spec = get_spec("efficientnet_lite0")
     classes = ["ants", "bees"]
     model = build_model("efficientnet_lite0", 2, weights="imagenet").eval()
-    meta = {"arch": "efficientnet_lite0", "classes": classes, "metrics": {},
-            "data_config": DataConfig.create(64, 0.875, spec.mean, spec.std).to_dict()}
+    meta = {
+        "arch": "efficientnet_lite0",
+        "classes": classes,
+        "metrics": {},
+        "data_config": DataConfig.create(64, 0.875, spec.mean, spec.std).to_dict(),
+    }
     artifact.save(out, model, meta)
     paths, labels = images_under(SHARED / "hymenoptera" / "train", per_class)
     nov = fit_here(artifact.load(out), paths, labels, novelty.DIM, novelty.SHRINK)
@@ -117,7 +131,10 @@ def measure(model: str, per_class: int, refits: list[tuple[int, float]]) -> dict
     assert nov is not None
     msp_in, msp_out = 1 - p_in.max(1), 1 - p_out.max(1)
     res = {
-        "model": model, "n_in": len(ins), "n_out": len(outs), "score_s": round(score_s, 1),
+        "model": model,
+        "n_in": len(ins),
+        "n_out": len(outs),
+        "score_s": round(score_s, 1),
         "novelty": {k: v for k, v in art.meta["novelty"].items() if not isinstance(v, dict)},  # not the matrices
         "model_json_bytes": len(json.dumps(art.meta, indent=2, sort_keys=True)),
         "auroc_novelty": novelty.auroc(n_in, n_out),
@@ -135,14 +152,20 @@ def measure(model: str, per_class: int, refits: list[tuple[int, float]]) -> dict
         base = art.data.base_size
 
         def feats(ps: list[str]) -> np.ndarray:
-            return np.concatenate([pred.features(np.stack([decode_to_base(Path(p).read_bytes(), base)
-                                                           for p in ps[i: i + 32]])) for i in range(0, len(ps), 32)])
+            return np.concatenate(
+                [
+                    pred.features(np.stack([decode_to_base(Path(p).read_bytes(), base) for p in ps[i : i + 32]]))
+                    for i in range(0, len(ps), 32)
+                ]
+            )
 
         f_in, f_out = feats(ins), feats(outs)
         for dim, shrink in refits:
             r = fit_here(art, paths, labels, dim, shrink)
-            res["refits"][f"{dim}:{shrink}"] = {"auroc": novelty.auroc(r.score(f_in), r.score(f_out)),
-                                                "k": int(r.proj.shape[1])}
+            res["refits"][f"{dim}:{shrink}"] = {
+                "auroc": novelty.auroc(r.score(f_in), r.score(f_out)),
+                "k": int(r.proj.shape[1]),
+            }
     return res
 
 
@@ -165,9 +188,11 @@ def main() -> None:
         res = measure(model, 0, refits)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res, indent=2))
-    print(f"AUROC novelty {res['auroc_novelty']:.4f}  AUROC 1-max p {res['auroc_max_softmax']:.4f}  "
-          f"flowers with top p >= 0.9: {res['flowers_top_p_ge_0.9']:.1%}  above threshold: hymenoptera "
-          f"{res['share_above_threshold_in']:.1%}, flowers {res['share_above_threshold_out']:.1%}")
+    print(
+        f"AUROC novelty {res['auroc_novelty']:.4f}  AUROC 1-max p {res['auroc_max_softmax']:.4f}  "
+        f"flowers with top p >= 0.9: {res['flowers_top_p_ge_0.9']:.1%}  above threshold: hymenoptera "
+        f"{res['share_above_threshold_in']:.1%}, flowers {res['share_above_threshold_out']:.1%}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
 

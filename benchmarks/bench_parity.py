@@ -54,14 +54,21 @@ def model(work: Path) -> str:
     if not (out / "model.json").exists():
         sys.path.insert(0, str(REPO))
         from dragons import artifact
-        from dragons.models.registry import build_model, get_spec
         from dragons.dataconfig import DataConfig
+        from dragons.models.registry import build_model, get_spec
 
         spec = get_spec("efficientnet_lite0")
         m = build_model("efficientnet_lite0", 5, weights="none").eval()
-        artifact.save(str(out), m, {"arch": "efficientnet_lite0", "classes": ["a", "b", "c", "d", "e"],
-                                    "data_config": DataConfig.create(224, 0.7, spec.mean, spec.std).to_dict(),
-                                    "metrics": {}})
+        artifact.save(
+            str(out),
+            m,
+            {
+                "arch": "efficientnet_lite0",
+                "classes": ["a", "b", "c", "d", "e"],
+                "data_config": DataConfig.create(224, 0.7, spec.mean, spec.std).to_dict(),
+                "metrics": {},
+            },
+        )
     return str(out)
 
 
@@ -81,16 +88,41 @@ def run(tree: Path, label: str, work: Path, model_uri: str, inp: Path, n: int) -
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", "score", "--model", model_uri, "--input", str(inp),
-                        "--output", str(table), "--run-id", label, "--log-file", str(work / f"{label}.log")],
-                       cwd=tree, env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dragons.cli",
+            "score",
+            "--model",
+            model_uri,
+            "--input",
+            str(inp),
+            "--output",
+            str(table),
+            "--run-id",
+            label,
+            "--log-file",
+            str(work / f"{label}.log"),
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     stop.set()
     t.join()
     if p.returncode != 0:
         sys.exit(f"error: {label} failed:\n{p.stderr[-3000:]}")
-    fig = {"label": label, "tree": str(tree), "n": n, "wall_s": round(wall, 1), "images_per_s": round(n / wall, 1),
-           "peak_above_idle_mb": round(peak[0] - idle)}
+    fig = {
+        "label": label,
+        "tree": str(tree),
+        "n": n,
+        "wall_s": round(wall, 1),
+        "images_per_s": round(n / wall, 1),
+        "peak_above_idle_mb": round(peak[0] - idle),
+    }
     print(json.dumps(fig), flush=True)
     return fig
 
@@ -112,7 +144,9 @@ def main() -> None:
     print(f"throughput this/other: {speed:.3f} (bar >= 0.90) -> {'ok' if speed >= 0.9 else 'MISSED'}")
     print(f"peak memory above idle this/other: {mem:.3f} (bar <= 1.00) -> {'ok' if mem <= 1.0 else 'MISSED'}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"runs": [other, this], "speed_ratio": speed, "memory_ratio": mem}, indent=2))
+        Path(a.json).write_text(
+            json.dumps({"runs": [other, this], "speed_ratio": speed, "memory_ratio": mem}, indent=2)
+        )
 
 
 if __name__ == "__main__":

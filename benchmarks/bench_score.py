@@ -49,16 +49,26 @@ PEER_BATCH_SIZE = 16  # what both peers use: a typical hand-picked batch size
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[2000], help="image counts to score (the first N of max(N) images)")
+    p.add_argument(
+        "--n", type=int, nargs="+", default=[2000], help="image counts to score (the first N of max(N) images)"
+    )
     p.add_argument("--source", choices=("local", "s3", "both"), default="both", help="where the images are read from")
-    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run peer A (DataLoader loop) and peer B (Ray Data recipe)")
+    p.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run peer A (DataLoader loop) and peer B (Ray Data recipe)",
+    )
     p.add_argument("--peers-max-n", type=int, default=2000, help="run the peers only at sizes up to this")
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--batch-size", type=int, default=0, help="dragons score batch size (0 = its default)")
     p.add_argument("--actors", type=int, default=0)
-    p.add_argument("--timeout-s", type=float, default=3600.0,
-                   help="each stage (write images, bound, one scoring run) must finish within this, else the run exits 124")
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=3600.0,
+        help="each stage (write images, bound, one scoring run) must finish within this, else the run exits 124",
+    )
     p.add_argument("--json", default="", help="also write the figures here")
     return p
 
@@ -71,6 +81,7 @@ def _deadline(stage: str, timeout_s: float, on_timeout: Callable[[], None]) -> I
     reach it; a benchmark must end, so a timer thread stops the S3 endpoint and
     leaves with os._exit. Ray's own processes share the driver's fate and go too.
     """
+
     def fire() -> None:
         print(f"\nTIMEOUT: {stage} did not finish within {timeout_s:.0f}s; exiting", flush=True)
         try:
@@ -137,8 +148,8 @@ def _bound(model_uri: str, uris: list[str], sample: int) -> dict[str, float]:
     import torch
 
     from dragons import artifact, storage
-    from dragons.models.fuse import fuse_for_inference
     from dragons.images import decode_to_base
+    from dragons.models.fuse import fuse_for_inference
     from dragons.preprocess import eval_batch, to_tensor
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -151,8 +162,12 @@ def _bound(model_uri: str, uris: list[str], sample: int) -> dict[str, float]:
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         m = model.to(memory_format=fmt)
         with torch.inference_mode():
-            batches = [eval_batch(x_all[i : i + bs], art.data.image_size, art.data.mean, art.data.std).contiguous(memory_format=fmt)
-                       for i in range(0, sample, bs)]
+            batches = [
+                eval_batch(x_all[i : i + bs], art.data.image_size, art.data.mean, art.data.std).contiguous(
+                    memory_format=fmt
+                )
+                for i in range(0, sample, bs)
+            ]
             m(batches[0])  # warm-up
             t = time.perf_counter()
             for _ in range(passes):
@@ -272,7 +287,7 @@ class _UriImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
             from dragons.storage import boto3_client
 
             self._client, self._pid = boto3_client(), os.getpid()
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")
         return bytes(self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -303,8 +318,9 @@ def _peer_dataloader(model_uri: str, uris: list[str], out_file: str, timeout_s: 
     std = torch.tensor(art.data.std).view(1, 3, 1, 1)
     off, size = (art.data.base_size - art.data.image_size) // 2, art.data.image_size
     # timeout: a worker that hangs fails the batch instead of the benchmark.
-    loader = torch.utils.data.DataLoader(_UriImages(uris, art.data.base_size), batch_size=PEER_BATCH_SIZE, num_workers=2,
-                                         timeout=timeout_s)
+    loader = torch.utils.data.DataLoader(
+        _UriImages(uris, art.data.base_size), batch_size=PEER_BATCH_SIZE, num_workers=2, timeout=timeout_s
+    )
     probs: list[torch.Tensor] = []
     order: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -370,10 +386,17 @@ def _peer_ray_data(model_uri: str, input_uri: str, base: int, out_dir: str) -> t
     actors = max(1, int(cpus - read_cpus))
     actor_cpus = 1.0 if cpus - read_cpus >= 1 else max(0.25, cpus - read_cpus)
     loc = storage.parse(input_uri)
-    fs = storage.s3_filesystem() if loc.is_s3 else None  # built like dragons.storage: the endpoint from AWS_ENDPOINT_URL
+    fs = (
+        storage.s3_filesystem() if loc.is_s3 else None
+    )  # built like dragons.storage: the endpoint from AWS_ENDPOINT_URL
     ds = ray.data.read_images(loc.uri, size=(base, base), mode="RGB", include_paths=True, filesystem=fs)
-    ds = ds.map_batches(_RayClassifier, fn_constructor_args=(model_uri, max(1, int(actor_cpus))),
-                        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=PEER_BATCH_SIZE, num_cpus=actor_cpus)
+    ds = ds.map_batches(
+        _RayClassifier,
+        fn_constructor_args=(model_uri, max(1, int(actor_cpus))),
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=PEER_BATCH_SIZE,
+        num_cpus=actor_cpus,
+    )
     ds.write_parquet(out_dir)
     return time.perf_counter() - t, {"actors": actors, "actor_cpus": actor_cpus, "cluster_cpus": cpus}
 
@@ -397,17 +420,23 @@ def _print_table(r: dict[str, Any]) -> None:
     print(f"  peak memory during dragons score +{r['peak_memory_mb']} MB")
     # Every table shows every check; the issue's done-when is the one marked so.
     official = "issue 11's done-when" if src == "local" and n == 10000 else "issue 11 asks this at local, N=10,000"
-    print(f"  check dragons >= {BOUND_RATIO_TARGET} x bound: {_check(r['ratio_bound'] >= BOUND_RATIO_TARGET)} "
-          f"({r['ratio_bound']:.3f}; {official})")
+    print(
+        f"  check dragons >= {BOUND_RATIO_TARGET} x bound: {_check(r['ratio_bound'] >= BOUND_RATIO_TARGET)} "
+        f"({r['ratio_bound']:.3f}; {official})"
+    )
     official = "issue 11's done-when" if n == 2000 else "issue 11 asks this at N=2,000"
     for key, name in (("peer_a", "peer A"), ("peer_b", "peer B")):
         if f"ratio_{key}" in r:
-            print(f"  check dragons >= {PEER_RATIO_TARGET} x {name}: {_check(r[f'ratio_{key}'] >= PEER_RATIO_TARGET)} "
-                  f"({r[f'ratio_{key}']:.3f}; {official})")
+            print(
+                f"  check dragons >= {PEER_RATIO_TARGET} x {name}: {_check(r[f'ratio_{key}'] >= PEER_RATIO_TARGET)} "
+                f"({r[f'ratio_{key}']:.3f}; {official})"
+            )
     if "peer_b_resources" in r:
         how = r["peer_b_resources"]
-        print(f"  peer B ran {how['actors']} actor(s) at {how['actor_cpus']:g} CPU each of {how['cluster_cpus']:g}; "
-              "read and write tasks got the rest")
+        print(
+            f"  peer B ran {how['actors']} actor(s) at {how['actor_cpus']:g} CPU each of {how['cluster_cpus']:g}; "
+            "read and write tasks got the rest"
+        )
     for group, secs in r.get("cpu_s", {}).items():
         print(f"    CPU {group:<50} {secs:6.1f} s  {1000 * secs / n:5.1f} ms/image")
 
@@ -417,9 +446,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from dragons import artifact
+    from dragons.dataconfig import DEFAULT_CROP_PCT, DataConfig
     from dragons.local import s3server
     from dragons.models.registry import build_model, get_spec
-    from dragons.dataconfig import DEFAULT_CROP_PCT, DataConfig
     from dragons.raycluster import ensure_ray
     from dragons.score.pipeline import ScoreConfig, score
 
@@ -437,12 +466,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             t = time.perf_counter()
             with _deadline("writing the images", limit, server.stop):
                 _make_images(max(sizes), key, local_root, "bench", s3="s3" in sources)
-            print(f"wrote {max(sizes)} JPEGs to {' and '.join(roots[s] for s in sources)} in {time.perf_counter() - t:.0f}s",
-                  flush=True)
+            print(
+                f"wrote {max(sizes)} JPEGs to {' and '.join(roots[s] for s in sources)} in {time.perf_counter() - t:.0f}s",
+                flush=True,
+            )
             spec = get_spec(args.arch)
             model = build_model(args.arch, 2, "imagenet")
-            meta = {"arch": args.arch, "classes": ["drogon", "viserion"], "metrics": {},
-                    "data_config": DataConfig.create(224, DEFAULT_CROP_PCT, spec.mean, spec.std).to_dict()}
+            meta = {
+                "arch": args.arch,
+                "classes": ["drogon", "viserion"],
+                "metrics": {},
+                "data_config": DataConfig.create(224, DEFAULT_CROP_PCT, spec.mean, spec.std).to_dict(),
+            }
             # The model lives beside the images: a local run reads nothing from S3.
             models = {"local": f"{work}/model", "s3": "s3://bench/model"}
             for s in sources:
@@ -452,44 +487,83 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             print("model-only bound (one process, every core, pre-decoded tensors):", flush=True)
             sample_uris = [f"{local_root}/{key(i)}" for i in range(min(192, max(sizes)))]
             with _deadline("the bound", limit, server.stop):
-                bound = _bound(f"{work}/model" if "local" in sources else models["s3"], sample_uris, sample=len(sample_uris))
+                bound = _bound(
+                    f"{work}/model" if "local" in sources else models["s3"], sample_uris, sample=len(sample_uris)
+                )
 
             ensure_ray(no_progress_timeout_s=min(600.0, limit))
             results: list[dict[str, Any]] = []
             for n in sizes:
                 for src in sources:
                     input_uri = f"{roots[src]}/{prefix(n)}"
-                    r: dict[str, Any] = {"n": n, "source": src, "cpus": os.cpu_count() or 0,
-                                         "bound_images_per_s": round(bound["images_per_s"], 2),
-                                         "bound_batch_size": bound.get("batch_size"), "bound_layout": bound.get("layout")}
+                    r: dict[str, Any] = {
+                        "n": n,
+                        "source": src,
+                        "cpus": os.cpu_count() or 0,
+                        "bound_images_per_s": round(bound["images_per_s"], 2),
+                        "bound_batch_size": bound.get("batch_size"),
+                        "bound_layout": bound.get("layout"),
+                    }
                     print(f"\nN={n} {src}: dragons score {input_uri}", flush=True)
-                    with tempfile.TemporaryDirectory(dir=work) as tmp, _Monitor() as mem, \
-                            _deadline(f"dragons score N={n} {src}", limit, server.stop):
+                    with (
+                        tempfile.TemporaryDirectory(dir=work) as tmp,
+                        _Monitor() as mem,
+                        _deadline(f"dragons score N={n} {src}", limit, server.stop),
+                    ):
                         t = time.perf_counter()
                         extra = {"batch_size": args.batch_size} if args.batch_size else {}
-                        m = score(ScoreConfig(model=models[src], input=input_uri, output=f"{tmp}/table",
-                                              run_id=f"bench-{src}-{n}", actors=args.actors, log_file=f"{tmp}/log",
-                                              no_progress_timeout_s=min(600.0, limit), **extra))
+                        m = score(
+                            ScoreConfig(
+                                model=models[src],
+                                input=input_uri,
+                                output=f"{tmp}/table",
+                                run_id=f"bench-{src}-{n}",
+                                actors=args.actors,
+                                log_file=f"{tmp}/log",
+                                no_progress_timeout_s=min(600.0, limit),
+                                **extra,
+                            )
+                        )
                         wall = time.perf_counter() - t
                     assert m["rows"] == n and m["errors"] == 0, m
-                    r.update(dragons_images_per_s=round(n / wall, 2), dragons_wall_s=round(wall, 2),
-                             ratio_bound=round(n / wall / bound["images_per_s"], 3), peak_memory_mb=round(mem.peak / 2**20),
-                             cpu_s={k: round(v, 1) for k, v in mem.cpu_by_group().items()})
+                    r.update(
+                        dragons_images_per_s=round(n / wall, 2),
+                        dragons_wall_s=round(wall, 2),
+                        ratio_bound=round(n / wall / bound["images_per_s"], 3),
+                        peak_memory_mb=round(mem.peak / 2**20),
+                        cpu_s={k: round(v, 1) for k, v in mem.cpu_by_group().items()},
+                    )
                     if args.peers and n <= args.peers_max_n:
                         uris = [f"{roots[src]}/{key(i)}" for i in range(n)]
                         print(f"N={n} {src}: peer A (DataLoader, 2 workers, batch {PEER_BATCH_SIZE})", flush=True)
-                        with tempfile.TemporaryDirectory(dir=work) as tmp, _deadline(f"peer A N={n} {src}", limit, server.stop):
-                            wall_a = _peer_dataloader(models[src], uris, f"{tmp}/peer_a.parquet", timeout_s=min(600.0, limit))
+                        with (
+                            tempfile.TemporaryDirectory(dir=work) as tmp,
+                            _deadline(f"peer A N={n} {src}", limit, server.stop),
+                        ):
+                            wall_a = _peer_dataloader(
+                                models[src], uris, f"{tmp}/peer_a.parquet", timeout_s=min(600.0, limit)
+                            )
                             assert pq.read_metadata(f"{tmp}/peer_a.parquet").num_rows == n
-                        print(f"N={n} {src}: peer B (read_images + ActorPoolStrategy map_batches + write_parquet)", flush=True)
-                        with tempfile.TemporaryDirectory(dir=work) as tmp, _deadline(f"peer B N={n} {src}", limit, server.stop):
+                        print(
+                            f"N={n} {src}: peer B (read_images + ActorPoolStrategy map_batches + write_parquet)",
+                            flush=True,
+                        )
+                        with (
+                            tempfile.TemporaryDirectory(dir=work) as tmp,
+                            _deadline(f"peer B N={n} {src}", limit, server.stop),
+                        ):
                             wall_b, how = _peer_ray_data(models[src], input_uri, base, f"{tmp}/peer_b")
                             rows_b = pq.ParquetDataset(f"{tmp}/peer_b").read(columns=["path"]).num_rows
                             assert rows_b == n, (rows_b, n)
-                        r.update(peer_a_images_per_s=round(n / wall_a, 2), peer_a_wall_s=round(wall_a, 2),
-                                 ratio_peer_a=round(wall_a / wall, 3),
-                                 peer_b_images_per_s=round(n / wall_b, 2), peer_b_wall_s=round(wall_b, 2),
-                                 ratio_peer_b=round(wall_b / wall, 3), peer_b_resources=how)
+                        r.update(
+                            peer_a_images_per_s=round(n / wall_a, 2),
+                            peer_a_wall_s=round(wall_a, 2),
+                            ratio_peer_a=round(wall_a / wall, 3),
+                            peer_b_images_per_s=round(n / wall_b, 2),
+                            peer_b_wall_s=round(wall_b, 2),
+                            ratio_peer_b=round(wall_b / wall, 3),
+                            peer_b_resources=how,
+                        )
                     _print_table(r)
                     results.append(r)
         figures: dict[str, Any] = {"bound": bound, "runs": results}

@@ -77,8 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", default="256MB", help="--skip-memory-limit (and today's query's memory_limit)")
     p.add_argument("--tight-limit", default="64MB", help="a limit the window query cannot meet at 10M rows ('' = skip)")
     p.add_argument("--page-rows", type=int, default=4096, help="rows per listing page in the membership test")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dragons-bench-skips"),
-                   help="folder for the cached table and the skip sets' temporary files")
+    p.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "dragons-bench-skips"),
+        help="folder for the cached table and the skip sets' temporary files",
+    )
     p.add_argument("--json", default="", help="write the figures here")
     return p
 
@@ -135,9 +138,12 @@ class Sampler:
         self._t.join()
 
     def figures(self) -> dict[str, float]:
-        return {"peak_rss_mb": round(self.peak_rss_mb), "peak_rss_anon_mb": round(self.peak_anon_mb),
-                "peak_above_idle_mb": round(self.peak_used_mb - self.idle_mb),
-                "peak_temp_disk_mb": round(self.peak_disk_mb)}
+        return {
+            "peak_rss_mb": round(self.peak_rss_mb),
+            "peak_rss_anon_mb": round(self.peak_anon_mb),
+            "peak_above_idle_mb": round(self.peak_used_mb - self.idle_mb),
+            "peak_temp_disk_mb": round(self.peak_disk_mb),
+        }
 
 
 def _uris(idx: np.ndarray) -> pa.Array:
@@ -158,12 +164,25 @@ def _rows(idx: np.ndarray, run_id: str, day: int, etag: str, error: pa.Array) ->
     k = idx.size
     at = pa.array(np.full(k, T0_US + day * DAY_US, dtype=np.int64)).cast(pa.timestamp("us", tz="UTC"))
     p = (idx % 997) / 997.0
-    return pa.record_batch({
-        "uri": _uris(idx), "label": pa.array(np.where(p > 0.5, "ants", "bees")), "score": pa.array(np.maximum(p, 1 - p)),
-        "p_ants": pa.array(p), "p_bees": pa.array(1 - p), "novelty": pa.nulls(k, pa.float64()), "model_version": pa.array(np.full(k, "v1")),
-        "run_id": pa.array(np.full(k, run_id)), "scored_at": at, "error": error, "etag": _etags(idx, etag),
-        "size": _sizes(idx), "last_modified": at, "dt": pa.array(np.full(k, f"2026-11-{28 + day}")),
-    }, schema=schema(CLASSES))
+    return pa.record_batch(
+        {
+            "uri": _uris(idx),
+            "label": pa.array(np.where(p > 0.5, "ants", "bees")),
+            "score": pa.array(np.maximum(p, 1 - p)),
+            "p_ants": pa.array(p),
+            "p_bees": pa.array(1 - p),
+            "novelty": pa.nulls(k, pa.float64()),
+            "model_version": pa.array(np.full(k, "v1")),
+            "run_id": pa.array(np.full(k, run_id)),
+            "scored_at": at,
+            "error": error,
+            "etag": _etags(idx, etag),
+            "size": _sizes(idx),
+            "last_modified": at,
+            "dt": pa.array(np.full(k, f"2026-11-{28 + day}")),
+        },
+        schema=schema(CLASSES),
+    )
 
 
 def _errors(again: np.ndarray) -> pa.Array:
@@ -194,8 +213,9 @@ def build_table(work: Path, n: int) -> str:
             yield _rows(idx, "night1", 1, "b", _errors(idx))
 
     t0 = time.perf_counter()
-    write_deltalake(str(root), pa.RecordBatchReader.from_batches(schema(CLASSES), batches()), partition_by=["dt"],
-                    mode="overwrite")
+    write_deltalake(
+        str(root), pa.RecordBatchReader.from_batches(schema(CLASSES), batches()), partition_by=["dt"], mode="overwrite"
+    )
     done.write_text(str(n))
     print(f"built a table of {n:,} rows in {time.perf_counter() - t0:.0f}s under {root}", flush=True)
     return str(root)
@@ -205,17 +225,27 @@ def expected(n: int) -> dict[str, int]:
     """What the table was built to hold, for a run `bench-new` of model v1 listing objects 0..n-1."""
     first = n * 9 // 10
     transient = len(range(0, n - first, 50))
-    return {"known": first - transient, "done_night0": first, "skipped": first - transient,
-            "to_score": n - first + transient}
+    return {
+        "known": first - transient,
+        "done_night0": first,
+        "skipped": first - transient,
+        "to_score": n - first + transient,
+    }
 
 
 def old_query(table: str, limit: str) -> dict[str, Any]:
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", OLD_PROBE, table, limit], check=False, capture_output=True, text=True,
-                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    proc = subprocess.run(
+        [sys.executable, "-c", OLD_PROBE, table, limit],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return {"limit": limit, **json.loads(line[len("RESULT "):])}
+            return {"limit": limit, **json.loads(line[len("RESULT ") :])}
     return {"limit": limit, "status": "crashed", "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
 
 
@@ -255,9 +285,17 @@ def membership(skips: Any, n: int, page_rows: int, tmp: Path) -> dict[str, Any]:
             t, k, sk = skips.split(page)
             spent += time.perf_counter() - t0
             kept, skipped, todo = kept + k, skipped + sk, todo + t.num_rows
-    return {"rows": n, "page_rows": page_rows, "seconds": round(spent, 2), "rows_per_s": round(n / max(spent, 1e-9)),
-            "us_per_page": round(1e6 * spent / max(1, -(-n // page_rows)), 1), "kept": kept, "skipped": skipped,
-            "to_score": todo, **s.figures()}
+    return {
+        "rows": n,
+        "page_rows": page_rows,
+        "seconds": round(spent, 2),
+        "rows_per_s": round(n / max(spent, 1e-9)),
+        "us_per_page": round(1e6 * spent / max(1, -(-n // page_rows)), 1),
+        "kept": kept,
+        "skipped": skipped,
+        "to_score": todo,
+        **s.figures(),
+    }
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,8 +308,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     table = build_table(work, args.n)
     want = expected(args.n)
     out: dict[str, Any] = {"n": args.n, "load_average": os.getloadavg()}
-    print(f"{args.n:,} rows of one model version; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"the sort takes {len(_passes(args.n, parse_memory_limit(args.limit)))} pass(es) at {args.limit}", flush=True)
+    print(
+        f"{args.n:,} rows of one model version; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+        f"the sort takes {len(_passes(args.n, parse_memory_limit(args.limit)))} pass(es) at {args.limit}",
+        flush=True,
+    )
 
     out["old"] = [old_query(table, args.limit)]
     print(f"today's window query at {args.limit}: {json.dumps(out['old'][0])}", flush=True)

@@ -44,7 +44,9 @@ sys.path.insert(0, str(REPO))
 RSS_BOUND_MB = 1536  # issue 9: dragons query peak RSS <= 1.5 GB
 
 
-def _child(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+def _child(
+    cmd: list[str], stdout: int | None = subprocess.DEVNULL
+) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """(peak RSS MB of the child, wall s, result). Children are run one at a time, so
     RUSAGE_CHILDREN's max RSS is this child's."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -68,12 +70,22 @@ def _write_rows(table: str, n: int, run_id: str, batch: int = 200_000) -> float:
         import pyarrow.compute as pc
 
         p = pc.divide(pc.cast(pc.bit_wise_and(idx, 1023), pa.float64()), 1023.0)
-        w.add(pa.table({
-            "uri": pc.binary_join_element_wise("s3://archive/2026-11-28/img_", pc.cast(idx, pa.string()), ".jpg", ""),
-            "label": pc.if_else(pc.greater(p, 0.5), "drogon", "viserion"), "score": pc.max_element_wise(p, pc.subtract(1.0, p)),
-            "p_drogon": p, "p_viserion": pc.subtract(1.0, p), "error": pa.nulls(k, pa.string()),
-            "etag": pc.cast(idx, pa.string()), "size": pa.array([50_000] * k, pa.int64()),
-        }))
+        w.add(
+            pa.table(
+                {
+                    "uri": pc.binary_join_element_wise(
+                        "s3://archive/2026-11-28/img_", pc.cast(idx, pa.string()), ".jpg", ""
+                    ),
+                    "label": pc.if_else(pc.greater(p, 0.5), "drogon", "viserion"),
+                    "score": pc.max_element_wise(p, pc.subtract(1.0, p)),
+                    "p_drogon": p,
+                    "p_viserion": pc.subtract(1.0, p),
+                    "error": pa.nulls(k, pa.string()),
+                    "etag": pc.cast(idx, pa.string()),
+                    "size": pa.array([50_000] * k, pa.int64()),
+                }
+            )
+        )
     w.commit({"listed": n, "skipped": 0, "model_version": "bench", "input": "bench"})
     return time.perf_counter() - t0
 
@@ -84,19 +96,40 @@ def bench_query(rows: int) -> dict[str, object]:
         per_run = rows // 5  # five nightly runs
         t_write = sum(_write_rows(table, per_run, f"night{i}") for i in range(5))
         sql = "SELECT label, count(*) AS n FROM scores GROUP BY label ORDER BY label"
-        peak, wall, p = _child([sys.executable, "-m", "dragons.cli", "query", "--table", table, "--format", "json", sql],
-                               stdout=subprocess.PIPE)
+        peak, wall, p = _child(
+            [sys.executable, "-m", "dragons.cli", "query", "--table", table, "--format", "json", sql],
+            stdout=subprocess.PIPE,
+        )
         assert p.returncode == 0, p.stderr
         counts = {json.loads(line)["label"]: json.loads(line)["n"] for line in p.stdout.splitlines()}
         assert sum(counts.values()) == per_run * 5, counts
-        peak_l, wall_l, p2 = _child([sys.executable, "-m", "dragons.cli", "query", "--table", table,
-                                     "SELECT count(*) FROM latest WHERE model_version = 'bench'"], stdout=subprocess.PIPE)
+        peak_l, wall_l, p2 = _child(
+            [
+                sys.executable,
+                "-m",
+                "dragons.cli",
+                "query",
+                "--table",
+                table,
+                "SELECT count(*) FROM latest WHERE model_version = 'bench'",
+            ],
+            stdout=subprocess.PIPE,
+        )
         assert p2.returncode == 0, p2.stderr
         size_mb = sum(f.stat().st_size for f in Path(table).rglob("*") if f.is_file()) / 2**20
-    return {"bench": "query", "rows": per_run * 5, "table_mb": round(size_mb, 1), "write_s": round(t_write, 1),
-            "query_group_by_label_s": round(wall, 2), "query_peak_rss_mb": round(peak), "bound_mb": RSS_BOUND_MB,
-            "within_bound": peak <= RSS_BOUND_MB, "counts": counts,
-            "latest_count_s": round(wall_l, 2), "latest_peak_rss_mb": round(peak_l)}
+    return {
+        "bench": "query",
+        "rows": per_run * 5,
+        "table_mb": round(size_mb, 1),
+        "write_s": round(t_write, 1),
+        "query_group_by_label_s": round(wall, 2),
+        "query_peak_rss_mb": round(peak),
+        "bound_mb": RSS_BOUND_MB,
+        "within_bound": peak <= RSS_BOUND_MB,
+        "counts": counts,
+        "latest_count_s": round(wall_l, 2),
+        "latest_peak_rss_mb": round(peak_l),
+    }
 
 
 def bench_listing(objects: int, threads: int = 32, local: bool = False) -> dict[str, object]:
@@ -140,34 +173,84 @@ def bench_listing(objects: int, threads: int = 32, local: bool = False) -> dict[
             take = page.slice(0, max(0, min(page.num_rows, known - seen)))
             seen += take.num_rows
             if take.num_rows:
-                w.add(take.select(["uri", "etag", "size", "last_modified"]).append_column(
-                    "label", pa.array(["drogon"] * take.num_rows)))
+                w.add(
+                    take.select(["uri", "etag", "size", "last_modified"]).append_column(
+                        "label", pa.array(["drogon"] * take.num_rows)
+                    )
+                )
         w.commit({"listed": known, "skipped": 0, "model_version": "bench-v1"})
         t_table = time.perf_counter() - t0
 
         with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
-            Path(tmp, "model.json").write_text(json.dumps({"classes": ["drogon", "viserion"], "version": "bench-v1",
-                                                           "arch": "efficientnet_lite0", "image_size": 224}))
-            peak, wall, p = _child([sys.executable, "-m", "dragons.cli", "score", "--model", tmp, "--input",
-                                    archive, "--output", table, "--incremental", "--dry-run",
-                                    "--log-file", os.path.join(tmp, "dry.log")], stdout=subprocess.PIPE)
+            Path(tmp, "model.json").write_text(
+                json.dumps(
+                    {
+                        "classes": ["drogon", "viserion"],
+                        "version": "bench-v1",
+                        "arch": "efficientnet_lite0",
+                        "image_size": 224,
+                    }
+                )
+            )
+            peak, wall, p = _child(
+                [
+                    sys.executable,
+                    "-m",
+                    "dragons.cli",
+                    "score",
+                    "--model",
+                    tmp,
+                    "--input",
+                    archive,
+                    "--output",
+                    table,
+                    "--incremental",
+                    "--dry-run",
+                    "--log-file",
+                    os.path.join(tmp, "dry.log"),
+                ],
+                stdout=subprocess.PIPE,
+            )
             run_log = Path(tmp, "dry.log").read_text() if Path(tmp, "dry.log").exists() else ""
         assert p.returncode == 0, p.stderr
         would = len(p.stdout.splitlines())
         assert would == objects - known, (would, objects - known, p.stderr[-500:])
         summary = p.stderr.strip().splitlines()[-1]
-        rss_line = next((ln.split(" INFO ", 1)[-1] for ln in run_log.splitlines() if "listing done" in ln), "")  # a log-only line
-        base = subprocess.run([sys.executable, "-c", "import resource, dragons.score.pipeline, dragons.score.incremental, deltalake, duckdb; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True)
-        base_peak = int(base.stdout.strip()) / 1024  # the driver's imports alone (torch, ray, pyarrow, duckdb, deltalake)
+        rss_line = next(
+            (ln.split(" INFO ", 1)[-1] for ln in run_log.splitlines() if "listing done" in ln), ""
+        )  # a log-only line
+        base = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import resource, dragons.score.pipeline, dragons.score.incremental, deltalake, duckdb; "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        base_peak = (
+            int(base.stdout.strip()) / 1024
+        )  # the driver's imports alone (torch, ray, pyarrow, duckdb, deltalake)
     finally:
         if server is not None:
             server.stop()
         tmpdir.cleanup()
-    return {"bench": "incremental_dry_run", "source": "local folder" if local else "local S3 (moto)", "objects": objects,
-            "driver_rss_after_listing": rss_line.strip(), "imports_only_peak_rss_mb": round(base_peak), "upload_s": round(t_upload, 1),
-            "upload_objects_per_s": round(objects / t_upload), "table_rows": known, "table_write_s": round(t_table, 1),
-            "dry_run_s": round(wall, 1), "dry_run_driver_peak_rss_mb": round(peak), "would_score": would, "summary": summary}
+    return {
+        "bench": "incremental_dry_run",
+        "source": "local folder" if local else "local S3 (moto)",
+        "objects": objects,
+        "driver_rss_after_listing": rss_line.strip(),
+        "imports_only_peak_rss_mb": round(base_peak),
+        "upload_s": round(t_upload, 1),
+        "upload_objects_per_s": round(objects / t_upload),
+        "table_rows": known,
+        "table_write_s": round(t_table, 1),
+        "dry_run_s": round(wall, 1),
+        "dry_run_driver_peak_rss_mb": round(peak),
+        "would_score": would,
+        "summary": summary,
+    }
 
 
 def main() -> int:

@@ -43,9 +43,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tta", type=int, default=0)
     p.add_argument("--holdout", action="store_true", help="validate on a seeded 20%% of train/ (for choosing defaults)")
-    p.add_argument("--seeds", default="", help="comma-separated seeds: one run per seed (with --holdout: one split each), totals printed")
-    p.add_argument("--scale", type=int, action="append", default=[], help="replicate train/ to about N images (repeatable: one run per N)")
-    p.add_argument("--max-images", type=int, default=0, help="cap every pass at this many images (TrainConfig.max_images)")
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds: one run per seed (with --holdout: one split each), totals printed",
+    )
+    p.add_argument(
+        "--scale",
+        type=int,
+        action="append",
+        default=[],
+        help="replicate train/ to about N images (repeatable: one run per N)",
+    )
+    p.add_argument(
+        "--max-images", type=int, default=0, help="cap every pass at this many images (TrainConfig.max_images)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     p.add_argument("--json", default="")
     return p
@@ -169,10 +181,18 @@ def main(args: argparse.Namespace) -> dict:
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:
                 raise SystemExit(f"error: the point --scale {n} failed (exit {proc.returncode})")
-            figs.append(json.loads(found[-1][len("RESULT "):]))
-        print("SUMMARY " + json.dumps([{k: f[k] for k in ("n_train", "wall_s", "peak_mem_gb_above_idle", "peak_session_pss_gb_above_idle")}
-                                       | {"images_per_s": [e.get("images_per_s") for e in f["epochs"] if "images_per_s" in e]}
-                                       for f in figs]), flush=True)
+            figs.append(json.loads(found[-1][len("RESULT ") :]))
+        print(
+            "SUMMARY "
+            + json.dumps(
+                [
+                    {k: f[k] for k in ("n_train", "wall_s", "peak_mem_gb_above_idle", "peak_session_pss_gb_above_idle")}
+                    | {"images_per_s": [e.get("images_per_s") for e in f["epochs"] if "images_per_s" in e]}
+                    for f in figs
+                ]
+            ),
+            flush=True,
+        )
         _save(args, {"runs": figs})
         return {"runs": figs}
     if args.scale:
@@ -181,7 +201,10 @@ def main(args: argparse.Namespace) -> dict:
             with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
                 t = time.perf_counter()
                 data = replicate(args.data, n, tmp)
-                print(f"replicated to {data}: {sum(1 for _ in Path(data, 'train').rglob('*.*'))} train images in {time.perf_counter() - t:.1f}s", flush=True)
+                print(
+                    f"replicated to {data}: {sum(1 for _ in Path(data, 'train').rglob('*.*'))} train images in {time.perf_counter() - t:.1f}s",
+                    flush=True,
+                )
                 figs.append(_one(args, overrides, data, time.perf_counter()))
         _save(args, {"runs": figs})
         return {"runs": figs}
@@ -190,10 +213,16 @@ def main(args: argparse.Namespace) -> dict:
         _save(args, fig)
         return fig
     figs = [_one(args, {**overrides, "seed": int(s)}, args.data, time.perf_counter()) for s in args.seeds.split(",")]
-    total = {"errors": sum(f["errors"] for f in figs), "n_valid": sum(f["n_valid"] for f in figs),
-             "valid_loss_mean": round(sum(f["valid_loss"] for f in figs) / len(figs), 4),
-             "per_seed_errors": [f["errors"] for f in figs], "wall_s_mean": round(sum(f["wall_s"] for f in figs) / len(figs), 1),
-             "split": figs[0]["split"], "seeds": args.seeds, "overrides": overrides}
+    total = {
+        "errors": sum(f["errors"] for f in figs),
+        "n_valid": sum(f["n_valid"] for f in figs),
+        "valid_loss_mean": round(sum(f["valid_loss"] for f in figs) / len(figs), 4),
+        "per_seed_errors": [f["errors"] for f in figs],
+        "wall_s_mean": round(sum(f["wall_s"] for f in figs) / len(figs), 1),
+        "split": figs[0]["split"],
+        "seeds": args.seeds,
+        "overrides": overrides,
+    }
     print("TOTAL " + json.dumps(total), flush=True)
     _save(args, {"total": total, "runs": figs})
     return total
@@ -229,8 +258,16 @@ def _one(args: argparse.Namespace, overrides: dict, data: str, t0: float) -> dic
     sampler = MemSampler()
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data=data, out=f"{tmp}/model", workers=args.workers, tta=args.tta, ignore_valid=args.holdout,
-                          report=False, log_file=f"{tmp}/train.log", **overrides)
+        cfg = TrainConfig(
+            data=data,
+            out=f"{tmp}/model",
+            workers=args.workers,
+            tta=args.tta,
+            ignore_valid=args.holdout,
+            report=False,
+            log_file=f"{tmp}/train.log",
+            **overrides,
+        )
         meta = train(cfg)
     peak = sampler.stop()
     wall = time.perf_counter() - t0
@@ -239,16 +276,34 @@ def _one(args: argparse.Namespace, overrides: dict, data: str, t0: float) -> dic
     n_train = meta["data"]["n_train"]
     cap = overrides.get("max_images", 0)
     per_pass = min(n_train, cap) if cap else n_train
-    epochs = [{"epoch": h["epoch"], "phase": h["phase"], "s": round(h["time"], 1),
-               **({"images_per_s": round(per_pass / h["time"], 1)} if h["phase"] != "head" else {}),
-               "accuracy": round(h["accuracy"], 4)} for h in meta["history"]]
-    fig = {"valid_accuracy": round(m["valid_accuracy"], 4), "valid_loss": round(m["valid_loss"], 4),
-           "errors": round((1 - m["valid_accuracy"]) * min(n, cap or n)), "n_valid": n, "n_train": n_train,
-           "images_per_pass": per_pass, "wall_s": round(wall, 1), "decode_check_s": meta["timing"]["decode_s"],
-           "peak_mem_gb_above_idle": round((peak - idle) / 2**30, 2), "idle_gb": round(idle / 2**30, 2),
-           "peak_session_pss_gb_above_idle": round((sampler.peak_pss - idle_pss) / 2**30, 2),
-           "epochs": epochs, "recipe": meta.get("recipe"), "image_size": meta["image_size"],
-           "split": "holdout 20% of train/" if args.holdout else "valid/", "overrides": overrides}
+    epochs = [
+        {
+            "epoch": h["epoch"],
+            "phase": h["phase"],
+            "s": round(h["time"], 1),
+            **({"images_per_s": round(per_pass / h["time"], 1)} if h["phase"] != "head" else {}),
+            "accuracy": round(h["accuracy"], 4),
+        }
+        for h in meta["history"]
+    ]
+    fig = {
+        "valid_accuracy": round(m["valid_accuracy"], 4),
+        "valid_loss": round(m["valid_loss"], 4),
+        "errors": round((1 - m["valid_accuracy"]) * min(n, cap or n)),
+        "n_valid": n,
+        "n_train": n_train,
+        "images_per_pass": per_pass,
+        "wall_s": round(wall, 1),
+        "decode_check_s": meta["timing"]["decode_s"],
+        "peak_mem_gb_above_idle": round((peak - idle) / 2**30, 2),
+        "idle_gb": round(idle / 2**30, 2),
+        "peak_session_pss_gb_above_idle": round((sampler.peak_pss - idle_pss) / 2**30, 2),
+        "epochs": epochs,
+        "recipe": meta.get("recipe"),
+        "image_size": meta["image_size"],
+        "split": "holdout 20% of train/" if args.holdout else "valid/",
+        "overrides": overrides,
+    }
     if "valid_accuracy_tta" in m:
         fig.update({"valid_accuracy_tta": round(m["valid_accuracy_tta"], 4), "tta": args.tta})
     print("RESULT " + json.dumps(fig), flush=True)

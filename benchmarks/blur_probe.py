@@ -5,6 +5,7 @@
 
 Never reads flowers5's valid/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from dragons.dataconfig import DataConfig
 from dragons.images import decode_to_base
 from dragons.models.efficientnet_lite import EfficientNetLite
 from dragons.models.registry import LITE_MEAN, LITE_STD, _lite_state, build_model
-from dragons.dataconfig import DataConfig
 from dragons.preprocess import eval_batch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -74,7 +75,9 @@ def linear_probe(size: int = 128) -> None:
 
     def feats(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return torch.cat([m.body(eval_batch(x[i : i + 64], size, LITE_MEAN, LITE_STD)) for i in range(0, len(x), 64)])
+            return torch.cat(
+                [m.body(eval_batch(x[i : i + 64], size, LITE_MEAN, LITE_STD)) for i in range(0, len(x), 64)]
+            )
 
     adapted = copy.deepcopy(model)
     for mod in adapted.modules():
@@ -114,14 +117,18 @@ def main() -> None:
     torch.set_num_threads(2)
     frames = sorted((DATA / "flowers5" / "train").glob("*/*"))[::40]
     for side in (96, 64, 48, 32):
-        print(f"flowers5 frames shrunk to {side} px and back: median PSNR {psnr_after_rescale(frames, side):.1f} dB ({len(frames)} frames)")
+        print(
+            f"flowers5 frames shrunk to {side} px and back: median PSNR {psnr_after_rescale(frames, side):.1f} dB ({len(frames)} frames)"
+        )
     model = EfficientNetLite()
     model.load_state_dict(_lite_state(0)())
     model.eval()
     photos = sorted((DATA / "hymenoptera" / "val").glob("*/*"))
-    print(f"ImageNet top-1 is ant or bee, {len(photos)} hymenoptera val/ photos at 224 px: "
-          f"sharp {imagenet_top1(model, photos, None):.3f}, blurred via 64 px {imagenet_top1(model, photos, 64):.3f}, "
-          f"via 40 px {imagenet_top1(model, photos, 40):.3f}, via 64 px then sharpened {imagenet_top1(model, photos, 64, 2):.3f}")
+    print(
+        f"ImageNet top-1 is ant or bee, {len(photos)} hymenoptera val/ photos at 224 px: "
+        f"sharp {imagenet_top1(model, photos, None):.3f}, blurred via 64 px {imagenet_top1(model, photos, 64):.3f}, "
+        f"via 40 px {imagenet_top1(model, photos, 40):.3f}, via 64 px then sharpened {imagenet_top1(model, photos, 64, 2):.3f}"
+    )
     if args.probe:
         linear_probe()
 

@@ -58,8 +58,10 @@ def main(argv: list[str]) -> int:
         if used - idle > peak[1]:
             peak = (t, used - idle, shmem, sorted(procs, reverse=True)[:16])
         time.sleep(1.0)
-    print(f"MEMTOP rc={child.returncode} wall={time.time() - t0:.0f}s peak_above_idle={peak[1]:.0f} MB "
-          f"at t={peak[0]:.0f}s shmem={peak[2]:.0f} MB")
+    print(
+        f"MEMTOP rc={child.returncode} wall={time.time() - t0:.0f}s peak_above_idle={peak[1]:.0f} MB "
+        f"at t={peak[0]:.0f}s shmem={peak[2]:.0f} MB"
+    )
     for pss, uss, pid, name in peak[3]:
         print(f"  pss {pss:7.0f} uss {uss:7.0f} {pid:7d} {name}")
     print("own peak USS (top 14):")

@@ -1,26 +1,49 @@
 """Forward+backward CPU time per image of Lite0 at 128 px, early body trained or frozen, channels_last or not (one thread)."""
-import time, torch
+
+import time
+
+import torch
+
 from dragons.models.registry import build_model as create_model
+
 torch.set_num_threads(1)
 m = create_model("efficientnet_lite0", 5, "imagenet") if True else None
 m.train()
 for mod in m.body.modules():
-    if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm): mod.eval()
+    if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+        mod.eval()
 groups = m.layer_groups()
+
+
 def run(cl, freeze_early, bs=16, size=128, reps=3):
-    for p in m.parameters(): p.requires_grad_(True)
+    for p in m.parameters():
+        p.requires_grad_(True)
     if freeze_early:
-        for p in groups[0]: p.requires_grad_(False)
+        for p in groups[0]:
+            p.requires_grad_(False)
     x = torch.randn(bs, 3, size, size)
-    if cl: x = x.contiguous(memory_format=torch.channels_last); m.to(memory_format=torch.channels_last)
-    else: m.to(memory_format=torch.contiguous_format)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+        m.to(memory_format=torch.channels_last)
+    else:
+        m.to(memory_format=torch.contiguous_format)
     y = torch.randint(0, 5, (bs,))
     ts = []
     for i in range(reps + 1):
-        t = time.perf_counter(); loss = torch.nn.functional.cross_entropy(m(x), y); loss.backward(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        ts.append(time.perf_counter() - t)
     with torch.inference_mode():
-        t = time.perf_counter(); m(x); fwd = time.perf_counter() - t
-    print(f"cl={cl} freeze_early={freeze_early} size={size}: fwd+bwd {min(ts[1:])/bs*1000:.1f} ms/img, fwd only {fwd/bs*1000:.1f} ms/img", flush=True)
+        t = time.perf_counter()
+        m(x)
+        fwd = time.perf_counter() - t
+    print(
+        f"cl={cl} freeze_early={freeze_early} size={size}: fwd+bwd {min(ts[1:]) / bs * 1000:.1f} ms/img, fwd only {fwd / bs * 1000:.1f} ms/img",
+        flush=True,
+    )
+
+
 for cl in (True, False):
     for fe in (False, True):
         run(cl, fe)

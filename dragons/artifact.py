@@ -81,12 +81,23 @@ def save(out: str, model: torch.nn.Module, meta: dict[str, Any], register: bool 
     data = DataConfig.from_meta(meta)
     # The data config again as loose keys, as artifacts before data_config had it:
     # what older dragons (and scripts written for them) read.
-    legacy = {"image_size": data.image_size, "base_size": data.base_size,
-              "normalization": {"mean": list(data.mean), "std": list(data.std)}}
+    legacy = {
+        "image_size": data.image_size,
+        "base_size": data.base_size,
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+    }
     # Redacted: meta carries the training config, whose URIs may hold a secret.
     created = meta.get("created_at") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    full = storage.redact_obj({**meta, **legacy, "version": content_hash(weights), "dragons_version": __version__,
-                               "weights_file": WEIGHTS_FILE, "created_at": created})
+    full = storage.redact_obj(
+        {
+            **meta,
+            **legacy,
+            "version": content_hash(weights),
+            "dragons_version": __version__,
+            "weights_file": WEIGHTS_FILE,
+            "created_at": created,
+        }
+    )
     text = json.dumps(full, indent=2, sort_keys=True).encode()
     if register:
         versions.adopt(out)  # the artifact being replaced, if it predates registries: kept, not lost
@@ -104,7 +115,9 @@ def read_meta(uri: str) -> dict[str, Any]:
     base = uri[: -len(META_FILE)].rstrip("/") if uri.rstrip("/").endswith(META_FILE) else uri
     meta_uri = storage.join(base, META_FILE)
     if not storage.exists(meta_uri):
-        raise DragonsError(f"no model artifact at {uri}: {meta_uri} is missing (train one with `dragons train --out {uri}`)")
+        raise DragonsError(
+            f"no model artifact at {uri}: {meta_uri} is missing (train one with `dragons train --out {uri}`)"
+        )
     try:
         return dict(json.loads(storage.read_bytes(meta_uri)))
     except json.JSONDecodeError as exc:
@@ -119,7 +132,9 @@ def load(uri: str, map_location: str | torch.device = "cpu") -> Artifact:
     meta = read_meta(base)
     raw = storage.read_bytes(storage.join(base, meta.get("weights_file", WEIGHTS_FILE)))
     if content_hash(raw) != meta.get("version"):
-        raise DragonsError(f"{base}: weights do not match model.json's version hash; the artifact is corrupt or half-written")
+        raise DragonsError(
+            f"{base}: weights do not match model.json's version hash; the artifact is corrupt or half-written"
+        )
     state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     model = build_model(meta["arch"], len(meta["classes"]), weights="none")
     model.load_state_dict(state)

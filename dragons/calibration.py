@@ -189,8 +189,9 @@ def calibrate(probs: np.ndarray, labels: np.ndarray, folds: int = FOLDS, seed: i
     # One class present counts as a smallest class of 0: nothing to tell apart.
     smallest = int(present.min()) if len(present) >= 2 else 0
     if n < MIN_SAMPLES or smallest < max(MIN_PER_CLASS, folds):
-        return Calibration(1.0, METHOD_FALLBACK, "too_small", n, ece0, nll0, folds=folds, seed=seed,
-                           smallest_class=smallest)
+        return Calibration(
+            1.0, METHOD_FALLBACK, "too_small", n, ece0, nll0, folds=folds, seed=seed, smallest_class=smallest
+        )
     fold = stratified_folds(y, folds, seed)
     oof = np.empty_like(p)
     betas = []
@@ -228,8 +229,10 @@ def describe(cal: dict[str, Any] | None, temperature: float | None = None) -> st
         t = 1.0 if temperature is None else float(temperature)
         if t == 1.0:
             return "Calibration: none recorded (T = 1, raw softmax probabilities)."
-        return (f"Calibration: T = {t:.3g}, fitted in-sample on the validation predictions by an older "
-                "dragons (no cross-validation: its ECE after calibration is not a held-out figure).")
+        return (
+            f"Calibration: T = {t:.3g}, fitted in-sample on the validation predictions by an older "
+            "dragons (no cross-validation: its ECE after calibration is not a held-out figure)."
+        )
     t, n, reason = float(cal["temperature"]), int(cal.get("n", 0)), str(cal.get("reason", ""))
     k = int(cal.get("folds", FOLDS))
     lo, hi = cal.get("bounds", [T_MIN, T_MAX])
@@ -238,22 +241,31 @@ def describe(cal: dict[str, Any] | None, temperature: float | None = None) -> st
         v = cal.get(key)
         return "n/a" if v is None else f"{float(v):.4f}"
 
-    oof = (f"out-of-fold ECE {f('oof_ece_before')} -> {f('oof_ece_after')}, "
-           f"NLL {f('oof_nll_before')} -> {f('oof_nll_after')}")
+    oof = (
+        f"out-of-fold ECE {f('oof_ece_before')} -> {f('oof_ece_after')}, "
+        f"NLL {f('oof_nll_before')} -> {f('oof_nll_after')}"
+    )
     folds_t = ", ".join(f"{x:.3g}" for x in cal.get("fold_temperatures") or [])
     if reason == "applied":
-        return (f"Calibration: T = {t:.3g}, chosen by {k}-fold cross-validation on the {n} validation images "
-                f"({oof}; fold temperatures {folds_t}; bounds [{lo:g}, {hi:g}]).")
+        return (
+            f"Calibration: T = {t:.3g}, chosen by {k}-fold cross-validation on the {n} validation images "
+            f"({oof}; fold temperatures {folds_t}; bounds [{lo:g}, {hi:g}])."
+        )
     if reason == "too_small":
-        return (f"Calibration: T = 1 (fallback, too_small): {n} validation images, smallest class "
-                f"{cal.get('smallest_class', 'n/a')}; a temperature that generalises needs at least "
-                f"{cal.get('min_samples', MIN_SAMPLES)} images, two classes or more, and "
-                f"{cal.get('min_per_class', MIN_PER_CLASS)} of every class present (ECE {f('oof_ece_before')}).")
+        return (
+            f"Calibration: T = 1 (fallback, too_small): {n} validation images, smallest class "
+            f"{cal.get('smallest_class', 'n/a')}; a temperature that generalises needs at least "
+            f"{cal.get('min_samples', MIN_SAMPLES)} images, two classes or more, and "
+            f"{cal.get('min_per_class', MIN_PER_CLASS)} of every class present (ECE {f('oof_ece_before')})."
+        )
     if reason == "separable":
-        return (f"Calibration: T = 1 (fallback, separable): every fold's fit on the {n} validation images ran to the "
-                f"lower bound T = {lo:g} (fold temperatures {folds_t}): with (nearly) every image right the NLL keeps "
-                f"falling as T shrinks, so the data support no temperature (at the bound, {oof}: better only "
-                "because the held-out images are right too).")
+        return (
+            f"Calibration: T = 1 (fallback, separable): every fold's fit on the {n} validation images ran to the "
+            f"lower bound T = {lo:g} (fold temperatures {folds_t}): with (nearly) every image right the NLL keeps "
+            f"falling as T shrinks, so the data support no temperature (at the bound, {oof}: better only "
+            "because the held-out images are right too)."
+        )
+
     def worse(before: str, after: str, strict: bool) -> bool:
         b, a = cal.get(before), cal.get(after)
         if b is None or a is None:  # no figures (an odd model.json): cannot tell, so not named
@@ -261,7 +273,15 @@ def describe(cal: dict[str, Any] | None, temperature: float | None = None) -> st
         return float(a) > float(b) if strict else float(a) >= float(b)
 
     # Which half of the rule failed (both can).
-    failed = [what for what, bad in (("the held-out NLL did not fall", worse("oof_nll_before", "oof_nll_after", False)),
-                                     ("the held-out ECE rose", worse("oof_ece_before", "oof_ece_after", True))) if bad]
-    return (f"Calibration: T = 1 (fallback, no_gain): in {k}-fold cross-validation on the {n} validation images "
-            f"{' and '.join(failed) or 'the in-sample fit came back at T = 1'} ({oof}; fold temperatures {folds_t}).")
+    failed = [
+        what
+        for what, bad in (
+            ("the held-out NLL did not fall", worse("oof_nll_before", "oof_nll_after", False)),
+            ("the held-out ECE rose", worse("oof_ece_before", "oof_ece_after", True)),
+        )
+        if bad
+    ]
+    return (
+        f"Calibration: T = 1 (fallback, no_gain): in {k}-fold cross-validation on the {n} validation images "
+        f"{' and '.join(failed) or 'the in-sample fit came back at T = 1'} ({oof}; fold temperatures {folds_t})."
+    )

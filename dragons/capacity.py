@@ -108,7 +108,7 @@ class Grant:
 
 
 def autoscaler_kind(settle_s: float = 15.0) -> str | None:
-    """"v1" or "v2" when the cluster has an autoscaler (KubeRay's, the cluster launcher's), else None.
+    """ "v1" or "v2" when the cluster has an autoscaler (KubeRay's, the cluster launcher's), else None.
 
     A v1 monitor's first reports may name no node yet: read again, up to ``settle_s``.
     """
@@ -151,8 +151,11 @@ _READONLY_TYPE = re.compile(r"node_[0-9a-f]{56}")
 
 def node_types(report: dict) -> set[str]:
     """The node types a v1 report names (active, or being launched)."""
-    return (set(report.get("active_nodes") or {}) | set((report.get("node_type_mapping") or {}).values())
-            | set(report.get("pending_launches") or {}))
+    return (
+        set(report.get("active_nodes") or {})
+        | set((report.get("node_type_mapping") or {}).values())
+        | set(report.get("pending_launches") or {})
+    )
 
 
 def mirrors_only(report: dict) -> bool:
@@ -208,8 +211,17 @@ class GpuRequest:
     cluster is this process's own (nothing to ask, no monitor to read).
     """
 
-    def __init__(self, role: str, use_gpu: str, want: Span, wait_s: float = GPU_WAIT_S, progress_s: float = 10.0,
-                 say: Callable[[str], None] = runlog.say, sleep_s: float = 1.0, local: bool = False) -> None:
+    def __init__(
+        self,
+        role: str,
+        use_gpu: str,
+        want: Span,
+        wait_s: float = GPU_WAIT_S,
+        progress_s: float = 10.0,
+        say: Callable[[str], None] = runlog.say,
+        sleep_s: float = 1.0,
+        local: bool = False,
+    ) -> None:
         if use_gpu not in USE_GPU_CHOICES:
             raise DragonsError(f"--use-gpu {use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
         self.role, self.use_gpu, self.want = role, use_gpu, want
@@ -241,8 +253,10 @@ class GpuRequest:
             if have:
                 return Grant(min(have, self.want.hi) if self.want.hi else have, cuda=self._cuda())
             if self.use_gpu == "yes":
-                raise DragonsError("--use-gpu yes: the cluster has no GPU and no autoscaler to add one; run on a "
-                                   "cluster with GPU nodes (or an autoscaling GPU worker group), or use --use-gpu auto")
+                raise DragonsError(
+                    "--use-gpu yes: the cluster has no GPU and no autoscaler to add one; run on a "
+                    "cluster with GPU nodes (or an autoscaling GPU worker group), or use --use-gpu auto"
+                )
             return Grant(0)
         # Ask for the most the job can use; wait for the least it can start with.
         hi = self.want.hi or max(lo, have)
@@ -256,17 +270,24 @@ class GpuRequest:
             have = _gpus()
             waited = time.monotonic() - t0
             if have >= lo:
-                self.say(f"{have} GPU node(s) up after {waited:.0f} s; starting with {min(have, hi)} {self.role}(s), "
-                         f"up to {hi} as nodes arrive")
+                self.say(
+                    f"{have} GPU node(s) up after {waited:.0f} s; starting with {min(have, hi)} {self.role}(s), "
+                    f"up to {hi} as nodes arrive"
+                )
                 return Grant(min(have, hi), cuda=self._cuda(), requested=hi, waited_s=waited)
             pending = pending_launches(kind)
             launching_seen = launching_seen or pending > 0
             gave_up = waited >= self.wait_s
             nothing = not launching_seen and not pending and waited >= LAUNCH_GRACE_S
             if gave_up or nothing:
-                return self._without(have, lo, waited, "the autoscaler launched no GPU node (no worker group has "
-                                     "GPUs, or all are at their maximum)" if nothing else
-                                     f"only {have} of {lo} GPU node(s) came in {waited:.0f} s (--gpu-wait)")
+                return self._without(
+                    have,
+                    lo,
+                    waited,
+                    "the autoscaler launched no GPU node (no worker group has GPUs, or all are at their maximum)"
+                    if nothing
+                    else f"only {have} of {lo} GPU node(s) came in {waited:.0f} s (--gpu-wait)",
+                )
             if time.monotonic() - last >= self.progress_s:
                 last = time.monotonic()
                 self.say(f"waiting for {lo} GPU node(s) ({have}/{lo} up, {waited:.0f} s)")
@@ -283,22 +304,27 @@ class GpuRequest:
             # shutting its pool down) can outlast the SIGKILL that follows a SIGTERM.
             self._forget = signals.on_stop(self._withdraw_on_stop)
         request_resources(bundles=[{"GPU": 1, "CPU": CPUS_PER_GPU} for _ in range(n)])
-        self.say(f"requested {n} GPU node(s) from the autoscaler ({n} {self.role}(s), 1 GPU and "
-                 f"{CPUS_PER_GPU:g} CPU each)")
+        self.say(
+            f"requested {n} GPU node(s) from the autoscaler ({n} {self.role}(s), 1 GPU and {CPUS_PER_GPU:g} CPU each)"
+        )
 
     def _without(self, have: int, lo: int, waited: float, why: str) -> Grant:
         self.release(quiet=True)
         if self.use_gpu == "yes":
-            raise DragonsError(f"--use-gpu yes: {why}; nothing was run. Check the GPU worker group (its "
-                               "maxReplicas, the node pool's quota), or raise --gpu-wait")
+            raise DragonsError(
+                f"--use-gpu yes: {why}; nothing was run. Check the GPU worker group (its "
+                "maxReplicas, the node pool's quota), or raise --gpu-wait"
+            )
         self.say(f"warning: {why}; running on CPUs (--use-gpu yes would fail instead)")
         return Grant(0, waited_s=waited)
 
     def _cuda(self) -> bool:
         ok = cuda_on_gpu_nodes()
         if not ok:
-            self.say(f"warning: the cluster's GPU nodes have a GPU resource but no CUDA device; each {self.role} "
-                     "runs its model on its node's CPU")
+            self.say(
+                f"warning: the cluster's GPU nodes have a GPU resource but no CUDA device; each {self.role} "
+                "runs its model on its node's CPU"
+            )
         return ok
 
     def release(self, quiet: bool = False) -> None:
@@ -319,10 +345,12 @@ class GpuRequest:
             return
         if hung:
             # Left as it is, a later release (the same run's) tries again.
-            self.say(f"warning: could not withdraw the request for {self.requested} GPU node(s) ({error}); the "
-                     "autoscaler keeps them until a new request replaces it: run `python -c \"import ray; from "
-                     "ray.autoscaler.sdk import request_resources; ray.init(); request_resources(bundles=[])\"` "
-                     "on the cluster")
+            self.say(
+                f"warning: could not withdraw the request for {self.requested} GPU node(s) ({error}); the "
+                'autoscaler keeps them until a new request replaces it: run `python -c "import ray; from '
+                'ray.autoscaler.sdk import request_resources; ray.init(); request_resources(bundles=[])"` '
+                "on the cluster"
+            )
             return
         n, self.requested = self.requested, 0
         self._unhook()

@@ -24,42 +24,78 @@ from dragons.score import cli as score_cli
 
 # TrainConfig's fields by argument group (the rest: cluster, faults and logs).
 TRAIN_IO = ("data", "labels", "out", "storage", "name", "resume", "report", "valid_pct", "ignore_valid", "max_pixels")
-TRAIN_RECIPE = ("arch", "weights", "image_size", "crop_pct", "batch_size", "precompute", "head_epochs", "head_views",
-                "freeze_epochs", "epochs", "lr", "head_lr_scale", "lr_mult", "bn_stats", "freeze_early", "recompute_early", "weight_decay",
-                "label_smoothing", "augment", "tta", "seed", "class_weights", "amp")
+TRAIN_RECIPE = (
+    "arch",
+    "weights",
+    "image_size",
+    "crop_pct",
+    "batch_size",
+    "precompute",
+    "head_epochs",
+    "head_views",
+    "freeze_epochs",
+    "epochs",
+    "lr",
+    "head_lr_scale",
+    "lr_mult",
+    "bn_stats",
+    "freeze_early",
+    "recompute_early",
+    "weight_decay",
+    "label_smoothing",
+    "augment",
+    "tta",
+    "seed",
+    "class_weights",
+    "amp",
+)
 
 
 # ----- train / lr-find -------------------------------------------------------------
 def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
+    from dragons.capacity import USE_GPU_CHOICES
     from dragons.models.registry import list_archs
     from dragons.preprocess import AUGMENT_PRESETS
-    from dragons.capacity import USE_GPU_CHOICES
     from dragons.train.config import TrainConfig
 
     p = Parser(prog=prog, description="Fine-tune a pretrained CNN on an image folder with Ray Train.")
-    helps = {"data": "image folder: path, file:// or s3://bucket/prefix with train/<class>/ and valid/<class>/ "
-                     "(optional with --labels)",
-             # Checked by the library (its error lists the choices), so a job config gets the same message.
-             "arch": f"backbone, one of: {', '.join(list_archs())}",
-             "augment": f"augmentation preset, one of: {', '.join(AUGMENT_PRESETS)}; or auto (the default): "
-                        "light for a head alone, default when the body is fine-tuned"}
+    helps = {
+        "data": "image folder: path, file:// or s3://bucket/prefix with train/<class>/ and valid/<class>/ "
+        "(optional with --labels)",
+        # Checked by the library (its error lists the choices), so a job config gets the same message.
+        "arch": f"backbone, one of: {', '.join(list_archs())}",
+        "augment": f"augmentation preset, one of: {', '.join(AUGMENT_PRESETS)}; or auto (the default): "
+        "light for a head alone, default when the body is fine-tuned",
+    }
     add_config_args(p.add_argument_group("data and output"), TrainConfig, only=TRAIN_IO, required=("out",), helps=helps)
     add_config_args(p.add_argument_group("model and recipe"), TrainConfig, only=TRAIN_RECIPE, helps=helps)
-    add_config_args(p.add_argument_group("cluster, faults and logs"), TrainConfig,
-                    skip={*TRAIN_IO, *TRAIN_RECIPE, "lr_find_only"}, flags={"gpu_wait_s": "--gpu-wait"},
-                    choices={"use_gpu": USE_GPU_CHOICES})
+    add_config_args(
+        p.add_argument_group("cluster, faults and logs"),
+        TrainConfig,
+        skip={*TRAIN_IO, *TRAIN_RECIPE, "lr_find_only"},
+        flags={"gpu_wait_s": "--gpu-wait"},
+        choices={"use_gpu": USE_GPU_CHOICES},
+    )
     return p
+
 
 def get_lr_find_parser(prog: str = "dragons lr-find") -> argparse.ArgumentParser:
     from dragons.models.registry import list_archs
     from dragons.train.config import TrainConfig
 
-    p = Parser(prog=prog, description="Exponential learning-rate sweep; saves a loss-vs-rate plot and prints a suggestion.")
-    add_config_args(p, TrainConfig, only=("data", "arch", "weights", "image_size", "crop_pct", "batch_size", "workers",
-                                          "valid_pct", "seed"), required=("data",),
-                    helps={"arch": f"backbone, one of: {', '.join(list_archs())}"})
+    p = Parser(
+        prog=prog, description="Exponential learning-rate sweep; saves a loss-vs-rate plot and prints a suggestion."
+    )
+    add_config_args(
+        p,
+        TrainConfig,
+        only=("data", "arch", "weights", "image_size", "crop_pct", "batch_size", "workers", "valid_pct", "seed"),
+        required=("data",),
+        helps={"arch": f"backbone, one of: {', '.join(list_archs())}"},
+    )
     p.add_argument("--plot", default="lr_find.png", help="where to save the plot (path or s3://)")
     return p
+
 
 def train_main(args: argparse.Namespace) -> int:
     from dragons.train.config import TrainConfig
@@ -67,6 +103,7 @@ def train_main(args: argparse.Namespace) -> int:
 
     train(TrainConfig.from_dict(vars(args)))
     return 0
+
 
 def lr_find_main(args: argparse.Namespace) -> int:
     import tempfile
@@ -99,17 +136,18 @@ def get_evaluate_parser(prog: str = "dragons evaluate") -> argparse.ArgumentPars
     add_config_args(p, EvaluateConfig, required=("model", "data"))
     return p
 
+
 def evaluate_main(args: argparse.Namespace) -> int:
     from dragons import storage
     from dragons.evaluate import evaluate
-
     from dragons.loop import versions
 
     # ROOT@prod: the report goes beside the version it evaluates, not into a folder named "ROOT@prod".
     default = storage.join(versions.resolve(args.model).dir, "report")
-    m = evaluate(args.model, args.data, args.report or default, tta=args.tta,
-                 valid_pct=args.valid_pct, seed=args.seed)
-    print(f"accuracy {m['accuracy']:.4f}  log_loss {m['log_loss']:.4f}  ece {m['ece']:.4f}  errors {m['errors']}/{m['n']}")
+    m = evaluate(args.model, args.data, args.report or default, tta=args.tta, valid_pct=args.valid_pct, seed=args.seed)
+    print(
+        f"accuracy {m['accuracy']:.4f}  log_loss {m['log_loss']:.4f}  ece {m['ece']:.4f}  errors {m['errors']}/{m['n']}"
+    )
     for name, pc in m["per_class"].items():
         print(f"  {name:<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  support {pc['support']}")
     print(f"report {m['report']}")
@@ -123,6 +161,7 @@ def get_predict_parser(prog: str = "dragons predict") -> argparse.ArgumentParser
     add_config_args(p, PredictConfig, required=("model",), choices={"format": ["text", "json"]})
     p.add_argument("images", nargs="+", help="image paths or s3:// URIs")
     return p
+
 
 def predict_main(args: argparse.Namespace) -> int:
     import numpy as np
@@ -138,16 +177,29 @@ def predict_main(args: argparse.Namespace) -> int:
     for i, (uri, p, err) in enumerate(zip(args.images, probs, errors)):
         failed += bool(err)
         # The scores table's row layout; numbers to 6 places, none on an error row.
-        row: dict[str, Any] = {"uri": uri, **{k: (None if isinstance(v[i], float) and np.isnan(v[i]) else
-                                                  round(float(v[i]), 6) if isinstance(v[i], float) else v[i])
-                                              for k, v in cols.items()}}
+        row: dict[str, Any] = {
+            "uri": uri,
+            **{
+                k: (
+                    None
+                    if isinstance(v[i], float) and np.isnan(v[i])
+                    else round(float(v[i]), 6)
+                    if isinstance(v[i], float)
+                    else v[i]
+                )
+                for k, v in cols.items()
+            },
+        }
         if args.format == "json":
             print(json.dumps(row))
         elif err:
             print(f"{uri}\terror: {err}")
         else:
-            print(f"{uri}\t{row['label']}\t" + "\t".join(f"{c}={float(v):.4f}" for c, v in zip(art.classes, p))
-                  + ("" if novelty is None else f"\tnovelty={float(novelty[i]):.2f}"))
+            print(
+                f"{uri}\t{row['label']}\t"
+                + "\t".join(f"{c}={float(v):.4f}" for c, v in zip(art.classes, p))
+                + ("" if novelty is None else f"\tnovelty={float(novelty[i]):.2f}")
+            )
     return 1 if failed else 0
 
 
@@ -169,8 +221,11 @@ def usage() -> str:
     for name, (make_parser, _) in COMMANDS.items():
         text = re.sub(r"\s*\([^)]*\)", "", (make_parser().description or "").split(". ")[0]).rstrip(".")
         lines.append(f"  {name:<{width}}  {text}")
-    return ("usage: dragons <command> [options]\n\ncommands:\n" + "\n".join(lines)
-            + "\n\n'dragons <command> --help' for each; --verbose (any command) also shows Ray's own lines.")
+    return (
+        "usage: dragons <command> [options]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n'dragons <command> --help' for each; --verbose (any command) also shows Ray's own lines."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -91,7 +91,9 @@ def _auto(name: str, sentinel: float) -> Any:
         try:
             return cast(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} must be a number or 'auto', got {value!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"--{name.replace('_', '-')} must be a number or 'auto', got {value!r}"
+            ) from None
 
     return parse
 
@@ -100,14 +102,22 @@ def field_help(cls: Any) -> dict[str, str]:
     """The comment beside each dataclass default becomes its --help text."""
     src = inspect.getsource(cls)
     # argparse expands %-formats in help texts: a comment's "10%" must stay text.
-    return {m.group(1): m.group(2).strip().replace("%", "%%")
-            for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]+#\s*(.+)$", src, re.M)}
+    return {
+        m.group(1): m.group(2).strip().replace("%", "%%")
+        for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]+#\s*(.+)$", src, re.M)
+    }
 
 
-def add_config_args(p: argparse.ArgumentParser | Any, cls: Any, only: Iterable[str] | None = None,
-                    skip: Iterable[str] = (), helps: dict[str, str] | None = None,
-                    required: Iterable[str] = (), flags: dict[str, str] | None = None,
-                    choices: dict[str, list[str]] | None = None) -> None:
+def add_config_args(
+    p: argparse.ArgumentParser | Any,
+    cls: Any,
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    helps: dict[str, str] | None = None,
+    required: Iterable[str] = (),
+    flags: dict[str, str] | None = None,
+    choices: dict[str, list[str]] | None = None,
+) -> None:
     """Flags for the fields of config dataclass ``cls`` (``only`` those, in that order, if given).
 
     ``p`` may be a parser or an argument group. ``flags`` renames a field's flag
@@ -126,7 +136,7 @@ def add_config_args(p: argparse.ArgumentParser | Any, cls: Any, only: Iterable[s
         if name in required:
             kw["required"] = True
         else:
-            kw["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            kw["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
         typ = str(f.type)
         if typ == "list[str]":  # a repeatable flag: --bucket a --bucket b
             p.add_argument(flag, action="append", metavar=name.upper(), **kw)
@@ -139,7 +149,8 @@ def add_config_args(p: argparse.ArgumentParser | Any, cls: Any, only: Iterable[s
             p.add_argument(flag, type=lr_type, **kw)
         else:
             cast = {"int": int, "float": float, "str": str}.get(typ.replace("<class '", "").rstrip("'>"), str)
-            p.add_argument(flag, type=cast, **({} if "choices" in kw else {"metavar": name.upper()}), **kw)
+            extra: dict[str, Any] = {} if "choices" in kw else {"metavar": name.upper()}
+            p.add_argument(flag, type=cast, **extra, **kw)
 
 
 def config_from(cls: Any, args: argparse.Namespace, **overrides: Any) -> Any:

@@ -41,8 +41,9 @@ def check_classes(classes: list[str]) -> None:
 NOVELTY = "novelty"
 
 
-def prediction_columns(classes: list[str], probs: np.ndarray, errors: Sequence[str | None],
-                       novelty: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def prediction_columns(
+    classes: list[str], probs: np.ndarray, errors: Sequence[str | None], novelty: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """``label``, ``score``, ``error`` and ``p_<class>`` for a batch; an error row has
     no label and NaN probabilities (``probs`` may hold anything there). With ``novelty``
     (one value a row) a ``novelty`` column too, NaN on error rows."""

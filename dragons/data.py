@@ -60,13 +60,17 @@ class ImageFolder:
         ]
         if self.skipped:
             shown = ", ".join(u.rsplit("/", 1)[-1] for u in self.skipped[:5])
-            lines.append(f"  skipped {len(self.skipped)} non-image file(s): {shown}{' ...' if len(self.skipped) > 5 else ''}")
+            lines.append(
+                f"  skipped {len(self.skipped)} non-image file(s): {shown}{' ...' if len(self.skipped) > 5 else ''}"
+            )
         if self.labels:
             lb = self.labels
-            lines.append(f"  labels {lb['source']}: {lb['overridden']} overrode folder labels, "
-                         f"{lb['confirmed']} agreed, "
-                         f"{lb['added']} added ({lb['added_train']} train, {lb['added_valid']} valid)"
-                         + (f", new classes {lb['new_classes']}" if lb["new_classes"] else ""))
+            lines.append(
+                f"  labels {lb['source']}: {lb['overridden']} overrode folder labels, "
+                f"{lb['confirmed']} agreed, "
+                f"{lb['added']} added ({lb['added_train']} train, {lb['added_valid']} valid)"
+                + (f", new classes {lb['new_classes']}" if lb["new_classes"] else "")
+            )
         return "\n".join(lines)
 
 
@@ -74,8 +78,9 @@ def _relative_parts(root_uri: str, uri: str) -> list[str]:
     return uri[len(root_uri) :].strip("/").split("/")
 
 
-def discover(root: str, valid_pct: float = 0.2, seed: int = 42, ignore_valid: bool = False,
-             labels: str = "") -> ImageFolder:
+def discover(
+    root: str, valid_pct: float = 0.2, seed: int = 42, ignore_valid: bool = False, labels: str = ""
+) -> ImageFolder:
     """Find classes and samples under ``root`` (local or S3), then apply ``labels`` (if given).
 
     ``ignore_valid`` holds out ``valid_pct`` of ``train/`` even when a validation
@@ -85,8 +90,10 @@ def discover(root: str, valid_pct: float = 0.2, seed: int = 42, ignore_valid: bo
     if not 0.0 < valid_pct < 1.0:
         raise DragonsError(f"--valid-pct must be between 0 and 1 (exclusive), got {valid_pct}")
     if not root and not labels:
-        raise DragonsError("no training data: give --data (an image folder) or --labels (a labels table or a "
-                           "uri,label CSV/Parquet), or both")
+        raise DragonsError(
+            "no training data: give --data (an image folder) or --labels (a labels table or a "
+            "uri,label CSV/Parquet), or both"
+        )
     folder = _folder(root, valid_pct, seed, ignore_valid) if root else None
     if labels:
         table = training_labels(labels)
@@ -169,8 +176,9 @@ def _same_uri(uri: str) -> str:
     return uri if uri.startswith("s3://") else storage.parse(uri).uri
 
 
-def with_labels(folder: ImageFolder | None, rows: Iterable[tuple[str, str, str | None]], valid_pct: float,
-                source: str) -> ImageFolder:
+def with_labels(
+    folder: ImageFolder | None, rows: Iterable[tuple[str, str, str | None]], valid_pct: float, source: str
+) -> ImageFolder:
     """``folder`` (None: no folder) with labels ``rows`` (uri, label, split or None) applied.
 
     A labelled folder image keeps its folder's split unless the row names one; an
@@ -182,8 +190,9 @@ def with_labels(folder: ImageFolder | None, rows: Iterable[tuple[str, str, str |
         if split not in (None, "train", "valid"):
             raise DragonsError(f"{source}: {key} has split {split!r}; a split is train, valid or empty (hashed)")
         if key in given and given[key] != (label, split):
-            raise DragonsError(f"{source} labels {key} twice, as {given[key]} and {(label, split)}: "
-                               "keep one row per uri")
+            raise DragonsError(
+                f"{source} labels {key} twice, as {given[key]} and {(label, split)}: keep one row per uri"
+            )
         given[key] = (label, split)
     if not given and folder is None:
         raise DragonsError(f"{source} holds no labels: import a Label Studio export first, or give --data")
@@ -216,13 +225,30 @@ def with_labels(folder: ImageFolder | None, rows: Iterable[tuple[str, str, str |
     trained = {s.label for s in out["train"]}
     empty = [c for c in classes if index[c] not in trained]
     if empty:
-        raise DragonsError(f"classes {empty} have no training image once {source} is applied: label more images of "
-                           "them (or give them split train)")
-    split_desc = "+".join(([folder.split] if folder is not None else [])
-                          + (["labels"] if explicit else []) + ([f"hash:{valid_pct}"] if hashed else []))
-    facts = {"source": source, "rows": len(given), **n, "added": added["train"] + added["valid"],
-             "added_train": added["train"], "added_valid": added["valid"],
-             "new_classes": sorted(set(classes) - set(old)) if folder is not None else []}
-    return ImageFolder(root=folder.root if folder is not None else source, classes=classes, train=out["train"],
-                       valid=out["valid"], split=split_desc or "labels", skipped=folder.skipped if folder else [],
-                       labels=facts)
+        raise DragonsError(
+            f"classes {empty} have no training image once {source} is applied: label more images of "
+            "them (or give them split train)"
+        )
+    split_desc = "+".join(
+        ([folder.split] if folder is not None else [])
+        + (["labels"] if explicit else [])
+        + ([f"hash:{valid_pct}"] if hashed else [])
+    )
+    facts = {
+        "source": source,
+        "rows": len(given),
+        **n,
+        "added": added["train"] + added["valid"],
+        "added_train": added["train"],
+        "added_valid": added["valid"],
+        "new_classes": sorted(set(classes) - set(old)) if folder is not None else [],
+    }
+    return ImageFolder(
+        root=folder.root if folder is not None else source,
+        classes=classes,
+        train=out["train"],
+        valid=out["valid"],
+        split=split_desc or "labels",
+        skipped=folder.skipped if folder else [],
+        labels=facts,
+    )

@@ -42,8 +42,9 @@ class DataConfig:
         """A model.json's data config; older artifacts kept it as loose keys."""
         if "data_config" in meta:
             d = meta["data_config"]
-            return cls(int(d["image_size"]), int(d["base_size"]), float(d["crop_pct"]), tuple(d["mean"]),
-                       tuple(d["std"]))
+            return cls(
+                int(d["image_size"]), int(d["base_size"]), float(d["crop_pct"]), tuple(d["mean"]), tuple(d["std"])
+            )
         size = int(meta["image_size"])
         base = int(meta.get("base_size") or round(size / LEGACY_CROP_PCT))
         norm = meta.get("normalization") or {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}

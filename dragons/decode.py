@@ -86,8 +86,9 @@ class DecodeBatch:
     driver can report it by name and drop it (training) or write it (scoring).
     """
 
-    def __init__(self, base_size: int, max_pixels: int, io_threads: int = IO_THREADS,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, base_size: int, max_pixels: int, io_threads: int = IO_THREADS, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
         self.base_size = base_size
         self.max_pixels = max_pixels
         self.io_threads = io_threads
@@ -151,9 +152,12 @@ class ScanBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = _map_uris(batch, self._one, self.io_threads)
-        return {"split": batch["split"], "pos": batch["pos"],
-                "short_side": np.array([r[0] for r in res], dtype=np.int32),
-                "error": np.array([r[1] for r in res], dtype=object)}
+        return {
+            "split": batch["split"],
+            "pos": batch["pos"],
+            "short_side": np.array([r[0] for r in res], dtype=np.int32),
+            "error": np.array([r[1] for r in res], dtype=object),
+        }
 
 
 def _size(value: object) -> int | None:

@@ -14,7 +14,6 @@ from dragons.errors import DragonsError, require_plotting
 from dragons.predictor import predict_uris
 from dragons.train.config import TrainConfig
 
-
 # valid_pct / seed: take the value the model was trained with (its model.json),
 # so a folder without valid/ is split exactly as training split it.
 AS_TRAINED = -1
@@ -30,8 +29,14 @@ class EvaluateConfig:
     seed: int = AS_TRAINED  # seeds that split; -1 = the model's own, so no image it trained on is evaluated
 
 
-def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0,
-             valid_pct: float = EvaluateConfig.valid_pct, seed: int = EvaluateConfig.seed) -> dict[str, Any]:
+def evaluate(
+    model_uri: str,
+    data_uri: str,
+    report_uri: str | None,
+    tta: int = 0,
+    valid_pct: float = EvaluateConfig.valid_pct,
+    seed: int = EvaluateConfig.seed,
+) -> dict[str, Any]:
     """Score the validation split of ``data_uri`` and write the report."""
     from dragons.metrics import classification_metrics
 
@@ -40,9 +45,12 @@ def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0
     valid_pct = float(trained.get("valid_pct", TrainConfig.valid_pct)) if valid_pct == AS_TRAINED else valid_pct
     seed = int(trained.get("seed", TrainConfig.seed)) if seed == AS_TRAINED else seed
     if (valid_pct, seed) != (trained.get("valid_pct", valid_pct), trained.get("seed", seed)):
-        print(f"note: --valid-pct {valid_pct} --seed {seed} differ from the model's training ({trained.get('valid_pct')}, "
-              f"{trained.get('seed')}): a folder without valid/ is split differently, and the split may hold images "
-              "the model trained on", flush=True)
+        print(
+            f"note: --valid-pct {valid_pct} --seed {seed} differ from the model's training ({trained.get('valid_pct')}, "
+            f"{trained.get('seed')}): a folder without valid/ is split differently, and the split may hold images "
+            "the model trained on",
+            flush=True,
+        )
     folder = discover(data_uri, valid_pct, seed)
     if folder.classes != art.classes:
         raise DragonsError(f"{data_uri} has classes {folder.classes} but the model was trained on {art.classes}")
@@ -59,7 +67,15 @@ def evaluate(model_uri: str, data_uri: str, report_uri: str | None, tta: int = 0
         require_plotting("the report")
         from dragons.report import report_from_predictions
 
-        page = report_from_predictions(report_uri, art.meta, [u for u, k in zip(uris, ok) if k], labels[ok], probs[ok],
-                                       history=art.meta.get("history"), lr_find=art.meta.get("lr_find"), extra={"tta": tta})
+        page = report_from_predictions(
+            report_uri,
+            art.meta,
+            [u for u, k in zip(uris, ok) if k],
+            labels[ok],
+            probs[ok],
+            history=art.meta.get("history"),
+            lr_find=art.meta.get("lr_find"),
+            extra={"tta": tta},
+        )
         metrics["report"] = page
     return metrics

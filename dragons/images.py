@@ -57,7 +57,7 @@ def decode(data: bytes, options: DecodeOptions = DecodeOptions()) -> Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > options.max_pixels:
                 raise ImageError("too_large", f"{w}x{h} pixels exceeds the limit of {options.max_pixels}")
@@ -116,7 +116,7 @@ def base_square(img: Image.Image, side: int) -> np.ndarray:
     left, top = (nw - side) // 2, (nh - side) // 2  # the crop there, mapped back to the source below
     sx, sy = nw / w, nh / h
     box = (left / sx, top / sy, (left + side) / sx, (top + side) / sy)
-    return np.asarray(img.resize((side, side), Image.BILINEAR, box=box, reducing_gap=2.0), dtype=np.uint8)
+    return np.asarray(img.resize((side, side), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0), dtype=np.uint8)
 
 
 def decode_to_base(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -83,7 +83,7 @@ class Stats:
         flat = torch.from_numpy(np.concatenate([self.count, self.sums.ravel(), self.outer.ravel()]))
         dist.all_reduce(flat)
         v = flat.numpy()
-        return Stats(v[:c], v[c: c + c * d].reshape(c, d), v[c + c * d:].reshape(d, d))
+        return Stats(v[:c], v[c : c + c * d].reshape(c, d), v[c + c * d :].reshape(d, d))
 
 
 def _encode(a: np.ndarray) -> dict[str, Any]:
@@ -97,8 +97,10 @@ def _decode(d: dict[str, Any], what: str) -> np.ndarray:
         a = np.frombuffer(base64.b64decode(d["float32_b64"]), dtype="<f4")
         return a.reshape(shape).astype(np.float32)
     except (KeyError, TypeError, ValueError) as exc:
-        raise DragonsError(f"model.json's novelty.{what} is malformed ({exc}): retrain the model, or delete its "
-                           "'novelty' key to score without novelty") from None
+        raise DragonsError(
+            f"model.json's novelty.{what} is malformed ({exc}): retrain the model, or delete its "
+            "'novelty' key to score without novelty"
+        ) from None
 
 
 @dataclass
@@ -121,8 +123,9 @@ class Novelty:
     def score(self, feats: np.ndarray) -> np.ndarray:
         """Novelty (float64) of each row of ``feats`` (N, D)."""
         centered = unit(np.asarray(feats, dtype=np.float32)) - self.offset
-        return distance(centered, centered @ self.proj, self.centers, self.unwhite,
-                        self.residual_var).astype(np.float64)
+        return distance(centered, centered @ self.proj, self.centers, self.unwhite, self.residual_var).astype(
+            np.float64
+        )
 
     def share_above(self, novelty: np.ndarray) -> float | None:
         if self.threshold_p95 is None or len(novelty) == 0:
@@ -130,12 +133,20 @@ class Novelty:
         return float(np.mean(np.asarray(novelty) > self.threshold_p95))
 
     def to_meta(self) -> dict[str, Any]:
-        return {"method": METHOD, "dim": self.dim, "k": int(self.proj.shape[1]), "classes": len(self.centers),
-                "fitted_on": int(self.fitted_on), "threshold_p95": self.threshold_p95,
-                "threshold_from": self.threshold_from,
-                "offset": _encode(self.offset), "proj": _encode(self.proj), "centers": _encode(self.centers),
-                "unwhite": _encode(self.unwhite) if self.unwhite is not None else None,
-                "residual_var": self.residual_var}
+        return {
+            "method": METHOD,
+            "dim": self.dim,
+            "k": int(self.proj.shape[1]),
+            "classes": len(self.centers),
+            "fitted_on": int(self.fitted_on),
+            "threshold_p95": self.threshold_p95,
+            "threshold_from": self.threshold_from,
+            "offset": _encode(self.offset),
+            "proj": _encode(self.proj),
+            "centers": _encode(self.centers),
+            "unwhite": _encode(self.unwhite) if self.unwhite is not None else None,
+            "residual_var": self.residual_var,
+        }
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any] | None) -> Novelty | None:
@@ -144,16 +155,25 @@ class Novelty:
         if not nov:
             return None
         if nov.get("method") != METHOD:
-            raise DragonsError(f"model.json's novelty method {nov.get('method')!r} is not one this dragons knows "
-                               f"({METHOD}): upgrade dragons, or delete the 'novelty' key to score without novelty")
-        out = cls(_decode(nov["offset"], "offset"), _decode(nov["proj"], "proj"), _decode(nov["centers"], "centers"),
-                  int(nov.get("fitted_on", 0)),
-                  _decode(nov["unwhite"], "unwhite") if nov.get("unwhite") else None,
-                  float(nov["residual_var"]) if nov.get("residual_var") else None,
-                  nov.get("threshold_p95"), str(nov.get("threshold_from", "")))
+            raise DragonsError(
+                f"model.json's novelty method {nov.get('method')!r} is not one this dragons knows "
+                f"({METHOD}): upgrade dragons, or delete the 'novelty' key to score without novelty"
+            )
+        out = cls(
+            _decode(nov["offset"], "offset"),
+            _decode(nov["proj"], "proj"),
+            _decode(nov["centers"], "centers"),
+            int(nov.get("fitted_on", 0)),
+            _decode(nov["unwhite"], "unwhite") if nov.get("unwhite") else None,
+            float(nov["residual_var"]) if nov.get("residual_var") else None,
+            nov.get("threshold_p95"),
+            str(nov.get("threshold_from", "")),
+        )
         if out.offset.shape != (out.dim,) or out.centers.shape[1] != out.proj.shape[1]:
-            raise DragonsError("model.json's novelty matrices do not fit together: retrain the model, or delete its "
-                               "'novelty' key to score without novelty")
+            raise DragonsError(
+                "model.json's novelty matrices do not fit together: retrain the model, or delete its "
+                "'novelty' key to score without novelty"
+            )
         return out
 
 
@@ -209,9 +229,14 @@ def fit(stats: Stats, dim: int = DIM, shrink: float = SHRINK) -> Novelty:
     rest = len(evals) - k
     residual_var = (float(np.trace(within) / n - np.trace(p.T @ (within / n) @ p)) / rest) if rest else 0.0
     residual = residual_var > 1e-12 * ridge
-    return Novelty(m.astype(np.float32), proj.astype(np.float32), centers.astype(np.float32), int(n),
-                   np.linalg.pinv(white).astype(np.float32) if residual else None,
-                   residual_var if residual else None)
+    return Novelty(
+        m.astype(np.float32),
+        proj.astype(np.float32),
+        centers.astype(np.float32),
+        int(n),
+        np.linalg.pinv(white).astype(np.float32) if residual else None,
+        residual_var if residual else None,
+    )
 
 
 def with_threshold(nov: Novelty, held_out: np.ndarray | None, train: np.ndarray) -> Novelty:
@@ -236,5 +261,5 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     _, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
     avg = first + (counts - 1) / 2.0 + 1
     ranks[order] = np.repeat(avg, counts)
-    rb = ranks[len(a):].sum()
+    rb = ranks[len(a) :].sum()
     return float((rb - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))

@@ -30,7 +30,6 @@ from dragons import storage
 from dragons.errors import DragonsError
 from dragons.images import ImageError, decode_to_base
 from dragons.novelty import Novelty, distance, unit
-
 from dragons.preprocess import blend_tta, eval_batch, to_tensor, tta_batches
 
 
@@ -54,9 +53,18 @@ def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
 class Predictor:
     """Maps uint8 base squares (NHWC numpy or NCHW tensor) to float32 probabilities."""
 
-    def __init__(self, model: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device | None = None, tta: int = 0, amp_dtype: torch.dtype | None = None,
-                 temperature: float = 1.0, novelty: Novelty | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device | None = None,
+        tta: int = 0,
+        amp_dtype: torch.dtype | None = None,
+        temperature: float = 1.0,
+        novelty: Novelty | None = None,
+    ) -> None:
         self.model = model
         # What the model does not know (dragons.novelty): the eval view's body features
         # against the training statistics, one (batch, D) x (D, k) product. None: no statistics.
@@ -86,8 +94,17 @@ class Predictor:
         # The precision the model was trained (and validated) with.
         amp = amp_dtype(device, str((art.meta.get("config") or {}).get("amp", "auto")))
         data = art.data
-        return cls(model, data.image_size, data.mean, data.std, device=device, tta=tta, amp_dtype=amp,
-                   temperature=art.temperature, novelty=Novelty.from_meta(art.meta))
+        return cls(
+            model,
+            data.image_size,
+            data.mean,
+            data.std,
+            device=device,
+            tta=tta,
+            amp_dtype=amp,
+            temperature=art.temperature,
+            novelty=Novelty.from_meta(art.meta),
+        )
 
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -99,13 +116,17 @@ class Predictor:
             return None
         nov = self.novelty
         if self._nov is None:  # the statistics on the model's device, once
-            self._nov = tuple(torch.from_numpy(a).to(self.device) if a is not None else None  # type: ignore[assignment]
-                              for a in (nov.offset, nov.proj, nov.centers, nov.unwhite))
+            self._nov = tuple(
+                torch.from_numpy(a).to(self.device) if a is not None else None  # type: ignore[assignment]
+                for a in (nov.offset, nov.proj, nov.centers, nov.unwhite)
+            )
         assert self._nov is not None
         offset, proj, centers, unwhite = self._nov
         if feats.shape[1] != offset.shape[0]:
-            raise DragonsError(f"the model's novelty statistics are for {offset.shape[0]} features but its body gives "
-                               f"{feats.shape[1]}: the artifact is inconsistent; retrain it")
+            raise DragonsError(
+                f"the model's novelty statistics are for {offset.shape[0]} features but its body gives "
+                f"{feats.shape[1]}: the artifact is inconsistent; retrain it"
+            )
         centered = unit(feats.float()) - offset
         return distance(centered, centered @ proj, centers, unwhite, nov.residual_var)
 
@@ -126,7 +147,9 @@ class Predictor:
         return self.predict(images, tta)[0]
 
     @torch.inference_mode()
-    def predict(self, images: np.ndarray | torch.Tensor, tta: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict(
+        self, images: np.ndarray | torch.Tensor, tta: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(probabilities, novelty) for a batch: novelty (float32, from the eval view) is None
         when the model has no novelty statistics."""
         views_n = self.tta if tta is None else tta
@@ -141,8 +164,10 @@ class Predictor:
             logits, feats = self._plain(eval_batch(x, self.image_size, self.mean, self.std))
             p = logits.float().softmax(1)
             if views_n:
-                views = [self.model(v).float().softmax(1)
-                         for v in tta_batches(x, self.image_size, self.mean, self.std, views_n)]
+                views = [
+                    self.model(v).float().softmax(1)
+                    for v in tta_batches(x, self.image_size, self.mean, self.std, views_n)
+                ]
                 p = blend_tta(p, views)
         if self.temperature != 1.0:  # a scalar: the argmax never changes
             p = (p.clamp_min(1e-12).log() / self.temperature).softmax(1)
@@ -164,8 +189,9 @@ class Predictor:
     def numpy(self, images: np.ndarray | torch.Tensor, tta: int | None = None) -> np.ndarray:
         return self(images, tta).cpu().numpy()
 
-    def numpy_with_novelty(self, images: np.ndarray | torch.Tensor,
-                           tta: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def numpy_with_novelty(
+        self, images: np.ndarray | torch.Tensor, tta: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         p, nov = self.predict(images, tta)
         return p.cpu().numpy(), (nov.float().cpu().numpy() if nov is not None else None)
 
@@ -173,7 +199,6 @@ class Predictor:
 @dataclass
 class PredictConfig:
     """``dragons predict``'s settings."""
-
 
     model: str = ""  # model artifact (path or s3://)
     tta: int = 0  # test-time augmentation views (0 = off)
@@ -186,8 +211,9 @@ def predict_uris(art: Any, uris: list[str], tta: int = 0, batch_size: int = 32) 
     return probs, errors
 
 
-def predict_rows(art: Any, uris: list[str], tta: int = 0,
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def predict_rows(
+    art: Any, uris: list[str], tta: int = 0, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(probabilities, novelty, errors) per URI in-process (no Ray). Novelty is NaN on an
     error row, and None for an artifact without novelty statistics."""
     predictor = Predictor.from_artifact(art, tta=tta)

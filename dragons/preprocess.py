@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 @dataclass(frozen=True)
 class AugmentPreset:
     """Training-time augmentation strengths; ``none`` is the eval transform."""
@@ -47,7 +46,9 @@ def get_preset(name: str) -> AugmentPreset:
     except KeyError:
         from dragons.errors import DragonsError
 
-        raise DragonsError(f"unknown augmentation preset {name!r}; choose one of: {', '.join(AUGMENT_PRESETS)}") from None
+        raise DragonsError(
+            f"unknown augmentation preset {name!r}; choose one of: {', '.join(AUGMENT_PRESETS)}"
+        ) from None
 
 
 def to_tensor(batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -73,9 +74,7 @@ def eval_batch(x: torch.Tensor, image_size: int, mean: tuple[float, ...], std: t
     return _normalise(crop, mean, std)
 
 
-def _affine(
-    x: torch.Tensor, theta: torch.Tensor, image_size: int
-) -> torch.Tensor:
+def _affine(x: torch.Tensor, theta: torch.Tensor, image_size: int) -> torch.Tensor:
     grid = F.affine_grid(theta, [x.shape[0], 3, image_size, image_size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

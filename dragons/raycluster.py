@@ -53,7 +53,11 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         # one-command run never serves. DRAGONS_DASHBOARD=1 starts it, on
         # 127.0.0.1 only (for the state API: `ray list actors`, and debugging).
         dashboard = os.environ.get(DASHBOARD_ENV, "") == "1"
-        local = {} if address else {"include_dashboard": dashboard, **({"dashboard_host": "127.0.0.1"} if dashboard else {})}
+        local: dict[str, Any] = (
+            {}
+            if address
+            else {"include_dashboard": dashboard, **({"dashboard_host": "127.0.0.1"} if dashboard else {})}
+        )
         _check_token_auth()
         if not address:
             _forget_dead_cluster_address()
@@ -178,8 +182,10 @@ def _check_token_auth() -> None:
         return
     from dragons.errors import DragonsError
 
-    raise DragonsError("Ray token authentication is off because ray was imported before dragons; "
-                       "export RAY_AUTH_MODE=token (and a token: RAY_AUTH_TOKEN_PATH) or import dragons first")
+    raise DragonsError(
+        "Ray token authentication is off because ray was imported before dragons; "
+        "export RAY_AUTH_MODE=token (and a token: RAY_AUTH_TOKEN_PATH) or import dragons first"
+    )
 
 
 def _forget_dead_cluster_address() -> None:

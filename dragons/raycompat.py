@@ -52,7 +52,7 @@ def route_worker_output(route: Callable[[dict[str, Any]], None]) -> Callable[[di
     except (ImportError, AttributeError, KeyError):
         return None
     dispatcher.add_handler("ray_print_logs", route)
-    return printer  # type: ignore[no-any-return]
+    return printer
 
 
 def autoscaler_events(lines: Iterable[str]) -> list[str]:
@@ -67,7 +67,7 @@ def autoscaler_events(lines: Iterable[str]) -> list[str]:
 def token_auth_on() -> bool | None:
     """Whether Ray fixed token auth at import; None when this Ray cannot say."""
     try:
-        from ray._raylet import AuthenticationMode, get_authentication_mode
+        from ray._raylet import AuthenticationMode, get_authentication_mode  # type: ignore[attr-defined]
     except ImportError:
         return None
     return bool(get_authentication_mode() == AuthenticationMode.TOKEN)
@@ -146,7 +146,7 @@ def lean_trainer(trainer: type, unused: set[str]) -> type:
     if not unused or not hasattr(trainer, "_create_default_callbacks"):
         return trainer
 
-    class LeanTrainer(trainer):  # type: ignore[misc, valid-type]
+    class LeanTrainer(trainer):
         def _create_default_callbacks(self) -> list[Any]:
             return [c for c in super()._create_default_callbacks() if type(c).__name__ not in unused]
 

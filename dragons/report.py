@@ -198,8 +198,14 @@ def _shade_phases(ax: Axes, spans: list[tuple[str, float, float]]) -> None:
         color = PHASE_COLORS.get(phase, "0.6")
         ax.axvspan(start - 0.5, end + 0.5, color=color, alpha=0.12, linewidth=0)
         ax.text(
-            (start + end) / 2, 1.0, _mpl_text(phase), transform=ax.get_xaxis_transform(),
-            ha="center", va="bottom", fontsize=8, color=color,
+            (start + end) / 2,
+            1.0,
+            _mpl_text(phase),
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color=color,
         )
 
 
@@ -237,7 +243,10 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Non
         else:
             history, xs = _expand_head_curve(history)
             if xs is not None and all(row.get("phase") == "head" for row in history):
-                x, xlabel = np.arange(1, len(history) + 1, dtype=np.float64), "pass over the cached features (head only)"
+                x, xlabel = (
+                    np.arange(1, len(history) + 1, dtype=np.float64),
+                    "pass over the cached features (head only)",
+                )
             elif xs is not None:
                 x, xlabel = xs, "epoch (head: passes over cached features)"
             else:
@@ -286,8 +295,9 @@ def _annotate_counts(ax: Axes, mat: np.ndarray) -> None:
         ax.text(j, i, str(int(value)), ha="center", va="center", color=color, fontsize=10)
 
 
-def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_bins: int = 15,
-                     title: str = "Reliability diagram") -> None:
+def plot_reliability(
+    probs: np.ndarray, labels: np.ndarray, path: str | Path, n_bins: int = 15, title: str = "Reliability diagram"
+) -> None:
     """Reliability diagram (accuracy vs confidence per bin) with ECE in the title.
 
     The lower panel shows how many samples fall in each bin, because a large
@@ -302,9 +312,7 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_
     width = edges[1] - edges[0]
     filled = count > 0
 
-    fig, (ax, ax_hist) = plt.subplots(
-        2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     with _saved(fig, path):
         acc = np.asarray(bins["accuracy"])
         conf = np.asarray(bins["confidence"])
@@ -314,8 +322,15 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, n_
         # inside the blue bar, readable.
         lo = np.minimum(acc, conf)[filled]
         ax.bar(
-            centers[filled], np.abs(conf - acc)[filled], bottom=lo, width=width,
-            facecolor="none", edgecolor="tab:red", hatch="//", linewidth=1, label="gap",
+            centers[filled],
+            np.abs(conf - acc)[filled],
+            bottom=lo,
+            width=width,
+            facecolor="none",
+            edgecolor="tab:red",
+            hatch="//",
+            linewidth=1,
+            label="gap",
         )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         ax.set_xlim(0, 1)
@@ -344,16 +359,14 @@ def plot_image_grid(
         raise ValueError(f"{len(titles)} titles for {len(indices)} images")
     ncols = max(1, min(4, len(indices)))
     nrows = max(1, math.ceil(len(indices) / ncols))
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(max(CELL_IN * ncols, 4.0), CELL_IN * nrows + 0.6), squeeze=False
-    )
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(CELL_IN * ncols, 4.0), CELL_IN * nrows + 0.6), squeeze=False)
     with _saved(fig, path):
         flat = axes.ravel()
         if not indices:
             _placeholder(flat[0], "no images in this category")
         for ax, idx, title in zip(flat, indices, titles):
             _show_image(ax, image_loader(int(idx)), title)
-        for ax in flat[len(indices):]:
+        for ax in flat[len(indices) :]:
             ax.axis("off")
         fig.suptitle(_mpl_text(suptitle))
 
@@ -390,10 +403,17 @@ def _plot_class_rows(
                     ax.axis("off")
             # Row label as text (not ylabel) because axis("off") hides ylabels.
             axes[r, 0].text(
-                -0.08, 0.5, _mpl_text(label), transform=axes[r, 0].transAxes,
-                rotation=90, ha="right", va="center", fontsize=10, fontweight="bold",
+                -0.08,
+                0.5,
+                _mpl_text(label),
+                transform=axes[r, 0].transAxes,
+                rotation=90,
+                ha="right",
+                va="center",
+                fontsize=10,
+                fontweight="bold",
             )
-        for ax in axes[len(rows):].ravel():
+        for ax in axes[len(rows) :].ravel():
             ax.axis("off")
         fig.suptitle(_mpl_text(suptitle))
 
@@ -459,8 +479,9 @@ def _write_grids(
     """Render every image grid; returns (file name, caption) pairs in page order."""
     written: list[tuple[str, str]] = []
     idx = grids["random_correct"]
-    plot_image_grid(idx, image_loader, titler.many(idx), out / "grid_random_correct.png",
-                    "Random correctly classified images")
+    plot_image_grid(
+        idx, image_loader, titler.many(idx), out / "grid_random_correct.png", "Random correctly classified images"
+    )
     written.append(("grid_random_correct.png", "Random correct predictions"))
 
     shown = classes[:MAX_CLASS_ROWS]
@@ -474,13 +495,17 @@ def _write_grids(
         written.append((f"grid_{kind}.png", caption + note))
 
     idx = grids["most_uncertain"]
-    plot_image_grid(idx, image_loader, titler.many(idx), out / "grid_most_uncertain.png",
-                    "Most uncertain predictions (smallest top-2 margin)")
+    plot_image_grid(
+        idx,
+        image_loader,
+        titler.many(idx),
+        out / "grid_most_uncertain.png",
+        "Most uncertain predictions (smallest top-2 margin)",
+    )
     written.append(("grid_most_uncertain.png", "Most uncertain predictions"))
 
     idx = grids["top_losses"]
-    plot_image_grid(idx, image_loader, titler.many(idx, with_loss=True), out / "top_losses.png",
-                    "Top losses")
+    plot_image_grid(idx, image_loader, titler.many(idx, with_loss=True), out / "top_losses.png", "Top losses")
     written.append(("top_losses.png", "Top losses"))
     return written
 
@@ -495,9 +520,7 @@ def _fmt(value: Any) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """An HTML table with every cell escaped."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -509,8 +532,7 @@ def _top_loss_rows(
     rows: list[list[Any]] = []
     for i in indices:
         p_true = float(probs[i, labels[i]])
-        rows.append([i, names[i], classes[labels[i]], classes[pred[i]], p_true,
-                     -math.log(max(p_true, LOG_CLIP))])
+        rows.append([i, names[i], classes[labels[i]], classes[pred[i]], p_true, -math.log(max(p_true, LOG_CLIP))])
     return rows
 
 
@@ -555,17 +577,22 @@ def _render_html(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<h2>Summary</h2>", summary,
-        "<h2>Per class</h2>", per_class,
-        "<h2>Confusion matrix</h2>", cm,
+        "<h2>Summary</h2>",
+        summary,
+        "<h2>Per class</h2>",
+        per_class,
+        "<h2>Confusion matrix</h2>",
+        cm,
     ]
     extra = metrics.get("extra") or {}
     if extra:
         rows = [[key, json.dumps(value, default=_json_default)] for key, value in extra.items()]
         parts += ["<h2>Extra</h2>", _table(["key", "value"], rows)]
     if top_losses:
-        parts += ["<h2>Top losses</h2>",
-                  _table(["index", "file", "actual", "predicted", "p(actual)", "loss"], top_losses)]
+        parts += [
+            "<h2>Top losses</h2>",
+            _table(["index", "file", "actual", "predicted", "p(actual)", "loss"], top_losses),
+        ]
     parts.append("<h2>Figures</h2>")
     for file_name, caption in images:
         if calibration_note and file_name.startswith("reliability"):
@@ -574,7 +601,9 @@ def _render_html(
             calibration_note = None
         src = html.escape(quote(file_name))
         cap = html.escape(caption)
-        parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{cap}"></a><figcaption>{cap}</figcaption></figure>')
+        parts.append(
+            f'<figure><a href="{src}"><img src="{src}" alt="{cap}"></a><figcaption>{cap}</figcaption></figure>'
+        )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -627,8 +656,12 @@ def write_report(
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
     images.append(("confusion_matrix.png", "Confusion matrix"))
     if raw_probs is not None:
-        plot_reliability(np.asarray(raw_probs, dtype=np.float64), y, out / "reliability_uncalibrated.png",
-                         title="Before calibration (T = 1)")
+        plot_reliability(
+            np.asarray(raw_probs, dtype=np.float64),
+            y,
+            out / "reliability_uncalibrated.png",
+            title="Before calibration (T = 1)",
+        )
         images.append(("reliability_uncalibrated.png", "Reliability diagram before calibration (raw softmax)"))
         plot_reliability(p, y, out / "reliability.png", title=f"After calibration (T = {temperature:.3g})")
         images.append(("reliability.png", f"Reliability diagram after calibration (temperature {temperature:.3g})"))
@@ -675,8 +708,14 @@ def _write_predictions(path: str, uris: list[str], labels: np.ndarray, probs: np
 
 
 def report_from_predictions(
-    report_uri: str, meta: dict[str, Any], uris: list[str], labels: np.ndarray, probs: np.ndarray,
-    history: list[dict[str, Any]] | None = None, lr_find: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+    report_uri: str,
+    meta: dict[str, Any],
+    uris: list[str],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    history: list[dict[str, Any]] | None = None,
+    lr_find: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
     raw_probs: np.ndarray | None = None,
 ) -> str:
     """Write the HTML report for given predictions; returns the index.html URI."""
@@ -686,13 +725,26 @@ def report_from_predictions(
     note = describe_calibration(meta.get("calibration"), meta.get("temperature"))
     if raw_probs is not None and float(meta.get("temperature", 1.0)) != 1.0:
         # The diagram after applies the final T to the very images it was fitted on: say which figures are held out.
-        note += (" The diagram after calibration applies that T to the same images (in-sample); "
-                 "the out-of-fold figures are the held-out ones.")
+        note += (
+            " The diagram after calibration applies that T to the same images (in-sample); "
+            "the out-of-fold figures are the held-out ones."
+        )
     with tempfile.TemporaryDirectory() as tmp:
         _write_predictions(os.path.join(tmp, PREDICTIONS_FILE), uris, labels, probs, list(meta["classes"]))
-        write_report(tmp, probs=probs, labels=labels, classes=list(meta["classes"]), names=names,
-                     image_loader=_loader(uris, 192), history=history, lr_find=lr_find,
-                     title=f"dragons: {meta.get('arch')} on {len(uris)} validation images", extra=info,
-                     raw_probs=raw_probs, temperature=float(meta.get("temperature", 1.0)), calibration_note=note)
+        write_report(
+            tmp,
+            probs=probs,
+            labels=labels,
+            classes=list(meta["classes"]),
+            names=names,
+            image_loader=_loader(uris, 192),
+            history=history,
+            lr_find=lr_find,
+            title=f"dragons: {meta.get('arch')} on {len(uris)} validation images",
+            extra=info,
+            raw_probs=raw_probs,
+            temperature=float(meta.get("temperature", 1.0)),
+            calibration_note=note,
+        )
         storage.upload_dir(tmp, report_uri)
     return storage.join(report_uri, "index.html")

@@ -36,7 +36,7 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") == "1"
 
 
-class _Terminal(logging.StreamHandler):  # type: ignore[type-arg]
+class _Terminal(logging.StreamHandler):
     """The terminal's share of the log: stderr (stdout in a Ray worker), no details, no Ray lines."""
 
     def __init__(self) -> None:
@@ -105,8 +105,15 @@ class Progress:
     other ranks).
     """
 
-    def __init__(self, what: str, total: int | None, enabled: bool = True, every_s: float = DEFAULT_EVERY_S,
-                 scale: int = 1, unit: str = "images") -> None:
+    def __init__(
+        self,
+        what: str,
+        total: int | None,
+        enabled: bool = True,
+        every_s: float = DEFAULT_EVERY_S,
+        scale: int = 1,
+        unit: str = "images",
+    ) -> None:
         self.what, self.enabled, self.every_s = what, enabled, every_s
         self.total = None if total is None else max(0, int(total))
         self.scale, self.unit = max(1, scale), unit
@@ -144,8 +151,10 @@ class Progress:
             return f"{self.what}  {self.count:,} {self.unit}  {rate:.1f} {self.unit}/s  elapsed {clock(elapsed)}{note}"
         eta = (self.total - self.count) / rate if rate > 0 else 0.0
         pct = 100.0 * self.count / self.total if self.total else 100.0
-        return (f"{self.what}  {self.count:,}/{self.total:,} {self.unit}  {pct:3.0f}%  {rate:.1f} {self.unit}/s  "
-                f"elapsed {clock(elapsed)}  ETA {clock(eta)}{note}")
+        return (
+            f"{self.what}  {self.count:,}/{self.total:,} {self.unit}  {pct:3.0f}%  {rate:.1f} {self.unit}/s  "
+            f"elapsed {clock(elapsed)}  ETA {clock(eta)}{note}"
+        )
 
     def finish(self, total: int | None = None, note: str | None = None) -> float:
         """Say the closing line (the rate over the whole step); returns the elapsed seconds."""

@@ -189,8 +189,11 @@ def delta_options(uri: str) -> dict[str, str]:
     """
     if not parse(uri).is_s3:
         return {}
-    opts = {var: value for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-            if (value := aws_env(var))}
+    opts = {
+        var: value
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+        if (value := aws_env(var))
+    }
     opts["AWS_REGION"] = aws_env("AWS_REGION") or aws_env("AWS_DEFAULT_REGION") or DEFAULT_REGION
     endpoint = s3_endpoint()
     if endpoint:
@@ -204,7 +207,7 @@ def delta_options(uri: str) -> dict[str, str]:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(**s3_options())  # type: ignore[arg-type]
+    return pafs.S3FileSystem(**s3_options())
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -219,7 +222,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), loc.path
 
 
-def boto3_client(max_pool_connections: int = 10):  # type: ignore[no-untyped-def]
+def boto3_client(max_pool_connections: int = 10) -> Any:
     """A boto3 S3 client from the same variables (boto3 reads them itself)."""
     import boto3
     from botocore.config import Config
@@ -227,8 +230,12 @@ def boto3_client(max_pool_connections: int = 10):  # type: ignore[no-untyped-def
     endpoint = s3_endpoint()
     # "standard" retries back off with jitter on 5xx, SlowDown and connection
     # errors; short timeouts make an unreachable endpoint an error in seconds.
-    config = Config(max_pool_connections=max_pool_connections, connect_timeout=5, read_timeout=60,
-                    retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    config = Config(
+        max_pool_connections=max_pool_connections,
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+    )
     return boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
 
@@ -249,8 +256,10 @@ def _check_bucket(fs: pafs.FileSystem, loc: Location) -> None:
 
 def unreachable(loc: Location, exc: BaseException) -> DragonsError:
     endpoint = s3_endpoint() or "AWS S3"
-    return DragonsError(f"cannot reach S3 ({endpoint}) for {loc.uri}: {short_error(exc)}. "
-                        "Check that the endpoint is up, AWS_ENDPOINT_URL and the credentials")
+    return DragonsError(
+        f"cannot reach S3 ({endpoint}) for {loc.uri}: {short_error(exc)}. "
+        "Check that the endpoint is up, AWS_ENDPOINT_URL and the credentials"
+    )
 
 
 def shorten(text: str, limit: int = 300) -> str:
@@ -268,8 +277,9 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
 # S3 error codes (botocore's ``response["Error"]["Code"]``) by what they mean to us.
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NoSuchBucket"})
 DENIED_CODES = frozenset({"AccessDenied", "403", "AllAccessDisabled"})
-UNREACHABLE_CODES = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
-                               "ReadTimeoutError"})
+UNREACHABLE_CODES = frozenset(
+    {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"}
+)
 
 
 def s3_error_code(exc: BaseException) -> str:
@@ -311,7 +321,8 @@ def is_delta_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return type(exc) in (Exception, RuntimeError) and any(
-        s in text for s in ("Generic S3 error", "Generic DeltaTable error", "object_store", "panicked"))
+        s in text for s in ("Generic S3 error", "Generic DeltaTable error", "object_store", "panicked")
+    )
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -336,8 +347,10 @@ def delta_failure(uri: str, exc: BaseException, what: str = "read") -> DragonsEr
         return clearer
     detail = _one_line(exc)
     if type(exc).__name__ == "PanicException" or "panicked" in detail:
-        return DragonsError(f"cannot {what} the table at {uri}: delta-rs crashed ({detail}); check the AWS_* "
-                            "variables (AWS_ENDPOINT_URL, AWS_REGION, credentials): unset, not empty, where not needed")
+        return DragonsError(
+            f"cannot {what} the table at {uri}: delta-rs crashed ({detail}); check the AWS_* "
+            "variables (AWS_ENDPOINT_URL, AWS_REGION, credentials): unset, not empty, where not needed"
+        )
     return DragonsError(f"cannot {what} the table at {uri}: {detail}")
 
 
@@ -602,8 +615,10 @@ def download_dir(uri: str, local_dir: str | Path) -> None:
         rel = entry.uri[len(loc.uri) :].lstrip("/")
         dest = (root / rel).resolve()
         if root not in dest.parents:
-            raise DragonsError(f"{redact(entry.uri)} would be written outside {local_dir} (its key holds '..' or is "
-                               "absolute): nothing was copied; remove or rename that object")
+            raise DragonsError(
+                f"{redact(entry.uri)} would be written outside {local_dir} (its key holds '..' or is "
+                "absolute): nothing was copied; remove or rename that object"
+            )
         plan.append((entry.uri, dest))
     for src, dest in plan:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -612,7 +627,9 @@ def download_dir(uri: str, local_dir: str | Path) -> None:
 
 # Secret-bearing parts of URLs: user:password@ and presigned-URL signatures.
 _USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_SIGNED_RE = re.compile(r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId)=[^&\s\"']+")
+_SIGNED_RE = re.compile(
+    r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId)=[^&\s\"']+"
+)
 SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
 

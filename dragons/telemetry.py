@@ -64,8 +64,9 @@ def error_kinds(errors: pa.Array | pa.ChunkedArray) -> dict[str, int]:
     """Error rows by kind: the text before the first ':' of each non-null error."""
     if errors.null_count == len(errors):
         return {}
-    kinds = pc.struct_field(pc.extract_regex(pc.utf8_slice_codeunits(errors.drop_null(), 0, 64), r"^(?P<kind>[^:]*)"),
-                            "kind")
+    kinds = pc.struct_field(
+        pc.extract_regex(pc.utf8_slice_codeunits(errors.drop_null(), 0, 64), r"^(?P<kind>[^:]*)"), "kind"
+    )
     return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(kinds).to_pylist()}
 
 

@@ -24,10 +24,20 @@ def rows(run_id: str, n: int, start: int = 0) -> pa.Table:
     now = datetime.now(timezone.utc)
     s = schema(["ants", "bees"])
     data = {
-        "uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(start, start + n)], "label": ["ants"] * n, "score": [0.75] * n,
-        "p_ants": [0.75] * n, "p_bees": [0.25] * n, "novelty": [None] * n, "model_version": ["v1"] * n, "run_id": [run_id] * n,
-        "scored_at": [now] * n, "error": [None] * n, "etag": [f"e{i}" for i in range(start, start + n)], "size": [100] * n,
-        "last_modified": [now] * n, "dt": [now.strftime("%Y-%m-%d")] * n,
+        "uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(start, start + n)],
+        "label": ["ants"] * n,
+        "score": [0.75] * n,
+        "p_ants": [0.75] * n,
+        "p_bees": [0.25] * n,
+        "novelty": [None] * n,
+        "model_version": ["v1"] * n,
+        "run_id": [run_id] * n,
+        "scored_at": [now] * n,
+        "error": [None] * n,
+        "etag": [f"e{i}" for i in range(start, start + n)],
+        "size": [100] * n,
+        "last_modified": [now] * n,
+        "dt": [now.strftime("%Y-%m-%d")] * n,
     }
     return pa.table(data, schema=s)
 
@@ -41,8 +51,15 @@ def main() -> int:
     every = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 
     def go() -> int:
-        w = RunWriter(root, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", commit_every=every,
-                      target_file_size=file_bytes)
+        w = RunWriter(
+            root,
+            run_id,
+            datetime.now(timezone.utc),
+            ["ants", "bees"],
+            model_version="v1",
+            commit_every=every,
+            target_file_size=file_bytes,
+        )
         state = w.begin()
         start = state.rows  # a second writer of the run continues where the table stands
         for at in range(start, n, 1000):

@@ -27,7 +27,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def hymenoptera() -> Path:
     """The real ants/bees photos; a test that needs them fails loudly without them."""
     if not (HYMENOPTERA / "train").is_dir() or not (HYMENOPTERA / "val").is_dir():
-        pytest.fail(f"missing shared data set {HYMENOPTERA} (expected train/ and val/); it ships beside the repo in ../shared/data")
+        pytest.fail(
+            f"missing shared data set {HYMENOPTERA} (expected train/ and val/); it ships beside the repo in ../shared/data"
+        )
     return HYMENOPTERA
 
 

@@ -29,16 +29,26 @@ def _free_port() -> int:
 
 def node_args() -> dict:
     """Each node's agents on ports of their own: the test session's Ray holds the defaults."""
-    return {**NODE, "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port(),
-            "runtime_env_agent_port": _free_port()}
+    return {
+        **NODE,
+        "dashboard_agent_listen_port": _free_port(),
+        "metrics_export_port": _free_port(),
+        "runtime_env_agent_port": _free_port(),
+    }
 
 
 def main() -> None:
     from ray.cluster_utils import Cluster
 
     mode, *args = sys.argv[1:]
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args(), "include_dashboard": os.environ.get("DRILL_DASHBOARD", "1") == "1",
-                                                                 "dashboard_port": _free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **node_args(),
+            "include_dashboard": os.environ.get("DRILL_DASHBOARD", "1") == "1",
+            "dashboard_port": _free_port(),
+        },
+    )
     victim = cluster.add_node(**node_args())
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address  # dragons' ensure_ray joins it
@@ -93,16 +103,32 @@ def _score(cluster, victim, events: dict, model: str, input_: str, output: str, 
 
     log = f"/tmp/drill-node-{os.getpid()}.log"
     # Kill once rows are flowing: the progress log has its first "scored" line.
-    m = _kill_during(cluster, victim, events, lambda: os.path.exists(log) and "scored " in open(log).read(),
-                     lambda: score(ScoreConfig(model=model, input=input_, output=output, run_id=run_id, batch_size=4,
-                                               actors=2, progress_s=0.3, log_file=log, no_progress_timeout_s=240)),
-                     replace=False)
+    m = _kill_during(
+        cluster,
+        victim,
+        events,
+        lambda: os.path.exists(log) and "scored " in open(log).read(),
+        lambda: score(
+            ScoreConfig(
+                model=model,
+                input=input_,
+                output=output,
+                run_id=run_id,
+                batch_size=4,
+                actors=2,
+                progress_s=0.3,
+                log_file=log,
+                no_progress_timeout_s=240,
+            )
+        ),
+        replace=False,
+    )
     return {"listed": m["listed"], "rows": m["rows"], "errors": m["errors"]}
 
 
 def _train(cluster, victim, events: dict, data: str, out: str, storage_uri: str) -> dict:  # type: ignore[no-untyped-def]
-    from dragons.train.config import TrainConfig
     from dragons.train.checkpoint import latest_checkpoint
+    from dragons.train.config import TrainConfig
     from dragons.train.run import train
 
     run_dir = f"{storage_uri.rstrip('/')}/drill"
@@ -114,8 +140,21 @@ def _train(cluster, victim, events: dict, data: str, out: str, storage_uri: str)
             return False
         return found is not None and found[1]["epochs_done"] >= 1
 
-    cfg = TrainConfig(data=data, out=out, storage=storage_uri, name="drill", workers=2, image_size=64, epochs=2,
-                      head_epochs=3, head_views=0, batch_size=8, report=False, max_failures=1, no_progress_timeout_s=240)
+    cfg = TrainConfig(
+        data=data,
+        out=out,
+        storage=storage_uri,
+        name="drill",
+        workers=2,
+        image_size=64,
+        epochs=2,
+        head_epochs=3,
+        head_views=0,
+        batch_size=8,
+        report=False,
+        max_failures=1,
+        no_progress_timeout_s=240,
+    )
     meta = _kill_during(cluster, victim, events, checkpointed, lambda: train(cfg), replace=True)
     return {"resumes": meta["resumes"], "epochs": len(meta["history"]), "accuracy": meta["metrics"]["valid_accuracy"]}
 

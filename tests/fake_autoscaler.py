@@ -37,13 +37,28 @@ from ray.cluster_utils import AutoscalingCluster
 BASE_CONFIG: dict[str, Any] = {
     "cluster_name": "fake_multinode",
     "max_workers": 8,
-    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                 "disable_launch_config_check": True},
+    "provider": {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+    },
     "head_node_type": "ray.head.default",
-    "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "docker": {},
-    "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
-    "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
-    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    "auth": {},
+    "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 0.1,
+    "docker": {},
+    "initialization_commands": [],
+    "setup_commands": [],
+    "head_setup_commands": [],
+    "worker_setup_commands": [],
+    "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
+    "file_mounts": {},
+    "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False,
+    "rsync_exclude": [],
+    "rsync_filter": [],
 }
 
 
@@ -66,8 +81,9 @@ class LocalAutoscalingCluster(AutoscalingCluster):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _generate_config(self, head_resources: dict, worker_node_types: dict, autoscaler_v2: bool = False,
-                         **config_kwargs: Any) -> dict:
+    def _generate_config(
+        self, head_resources: dict, worker_node_types: dict, autoscaler_v2: bool = False, **config_kwargs: Any
+    ) -> dict:
         config = copy.deepcopy(BASE_CONFIG)
         # The fake nodes join this head, not Ray's default port 6379.
         config["provider"]["gcs_address"] = f"127.0.0.1:{self.port}"
@@ -84,19 +100,39 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         res = dict(self._head_resources)
         ray_bin = str(Path(sys.executable).with_name("ray"))
         # The test session's Ray holds Ray's default agent ports: this head takes free ones.
-        ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                            "runtime-env-agent-port", "metrics-export-port",
-                                                            "ray-client-server-port")]
-        cmd = [ray_bin, "start", "--head", "--block", f"--autoscaling-config={path}", "--node-ip-address=127.0.0.1",
-               f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", *ports,
-               f"--num-cpus={res.pop('CPU', 0)}", f"--num-gpus={res.pop('GPU', 0)}", "--disable-usage-stats",
-               f"--object-store-memory={res.pop('object_store_memory', 300 * 2**20)}"]
+        ports = [
+            f"--{flag}={free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+                "ray-client-server-port",
+            )
+        ]
+        cmd = [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--autoscaling-config={path}",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            *ports,
+            f"--num-cpus={res.pop('CPU', 0)}",
+            f"--num-gpus={res.pop('GPU', 0)}",
+            "--disable-usage-stats",
+            f"--object-store-memory={res.pop('object_store_memory', 300 * 2**20)}",
+        ]
         if res:
             cmd.append(f"--resources={json.dumps(res)}")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update({"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **(override_env or {})})
-        self.head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.head = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
@@ -104,7 +140,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
                     return
             except OSError:
                 if self.head.poll() is not None:
-                    raise RuntimeError(f"ray start --head exited with {self.head.returncode}")
+                    raise RuntimeError(f"ray start --head exited with {self.head.returncode}") from None
                 time.sleep(0.5)
         raise RuntimeError("the autoscaling cluster's head did not come up in 90 s")
 

@@ -30,8 +30,8 @@ def save_tiny_model(out: str, classes: tuple[str, ...] = ("ants", "bees")) -> di
     import torch
 
     from dragons import artifact
-    from dragons.models.registry import build_model, get_spec
     from dragons.dataconfig import DataConfig
+    from dragons.models.registry import build_model, get_spec
 
     torch.manual_seed(0)
     spec = get_spec("efficientnet_lite0")

@@ -29,19 +29,50 @@ from urllib.parse import quote_plus
 import pyarrow as pa
 
 # AWS's CSV field names (fileSchema) and their Parquet/ORC names.
-ALL_FIELDS = ("Bucket", "Key", "VersionId", "IsLatest", "IsDeleteMarker", "Size", "LastModifiedDate", "ETag",
-              "StorageClass")
-COLUMN = {"Bucket": "bucket", "Key": "key", "VersionId": "version_id", "IsLatest": "is_latest",
-          "IsDeleteMarker": "is_delete_marker", "Size": "size", "LastModifiedDate": "last_modified_date",
-          "ETag": "e_tag", "StorageClass": "storage_class"}
-_PARQUET_TYPE = {"bucket": "required binary bucket (STRING)", "key": "required binary key (STRING)",
-                 "version_id": "optional binary version_id (STRING)", "is_latest": "optional boolean is_latest",
-                 "is_delete_marker": "optional boolean is_delete_marker", "size": "optional int64 size",
-                 "last_modified_date": "optional int64 last_modified_date (TIMESTAMP(MILLIS,true))",
-                 "e_tag": "optional binary e_tag (STRING)", "storage_class": "optional binary storage_class (STRING)"}
-_ORC_TYPE = {"bucket": "string", "key": "string", "version_id": "string", "is_latest": "boolean",
-             "is_delete_marker": "boolean", "size": "bigint", "last_modified_date": "timestamp", "e_tag": "string",
-             "storage_class": "string"}
+ALL_FIELDS = (
+    "Bucket",
+    "Key",
+    "VersionId",
+    "IsLatest",
+    "IsDeleteMarker",
+    "Size",
+    "LastModifiedDate",
+    "ETag",
+    "StorageClass",
+)
+COLUMN = {
+    "Bucket": "bucket",
+    "Key": "key",
+    "VersionId": "version_id",
+    "IsLatest": "is_latest",
+    "IsDeleteMarker": "is_delete_marker",
+    "Size": "size",
+    "LastModifiedDate": "last_modified_date",
+    "ETag": "e_tag",
+    "StorageClass": "storage_class",
+}
+_PARQUET_TYPE = {
+    "bucket": "required binary bucket (STRING)",
+    "key": "required binary key (STRING)",
+    "version_id": "optional binary version_id (STRING)",
+    "is_latest": "optional boolean is_latest",
+    "is_delete_marker": "optional boolean is_delete_marker",
+    "size": "optional int64 size",
+    "last_modified_date": "optional int64 last_modified_date (TIMESTAMP(MILLIS,true))",
+    "e_tag": "optional binary e_tag (STRING)",
+    "storage_class": "optional binary storage_class (STRING)",
+}
+_ORC_TYPE = {
+    "bucket": "string",
+    "key": "string",
+    "version_id": "string",
+    "is_latest": "boolean",
+    "is_delete_marker": "boolean",
+    "size": "bigint",
+    "last_modified_date": "timestamp",
+    "e_tag": "string",
+    "storage_class": "string",
+}
 DEFAULT_MTIME = datetime(2026, 12, 4, 23, 5, 7, 123000, tzinfo=UTC)
 DEFAULT_CREATED = datetime(2026, 12, 5, 1, 0, tzinfo=UTC)
 EXT = {"CSV": "csv.gz", "ORC": "orc", "Parquet": "parquet"}
@@ -74,9 +105,17 @@ def _obj(o: Obj | tuple | str) -> Obj:
 
 
 def _value(o: Obj, column: str, source_bucket: str) -> object:
-    return {"bucket": source_bucket, "key": o.key, "version_id": o.version_id, "is_latest": o.is_latest,
-            "is_delete_marker": o.is_delete_marker, "size": o.size, "last_modified_date": o.last_modified,
-            "e_tag": o.etag, "storage_class": None if o.is_delete_marker else "STANDARD"}[column]
+    return {
+        "bucket": source_bucket,
+        "key": o.key,
+        "version_id": o.version_id,
+        "is_latest": o.is_latest,
+        "is_delete_marker": o.is_delete_marker,
+        "size": o.size,
+        "last_modified_date": o.last_modified,
+        "e_tag": o.etag,
+        "storage_class": None if o.is_delete_marker else "STANDARD",
+    }[column]
 
 
 def _csv_cell(v: object) -> str:
@@ -89,8 +128,9 @@ def _csv_cell(v: object) -> str:
     return str(v)
 
 
-def data_file(objs: Sequence[Obj], fmt: str, source_bucket: str, fields: Sequence[str],
-              encode_slash: bool = False) -> bytes:
+def data_file(
+    objs: Sequence[Obj], fmt: str, source_bucket: str, fields: Sequence[str], encode_slash: bool = False
+) -> bytes:
     """One data file's bytes in ``fmt`` with the columns of ``fields`` (AWS's CSV names)."""
     columns = [COLUMN[f] for f in fields]
     if fmt == "CSV":
@@ -103,10 +143,18 @@ def data_file(objs: Sequence[Obj], fmt: str, source_bucket: str, fields: Sequenc
             row[columns.index("key")] = quote_plus(o.key, safe="" if encode_slash else "/")
             writer.writerow(row)
         return gzip.compress(text.getvalue().encode("utf-8"))
-    types = {"bucket": pa.string(), "key": pa.string(), "version_id": pa.string(), "is_latest": pa.bool_(),
-             "is_delete_marker": pa.bool_(), "size": pa.int64(), "e_tag": pa.string(), "storage_class": pa.string(),
-             # Parquet: TIMESTAMP(MILLIS, UTC); ORC: a plain timestamp (UTC values).
-             "last_modified_date": pa.timestamp("ms", tz="UTC") if fmt == "Parquet" else pa.timestamp("ms")}
+    types = {
+        "bucket": pa.string(),
+        "key": pa.string(),
+        "version_id": pa.string(),
+        "is_latest": pa.bool_(),
+        "is_delete_marker": pa.bool_(),
+        "size": pa.int64(),
+        "e_tag": pa.string(),
+        "storage_class": pa.string(),
+        # Parquet: TIMESTAMP(MILLIS, UTC); ORC: a plain timestamp (UTC values).
+        "last_modified_date": pa.timestamp("ms", tz="UTC") if fmt == "Parquet" else pa.timestamp("ms"),
+    }
     arrays = []
     for c in columns:
         values = [_value(o, c, source_bucket) for o in objs]
@@ -147,10 +195,21 @@ def _put(root: str, key: str, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def write_inventory(root: str | Path, source_bucket: str, objects: Sequence[Obj | tuple | str], fmt: str = "Parquet", *,
-                    prefix: str = "inventory", config_id: str = "daily-scoring", created: datetime = DEFAULT_CREATED,
-                    files: int = 1, fields: Sequence[str] = ALL_FIELDS, dest_bucket: str = "inventory-dest",
-                    encode_slash: bool = False, manifest_extra: dict | None = None) -> str:
+def write_inventory(
+    root: str | Path,
+    source_bucket: str,
+    objects: Sequence[Obj | tuple | str],
+    fmt: str = "Parquet",
+    *,
+    prefix: str = "inventory",
+    config_id: str = "daily-scoring",
+    created: datetime = DEFAULT_CREATED,
+    files: int = 1,
+    fields: Sequence[str] = ALL_FIELDS,
+    dest_bucket: str = "inventory-dest",
+    encode_slash: bool = False,
+    manifest_extra: dict | None = None,
+) -> str:
     """Write one report of ``objects`` (Obj, (key, size, etag, ...) tuples or bare keys) split
     over ``files`` data files; returns the manifest's URI (``s3://...`` or a local path).
 
@@ -160,15 +219,33 @@ def write_inventory(root: str | Path, source_bucket: str, objects: Sequence[Obj 
     """
     objs = [_obj(o) for o in objects]
     chunks = [objs[i::files] if files > 1 else objs for i in range(files)]
-    return write_report(root, source_bucket, (data_file(c, fmt, source_bucket, fields, encode_slash) for c in chunks),
-                        fmt, prefix=prefix, config_id=config_id, created=created, fields=fields,
-                        dest_bucket=dest_bucket, manifest_extra=manifest_extra)
+    return write_report(
+        root,
+        source_bucket,
+        (data_file(c, fmt, source_bucket, fields, encode_slash) for c in chunks),
+        fmt,
+        prefix=prefix,
+        config_id=config_id,
+        created=created,
+        fields=fields,
+        dest_bucket=dest_bucket,
+        manifest_extra=manifest_extra,
+    )
 
 
-def write_report(root: str | Path, source_bucket: str, data_files: Iterable[bytes], fmt: str = "Parquet", *,
-                 prefix: str = "inventory", config_id: str = "daily-scoring", created: datetime = DEFAULT_CREATED,
-                 fields: Sequence[str] = ALL_FIELDS, dest_bucket: str = "inventory-dest",
-                 manifest_extra: dict | None = None) -> str:
+def write_report(
+    root: str | Path,
+    source_bucket: str,
+    data_files: Iterable[bytes],
+    fmt: str = "Parquet",
+    *,
+    prefix: str = "inventory",
+    config_id: str = "daily-scoring",
+    created: datetime = DEFAULT_CREATED,
+    fields: Sequence[str] = ALL_FIELDS,
+    dest_bucket: str = "inventory-dest",
+    manifest_extra: dict | None = None,
+) -> str:
     """The report's layout around data files already encoded (``data_file``'s output, or
     a benchmark's own millions of rows): the files under ``data/``, ``manifest.json``,
     ``manifest.checksum`` and the Hive symlink; returns the manifest's URI."""

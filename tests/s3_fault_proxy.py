@@ -30,12 +30,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message></Error>")
-INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
-            b"<Message>We encountered an internal error. Please try again.</Message></Error>")
-DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-          b"<Message>Access Denied</Message></Error>")
+SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+INTERNAL = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+    b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+)
+DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+)
 
 
 @dataclass
@@ -158,7 +163,9 @@ class FaultProxy:
             return
         u = urlsplit(path)
         # A listing is a GET on the bucket itself (path-style: /bucket) with a query.
-        is_list = method == "GET" and u.path.strip("/").count("/") == 0 and ("list-type" in u.query or "prefix" in u.query)
+        is_list = (
+            method == "GET" and u.path.strip("/").count("/") == 0 and ("list-type" in u.query or "prefix" in u.query)
+        )
         if method in plan.latency_methods or ("LIST" in plan.latency_methods and is_list):
             time.sleep(plan.latency_s)
 
@@ -173,14 +180,23 @@ class FaultProxy:
             if method in plan.deny_methods and any(s in unquote(path) for s in plan.deny):  # query too: listings
                 self.stats.faults["deny"] += 1
                 return "deny"
-            if method == "GET" and key not in self._deleted and any(s in key for s in plan.delete_on_get) and "?" not in path:
+            if (
+                method == "GET"
+                and key not in self._deleted
+                and any(s in key for s in plan.delete_on_get)
+                and "?" not in path
+            ):
                 self._deleted.add(key)
                 self.stats.deleted.append(key)
                 return "delete"
             r = self._rng.random()
             kind = self._rng.choice(plan.kinds)
             req = f"{method} {path}"
-            if r < plan.rate and self._per_request[req] < plan.max_per_request and sum(self.stats.faults.values()) < plan.max_faults:
+            if (
+                r < plan.rate
+                and self._per_request[req] < plan.max_per_request
+                and sum(self.stats.faults.values()) < plan.max_faults
+            ):
                 self._per_request[req] += 1
                 self.stats.faults[kind] += 1
                 return kind
@@ -204,9 +220,16 @@ class FaultProxy:
         self.server.server_close()
 
 
-if __name__ == "__main__":  # python tests/s3_fault_proxy.py UPSTREAM PLAN_JSON: prints the port, serves until stdin closes
+if (
+    __name__ == "__main__"
+):  # python tests/s3_fault_proxy.py UPSTREAM PLAN_JSON: prints the port, serves until stdin closes
     proxy = FaultProxy(sys.argv[1], FaultPlan(**json.loads(sys.argv[2]))).start()
     print(proxy.port, flush=True)
     sys.stdin.read()
-    print(json.dumps({"requests": proxy.stats.requests, "faults": dict(proxy.stats.faults), "deleted": proxy.stats.deleted}), flush=True)
+    print(
+        json.dumps(
+            {"requests": proxy.stats.requests, "faults": dict(proxy.stats.faults), "deleted": proxy.stats.deleted}
+        ),
+        flush=True,
+    )
     proxy.stop()

@@ -31,16 +31,23 @@ from fake_autoscaler import LocalAutoscalingCluster
 from dragons import signals, storage
 from dragons.capacity import GpuRequest, Span
 
-GPU_NODE = {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150 * 2**20}, "node_config": {},
-            "min_workers": 0, "max_workers": 2}
+GPU_NODE = {
+    "resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150 * 2**20},
+    "node_config": {},
+    "min_workers": 0,
+    "max_workers": 2,
+}
 IDLE_TIMEOUT_S = 12
 
 
 @pytest.fixture(scope="module")
 def autoscaling(s3: object, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     os.environ.setdefault("RAY_TMPDIR", "/tmp")
-    cluster = LocalAutoscalingCluster({"CPU": 2, "object_store_memory": 300 * 2**20}, {"gpu": dict(GPU_NODE)},
-                                      idle_timeout_minutes=IDLE_TIMEOUT_S / 60)
+    cluster = LocalAutoscalingCluster(
+        {"CPU": 2, "object_store_memory": 300 * 2**20},
+        {"gpu": dict(GPU_NODE)},
+        idle_timeout_minutes=IDLE_TIMEOUT_S / 60,
+    )
     cluster.start()
     try:
         yield cluster
@@ -69,8 +76,15 @@ def run_job(cluster: LocalAutoscalingCluster, args: list[str], cwd: Path, during
     """A dragons command joined to the cluster (as `ray job submit` runs it); ``during``
     collects how many nodes were up while it ran. Returns its output."""
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "DRAGONS_PROGRESS_BARS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "dragons.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dragons.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 420
     while proc.poll() is None:
         during.append(raylets(cluster))
@@ -86,11 +100,13 @@ def run_job(cluster: LocalAutoscalingCluster, args: list[str], cwd: Path, during
 def scale_up_lines(out: str) -> dict[str, str]:
     """The job's own account: requested, waited, used, released."""
     found = {}
-    for key, pattern in {"requested": r"requested \d+ GPU node\(s\) from the autoscaler.*",
-                         "waited": r"(waiting for \d+ GPU node\(s\).*|\d+ GPU node\(s\) up after \d+ s.*)",
-                         "used": r"\d+ GPU node\(s\) up after (\d+) s; starting with .*",
-                         "nocuda": r"warning: the cluster's GPU nodes have a GPU resource but no CUDA device.*",
-                         "released": r"released the request for \d+ GPU node\(s\).*"}.items():
+    for key, pattern in {
+        "requested": r"requested \d+ GPU node\(s\) from the autoscaler.*",
+        "waited": r"(waiting for \d+ GPU node\(s\).*|\d+ GPU node\(s\) up after \d+ s.*)",
+        "used": r"\d+ GPU node\(s\) up after (\d+) s; starting with .*",
+        "nocuda": r"warning: the cluster's GPU nodes have a GPU resource but no CUDA device.*",
+        "released": r"released the request for \d+ GPU node\(s\).*",
+    }.items():
         m = re.search(pattern, out)
         assert m, f"no {key!r} line in:\n{out[-4000:]}"
         found[key] = m.group(0)
@@ -112,16 +128,36 @@ def test_token_auth_stays_on(autoscaling: LocalAutoscalingCluster) -> None:
         urlopen(url, timeout=2)
 
 
-def test_score_scales_gpu_nodes_up_from_zero_and_back(autoscaling: LocalAutoscalingCluster, tiny_model: str,
-                                                      hymenoptera_s3: str, tmp_path: Path) -> None:
+def test_score_scales_gpu_nodes_up_from_zero_and_back(
+    autoscaling: LocalAutoscalingCluster, tiny_model: str, hymenoptera_s3: str, tmp_path: Path
+) -> None:
     from dragons.score.query import run_sql
 
     assert raylets(autoscaling) == 1  # the head alone: no GPU node
     table = str(tmp_path / "t")
     during: list[int] = []
-    out = run_job(autoscaling, ["score", "--model", tiny_model, "--input", f"{hymenoptera_s3}/val", "--output", table,
-                                "--run-id", "as1", "--actors", "1:2", "--use-gpu", "yes", "--gpu-wait", "120"],
-                  tmp_path, during)
+    out = run_job(
+        autoscaling,
+        [
+            "score",
+            "--model",
+            tiny_model,
+            "--input",
+            f"{hymenoptera_s3}/val",
+            "--output",
+            table,
+            "--run-id",
+            "as1",
+            "--actors",
+            "1:2",
+            "--use-gpu",
+            "yes",
+            "--gpu-wait",
+            "120",
+        ],
+        tmp_path,
+        during,
+    )
     lines = scale_up_lines(out)
     print("\n".join(lines.values()))
     assert "1 to 2 scoring actor(s) with 1 CPU and 1 GPU each" in out, out[-3000:]
@@ -143,9 +179,33 @@ def test_train_scales_a_gpu_node_up_from_zero(autoscaling: LocalAutoscalingClust
     write_dataset(str(data), ["drogon", "viserion"], n_train=8, n_valid=4, seed=5, size=(72, 64))
     out_dir = tmp_path / "model"
     during: list[int] = []
-    out = run_job(autoscaling, ["train", "--data", str(data), "--out", str(out_dir), "--workers", "1",
-                                "--use-gpu", "yes", "--gpu-wait", "120", "--image-size", "64", "--head-epochs", "2",
-                                "--head-views", "0", "--batch-size", "8", "--no-report"], tmp_path, during)
+    out = run_job(
+        autoscaling,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out_dir),
+            "--workers",
+            "1",
+            "--use-gpu",
+            "yes",
+            "--gpu-wait",
+            "120",
+            "--image-size",
+            "64",
+            "--head-epochs",
+            "2",
+            "--head-views",
+            "0",
+            "--batch-size",
+            "8",
+            "--no-report",
+        ],
+        tmp_path,
+        during,
+    )
     scale_up_lines(out)
     assert "with 1 worker(s), 1 GPU each" in out, out[-3000:]
     assert max(during) >= 2
@@ -175,8 +235,11 @@ def standing_request(cluster: LocalAutoscalingCluster) -> list[dict]:
 def gpu_nodes(cluster: LocalAutoscalingCluster) -> int:
     """GPU nodes up or on their way, as the v1 monitor reports them (its status in the GCS KV)."""
     report = json.loads(_kv(cluster, b"__autoscaling_status") or b"{}").get("autoscaler_report") or {}
-    return (sum(n for t, n in (report.get("active_nodes") or {}).items() if t != "ray.head.default")
-            + sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or []))
+    return (
+        sum(n for t, n in (report.get("active_nodes") or {}).items() if t != "ray.head.default")
+        + sum((report.get("pending_launches") or {}).values())
+        + len(report.get("pending_nodes") or [])
+    )
 
 
 def wait_for_no_gpu_node(cluster: LocalAutoscalingCluster, timeout: float) -> float:
@@ -193,9 +256,15 @@ class Job:
 
     def __init__(self, cluster: LocalAutoscalingCluster, args: list[str], cwd: Path) -> None:
         env = {**os.environ, "RAY_ADDRESS": cluster.address, "DRAGONS_PROGRESS_BARS": "0"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "dragons.cli", *args], cwd=cwd, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dragons.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.t0 = time.time()
         self.at: dict[str, float] = {}  # when wait_for found each pattern, seconds from the start
@@ -251,15 +320,33 @@ def assert_stopped(job: Job, code: int, cluster: LocalAutoscalingCluster) -> Non
     assert standing_request(cluster) == []
 
 
-def test_sigterm_while_waiting_for_gpu_nodes_withdraws_the_request(autoscaling: LocalAutoscalingCluster,
-                                                                    tiny_model: str, hymenoptera_s3: str,
-                                                                    tmp_path: Path) -> None:
+def test_sigterm_while_waiting_for_gpu_nodes_withdraws_the_request(
+    autoscaling: LocalAutoscalingCluster, tiny_model: str, hymenoptera_s3: str, tmp_path: Path
+) -> None:
     wait_for_no_gpu_node(autoscaling, timeout=IDLE_TIMEOUT_S * 6)  # from zero
     # 3 GPU nodes where the worker group's maximum is 2: the job is still waiting
     # whenever the signal lands, with up to 2 nodes launched for it.
-    job = Job(autoscaling, ["score", "--model", tiny_model, "--input", f"{hymenoptera_s3}/val", "--output",
-                            str(tmp_path / "t"), "--run-id", "stop1", "--actors", "3:3", "--use-gpu", "yes",
-                            "--gpu-wait", "300"], tmp_path)
+    job = Job(
+        autoscaling,
+        [
+            "score",
+            "--model",
+            tiny_model,
+            "--input",
+            f"{hymenoptera_s3}/val",
+            "--output",
+            str(tmp_path / "t"),
+            "--run-id",
+            "stop1",
+            "--actors",
+            "3:3",
+            "--use-gpu",
+            "yes",
+            "--gpu-wait",
+            "300",
+        ],
+        tmp_path,
+    )
     try:
         job.wait_for(r"requested 3 GPU node\(s\)", timeout=120)
         job.wait_for(r"waiting for 3 GPU node\(s\)", timeout=120)
@@ -276,22 +363,46 @@ def test_sigterm_while_waiting_for_gpu_nodes_withdraws_the_request(autoscaling: 
         job.kill()
     assert_stopped(job, code, autoscaling)
     back = wait_for_no_gpu_node(autoscaling, timeout=IDLE_TIMEOUT_S * 6)
-    print(f"SIGTERM in the wait ({job.at}, a node launched {launched:.1f} s after): withdrawn after "
-          f"{withdrawn:.1f} s, exit after {exited:.1f} s, GPU nodes back to zero {back:.0f} s later")
+    print(
+        f"SIGTERM in the wait ({job.at}, a node launched {launched:.1f} s after): withdrawn after "
+        f"{withdrawn:.1f} s, exit after {exited:.1f} s, GPU nodes back to zero {back:.0f} s later"
+    )
 
 
-def test_sigterm_while_scoring_on_gpu_nodes_withdraws_and_keeps_the_parts(autoscaling: LocalAutoscalingCluster,
-                                                                          tiny_model: str, hymenoptera_s3: str,
-                                                                          tmp_path: Path) -> None:
+def test_sigterm_while_scoring_on_gpu_nodes_withdraws_and_keeps_the_parts(
+    autoscaling: LocalAutoscalingCluster, tiny_model: str, hymenoptera_s3: str, tmp_path: Path
+) -> None:
     from dragons.score.query import run_sql
 
     wait_for_no_gpu_node(autoscaling, timeout=IDLE_TIMEOUT_S * 6)
     table = str(tmp_path / "t")
     # All of hymenoptera (~400 images), one per model call, a part every 10 rows: a
     # run that is still scoring after its first commit.
-    job = Job(autoscaling, ["score", "--model", tiny_model, "--input", hymenoptera_s3, "--output", table,
-                            "--run-id", "stop2", "--actors", "1:2", "--use-gpu", "yes", "--gpu-wait", "120",
-                            "--batch-size", "1", "--commit-every", "10"], tmp_path)
+    job = Job(
+        autoscaling,
+        [
+            "score",
+            "--model",
+            tiny_model,
+            "--input",
+            hymenoptera_s3,
+            "--output",
+            table,
+            "--run-id",
+            "stop2",
+            "--actors",
+            "1:2",
+            "--use-gpu",
+            "yes",
+            "--gpu-wait",
+            "120",
+            "--batch-size",
+            "1",
+            "--commit-every",
+            "10",
+        ],
+        tmp_path,
+    )
     try:
         job.wait_for(r"GPU node\(s\) up after", timeout=180)
         job.wait_for(r"run stop2: part 1 committed", timeout=180)
@@ -307,8 +418,10 @@ def test_sigterm_while_scoring_on_gpu_nodes_withdraws_and_keeps_the_parts(autosc
     assert 10 <= rows < listed, (rows, listed)  # the committed parts are kept; the rest is for the next run
     # The actors went with the driver: nothing holds the nodes, so they idle out.
     back = wait_for_no_gpu_node(autoscaling, timeout=IDLE_TIMEOUT_S * 6)
-    print(f"SIGTERM while scoring ({rows} rows committed; {job.at}; {len(asked)} bundles asked): withdrawn "
-          f"after {withdrawn:.1f} s, exit after {exited:.1f} s, GPU nodes back to zero {back:.0f} s later")
+    print(
+        f"SIGTERM while scoring ({rows} rows committed; {job.at}; {len(asked)} bundles asked): withdrawn "
+        f"after {withdrawn:.1f} s, exit after {exited:.1f} s, GPU nodes back to zero {back:.0f} s later"
+    )
 
 
 # Without a cluster: Ray's calls stubbed, the wait never ends by itself.
@@ -339,10 +452,12 @@ ASKED = [{"GPU": 1, "CPU": 1.0}] * 2
 
 def signal_on_wait(signum: int, lines: list[str]):  # type: ignore[no-untyped-def]
     """A ``say`` that sends ``signum`` to this process on the first "waiting for" line."""
+
     def say(line: str) -> None:
         lines.append(line)
         if line.startswith("waiting for") and sum(x.startswith("waiting for") for x in lines) == 1:
             os.kill(os.getpid(), signum)
+
     return say
 
 
@@ -351,8 +466,12 @@ def test_ctrl_c_during_the_gpu_wait_withdraws_the_request(no_gpu_ever: list[list
     lines: list[str] = []
     caught: BaseException | None = None
     try:
-        with signals.stop_on_signals(), GpuRequest("scoring actor", "yes", Span(1, 2), wait_s=60,
-                                                   say=signal_on_wait(signal.SIGINT, lines), sleep_s=0.05):
+        with (
+            signals.stop_on_signals(),
+            GpuRequest(
+                "scoring actor", "yes", Span(1, 2), wait_s=60, say=signal_on_wait(signal.SIGINT, lines), sleep_s=0.05
+            ),
+        ):
             raise AssertionError("no GPU ever comes: the block never runs")
     except BaseException as exc:  # noqa: BLE001 (a plain KeyboardInterrupt must fail the test, not end the session)
         caught = exc
@@ -365,34 +484,41 @@ def test_ctrl_c_during_the_gpu_wait_withdraws_the_request(no_gpu_ever: list[list
     def interrupt(line: str) -> None:
         if line.startswith("waiting for"):
             raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt), GpuRequest("scoring actor", "yes", Span(1, 2), wait_s=60, say=interrupt,
-                                                      sleep_s=0.05):
+
+    with (
+        pytest.raises(KeyboardInterrupt),
+        GpuRequest("scoring actor", "yes", Span(1, 2), wait_s=60, say=interrupt, sleep_s=0.05),
+    ):
         pass
     assert no_gpu_ever == [ASKED, [], [], ASKED, []]
 
 
-def test_sigterm_through_guarded_is_exit_143_with_one_line(no_gpu_ever: list[list[dict]],
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigterm_through_guarded_is_exit_143_with_one_line(
+    no_gpu_ever: list[list[dict]], capsys: pytest.CaptureFixture[str]
+) -> None:
     from dragons.cliargs import guarded
 
     lines: list[str] = []
 
     def command() -> int:
-        with GpuRequest("scoring actor", "yes", Span(1, 2), wait_s=60, say=signal_on_wait(signal.SIGTERM, lines),
-                        sleep_s=0.05):
+        with GpuRequest(
+            "scoring actor", "yes", Span(1, 2), wait_s=60, say=signal_on_wait(signal.SIGTERM, lines), sleep_s=0.05
+        ):
             return 0
 
     before = signal.getsignal(signal.SIGTERM)
     assert guarded(command) == 143
     err = capsys.readouterr().err
-    assert err.strip() == ("error: stopped by SIGTERM: the committed parts are kept; run the same command again "
-                           "to continue"), err
+    assert err.strip() == (
+        "error: stopped by SIGTERM: the committed parts are kept; run the same command again to continue"
+    ), err
     assert no_gpu_ever == [ASKED, [], []]
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_withdrawing_is_bounded_idempotent_and_not_cut_by_a_signal(no_gpu_ever: list[list[dict]],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_withdrawing_is_bounded_idempotent_and_not_cut_by_a_signal(
+    no_gpu_ever: list[list[dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray.autoscaler.sdk
 
     from dragons import capacity

@@ -26,9 +26,15 @@ LIMIT_S = 60.0  # imports (torch, ray) take seconds on a busy 2-core machine; re
 
 # Real AWS (no endpoint), dummy credentials; no network here. EC2 metadata off:
 # nothing may wait for an instance-metadata service that is not there.
-AWS_ENV = {"AWS_ENDPOINT_URL": "", "AWS_ENDPOINT_URL_S3": " ", "AWS_ACCESS_KEY_ID": "AKIDUMMYDUMMYDUMMY",
-           "AWS_SECRET_ACCESS_KEY": "dummy-secret-value-for-tests", "AWS_SESSION_TOKEN": "",
-           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+AWS_ENV = {
+    "AWS_ENDPOINT_URL": "",
+    "AWS_ENDPOINT_URL_S3": " ",
+    "AWS_ACCESS_KEY_ID": "AKIDUMMYDUMMYDUMMY",
+    "AWS_SECRET_ACCESS_KEY": "dummy-secret-value-for-tests",
+    "AWS_SESSION_TOKEN": "",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def _env() -> dict[str, str]:
@@ -84,17 +90,30 @@ def test_empty_endpoint_is_real_aws_and_a_clean_error(name: str, local_model: st
 
 def test_job_entry_point_drops_empty_aws_vars(tmp_path: Path) -> None:
     """jobs/score.py (`ray job submit -- python jobs/score.py`) does not go through dragons.cli."""
-    p, seconds = _run([sys.executable, str(REPO / "jobs" / "score.py"), "--model", "s3://b/m", "--input", "s3://b/in",
-                       "--output", "s3://b/t"], cwd=tmp_path)
+    p, seconds = _run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "score.py"),
+            "--model",
+            "s3://b/m",
+            "--input",
+            "s3://b/in",
+            "--output",
+            "s3://b/t",
+        ],
+        cwd=tmp_path,
+    )
     _check_clean_error(p, seconds)
 
 
 def test_embedded_ray_workers_do_not_inherit_empty_aws_vars(tmp_path: Path) -> None:
     """Workers of an embedded Ray copy the driver's environment at ray.init:
     ensure_ray clears the empty variables before it, whoever called it."""
-    code = ("import os, ray; from dragons.raycluster import ensure_ray; ensure_ray(30); "
-            "names = ray.get(ray.remote(lambda: sorted(k for k in os.environ if k.startswith('AWS_'))).remote()); "
-            "print('worker', names); ray.shutdown()")
+    code = (
+        "import os, ray; from dragons.raycluster import ensure_ray; ensure_ray(30); "
+        "names = ray.get(ray.remote(lambda: sorted(k for k in os.environ if k.startswith('AWS_'))).remote()); "
+        "print('worker', names); ray.shutdown()"
+    )
     p, _ = _run([sys.executable, "-c", code], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     worker = next(line for line in p.stdout.splitlines() if line.startswith("worker"))
@@ -108,8 +127,10 @@ def test_a_delta_rs_panic_reached_through_the_library_is_a_clean_error(tmp_path:
     variables still set) still meets delta-rs' panic: it ends as an `error:` naming
     the table, not a traceback. (drop_empty_aws_env is not called on purpose; Rust's
     panic hook prints its own "thread ... panicked" lines before Python sees it.)"""
-    code = ("import sys; from dragons.cliargs import guarded; from dragons.score.query import run_sql; "
-            "sys.exit(guarded(lambda: run_sql('s3://b/t')))")
+    code = (
+        "import sys; from dragons.cliargs import guarded; from dragons.score.query import run_sql; "
+        "sys.exit(guarded(lambda: run_sql('s3://b/t')))"
+    )
     p, seconds = _run([sys.executable, "-c", code], cwd=tmp_path)
     assert "panicked" in p.stderr  # the case this test is about happened
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]

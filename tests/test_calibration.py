@@ -148,15 +148,23 @@ def test_the_predictor_applies_the_artifact_temperature(tta: int):
 
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", 3, weights="none").eval()
-    meta = {"classes": ["a", "b", "c"], "data_config": {"image_size": 64, "base_size": 73, "crop_pct": 64 / 73,
-                                                         "mean": [0.5] * 3, "std": [0.5] * 3}}
+    meta = {
+        "classes": ["a", "b", "c"],
+        "data_config": {"image_size": 64, "base_size": 73, "crop_pct": 64 / 73, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
     images = np.random.default_rng(1).integers(0, 255, size=(4, 73, 73, 3), dtype=np.uint8)
     old = Artifact(model=model, meta=dict(meta), uri="old")  # an artifact from before calibration: T = 1
     assert old.temperature == 1.0
     raw = Predictor.from_artifact(old, tta=tta).numpy(images)
     # A new artifact: T at the top (what every dragons reads) and how it was chosen beside it.
-    chosen = {"temperature": 0.5, "method": "cv5", "reason": "applied", "n": 400, "oof_ece_before": 0.1,
-              "oof_ece_after": 0.02}
+    chosen = {
+        "temperature": 0.5,
+        "method": "cv5",
+        "reason": "applied",
+        "n": 400,
+        "oof_ece_before": 0.1,
+        "oof_ece_after": 0.02,
+    }
     new = Artifact(model=model, meta={**meta, "temperature": 0.5, "calibration": chosen}, uri="new")
     assert new.temperature == 0.5
     hot = Predictor.from_artifact(new, tta=tta)
@@ -169,8 +177,16 @@ def test_the_report_says_which_case_applied_beside_the_reliability_diagrams():
     pytest.importorskip("matplotlib")
     from dragons.report import _render_html
 
-    metrics = {"n": 1, "accuracy": 1.0, "errors": 0, "log_loss": 0.1, "ece": 0.1, "macro_f1": 1.0,
-               "per_class": {}, "confusion_matrix": []}
+    metrics = {
+        "n": 1,
+        "accuracy": 1.0,
+        "errors": 0,
+        "log_loss": 0.1,
+        "ece": 0.1,
+        "macro_f1": 1.0,
+        "per_class": {},
+        "confusion_matrix": [],
+    }
     note = calibrate(SEPARABLE_P, SEPARABLE_Y).sentence()
     images = [("confusion_matrix.png", "cm"), ("reliability_uncalibrated.png", "before"), ("reliability.png", "after")]
     page = _render_html("t", metrics, [], images, [], note)

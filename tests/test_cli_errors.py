@@ -21,8 +21,14 @@ def _run(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProc
     full = {**os.environ, **env}
     full.pop("RAY_ADDRESS", None)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", *args], cwd=REPO, env=full, capture_output=True,
-                       text=True, timeout=LIMIT_S * 3)
+    p = subprocess.run(
+        [sys.executable, "-m", "dragons.cli", *args],
+        cwd=REPO,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S * 3,
+    )
     return p, time.monotonic() - t0
 
 
@@ -83,6 +89,8 @@ def test_top_level_help_gives_one_line_per_command(capsys: pytest.CaptureFixture
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    lines = {ln.split()[0]: ln.split(None, 1)[1] for ln in out.splitlines() if ln.startswith("  ") and len(ln.split()) > 1}
+    lines = {
+        ln.split()[0]: ln.split(None, 1)[1] for ln in out.splitlines() if ln.startswith("  ") and len(ln.split()) > 1
+    }
     assert set(lines) == set(COMMANDS) and all(len(text) > 10 for text in lines.values()), out
     assert lines["score"].startswith("Score every image under a prefix")

@@ -225,9 +225,9 @@ def test_aws_env_only_from_secret_refs():
                 ref = (env.get("valueFrom") or {}).get("secretKeyRef") or {}
                 assert ref.get("name") == S3_SECRET, f"{where}: {name} not from {S3_SECRET}"
                 assert ref.get("key") == name, where
-            assert "envFrom" not in node or all(
-                "configMapRef" not in e for e in node["envFrom"]
-            ), f"{where}: env from a ConfigMap"
+            assert "envFrom" not in node or all("configMapRef" not in e for e in node["envFrom"]), (
+                f"{where}: env from a ConfigMap"
+            )
     assert seen > 0
 
 
@@ -278,11 +278,7 @@ def test_head_without_gpu_and_gpu_worker_group(where: str, kind: str, spec: dict
     for c in head["template"]["spec"]["containers"]:
         assert _gpus(c) == 0, f"{where}: head requests a GPU"
     assert (head.get("rayStartParams") or {}).get("num-gpus") == "0", where
-    gpu_groups = [
-        g
-        for g in spec["workerGroupSpecs"]
-        if any(_gpus(c) for c in g["template"]["spec"]["containers"])
-    ]
+    gpu_groups = [g for g in spec["workerGroupSpecs"] if any(_gpus(c) for c in g["template"]["spec"]["containers"])]
     assert gpu_groups, f"{where}: no GPU worker group"
     for g in gpu_groups:
         assert all(_gpus(c) == 1 for c in g["template"]["spec"]["containers"]), where
@@ -323,15 +319,22 @@ def test_rayjob_lifecycle(where: str, doc: dict):
     assert str(env["working_dir"]).endswith(".zip"), where
 
 
-SCORING_KNOBS = ("submissionMode", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
-                 "activeDeadlineSeconds", "backoffLimit")
+SCORING_KNOBS = (
+    "submissionMode",
+    "shutdownAfterJobFinishes",
+    "ttlSecondsAfterFinished",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+)
 
 
 def _scoring_job_sources() -> list[tuple[str, str]]:
     """(where, YAML text) of the scoring RayJobs: the one-off file and the nightly template."""
     nightly = {d["kind"]: d for d in _load(CLUSTER / "nightly-score-cronjob.yaml")}["ConfigMap"]
-    return [("rayjob-score.yaml", (CLUSTER / "rayjob-score.yaml").read_text()),
-            ("nightly-score-cronjob.yaml:rayjob.yaml", nightly["data"]["rayjob.yaml"])]
+    return [
+        ("rayjob-score.yaml", (CLUSTER / "rayjob-score.yaml").read_text()),
+        ("nightly-score-cronjob.yaml:rayjob.yaml", nightly["data"]["rayjob.yaml"]),
+    ]
 
 
 @pytest.mark.parametrize("where,text", [pytest.param(w, t, id=w) for w, t in _scoring_job_sources()])
@@ -339,8 +342,11 @@ def test_scoring_rayjob_knobs_chosen_and_explained(where: str, text: str):
     """HTTPMode (no submitter pod whose eviction fails a healthy job), retries that resume
     (same --run-id), a per-attempt deadline, cluster deleted after a short TTL; and each
     knob carries its one-line reason as a YAML comment (on its line or the line above)."""
-    job = next(d for d in yaml.safe_load_all(text.replace(RUN_DATE_PLACEHOLDER, "2000-01-31"))
-               if d and d.get("kind") == "RayJob")
+    job = next(
+        d
+        for d in yaml.safe_load_all(text.replace(RUN_DATE_PLACEHOLDER, "2000-01-31"))
+        if d and d.get("kind") == "RayJob"
+    )
     spec = job["spec"]
     assert spec["submissionMode"] == "HTTPMode", where
     assert spec["backoffLimit"] >= 1, where
@@ -502,8 +508,12 @@ def _ray_pods(where: str, doc: dict) -> list[tuple[str, dict[str, str], list[dic
     out = []
     for name, group, g in groups:
         node_type = "head" if name == "head" else "worker"
-        labels = {**(g["template"].get("metadata") or {}).get("labels", {}),
-                  **auto, "ray.io/node-type": node_type, "ray.io/group": group}
+        labels = {
+            **(g["template"].get("metadata") or {}).get("labels", {}),
+            **auto,
+            "ray.io/node-type": node_type,
+            "ray.io/group": group,
+        }
         out.append((name, labels, g["template"]["spec"]["containers"]))
     return out
 
@@ -513,8 +523,12 @@ def _selects(selector: dict, labels: dict[str, str]) -> bool:
         return False
     for e in selector.get("matchExpressions") or []:
         key, op, values = e["key"], e["operator"], e.get("values") or []
-        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
         if not ok:
             return False
     return True
@@ -542,7 +556,11 @@ def _in_file(name: str, kind: str) -> list[dict]:
 
 def test_every_config_with_ray_pods_is_checked():
     assert _files_with_ray_pods() == [
-        "nightly-score-cronjob.yaml", "raycluster.yaml", "rayjob-score.yaml", "rayjob-train.yaml"]
+        "nightly-score-cronjob.yaml",
+        "raycluster.yaml",
+        "rayjob-score.yaml",
+        "rayjob-train.yaml",
+    ]
 
 
 @pytest.mark.parametrize("name", _files_with_ray_pods())
@@ -562,19 +580,25 @@ def test_every_ray_pod_is_fenced_by_a_network_policy(name: str):
             where = f"{name}: {obj['kind']} {obj['metadata']['name']} {group}"
             for c in containers:  # the policies' metrics port is the pods' metrics port
                 assert {"containerPort": METRICS_PORT, "name": "metrics"} in (c.get("ports") or []), where
-            rules = [r for p in policies if _selects(p["spec"]["podSelector"], labels) for r in p["spec"].get("ingress", [])]
+            rules = [
+                r for p in policies if _selects(p["spec"]["podSelector"], labels) for r in p["spec"].get("ingress", [])
+            ]
             assert rules, f"{where}: no NetworkPolicy selects this Ray pod"
             own = [r for r in rules if len(r.get("from") or []) == 1 and set(r["from"][0]) == {"podSelector"}]
             assert len(own) == 1, f"{where}: expected one rule for the cluster's own pods"
             own_selector = own[0]["from"][0]["podSelector"]
-            assert _selects(own_selector, labels) and "ray.io/node-type" not in own_selector.get("matchLabels", {}), where
+            assert _selects(own_selector, labels) and "ray.io/node-type" not in own_selector.get("matchLabels", {}), (
+                where
+            )
             assert _ports(own[0]) == ALL_BUT_METRICS, f"{where}: own pods must reach every port but {METRICS_PORT}"
             admitted: dict[int, list] = {}
             for r in rules:
                 for port in (METRICS_PORT, DASHBOARD_PORT):
                     if port in _ports(r):
                         admitted.setdefault(port, []).extend(r["from"])
-            assert admitted[METRICS_PORT] == [MONITORING_PEER], f"{where}: metrics port open to {admitted[METRICS_PORT]}"
+            assert admitted[METRICS_PORT] == [MONITORING_PEER], (
+                f"{where}: metrics port open to {admitted[METRICS_PORT]}"
+            )
             expected = [own[0]["from"][0]]
             if group == "head":
                 expected += [OPERATOR_PEER] + ([submitter] if submitter else [])
@@ -600,7 +624,9 @@ def test_network_policies_admit_no_one_else():
                 assert "ipBlock" not in peer, f"{where}: {peer}"
                 if peer == MONITORING_PEER:
                     assert _ports(rule) == {METRICS_PORT}, where
-                elif peer == OPERATOR_PEER or "batch.kubernetes.io/job-name" in peer.get("podSelector", {}).get("matchLabels", {}):
+                elif peer == OPERATOR_PEER or "batch.kubernetes.io/job-name" in peer.get("podSelector", {}).get(
+                    "matchLabels", {}
+                ):
                     assert _ports(rule) == {DASHBOARD_PORT}, where
                 else:  # the cluster's own pods, by a label only Ray pods of this config carry
                     assert set(peer) == {"podSelector"}, f"{where}: {peer}"
@@ -645,9 +671,7 @@ def sandbox(tmp_path: Path) -> Path:
     bindir.mkdir()
     stub = bindir / "ray"
     stub.write_text(
-        "#!/usr/bin/env bash\n"
-        'printf "%s\\0" "$@" > "$STUB_ARGS"\n'
-        'printf "%s" "${RAY_AUTH_MODE:-}" > "$STUB_MODE"\n'
+        '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$STUB_ARGS"\nprintf "%s" "${RAY_AUTH_MODE:-}" > "$STUB_MODE"\n'
     )
     stub.chmod(0o755)
     (tmp_path / "home").mkdir()

@@ -42,8 +42,13 @@ def _meta(classes: tuple[str, ...], temperature: float = 1.0) -> dict:
 
     spec = get_spec("efficientnet_lite0")
     data = DataConfig.create(IMAGE_SIZE, 0.875, spec.mean, spec.std)
-    return {"arch": "efficientnet_lite0", "classes": list(classes), "data_config": data.to_dict(), "metrics": {},
-            "temperature": temperature}
+    return {
+        "arch": "efficientnet_lite0",
+        "classes": list(classes),
+        "data_config": data.to_dict(),
+        "metrics": {},
+        "temperature": temperature,
+    }
 
 
 def _constant_model(out: Path, classes: tuple[str, ...], predicts: str, temperature: float = 1.0) -> str:
@@ -109,14 +114,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("compare")
     data = root / "data"
     colours = {"ants": (200, 60, 40), ODD: (40, 90, 210)}
-    valid: dict[str, list[str]] = {c: [_image(data / "valid" / c / f"{c[:4]}_{i}.jpg", colours[c], 10 * j + i)
-                                       for i in range(6)] for j, c in enumerate(CLASSES)}
+    valid: dict[str, list[str]] = {
+        c: [_image(data / "valid" / c / f"{c[:4]}_{i}.jpg", colours[c], 10 * j + i) for i in range(6)]
+        for j, c in enumerate(CLASSES)
+    }
     train = [_image(data / "train" / c / f"t{i}.jpg", colours[c], 100 + i) for c in CLASSES for i in range(2)]
     (data / "valid" / "ants" / "broken.jpg").write_bytes(b"not a jpeg at all")
     uris = valid["ants"] + valid[ODD]
     b_predicts = ["ants"] * 4 + [ODD] * 2 + [ODD] * 6
     return {
-        "root": root, "data": str(data), "valid": valid, "train": train,
+        "root": root,
+        "data": str(data),
+        "valid": valid,
+        "train": train,
         "a": _constant_model(root / "A", CLASSES, "ants", temperature=2.0),
         "b": _probe_model(root / "B", CLASSES, uris, b_predicts),
         "c": _constant_model(root / "C", CLASSES, ODD),
@@ -163,8 +173,14 @@ def test_challenger_beats_champion_on_the_valid_split(setup: dict) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model_a"]["version"] == a.version and summary["model_b"]["uri"] == b.uri
     assert summary["b"] == {"given": setup["b"], "uri": b.uri, "version": b.version, "accuracy": b.accuracy}
-    assert summary["mcnemar"] == {"b": 2, "c": 6, "both_right": 4, "both_wrong": 0, "n_discordant": 8,
-                                  "p_value": pytest.approx(74 / 256)}
+    assert summary["mcnemar"] == {
+        "b": 2,
+        "c": 6,
+        "both_right": 4,
+        "both_wrong": 0,
+        "n_discordant": 8,
+        "p_value": pytest.approx(74 / 256),
+    }
     assert (summary["n"], summary["min_gain"], summary["exit_code"], summary["beats"]) == (12, 0.3, 0, True)
     assert summary["data"] == setup["data"] and len(summary["disagreements"]) == 8
     assert summary["model_b"]["per_class"][ODD]["support"] == 6
@@ -227,8 +243,11 @@ def test_models_with_different_classes_compare_on_the_labels(setup: dict) -> Non
     d = _constant_model(root / "D", three, "wasps")
     wasps = [_image(root / "wasps" / f"w{i}.jpg", (230, 220, 40), 500 + i) for i in range(2)]
     table = root / "mixed.csv"
-    table.write_text("uri,label\n" + "".join(f"{u},wasps\n" for u in wasps)
-                     + "".join(f"{u},ants\n" for u in setup["valid"]["ants"][:2]))
+    table.write_text(
+        "uri,label\n"
+        + "".join(f"{u},wasps\n" for u in wasps)
+        + "".join(f"{u},ants\n" for u in setup["valid"]["ants"][:2])
+    )
     r = compare(setup["a"], d, str(table))
     assert r.classes == list(three) and r.n == 4
     assert (r.model_a.correct, r.model_b.correct) == (2, 2)  # A lacks wasps: wrong on both wasps

@@ -234,31 +234,54 @@ def k8s_schemas() -> dict[tuple[str, str], dict]:
     name_ref = obj(("name",), name=STR)
     return {
         ("v1", "ServiceAccount"): top(
-            "v1", "ServiceAccount",
-            automountServiceAccountToken=BOOL, imagePullSecrets=arr(name_ref), secrets=arr(OPEN),
+            "v1",
+            "ServiceAccount",
+            automountServiceAccountToken=BOOL,
+            imagePullSecrets=arr(name_ref),
+            secrets=arr(OPEN),
         ),
         ("v1", "ConfigMap"): top("v1", "ConfigMap", data=STR_MAP, binaryData=STR_MAP, immutable=BOOL),
         ("v1", "Secret"): top(
-            "v1", "Secret", data=STR_MAP, stringData=STR_MAP, type=STR, immutable=BOOL,
+            "v1",
+            "Secret",
+            data=STR_MAP,
+            stringData=STR_MAP,
+            type=STR,
+            immutable=BOOL,
         ),
         ("rbac.authorization.k8s.io/v1", "Role"): top(
-            "rbac.authorization.k8s.io/v1", "Role",
-            rules=arr(obj(
-                ("verbs",),
-                apiGroups=arr(STR), resources=arr(STR), resourceNames=arr(STR),
-                verbs=arr(STR), nonResourceURLs=arr(STR),
-            )),
+            "rbac.authorization.k8s.io/v1",
+            "Role",
+            rules=arr(
+                obj(
+                    ("verbs",),
+                    apiGroups=arr(STR),
+                    resources=arr(STR),
+                    resourceNames=arr(STR),
+                    verbs=arr(STR),
+                    nonResourceURLs=arr(STR),
+                )
+            ),
         ),
         ("rbac.authorization.k8s.io/v1", "RoleBinding"): top(
-            "rbac.authorization.k8s.io/v1", "RoleBinding", ("roleRef",),
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            ("roleRef",),
             roleRef=obj(("apiGroup", "kind", "name"), apiGroup=STR, kind=enum("Role", "ClusterRole"), name=STR),
-            subjects=arr(obj(
-                ("kind", "name"),
-                kind=enum("ServiceAccount", "User", "Group"), name=STR, namespace=STR, apiGroup=STR,
-            )),
+            subjects=arr(
+                obj(
+                    ("kind", "name"),
+                    kind=enum("ServiceAccount", "User", "Group"),
+                    name=STR,
+                    namespace=STR,
+                    apiGroup=STR,
+                )
+            ),
         ),
         ("networking.k8s.io/v1", "NetworkPolicy"): top(
-            "networking.k8s.io/v1", "NetworkPolicy", ("spec",),
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            ("spec",),
             spec=obj(
                 ("podSelector",),
                 podSelector=label_selector,
@@ -268,7 +291,9 @@ def k8s_schemas() -> dict[tuple[str, str], dict]:
             ),
         ),
         ("batch/v1", "CronJob"): top(
-            "batch/v1", "CronJob", ("spec",),
+            "batch/v1",
+            "CronJob",
+            ("spec",),
             spec=obj(
                 ("schedule", "jobTemplate"),
                 schedule=STR,
@@ -442,23 +467,34 @@ def test_wrong_types_fail():
 
 
 def test_strictify_semantics():
-    schema = strictify({
-        "type": "object",
-        "properties": {
-            "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": STR}},
-            "map": {"type": "object", "additionalProperties": STR},
-            "any": {"type": "object"},
-            "port": {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True},
-            "qty": {"x-kubernetes-int-or-string": True},
-            "maybe": {"type": "string", "nullable": True},
-            "list": {"type": "array", "items": {"type": "object", "properties": {"b": INT}}},
-        },
-    })
+    schema = strictify(
+        {
+            "type": "object",
+            "properties": {
+                "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": STR}},
+                "map": {"type": "object", "additionalProperties": STR},
+                "any": {"type": "object"},
+                "port": {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True},
+                "qty": {"x-kubernetes-int-or-string": True},
+                "maybe": {"type": "string", "nullable": True},
+                "list": {"type": "array", "items": {"type": "object", "properties": {"b": INT}}},
+            },
+        }
+    )
     ok = Draft7Validator(schema)
-    assert not list(ok.iter_errors({
-        "open": {"a": "x", "extra": 1}, "map": {"k": "v"}, "any": {"whatever": [1]},
-        "port": 8265, "qty": "500m", "maybe": None, "list": [{"b": 1}],
-    }))
+    assert not list(
+        ok.iter_errors(
+            {
+                "open": {"a": "x", "extra": 1},
+                "map": {"k": "v"},
+                "any": {"whatever": [1]},
+                "port": 8265,
+                "qty": "500m",
+                "maybe": None,
+                "list": [{"b": 1}],
+            }
+        )
+    )
     assert not list(ok.iter_errors({"port": "dashboard", "qty": 2}))
     for bad in ({"extra": 1}, {"list": [{"c": 1}]}, {"port": 1.5}, {"qty": [1]}, {"map": {"k": 1}}):
         assert list(ok.iter_errors(bad)), bad

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
-from dragons import storage
 from helpers_hardening import jpeg, rows_of
 from s3_fault_proxy import FaultPlan, FaultProxy
+
+from dragons import storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,14 +37,13 @@ def proxy_factory(s3: object) -> Iterator:
         p.stop()
 
 
-
-
 def _run_group(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run in a session of its own, so that on a timeout its whole Ray cluster dies with it."""
     import signal
 
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -54,14 +53,23 @@ def _run_group(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _cli(args: list[str], endpoint: str, tmp: Path, timeout: float = 420, **env: str) -> subprocess.CompletedProcess[str]:
+def _cli(
+    args: list[str], endpoint: str, tmp: Path, timeout: float = 420, **env: str
+) -> subprocess.CompletedProcess[str]:
     """A dragons command in its own process with its own embedded Ray, talking to S3 through ``endpoint``."""
     full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ray_tmp = Path("/tmp") / f"rd{os.getpid()}{int(time.time() * 1000) % 100000}"  # Ray's socket paths must stay short
     ray_tmp.mkdir()
-    full.update({"AWS_ENDPOINT_URL": endpoint, "RAY_TMPDIR": str(ray_tmp), "DRAGONS_PROGRESS_BARS": "0",
-                 # A second Ray beside the session's: keep its object store small.
-                 "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05", **env})
+    full.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "RAY_TMPDIR": str(ray_tmp),
+            "DRAGONS_PROGRESS_BARS": "0",
+            # A second Ray beside the session's: keep its object store small.
+            "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.05",
+            **env,
+        }
+    )
     try:
         return _run_group([sys.executable, "-m", "dragons.cli", *args], tmp, full, timeout)
     finally:
@@ -95,7 +103,11 @@ def test_scoring_through_flaky_s3_loses_nothing(tiny_model: str, bucket: str, pr
     storage.write_bytes(f"{prefix}/vanishes.jpg", jpeg(1001))
     proxy = proxy_factory(FaultPlan(rate=0.25, seed=7, always_fail=("broken-forever",), delete_on_get=("vanishes",)))
     out = f"s3://{bucket}/tables/drill-faults"
-    p = _cli(["score", "--model", tiny_model, "--input", prefix, "--output", out, "--run-id", "faults"], proxy.endpoint, tmp_path)
+    p = _cli(
+        ["score", "--model", tiny_model, "--input", prefix, "--output", out, "--run-id", "faults"],
+        proxy.endpoint,
+        tmp_path,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "Traceback" not in p.stderr
     rows = rows_of(out, "faults")
@@ -118,8 +130,28 @@ def test_training_through_flaky_s3(bucket: str, proxy_factory, tmp_path: Path) -
     storage.upload_dir(local, f"s3://{bucket}/drill-train-data")
     proxy = proxy_factory(FaultPlan(rate=0.2, seed=11))
     out = f"s3://{bucket}/models/drill-train"
-    p = _cli(["train", "--data", f"s3://{bucket}/drill-train-data", "--out", out, "--workers", "1", "--image-size", "64",
-              "--head-epochs", "3", "--head-views", "0", "--batch-size", "8", "--no-report"], proxy.endpoint, tmp_path)
+    p = _cli(
+        [
+            "train",
+            "--data",
+            f"s3://{bucket}/drill-train-data",
+            "--out",
+            out,
+            "--workers",
+            "1",
+            "--image-size",
+            "64",
+            "--head-epochs",
+            "3",
+            "--head-views",
+            "0",
+            "--batch-size",
+            "8",
+            "--no-report",
+        ],
+        proxy.endpoint,
+        tmp_path,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     meta = json.loads(storage.read_bytes(f"{out}/model.json"))
     assert (meta["data"]["n_train"], meta["data"]["n_valid"]) == (24, 12) and not meta["data"]["bad_images"]
@@ -127,7 +159,9 @@ def test_training_through_flaky_s3(bucket: str, proxy_factory, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_killed_scoring_actor_every_row_exactly_once(ray_session: None, tiny_model: str, bucket: str, tmp_path: Path) -> None:
+def test_killed_scoring_actor_every_row_exactly_once(
+    ray_session: None, tiny_model: str, bucket: str, tmp_path: Path
+) -> None:
     """SIGKILL a scoring actor mid-run: Ray Data restarts it and retries its batches."""
     import signal
     import threading
@@ -146,8 +180,17 @@ def test_killed_scoring_actor_every_row_exactly_once(ray_session: None, tiny_mod
 
     def run() -> None:
         try:
-            result["manifest"] = score(ScoreConfig(model=tiny_model, input=prefix, output=out, run_id="actor-kill", batch_size=4,
-                                                   progress_s=0.3, log_file=str(tmp_path / "score.log")))
+            result["manifest"] = score(
+                ScoreConfig(
+                    model=tiny_model,
+                    input=prefix,
+                    output=out,
+                    run_id="actor-kill",
+                    batch_size=4,
+                    progress_s=0.3,
+                    log_file=str(tmp_path / "score.log"),
+                )
+            )
         except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
             result["error"] = exc
 
@@ -181,12 +224,17 @@ def test_killed_scoring_actor_every_row_exactly_once(ray_session: None, tiny_mod
 
 def _objects(bucket: str, prefix: str) -> list[str]:
     client = storage.boto3_client()
-    return [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    return [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
 
 
 @pytest.mark.slow
-def test_permission_denied_on_input_and_output(tiny_model: str, bucket: str, hymenoptera_s3: str, proxy_factory, tmp_path: Path) -> None:
+def test_permission_denied_on_input_and_output(
+    tiny_model: str, bucket: str, hymenoptera_s3: str, proxy_factory, tmp_path: Path
+) -> None:
     """403 AccessDenied on the input (listing and GETs) or the output (PUTs): exit 2, a clear
     `error: access denied ...` naming the URI, and nothing half-written under the output."""
     for i in range(6):
@@ -194,10 +242,24 @@ def test_permission_denied_on_input_and_output(tiny_model: str, bucket: str, hym
         storage.write_bytes(f"s3://{bucket}/drill-perm-ok/img{i}.jpg", jpeg(i))
     proxy = proxy_factory(FaultPlan(rate=0.0, deny=("drill-perm-in", "drill-perm-out")))
     cases = {
-        "score-input": ["score", "--model", tiny_model, "--input", f"s3://{bucket}/drill-perm-in",
-                        "--output", f"s3://{bucket}/tables/drill-perm-a"],
-        "score-output": ["score", "--model", tiny_model, "--input", f"s3://{bucket}/drill-perm-ok",
-                         "--output", f"s3://{bucket}/drill-perm-out/table"],
+        "score-input": [
+            "score",
+            "--model",
+            tiny_model,
+            "--input",
+            f"s3://{bucket}/drill-perm-in",
+            "--output",
+            f"s3://{bucket}/tables/drill-perm-a",
+        ],
+        "score-output": [
+            "score",
+            "--model",
+            tiny_model,
+            "--input",
+            f"s3://{bucket}/drill-perm-ok",
+            "--output",
+            f"s3://{bucket}/drill-perm-out/table",
+        ],
         "train-output": ["train", "--data", hymenoptera_s3, "--out", f"s3://{bucket}/drill-perm-out/model"],
     }
     for name, args in cases.items():
@@ -222,7 +284,7 @@ def _node_drill(args: list[str], tmp_path: Path) -> dict:
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
     lines = [line for line in p.stdout.splitlines() if line.startswith("DRILL ")]
     assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-5000:]
-    return json.loads(lines[-1][len("DRILL "):])
+    return json.loads(lines[-1][len("DRILL ") :])
 
 
 @pytest.mark.slow
@@ -246,8 +308,15 @@ def test_node_lost_during_training_resumes(bucket: str, tmp_path: Path) -> None:
     local = tmp_path / "data"
     write_dataset(str(local), ["drogon", "viserion"], n_train=12, n_valid=6, seed=5, size=(96, 72))
     storage.upload_dir(local, f"s3://{bucket}/drill-node-train")
-    res = _node_drill(["train", f"s3://{bucket}/drill-node-train", f"s3://{bucket}/models/drill-node",
-                       f"s3://{bucket}/drill-node-runs"], tmp_path)
+    res = _node_drill(
+        [
+            "train",
+            f"s3://{bucket}/drill-node-train",
+            f"s3://{bucket}/models/drill-node",
+            f"s3://{bucket}/drill-node-runs",
+        ],
+        tmp_path,
+    )
     assert res["killed"] and res["added"], res
     assert res["resumes"] >= 1 and res["epochs"] >= 2, res
     assert storage.exists(f"s3://{bucket}/models/drill-node/model.json")

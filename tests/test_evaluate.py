@@ -13,17 +13,29 @@ from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-REPORT_PNGS = ["confusion_matrix.png", "reliability.png", "grid_random_correct.png", "grid_most_correct.png",
-               "grid_most_incorrect.png", "grid_most_uncertain.png", "top_losses.png", "training_curves.png"]
+REPORT_PNGS = [
+    "confusion_matrix.png",
+    "reliability.png",
+    "grid_random_correct.png",
+    "grid_most_correct.png",
+    "grid_most_incorrect.png",
+    "grid_most_uncertain.png",
+    "top_losses.png",
+    "training_curves.png",
+]
 
 
-def test_lr_find_plots_and_suggests(ray_session: None, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lr_find_plots_and_suggests(
+    ray_session: None, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from dragons.cli import get_lr_find_parser, lr_find_main
     from dragons.local.synth import write_dataset
 
     data = workdir / "lrf"
     write_dataset(str(data), ["drogon", "viserion"], n_train=16, n_valid=4, seed=5, size=(160, 120))
-    args = get_lr_find_parser().parse_args(["--data", str(data), "--image-size", "64", "--plot", str(tmp_path / "lr.png")])
+    args = get_lr_find_parser().parse_args(
+        ["--data", str(data), "--image-size", "64", "--plot", str(tmp_path / "lr.png")]
+    )
     assert lr_find_main(args) == 0
     out = capsys.readouterr().out
     lr = float(re.search(r"suggested lr: ([0-9.e+-]+)", out).group(1))  # type: ignore[union-attr]
@@ -34,8 +46,24 @@ def test_lr_find_plots_and_suggests(ray_session: None, workdir: Path, tmp_path: 
 
 def test_evaluate_cli_writes_report(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
     report = tmp_path / "report"
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", "evaluate", "--model", hymenoptera_model["uri"], "--data", hymenoptera_s3,
-                        "--report", str(report)], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dragons.cli",
+            "evaluate",
+            "--model",
+            hymenoptera_model["uri"],
+            "--data",
+            hymenoptera_s3,
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     acc = float(re.search(r"accuracy ([0-9.]+)", p.stdout).group(1))  # type: ignore[union-attr]
     assert abs(acc - hymenoptera_model["meta"]["metrics"]["valid_accuracy"]) <= 1.5 / 153
@@ -66,18 +94,22 @@ def test_evaluate_splits_a_folder_without_valid_as_the_model_was_trained(tmp_pat
 
     from dragons import artifact
     from dragons.data import discover
+    from dragons.dataconfig import DataConfig
     from dragons.evaluate import evaluate
     from dragons.local.synth import write_dataset
-    from dragons.dataconfig import DataConfig
     from dragons.models.registry import build_model, get_spec
 
     data = tmp_path / "data"
     write_dataset(str(data), ["drogon", "viserion"], n_train=10, n_valid=0, seed=2, size=(96, 80))
     shutil.rmtree(data / "valid")
     spec = get_spec("efficientnet_lite0")
-    meta = {"arch": "efficientnet_lite0", "classes": ["drogon", "viserion"], "metrics": {},
-            "data_config": DataConfig.create(64, 0.875, spec.mean, spec.std).to_dict(),
-            "config": {"valid_pct": 0.5, "seed": 7}}
+    meta = {
+        "arch": "efficientnet_lite0",
+        "classes": ["drogon", "viserion"],
+        "metrics": {},
+        "data_config": DataConfig.create(64, 0.875, spec.mean, spec.std).to_dict(),
+        "config": {"valid_pct": 0.5, "seed": 7},
+    }
     artifact.save(str(tmp_path / "model"), build_model("efficientnet_lite0", 2, "none"), meta)
     trained_split = discover(str(data), 0.5, 7).valid
     assert len(trained_split) != len(discover(str(data), 0.2, 42).valid)  # the defaults would split otherwise

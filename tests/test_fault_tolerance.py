@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dragons.errors import DragonsError
-from dragons.train.config import TrainConfig
 from dragons.train.checkpoint import latest_checkpoint
+from dragons.train.config import TrainConfig
 from dragons.train.run import train
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,9 @@ def _cfg(data: str, out: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def test_killed_workers_restart_then_resume_finishes_the_run(ray_session: None, small_data: str, tmp_path: Path) -> None:
+def test_killed_workers_restart_then_resume_finishes_the_run(
+    ray_session: None, small_data: str, tmp_path: Path
+) -> None:
     """One run through both ways back from a killed worker (one training, not two):
 
     1. a worker killed after epoch 2: the group restarts from the last checkpoint

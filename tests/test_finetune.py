@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_hardening import Shard, head_only_settings
 
-from dragons.images import decode_to_base
 from dragons.dataconfig import DataConfig
+from dragons.images import decode_to_base
 from dragons.train.config import TrainConfig
 from dragons.train.recipe import resolve
-from helpers_hardening import head_only_settings
 from dragons.train.worker import Worker
-from helpers_hardening import Shard
 
 FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers5"
 
@@ -45,8 +44,11 @@ def flowers_split() -> tuple[Shard, Shard, list[str], TrainConfig]:
         held += [(f, ci) for f in files[16:24]]
     # What the recipe gives these 80 small images when a user asks for fine-tuning
     # (--epochs 2: default augmentation, label smoothing), at 96 px to keep it fast.
-    cfg, _ = resolve(TrainConfig(data="x", out="y", image_size=96, crop_pct=0.875, batch_size=16, epochs=2),
-                     n_train=80, short_side=128)
+    cfg, _ = resolve(
+        TrainConfig(data="x", out="y", image_size=96, crop_pct=0.875, batch_size=16, epochs=2),
+        n_train=80,
+        short_side=128,
+    )
     assert (cfg.augment, cfg.label_smoothing, cfg.lr_mult) == ("default", 0.1, 10.0)
     side = DataConfig.create(cfg.image_size, cfg.crop_pct, (0.5,) * 3, (0.5,) * 3).base_size
     return _load(train, side), _load(held, side), classes, cfg
@@ -90,7 +92,9 @@ def _tiny_worker(**kw: object) -> Worker:
 
 def _tiny_shard(n: int = 12, side: int = 80) -> Shard:
     g = torch.Generator().manual_seed(1)
-    return Shard(torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g), torch.arange(n) % 2, torch.arange(n))
+    return Shard(
+        torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g), torch.arange(n) % 2, torch.arange(n)
+    )
 
 
 def _saved_for_backward(w: Worker, recompute: bool) -> int:
@@ -138,8 +142,8 @@ def test_a_phase_keeps_one_optimiser_and_a_resume_restores_it() -> None:
     a resumed run re-enters the phase with the moments its checkpoint saved."""
     import copy
 
-    from dragons.train.trainer import Trainer
     from dragons.train.checkpoint import RunState
+    from dragons.train.trainer import Trainer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -7,16 +7,21 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers_hardening import jpeg, rows_of, save_tiny_model
 
 from dragons import storage
 from dragons.score.pipeline import ScoreConfig, score
-from helpers_hardening import jpeg, rows_of, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-ODD_KEYS = ["photo#1.jpg", "what?x=1&y=2.jpg", "a b.jpg", "100%25 sure%.jpg", "c+d.jpg", "drăgon-龍.jpg",
-            "deep/er/and/deeper/x.jpg"]
-
-
+ODD_KEYS = [
+    "photo#1.jpg",
+    "what?x=1&y=2.jpg",
+    "a b.jpg",
+    "100%25 sure%.jpg",
+    "c+d.jpg",
+    "drăgon-龍.jpg",
+    "deep/er/and/deeper/x.jpg",
+]
 
 
 def test_odd_keys_score_the_right_object(ray_session: None, tiny_model: str, bucket: str, tmp_path: Path) -> None:
@@ -39,7 +44,9 @@ def test_odd_keys_score_the_right_object(ray_session: None, tiny_model: str, buc
         assert (odd["p_ants"], odd["p_bees"]) == (plain["p_ants"], plain["p_bees"]), key
 
 
-def test_max_bytes_and_max_pixels_give_too_large_rows(ray_session: None, tiny_model: str, bucket: str, tmp_path: Path) -> None:
+def test_max_bytes_and_max_pixels_give_too_large_rows(
+    ray_session: None, tiny_model: str, bucket: str, tmp_path: Path
+) -> None:
     from dragons.local.synth import png_bomb
 
     root = f"s3://{bucket}/sizes"
@@ -49,8 +56,17 @@ def test_max_bytes_and_max_pixels_give_too_large_rows(ray_session: None, tiny_mo
     storage.write_bytes(f"{root}/big.jpg", big)
     storage.write_bytes(f"{root}/bomb.png", png_bomb(3000, 3000))
     out = f"s3://{bucket}/tables/sizes"
-    m = score(ScoreConfig(model=tiny_model, input=root, output=out, run_id="sizes", max_bytes=20_000,
-                          max_pixels=1_000_000, log_file=str(tmp_path / "log")))
+    m = score(
+        ScoreConfig(
+            model=tiny_model,
+            input=root,
+            output=out,
+            run_id="sizes",
+            max_bytes=20_000,
+            max_pixels=1_000_000,
+            log_file=str(tmp_path / "log"),
+        )
+    )
     assert m["rows"] == 3 and m["errors"] == 2
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in rows_of(out, "sizes")}
     assert rows["big.jpg"]["error"].startswith("too_large:") and "--max-bytes" in rows["big.jpg"]["error"]
@@ -60,7 +76,9 @@ def test_max_bytes_and_max_pixels_give_too_large_rows(ray_session: None, tiny_mo
     from dragons.score.cli import get_score_parser
 
     ns = get_score_parser().parse_args(["--model", "m", "--output", "o"])
-    assert (ns.max_bytes, ns.max_pixels) == (ScoreConfig().max_bytes, ScoreConfig().max_pixels) == (64 * 2**20, 64_000_000)
+    assert (
+        (ns.max_bytes, ns.max_pixels) == (ScoreConfig().max_bytes, ScoreConfig().max_pixels) == (64 * 2**20, 64_000_000)
+    )
     ns = get_score_parser().parse_args(["--model", "m", "--output", "o", "--max-bytes", "10", "--max-pixels", "20"])
     assert (ns.max_bytes, ns.max_pixels) == (10, 20)
 
@@ -110,10 +128,15 @@ def test_configs_are_redacted_everywhere(ray_session: None, bucket: str, tmp_pat
         artifact.save(f"s3://{bucket}/redact/models/m2", artifact.load(model).model, meta)
         storage.write_bytes(f"s3://{bucket}/redact/images/a.jpg", jpeg(3))
         log = tmp_path / "score.log"
-        m = score(ScoreConfig(model=model, input=f"s3://{bucket}/redact/images", output=out, run_id="redact",
-                              log_file=str(log)))
+        m = score(
+            ScoreConfig(
+                model=model, input=f"s3://{bucket}/redact/images", output=out, run_id="redact", log_file=str(log)
+            )
+        )
         assert m["rows"] == 1 and m["errors"] == 0
-        written = {k: v for k, v in _all_objects(bucket, "redact/").items() if not k.startswith("redact/models/" + secret)}
+        written = {
+            k: v for k, v in _all_objects(bucket, "redact/").items() if not k.startswith("redact/models/" + secret)
+        }
         assert any(k.endswith("model.json") for k in written) and len(written) >= 4
         for key, data in written.items():
             assert secret.encode() not in data, key
@@ -125,7 +148,9 @@ def test_configs_are_redacted_everywhere(ray_session: None, bucket: str, tmp_pat
 
 
 @pytest.mark.slow
-def test_no_secret_in_anything_a_run_writes(hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path: Path) -> None:
+def test_no_secret_in_anything_a_run_writes(
+    hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path: Path
+) -> None:
     """Train (the shared fixture: Ray Train from S3, checkpoints on S3) and score, then grep
     every object in the bucket, the logs and Ray's session directory for the secret."""
     import ray
@@ -133,8 +158,15 @@ def test_no_secret_in_anything_a_run_writes(hymenoptera_model: dict, hymenoptera
     secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
     key_id = os.environ["AWS_ACCESS_KEY_ID"].encode()
     log = tmp_path / "score.log"
-    m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val/ants", output=f"s3://{bucket}/tables/secrets",
-                          run_id="secrets", log_file=str(log)))
+    m = score(
+        ScoreConfig(
+            model=hymenoptera_model["uri"],
+            input=f"{hymenoptera_s3}/val/ants",
+            output=f"s3://{bucket}/tables/secrets",
+            run_id="secrets",
+            log_file=str(log),
+        )
+    )
     assert m["rows"] > 0
     objects = _all_objects(bucket)
     assert any("_runs" in k for k in objects), "the training run's checkpoints were expected on S3"

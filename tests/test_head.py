@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
+from helpers_hardening import Shard, head_only_settings
 
 from dragons.dataconfig import DEFAULT_CROP_PCT, LEGACY_CROP_PCT, DataConfig
 from dragons.preprocess import eval_batch
 from dragons.train.config import TrainConfig
-from helpers_hardening import head_only_settings
 from dragons.train.worker import Worker
-from helpers_hardening import Shard
 
 
 def _worker(**kw: object) -> Worker:
@@ -35,8 +34,12 @@ def test_base_size_follows_crop_pct() -> None:
     assert DataConfig.from_meta({"data_config": new.to_dict()}) == new
     old = DataConfig.from_meta({"image_size": 224, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
     assert (old.base_size, old.crop_pct) == (256, LEGACY_CROP_PCT)
-    assert DataConfig.from_meta({"image_size": 224, "base_size": 320, "normalization": {"mean": [0.5] * 3,
-                                                                                         "std": [0.5] * 3}}).base_size == 320
+    assert (
+        DataConfig.from_meta(
+            {"image_size": 224, "base_size": 320, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+        ).base_size
+        == 320
+    )
 
 
 def test_eval_view_is_the_centre_crop_and_augmented_views_differ() -> None:

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dragons.images import DecodeOptions, ImageError, decode
-from dragons.images import base_square, decode_to_base
+from dragons.images import DecodeOptions, ImageError, base_square, decode, decode_to_base
 from dragons.local.synth import bad_file_catalogue
 
 

@@ -46,9 +46,18 @@ VERSIONED = [
 KEPT = {f"s3://{SRC}/photos/a.jpg", f"s3://{SRC}/photos/sub/b.png", f"s3://{SRC}/photos/e.jpg"}
 
 # Keys that URL encoding changes (CSV) or that a URI parser would cut: all kept verbatim.
-ODD_KEYS = ["photos/two words.jpg", "photos/a+b.jpg", "photos/100%.jpg", "photos/%41 literal.jpg", "photos/x#1?.jpg",
-            "photos/drachen/Ünïcødé 龍.jpg", "photos/plus+ and space.jpg", "photos/semi;colon,comma&amp=.jpg",
-            "photos/emoji 🐉.png", "photos/tilde~(1)'.jpg"]
+ODD_KEYS = [
+    "photos/two words.jpg",
+    "photos/a+b.jpg",
+    "photos/100%.jpg",
+    "photos/%41 literal.jpg",
+    "photos/x#1?.jpg",
+    "photos/drachen/Ünïcødé 龍.jpg",
+    "photos/plus+ and space.jpg",
+    "photos/semi;colon,comma&amp=.jpg",
+    "photos/emoji 🐉.png",
+    "photos/tilde~(1)'.jpg",
+]
 
 
 def _rows(manifest: str, input_uri: str = f"s3://{SRC}/photos", page_rows: int = 1000) -> list[dict]:
@@ -70,8 +79,10 @@ def test_versioned_report_keeps_what_a_listing_would(fmt: str, tmp_path: Path) -
     assert (a["etag"], a["size"], a["last_modified"]) == ("etag-a-new", 10, DEFAULT_MTIME)
     assert by_uri[f"s3://{SRC}/photos/sub/b.png"]["etag"] == "etag-b"
     # The whole bucket: only the prefix filter goes; the rest is still dropped.
-    assert {r["uri"] for r in _rows(manifest, f"s3://{SRC}")} == KEPT | {f"s3://{SRC}/photos2/c.jpg",
-                                                                         f"s3://{SRC}/other/d.jpg"}
+    assert {r["uri"] for r in _rows(manifest, f"s3://{SRC}")} == KEPT | {
+        f"s3://{SRC}/photos2/c.jpg",
+        f"s3://{SRC}/other/d.jpg",
+    }
     assert {r["uri"] for r in _rows(manifest, f"s3://{SRC}/photos/sub/")} == {f"s3://{SRC}/photos/sub/b.png"}
 
 
@@ -79,11 +90,13 @@ def test_versioned_report_keeps_what_a_listing_would(fmt: str, tmp_path: Path) -
 def test_current_versions_report_without_optional_fields(fmt: str, tmp_path: Path) -> None:
     """Only Bucket and Key (the required fields): no version columns, so every row is
     current; size, ETag and last-modified are null, not an error."""
-    manifest = write_inventory(tmp_path, SRC, ["photos/a.jpg", "photos/b.jpg", "else/c.jpg"], fmt,
-                               fields=("Bucket", "Key"))
+    manifest = write_inventory(
+        tmp_path, SRC, ["photos/a.jpg", "photos/b.jpg", "else/c.jpg"], fmt, fields=("Bucket", "Key")
+    )
     rows = _rows(manifest)
-    assert rows == [{"uri": f"s3://{SRC}/photos/{n}", "etag": None, "size": None, "last_modified": None}
-                    for n in ("a.jpg", "b.jpg")]
+    assert rows == [
+        {"uri": f"s3://{SRC}/photos/{n}", "etag": None, "size": None, "last_modified": None} for n in ("a.jpg", "b.jpg")
+    ]
 
 
 @pytest.mark.parametrize(("fmt", "encode_slash"), [(f, False) for f in FORMATS] + [("CSV", True)])
@@ -105,10 +118,34 @@ def test_odd_keys_are_exact(fmt: str, encode_slash: bool, tmp_path: Path) -> Non
 
 
 def test_csv_key_decoding_rules() -> None:
-    keys = pa.array(["a+b", "a%2Bb", "a%20b", "a%2Fb%2fc", "100%25", "%252F", "%E9%BE%8D", "plain/key.jpg", None,
-                     "bad%zz", "%28x%29%2c%3d"])
+    keys = pa.array(
+        [
+            "a+b",
+            "a%2Bb",
+            "a%20b",
+            "a%2Fb%2fc",
+            "100%25",
+            "%252F",
+            "%E9%BE%8D",
+            "plain/key.jpg",
+            None,
+            "bad%zz",
+            "%28x%29%2c%3d",
+        ]
+    )
     assert inv._decode_csv_keys(keys).to_pylist() == [
-        "a b", "a+b", "a b", "a/b/c", "100%", "%2F", "龍", "plain/key.jpg", None, "bad%zz", "(x),="]
+        "a b",
+        "a+b",
+        "a b",
+        "a/b/c",
+        "100%",
+        "%2F",
+        "龍",
+        "plain/key.jpg",
+        None,
+        "bad%zz",
+        "(x),=",
+    ]
     # An encoded newline: the one-call decode cannot split it back, key by key does.
     assert inv._decode_csv_keys(pa.array(["new%0Aline+1", "%C3%BC"])).to_pylist() == ["new\nline 1", "ü"]
 
@@ -119,15 +156,22 @@ def test_csv_values_in_quotes_and_sizes(tmp_path: Path) -> None:
     f = inv.inventory_files(manifest, f"s3://{SRC}")[0]
     import gzip
 
-    Path(f.uri).write_bytes(gzip.compress(
-        b'"photo-archive","photos/a.jpg","v1","TRUE","False","12","2026-12-04T23:05:07.000Z","x","STANDARD"\n'
-        b'"photo-archive","photos/b.jpg","v1","true","false","n/a","yesterday","","STANDARD"\n'
-        b'"photo-archive","photos/c.jpg","v1","","","","","","STANDARD"\n'))
+    Path(f.uri).write_bytes(
+        gzip.compress(
+            b'"photo-archive","photos/a.jpg","v1","TRUE","False","12","2026-12-04T23:05:07.000Z","x","STANDARD"\n'
+            b'"photo-archive","photos/b.jpg","v1","true","false","n/a","yesterday","","STANDARD"\n'
+            b'"photo-archive","photos/c.jpg","v1","","","","","","STANDARD"\n'
+        )
+    )
     (page,) = inv.read_inventory_file(f, 10)
     rows = page.to_pylist()
     assert rows == [
-        {"uri": f"s3://{SRC}/photos/a.jpg", "etag": "x", "size": 12,
-         "last_modified": datetime(2026, 12, 4, 23, 5, 7, tzinfo=UTC)},
+        {
+            "uri": f"s3://{SRC}/photos/a.jpg",
+            "etag": "x",
+            "size": 12,
+            "last_modified": datetime(2026, 12, 4, 23, 5, 7, tzinfo=UTC),
+        },
         {"uri": f"s3://{SRC}/photos/b.jpg", "etag": None, "size": None, "last_modified": None},
         {"uri": f"s3://{SRC}/photos/c.jpg", "etag": None, "size": None, "last_modified": None},
     ]
@@ -163,9 +207,22 @@ def test_picklable_for_ray_tasks(tmp_path: Path) -> None:
     manifest = write_inventory(tmp_path, SRC, VERSIONED, "CSV")
     f = inv.inventory_files(manifest, f"s3://{SRC}/photos")[0]
     assert pickle.loads(pickle.dumps(f)) == f
-    assert f.prefix_key == "photos/" and f.source_bucket == SRC and f.columns == (
-        "bucket", "key", "version_id", "is_latest", "is_delete_marker", "size", "last_modified_date", "e_tag",
-        "storage_class")
+    assert (
+        f.prefix_key == "photos/"
+        and f.source_bucket == SRC
+        and f.columns
+        == (
+            "bucket",
+            "key",
+            "version_id",
+            "is_latest",
+            "is_delete_marker",
+            "size",
+            "last_modified_date",
+            "e_tag",
+            "storage_class",
+        )
+    )
 
 
 def test_report_time(tmp_path: Path) -> None:
@@ -207,8 +264,11 @@ def test_local_copy_out_of_layout_is_an_error(tmp_path: Path) -> None:
     flat = tmp_path / "flat" / "manifest.json"
     flat.parent.mkdir()
     shutil.copy(manifest, flat)
-    with pytest.raises(DragonsError, match=r"--inventory .*flat/manifest.json: data file key .* keep the report's "
-                                           "layout"):
+    with pytest.raises(
+        DragonsError,
+        match=r"--inventory .*flat/manifest.json: data file key .* keep the report's "
+        "layout",
+    ):
         inv.inventory_files(str(flat), f"s3://{SRC}")
 
 
@@ -239,13 +299,17 @@ def test_missing_data_file_on_s3(bucket: str) -> None:
 
 
 def test_destination_bucket_gone(bucket: str) -> None:
-    manifest = write_inventory(f"s3://{bucket}", SRC, ["photos/a.jpg"], prefix=f"inv-{uuid.uuid4().hex[:8]}",
-                               manifest_extra={})
+    manifest = write_inventory(
+        f"s3://{bucket}", SRC, ["photos/a.jpg"], prefix=f"inv-{uuid.uuid4().hex[:8]}", manifest_extra={}
+    )
     doc = json.loads(storage.read_bytes(manifest))
     doc["destinationBucket"] = "arn:aws:s3:::no-such-dest-bucket"
     storage.write_bytes(manifest, json.dumps(doc).encode())
-    with pytest.raises(DragonsError, match=r"--inventory .* data file s3://no-such-dest-bucket/.* "
-                                           r"bucket 'no-such-dest-bucket' does not exist"):
+    with pytest.raises(
+        DragonsError,
+        match=r"--inventory .* data file s3://no-such-dest-bucket/.* "
+        r"bucket 'no-such-dest-bucket' does not exist",
+    ):
         _rows(manifest)
 
 
@@ -270,8 +334,11 @@ def test_missing_or_unreadable_manifest(tmp_path: Path, bucket: str) -> None:
             inv.inventory_files(missing, f"s3://{SRC}")
     with pytest.raises(DragonsError, match=r"--inventory .* is a folder: give the manifest.json"):
         inv.inventory_files(str(tmp_path), f"s3://{SRC}")
-    with pytest.raises(DragonsError, match=r"^--inventory s3://no-such-bucket/m/manifest.json cannot be read: "
-                                           "bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(
+        DragonsError,
+        match=r"^--inventory s3://no-such-bucket/m/manifest.json cannot be read: "
+        "bucket 'no-such-bucket' does not exist",
+    ):
         inv.inventory_files("s3://no-such-bucket/m/manifest.json", f"s3://{SRC}")
     not_json = tmp_path / "manifest.json"
     not_json.write_text("<html>AccessDenied</html>")
@@ -311,20 +378,29 @@ def test_missing_and_unreadable_data_files(fmt: str, tmp_path: Path) -> None:
     manifest = write_inventory(tmp_path, SRC, VERSIONED, fmt, files=2)
     files = inv.inventory_files(manifest, f"s3://{SRC}")
     os.remove(files[0].uri)
-    with pytest.raises(DragonsError, match=rf"^--inventory {manifest}: data file {files[0].uri} does not exist: "
-                                           "the report is incomplete"):
+    with pytest.raises(
+        DragonsError,
+        match=rf"^--inventory {manifest}: data file {files[0].uri} does not exist: "
+        "the report is incomplete",
+    ):
         list(inv.read_inventory_file(files[0], 100))
     Path(files[1].uri).write_bytes(b"not an inventory file at all" * 10)
-    with pytest.raises(DragonsError, match=rf"^--inventory {manifest}: data file {files[1].uri} is not a readable "
-                                           f"{fmt} inventory file .*give a report as AWS wrote it"):
+    with pytest.raises(
+        DragonsError,
+        match=rf"^--inventory {manifest}: data file {files[1].uri} is not a readable "
+        f"{fmt} inventory file .*give a report as AWS wrote it",
+    ):
         list(inv.read_inventory_file(files[1], 100))
 
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "CSV"])
 def test_data_file_without_key_column(fmt: str, tmp_path: Path) -> None:
     manifest = write_inventory(tmp_path, SRC, VERSIONED, fmt, fields=("Bucket", "Size", "ETag"))
-    with pytest.raises(DragonsError, match=rf"^--inventory {manifest}: data file .* has no 'key' column "
-                                           r"\(columns: \['bucket', 'size', 'e_tag'\]\)"):
+    with pytest.raises(
+        DragonsError,
+        match=rf"^--inventory {manifest}: data file .* has no 'key' column "
+        r"\(columns: \['bucket', 'size', 'e_tag'\]\)",
+    ):
         _rows(manifest)
 
 
@@ -333,8 +409,11 @@ def test_no_secret_in_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     folder = tmp_path / "s3cr3t-value-xyz"
     manifest = write_inventory(folder, SRC, VERSIONED, files=1)
     os.remove(inv.inventory_files(manifest, f"s3://{SRC}")[0].uri)
-    for call in (lambda: inv.inventory_files(str(folder / "x" / "manifest.json"), f"s3://{SRC}"),
-                 lambda: inv.inventory_files(manifest, "s3://other"), lambda: _rows(manifest)):
+    for call in (
+        lambda: inv.inventory_files(str(folder / "x" / "manifest.json"), f"s3://{SRC}"),
+        lambda: inv.inventory_files(manifest, "s3://other"),
+        lambda: _rows(manifest),
+    ):
         with pytest.raises(DragonsError) as err:
             call()
         assert "s3cr3t-value-xyz" not in str(err.value) and "***" in str(err.value)
@@ -344,4 +423,10 @@ def test_all_fields_listed() -> None:
     # The helper writes every field the reader uses, in AWS's names.
     assert {inv.normalise(f) for f in ALL_FIELDS} >= set(inv._WANTED)
     assert [inv.normalise(n) for n in ("ETag", "LastModifiedDate", "IsDeleteMarker", "VersionId", "e_tag", " Key")] == [
-        "e_tag", "last_modified_date", "is_delete_marker", "version_id", "e_tag", "key"]
+        "e_tag",
+        "last_modified_date",
+        "is_delete_marker",
+        "version_id",
+        "e_tag",
+        "key",
+    ]

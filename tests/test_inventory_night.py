@@ -14,10 +14,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-from dragons.score.query import run_sql
 from helpers_inventory import DEFAULT_CREATED, Obj, marker, write_inventory
 from test_resume import _committed, _start
+
+from dragons.score.query import run_sql
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,11 @@ def _objects(bucket: str, prefix: str) -> list[Obj]:
     from dragons.storage import boto3_client
 
     pages = boto3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [Obj(o["Key"], int(o["Size"]), str(o["ETag"]).strip('"'), o["LastModified"])
-            for page in pages for o in page.get("Contents", [])]
+    return [
+        Obj(o["Key"], int(o["Size"]), str(o["ETag"]).strip('"'), o["LastModified"])
+        for page in pages
+        for o in page.get("Contents", [])
+    ]
 
 
 PREFIX = "inv-archive"
@@ -38,9 +41,31 @@ N = 398
 def _score(model: str, manifest: str, bucket: str, table: str, run_id: str, *extra: str) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "dragons.cli", "score", "--model", model, "--inventory", manifest, "--input",
-            f"s3://{bucket}/{PREFIX}", "--output", table, "--run-id", run_id, "--commit-every", "20", "--actors", "1",
-            "--list-concurrency", "2", "--progress-s", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dragons.cli",
+        "score",
+        "--model",
+        model,
+        "--inventory",
+        manifest,
+        "--input",
+        f"s3://{bucket}/{PREFIX}",
+        "--output",
+        table,
+        "--run-id",
+        run_id,
+        "--commit-every",
+        "20",
+        "--actors",
+        "1",
+        "--list-concurrency",
+        "2",
+        "--progress-s",
+        "1",
+        *extra,
+    ]
 
 
 def _uris(table: str, run_id: str) -> Counter[str]:
@@ -48,13 +73,15 @@ def _uris(table: str, run_id: str) -> Counter[str]:
 
 
 def test_an_inventory_night_is_killed_resumed_then_the_next_report_runs_incremental(
-        ray_session: None, tiny_model: str, hymenoptera_s3: str, bucket: str, tmp_path: Path) -> None:
+    ray_session: None, tiny_model: str, hymenoptera_s3: str, bucket: str, tmp_path: Path
+) -> None:
     from dragons.storage import boto3_client
 
     client = boto3_client()
     for o in _objects(bucket, "hymenoptera/"):
-        client.copy_object(Bucket=bucket, Key=o.key.replace("hymenoptera/", f"{PREFIX}/"),
-                           CopySource={"Bucket": bucket, "Key": o.key})
+        client.copy_object(
+            Bucket=bucket, Key=o.key.replace("hymenoptera/", f"{PREFIX}/"), CopySource={"Bucket": bucket, "Key": o.key}
+        )
     objs = _objects(bucket, f"{PREFIX}/")
     assert len(objs) == N
     # Day 1: a Parquet report over two data files; rows outside --input and a delete marker are left out.
@@ -85,10 +112,14 @@ def test_an_inventory_night_is_killed_resumed_then_the_next_report_runs_incremen
         client.put_object(Bucket=bucket, Key=key, Body=sample)
     listed = {o.key: o for o in _objects(bucket, f"{PREFIX}/")}
     changed = [o.key for o in objs[:4]]
-    day2_objs = [Obj(o.key, o.size, "f" * 32 if o.key in changed else o.etag, o.last_modified)
-                 for k, o in listed.items() if k != f"{PREFIX}/new/after-the-report.jpg"]
-    day2 = write_inventory(f"s3://{bucket}", bucket, day2_objs, "CSV", prefix="inventory",
-                           created=DEFAULT_CREATED + timedelta(days=1))
+    day2_objs = [
+        Obj(o.key, o.size, "f" * 32 if o.key in changed else o.etag, o.last_modified)
+        for k, o in listed.items()
+        if k != f"{PREFIX}/new/after-the-report.jpg"
+    ]
+    day2 = write_inventory(
+        f"s3://{bucket}", bucket, day2_objs, "CSV", prefix="inventory", created=DEFAULT_CREATED + timedelta(days=1)
+    )
     p = _start(_score(tiny_model, day2, bucket, table, "day2", "--incremental"), tmp_path, "day2")
     out, err = p.communicate(timeout=420)
     assert p.returncode == 0, err[-3000:]

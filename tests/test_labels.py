@@ -24,37 +24,81 @@ from dragons.loop.labels import (
 IMG = "s3://photos/img"
 
 
-def _ann(aid: int, who: int, choice: str | list[str], created: str, updated: str | None = None,
-         cancelled: bool = False) -> dict:
+def _ann(
+    aid: int, who: int, choice: str | list[str], created: str, updated: str | None = None, cancelled: bool = False
+) -> dict:
     """One annotation exactly as Label Studio's JSON export writes it."""
     choices = choice if isinstance(choice, list) else [choice]
-    return {"id": aid, "completed_by": who, "was_cancelled": cancelled, "ground_truth": False, "lead_time": 3.2,
-            "created_at": created, "updated_at": updated or created, "task": aid // 10, "origin": "manual",
-            "parent_prediction": None, "parent_annotation": None,
-            "result": [] if cancelled else [{"id": f"r{aid}", "type": "choices", "from_name": "label",
-                                             "to_name": "image", "origin": "manual",
-                                             "value": {"choices": choices}}]}
+    return {
+        "id": aid,
+        "completed_by": who,
+        "was_cancelled": cancelled,
+        "ground_truth": False,
+        "lead_time": 3.2,
+        "created_at": created,
+        "updated_at": updated or created,
+        "task": aid // 10,
+        "origin": "manual",
+        "parent_prediction": None,
+        "parent_annotation": None,
+        "result": []
+        if cancelled
+        else [
+            {
+                "id": f"r{aid}",
+                "type": "choices",
+                "from_name": "label",
+                "to_name": "image",
+                "origin": "manual",
+                "value": {"choices": choices},
+            }
+        ],
+    }
 
 
 def _task(tid: int, annotations: list[dict]) -> dict:
-    return {"id": tid, "data": {"image": f"{IMG}/{tid}.jpg", "label": "ants", "score": 0.51},
-            "annotations": annotations, "predictions": [], "drafts": [], "meta": {},
-            "created_at": "2024-01-01T09:00:00.000000Z", "updated_at": "2024-01-09T09:00:00.000000Z",
-            "inner_id": tid, "total_annotations": len(annotations), "cancelled_annotations": 0,
-            "total_predictions": 0, "comment_count": 0, "unresolved_comment_count": 0,
-            "last_comment_updated_at": None, "project": 3, "updated_by": 1, "comment_authors": [], "file_upload": None}
+    return {
+        "id": tid,
+        "data": {"image": f"{IMG}/{tid}.jpg", "label": "ants", "score": 0.51},
+        "annotations": annotations,
+        "predictions": [],
+        "drafts": [],
+        "meta": {},
+        "created_at": "2024-01-01T09:00:00.000000Z",
+        "updated_at": "2024-01-09T09:00:00.000000Z",
+        "inner_id": tid,
+        "total_annotations": len(annotations),
+        "cancelled_annotations": 0,
+        "total_predictions": 0,
+        "comment_count": 0,
+        "unresolved_comment_count": 0,
+        "last_comment_updated_at": None,
+        "project": 3,
+        "updated_by": 1,
+        "comment_authors": [],
+        "file_upload": None,
+    }
 
 
 def export_json(update_task4: bool = False) -> list[dict]:
     """Task 1: two annotators disagree (the later says bees); task 2: a cancelled skip, then bees;
     task 3: nobody annotated it; task 4: ants, later (in a newer export) changed to bees."""
-    ann4 = (_ann(41, 1, "bees", "2024-01-01T10:00:00.000000Z", "2024-02-01T08:00:00.000000Z") if update_task4
-            else _ann(41, 1, "ants", "2024-01-01T10:00:00.000000Z", "2024-01-05T10:00:00.000000Z"))
+    ann4 = (
+        _ann(41, 1, "bees", "2024-01-01T10:00:00.000000Z", "2024-02-01T08:00:00.000000Z")
+        if update_task4
+        else _ann(41, 1, "ants", "2024-01-01T10:00:00.000000Z", "2024-01-05T10:00:00.000000Z")
+    )
     return [
-        _task(1, [_ann(11, 1, "ants", "2024-01-01T10:00:00.000000Z"),
-                  _ann(12, 2, "bees", "2024-01-02T10:00:00.000000Z")]),
-        _task(2, [_ann(21, 1, [], "2024-01-01T11:00:00.000000Z", cancelled=True),
-                  _ann(22, 1, "bees", "2024-01-01T12:00:00.000000Z")]),
+        _task(
+            1, [_ann(11, 1, "ants", "2024-01-01T10:00:00.000000Z"), _ann(12, 2, "bees", "2024-01-02T10:00:00.000000Z")]
+        ),
+        _task(
+            2,
+            [
+                _ann(21, 1, [], "2024-01-01T11:00:00.000000Z", cancelled=True),
+                _ann(22, 1, "bees", "2024-01-01T12:00:00.000000Z"),
+            ],
+        ),
         _task(3, []),
         _task(4, [ann4]),
     ]
@@ -62,12 +106,36 @@ def export_json(update_task4: bool = False) -> list[dict]:
 
 # Label Studio's JSON_MIN: one flat record per annotation, the task's data copied in; a bare string for one choice.
 JSON_MIN = [
-    {"image": f"{IMG}/5.jpg", "id": 5, "label": "ants", "annotator": 1, "annotation_id": 51,
-     "created_at": "2024-03-01T10:00:00.000000Z", "updated_at": "2024-03-01T10:00:00.000000Z", "lead_time": 2.0},
-    {"image": f"{IMG}/5.jpg", "id": 5, "label": {"choices": ["bees"]}, "annotator": 1, "annotation_id": 52,
-     "created_at": "2024-03-02T10:00:00.000000Z", "updated_at": "2024-03-02T10:00:00.000000Z", "lead_time": 2.0},
-    {"image": f"{IMG}/6.jpg", "id": 6, "label": "ants", "annotator": 3, "annotation_id": 61,
-     "created_at": "2024-03-01T10:00:00.000000Z", "updated_at": "2024-03-04T10:00:00.000000Z", "lead_time": 1.0},
+    {
+        "image": f"{IMG}/5.jpg",
+        "id": 5,
+        "label": "ants",
+        "annotator": 1,
+        "annotation_id": 51,
+        "created_at": "2024-03-01T10:00:00.000000Z",
+        "updated_at": "2024-03-01T10:00:00.000000Z",
+        "lead_time": 2.0,
+    },
+    {
+        "image": f"{IMG}/5.jpg",
+        "id": 5,
+        "label": {"choices": ["bees"]},
+        "annotator": 1,
+        "annotation_id": 52,
+        "created_at": "2024-03-02T10:00:00.000000Z",
+        "updated_at": "2024-03-02T10:00:00.000000Z",
+        "lead_time": 2.0,
+    },
+    {
+        "image": f"{IMG}/6.jpg",
+        "id": 6,
+        "label": "ants",
+        "annotator": 3,
+        "annotation_id": 61,
+        "created_at": "2024-03-01T10:00:00.000000Z",
+        "updated_at": "2024-03-04T10:00:00.000000Z",
+        "lead_time": 1.0,
+    },
     {"image": f"{IMG}/7.jpg", "id": 7},  # a task without annotations
 ]
 
@@ -91,8 +159,11 @@ def test_json_export_rows(tmp_path: Path) -> None:
     rows = ex.table.to_pylist()
     got = [(r["uri"].rsplit("/", 1)[-1], r["label"], r["annotator"], r["task_id"], r["annotation_id"]) for r in rows]
     assert got == [
-        ("1.jpg", "ants", "1", 1, 11), ("1.jpg", "bees", "2", 1, 12), ("2.jpg", "bees", "1", 2, 22),
-        ("4.jpg", "ants", "1", 4, 41)]
+        ("1.jpg", "ants", "1", 1, 11),
+        ("1.jpg", "bees", "2", 1, 12),
+        ("2.jpg", "bees", "1", 2, 22),
+        ("4.jpg", "ants", "1", 4, 41),
+    ]
     assert rows[3]["annotated_at"] == _utc("2024-01-05T10:00:00")  # updated_at, not created_at
 
 
@@ -100,15 +171,21 @@ def test_json_min_rows_and_control(tmp_path: Path) -> None:
     ex = read_export(_write(tmp_path / "min.json", JSON_MIN))
     assert (ex.format, ex.control, ex.unlabelled) == ("json_min", "label", 1)
     assert [(r["uri"], r["label"], r["annotator"], r["task_id"], r["annotation_id"]) for r in ex.table.to_pylist()] == [
-        (f"{IMG}/5.jpg", "ants", "1", 5, 51), (f"{IMG}/5.jpg", "bees", "1", 5, 52),
-        (f"{IMG}/6.jpg", "ants", "3", 6, 61)]
+        (f"{IMG}/5.jpg", "ants", "1", 5, 51),
+        (f"{IMG}/5.jpg", "bees", "1", 5, 52),
+        (f"{IMG}/6.jpg", "ants", "3", 6, 61),
+    ]
     # A control named otherwise, with another text column beside it: --control says which.
-    renamed = [{("species" if k == "label" else k): v for k, v in r.items()} | {"note": "x"}
-               for r in (JSON_MIN[0], JSON_MIN[2])]
+    renamed = [
+        {("species" if k == "label" else k): v for k, v in r.items()} | {"note": "x"}
+        for r in (JSON_MIN[0], JSON_MIN[2])
+    ]
     with pytest.raises(DragonsError, match="--control"):
         read_export(_write(tmp_path / "min2.json", renamed))
-    assert read_export(str(tmp_path / "min2.json"), control="species").table.column("label").to_pylist() == \
-        ["ants", "ants"]
+    assert read_export(str(tmp_path / "min2.json"), control="species").table.column("label").to_pylist() == [
+        "ants",
+        "ants",
+    ]
     # A {"choices": [...]} answer names its column by itself.
     one = [{"img": "s3://p/1.jpg", "id": 1, "annotation_id": 1, "note": "x", "species": {"choices": ["bees"]}}]
     assert read_export(_write(tmp_path / "min3.json", one)).control == "species"
@@ -125,15 +202,22 @@ def test_multi_choice_and_bad_control_refused(tmp_path: Path) -> None:
 
 
 def test_plain_csv_and_parquet(tmp_path: Path) -> None:
-    (tmp_path / "l.csv").write_text("uri,label,annotator,annotated_at\n"
-                                    f"{IMG}/a.jpg,ants,ann,2024-05-01T00:00:00Z\n{IMG}/b.jpg,bees,,\n")
-    pq.write_table(pa.table({"uri": [f"{IMG}/a.jpg", f"{IMG}/b.jpg"], "label": ["ants", "bees"]}),
-                   tmp_path / "l.parquet")
+    (tmp_path / "l.csv").write_text(
+        f"uri,label,annotator,annotated_at\n{IMG}/a.jpg,ants,ann,2024-05-01T00:00:00Z\n{IMG}/b.jpg,bees,,\n"
+    )
+    pq.write_table(
+        pa.table({"uri": [f"{IMG}/a.jpg", f"{IMG}/b.jpg"], "label": ["ants", "bees"]}), tmp_path / "l.parquet"
+    )
     csv_ex, pq_ex = read_export(str(tmp_path / "l.csv")), read_export(str(tmp_path / "l.parquet"))
     assert (csv_ex.format, pq_ex.format) == ("csv", "parquet")
-    assert csv_ex.table.to_pylist()[0] == {"uri": f"{IMG}/a.jpg", "label": "ants", "annotator": "ann",
-                                           "annotated_at": _utc("2024-05-01T00:00:00"), "task_id": None,
-                                           "annotation_id": None}
+    assert csv_ex.table.to_pylist()[0] == {
+        "uri": f"{IMG}/a.jpg",
+        "label": "ants",
+        "annotator": "ann",
+        "annotated_at": _utc("2024-05-01T00:00:00"),
+        "task_id": None,
+        "annotation_id": None,
+    }
     assert csv_ex.table.column("label").to_pylist() == pq_ex.table.column("label").to_pylist() == ["ants", "bees"]
     (tmp_path / "bad.csv").write_text("path,class\nx.jpg,ants\n")
     with pytest.raises(DragonsError, match="cannot tell which column"):  # read as Label Studio's CSV: neither fits
@@ -172,10 +256,21 @@ def test_import_latest_and_reimport_is_a_no_op(tmp_path: Path) -> None:
     assert (view["4.jpg"]["annotators"], view["4.jpg"]["disagree"]) == (1, False)  # one annotator changed their mind
 
     # The same annotations exported as JSON_MIN are the same rows: nothing to add.
-    as_min = [{"image": t["data"]["image"], "id": t["id"], "label": a["result"][0]["value"]["choices"][0],
-               "annotator": a["completed_by"], "annotation_id": a["id"], "created_at": a["created_at"],
-               "updated_at": a["updated_at"], "lead_time": a["lead_time"]}
-              for t in export_json(update_task4=True) for a in t["annotations"] if not a["was_cancelled"]]
+    as_min = [
+        {
+            "image": t["data"]["image"],
+            "id": t["id"],
+            "label": a["result"][0]["value"]["choices"][0],
+            "annotator": a["completed_by"],
+            "annotation_id": a["id"],
+            "created_at": a["created_at"],
+            "updated_at": a["updated_at"],
+            "lead_time": a["lead_time"],
+        }
+        for t in export_json(update_task4=True)
+        for a in t["annotations"]
+        if not a["was_cancelled"]
+    ]
     assert import_labels(str(table), _write(tmp_path / "same.json", as_min)).added == 0
 
     # JSON_MIN into the same table: one annotator's later annotation (52) wins over their earlier one.
@@ -186,8 +281,9 @@ def test_import_latest_and_reimport_is_a_no_op(tmp_path: Path) -> None:
 
 def test_unknown_labels_refused_unless_new_class(tmp_path: Path) -> None:
     table, src = str(tmp_path / "labels"), _write(tmp_path / "export.json", export_json())
-    with pytest.raises(DragonsError,
-                       match=r"not known classes: \['bees'\]; the known classes are \['ants'\].*--new-class"):
+    with pytest.raises(
+        DragonsError, match=r"not known classes: \['bees'\]; the known classes are \['ants'\].*--new-class"
+    ):
         import_labels(table, src, known_classes=["ants"])
     assert not (tmp_path / "labels").exists()  # refused before anything was written
     res = import_labels(table, src, known_classes=["ants"], new_class=True)
@@ -217,15 +313,26 @@ def test_labels_table_on_s3(bucket: str, tmp_path: Path) -> None:
     table = f"s3://{bucket}/labels-{random.randrange(10**9)}"
     assert import_labels(table, src).added == 4
     assert import_labels(table, src).version == 0
-    assert training_labels(table).to_pydict() == {"uri": [f"{IMG}/1.jpg", f"{IMG}/2.jpg", f"{IMG}/4.jpg"],
-                                                  "label": ["bees", "bees", "ants"], "split": [None, None, None]}
+    assert training_labels(table).to_pydict() == {
+        "uri": [f"{IMG}/1.jpg", f"{IMG}/2.jpg", f"{IMG}/4.jpg"],
+        "label": ["bees", "bees", "ants"],
+        "split": [None, None, None],
+    }
 
 
 # ---------------------------------------------------------------- training data from labels
 
+
 def _folder(root: Path) -> Path:
-    for rel in ("train/ants/a1.jpg", "train/ants/a2.jpg", "train/ants/a3.jpg", "train/bees/b1.jpg",
-                "train/bees/b2.jpg", "valid/ants/va.jpg", "valid/bees/vb.jpg"):
+    for rel in (
+        "train/ants/a1.jpg",
+        "train/ants/a2.jpg",
+        "train/ants/a3.jpg",
+        "train/bees/b1.jpg",
+        "train/bees/b2.jpg",
+        "valid/ants/va.jpg",
+        "valid/bees/vb.jpg",
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
     return root
@@ -234,8 +341,12 @@ def _folder(root: Path) -> Path:
 def test_training_set_from_folder_and_labels(tmp_path: Path) -> None:
     root = _folder(tmp_path / "data")
     added = [(f"s3://photos/new/w{i:03d}.jpg", "wasps" if i % 2 else "bees", None) for i in range(100)]
-    rows = [(str(root / "train/ants/a1.jpg"), "bees", None), (str(root / "valid/bees/vb.jpg"), "bees", None),
-            ("s3://photos/new/fixed.jpg", "ants", "valid"), *added]
+    rows = [
+        (str(root / "train/ants/a1.jpg"), "bees", None),
+        (str(root / "valid/bees/vb.jpg"), "bees", None),
+        ("s3://photos/new/fixed.jpg", "ants", "valid"),
+        *added,
+    ]
     base = discover(str(root))
     f = with_labels(base, rows, 0.2, "labels.csv")
     assert f.classes == ["ants", "bees", "wasps"]
@@ -243,8 +354,12 @@ def test_training_set_from_folder_and_labels(tmp_path: Path) -> None:
     assert label[str(root / "train/ants/a1.jpg")] == "bees" and label[str(root / "train/ants/a2.jpg")] == "ants"
     assert str(root / "train/ants/a1.jpg") in {s.uri for s in f.train}  # relabelled, still on its folder's side
     assert "s3://photos/new/fixed.jpg" in {s.uri for s in f.valid}  # an explicit split is kept
-    assert {k: f.labels[k] for k in ("overridden", "confirmed", "added", "new_classes")} == \
-        {"overridden": 1, "confirmed": 1, "added": 101, "new_classes": ["wasps"]}
+    assert {k: f.labels[k] for k in ("overridden", "confirmed", "added", "new_classes")} == {
+        "overridden": 1,
+        "confirmed": 1,
+        "added": 101,
+        "new_classes": ["wasps"],
+    }
     n_valid = sum(hash_valid(u, 0.2) for u, _, _ in added)
     assert f.labels["added_valid"] == n_valid + 1 and 8 < n_valid < 35 and f.split == "folder+labels+hash:0.2"
     assert {s.uri for s in f.valid} >= {u for u, _, _ in added if hash_valid(u, 0.2)}

@@ -15,35 +15,81 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: dict[str, int] = {
     # 0: no dragons imports, or errors only: the vocabulary
-    "dragons": 0, "dragons.errors": 0, "dragons.rayauth": 0, "dragons.dataconfig": 0, "dragons.calibration": 0,
-    "dragons.metrics": 0, "dragons.images": 0, "dragons.models": 0, "dragons.models.efficientnet_lite": 0,
-    "dragons.train": 0, "dragons.runlog": 0, "dragons.signals": 0, "dragons.raycompat": 0, "dragons.train.ranks": 0, "dragons.train.schedule": 0,
-    "dragons.score": 0, "dragons.local": 0, "dragons.local.synth": 0, "dragons.novelty": 0, "dragons.telemetry": 0,
+    "dragons": 0,
+    "dragons.errors": 0,
+    "dragons.rayauth": 0,
+    "dragons.dataconfig": 0,
+    "dragons.calibration": 0,
+    "dragons.metrics": 0,
+    "dragons.images": 0,
+    "dragons.models": 0,
+    "dragons.models.efficientnet_lite": 0,
+    "dragons.train": 0,
+    "dragons.runlog": 0,
+    "dragons.signals": 0,
+    "dragons.raycompat": 0,
+    "dragons.train.ranks": 0,
+    "dragons.train.schedule": 0,
+    "dragons.score": 0,
+    "dragons.local": 0,
+    "dragons.local.synth": 0,
+    "dragons.novelty": 0,
+    "dragons.telemetry": 0,
     "dragons.loop": 0,
     # 1: storage and names
-    "dragons.storage": 1, "dragons.columns": 1,
+    "dragons.storage": 1,
+    "dragons.columns": 1,
     # 2: images to tensors, the model registry, reading objects in Ray, what a job asks of the cluster;
     # the labels people gave and the registry's versions (the artifact and the data read them)
-    "dragons.loop.labels": 2, "dragons.loop.versions": 2,
-    "dragons.models.registry": 2, "dragons.models.fuse": 2, "dragons.preprocess": 2, "dragons.decode": 2,
-    "dragons.data": 2, "dragons.cliargs": 2, "dragons.capacity": 2,
+    "dragons.loop.labels": 2,
+    "dragons.loop.versions": 2,
+    "dragons.models.registry": 2,
+    "dragons.models.fuse": 2,
+    "dragons.preprocess": 2,
+    "dragons.decode": 2,
+    "dragons.data": 2,
+    "dragons.cliargs": 2,
+    "dragons.capacity": 2,
     # 3: the artifact, the one inference path, Ray start-up and sizing, reports, the table's layout
-    "dragons.artifact": 3, "dragons.predictor": 3, "dragons.raycluster": 3, "dragons.report": 3,
+    "dragons.artifact": 3,
+    "dragons.predictor": 3,
+    "dragons.raycluster": 3,
+    "dragons.report": 3,
     "dragons.score.schema": 3,
     # 4: each wing's configuration and storage
-    "dragons.train.config": 4, "dragons.score.config": 4, "dragons.score.export": 4, "dragons.score.listing": 4,
-    "dragons.score.table": 4, "dragons.score.inventory": 4,
+    "dragons.train.config": 4,
+    "dragons.score.config": 4,
+    "dragons.score.export": 4,
+    "dragons.score.listing": 4,
+    "dragons.score.table": 4,
+    "dragons.score.inventory": 4,
     # 5: the wings
-    "dragons.train.recipe": 5, "dragons.train.stream": 5, "dragons.train.worker": 5, "dragons.train.trainer": 5,
-    "dragons.train.checkpoint": 5, "dragons.train.plan": 5,
-    "dragons.train.loop": 5, "dragons.train.run": 5,
-    "dragons.score.query": 5, "dragons.score.incremental": 5, "dragons.score.source": 5,
-    "dragons.score.maintenance": 5, "dragons.score.pipeline": 5, "dragons.score.runreport": 5,
-    "dragons.score.labelling": 5, "dragons.score.scorer": 5,
+    "dragons.train.recipe": 5,
+    "dragons.train.stream": 5,
+    "dragons.train.worker": 5,
+    "dragons.train.trainer": 5,
+    "dragons.train.checkpoint": 5,
+    "dragons.train.plan": 5,
+    "dragons.train.loop": 5,
+    "dragons.train.run": 5,
+    "dragons.score.query": 5,
+    "dragons.score.incremental": 5,
+    "dragons.score.source": 5,
+    "dragons.score.maintenance": 5,
+    "dragons.score.pipeline": 5,
+    "dragons.score.runreport": 5,
+    "dragons.score.labelling": 5,
+    "dragons.score.scorer": 5,
     # 6: commands over both wings
-    "dragons.evaluate": 6, "dragons.loop.compare": 6, "dragons.loop.comparereport": 6,
+    "dragons.evaluate": 6,
+    "dragons.loop.compare": 6,
+    "dragons.loop.comparereport": 6,
     # 7: entry points
-    "dragons.cli": 7, "dragons.score.cli": 7, "dragons.loop.cli": 7, "dragons.local.cli": 7, "dragons.local.demo": 7,
+    "dragons.cli": 7,
+    "dragons.score.cli": 7,
+    "dragons.loop.cli": 7,
+    "dragons.local.cli": 7,
+    "dragons.local.demo": 7,
     "dragons.local.s3server": 2,
 }
 
@@ -67,7 +113,9 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("dragons"):
                 continue
             for a in node.names:
@@ -97,7 +145,7 @@ def test_no_import_cycles():
         state[node] = 1
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(dep):], dep]))
+                cycles.append(" -> ".join([*stack[stack.index(dep) :], dep]))
             elif dep not in state:
                 visit(dep, [*stack, dep])
         state[node] = 2

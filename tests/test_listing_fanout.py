@@ -147,8 +147,11 @@ def test_n_streams_list_the_same_set_as_one(ray_session: None, fan_bucket: str, 
 def _counts_actors() -> set[str]:
     import ray
 
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(source.COUNTS_ACTOR_PREFIX)}
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(source.COUNTS_ACTOR_PREFIX)
+    }
 
 
 def _listing_pids(before: set[str], timeout_s: float = 60, poll_s: float = 0.01) -> tuple[object, dict[int, list[int]]]:
@@ -171,8 +174,9 @@ def _listing_pids(before: set[str], timeout_s: float = 60, poll_s: float = 0.01)
     raise AssertionError("no listing stream reported its process id")
 
 
-def test_a_killed_listing_stream_is_retried_exactly_once(ray_session: None, tiny_model: str, bucket: str,
-                                                         tmp_path: Path) -> None:
+def test_a_killed_listing_stream_is_retried_exactly_once(
+    ray_session: None, tiny_model: str, bucket: str, tmp_path: Path
+) -> None:
     """SIGKILL to a listing stream's process while objects arrive under the prefix: the run
     finishes, and every object present at its start is scored exactly once."""
     import duckdb
@@ -222,8 +226,18 @@ def test_a_killed_listing_stream_is_retried_exactly_once(ray_session: None, tiny
         t.start()
     out = str(tmp_path / "table")
     try:
-        score(ScoreConfig(model=tiny_model, input=f"s3://{bucket}/{prefix}", output=out, max_bytes=1,
-                          list_concurrency=2, commit_every=2000, progress_s=60, run_id="killed"))
+        score(
+            ScoreConfig(
+                model=tiny_model,
+                input=f"s3://{bucket}/{prefix}",
+                output=out,
+                max_bytes=1,
+                list_concurrency=2,
+                commit_every=2000,
+                progress_s=60,
+                run_id="killed",
+            )
+        )
     finally:
         stop.set()
         for t in threads:

@@ -27,7 +27,10 @@ def test_lite_variant_weights_recognise_ants_and_bees(hymenoptera: Path, variant
     fc = torch.nn.Linear(nf, 1000)
     fc.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
     size = RESOLUTION[variant]
-    files = sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:6] + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:6]
+    files = (
+        sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:6]
+        + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:6]
+    )
     x = to_tensor(np.stack([decode_to_base(f.read_bytes(), round(size / 0.875)) for f in files]))
     with torch.inference_mode():
         top = fc(model.eval().body(eval_batch(x, size, spec.mean, spec.std))).argmax(1).tolist()

@@ -43,15 +43,47 @@ def _answer(tasks: list[dict[str, Any]], start_id: int) -> list[dict[str, Any]]:
     for i, t in enumerate(tasks):
         tid, uri = start_id + i, t["data"]["image"]
         truth = _truth(uri)
-        ann = {"id": 1000 + tid, "completed_by": 7, "was_cancelled": truth is None, "ground_truth": False,
-               "lead_time": 3.2, "created_at": "2026-12-08T09:00:00.000000Z", "updated_at": "2026-12-08T09:00:00.000000Z",
-               "task": tid, "origin": "prediction-changed", "parent_prediction": 500 + tid, "parent_annotation": None,
-               "result": [] if truth is None else [{"id": f"r{tid}", "type": "choices", "from_name": "label",
-                                                     "to_name": "image", "value": {"choices": [truth]}}]}
-        out.append({"id": tid, "data": t["data"], "annotations": [ann], "predictions": t.get("predictions", []),
-                    "meta": {}, "created_at": "2026-12-07T20:00:00.000000Z", "updated_at": "2026-12-08T09:00:00.000000Z",
-                    "inner_id": tid, "total_annotations": 1, "cancelled_annotations": int(truth is None),
-                    "total_predictions": 1, "project": 3, "file_upload": None})
+        ann = {
+            "id": 1000 + tid,
+            "completed_by": 7,
+            "was_cancelled": truth is None,
+            "ground_truth": False,
+            "lead_time": 3.2,
+            "created_at": "2026-12-08T09:00:00.000000Z",
+            "updated_at": "2026-12-08T09:00:00.000000Z",
+            "task": tid,
+            "origin": "prediction-changed",
+            "parent_prediction": 500 + tid,
+            "parent_annotation": None,
+            "result": []
+            if truth is None
+            else [
+                {
+                    "id": f"r{tid}",
+                    "type": "choices",
+                    "from_name": "label",
+                    "to_name": "image",
+                    "value": {"choices": [truth]},
+                }
+            ],
+        }
+        out.append(
+            {
+                "id": tid,
+                "data": t["data"],
+                "annotations": [ann],
+                "predictions": t.get("predictions", []),
+                "meta": {},
+                "created_at": "2026-12-07T20:00:00.000000Z",
+                "updated_at": "2026-12-08T09:00:00.000000Z",
+                "inner_id": tid,
+                "total_annotations": 1,
+                "cancelled_annotations": int(truth is None),
+                "total_predictions": 1,
+                "project": 3,
+                "file_upload": None,
+            }
+        )
     return out
 
 
@@ -91,7 +123,10 @@ def test_the_loop_corrects_labels_and_promotes_a_better_model(ray_session: None,
     assert dragons(["train", "--data", data, "--out", registry, *recipe]) == 0
     champion = json.loads(storage.read_bytes(f"{registry}/model.json"))["version"]
     assert dragons(["model", "promote", "--registry", registry, "--alias", "prod", champion]) == 0
-    assert dragons(["score", "--model", f"{registry}@prod", "--input", night, "--output", table, "--run-id", "night1"]) == 0
+    assert (
+        dragons(["score", "--model", f"{registry}@prod", "--input", night, "--output", table, "--run-id", "night1"])
+        == 0
+    )
     assert _night_versions(table, "night1") == {champion}
 
     # The least sure and the novel images go to people.
@@ -122,22 +157,59 @@ def test_the_loop_corrects_labels_and_promotes_a_better_model(ray_session: None,
     assert meta["version"] == champion  # the champion's version is kept, untouched
 
     report = tmp_path / "compare"
-    assert dragons(["compare", "--model", f"{registry}@prod", "--model", f"{registry}@{challenger}",
-                    "--data", str(holdout), "--out", str(report), "--min-gain", "0.04"]) == 0
+    assert (
+        dragons(
+            [
+                "compare",
+                "--model",
+                f"{registry}@prod",
+                "--model",
+                f"{registry}@{challenger}",
+                "--data",
+                str(holdout),
+                "--out",
+                str(report),
+                "--min-gain",
+                "0.04",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((report / "summary.json").read_text())
     a, b = summary["a"]["accuracy"], summary["b"]["accuracy"]
     # Measured (2026-12-07): A 45/60, B 48/60; rhaegal recall 0.35 -> 0.6. A model trained on
     # clean folders gets 53/60 here (64 px features), the ceiling of what labels can buy.
-    rhaegal = summary["model_b"]["per_class"]["rhaegal"]["recall"] - summary["model_a"]["per_class"]["rhaegal"]["recall"]
+    rhaegal = (
+        summary["model_b"]["per_class"]["rhaegal"]["recall"] - summary["model_a"]["per_class"]["rhaegal"]["recall"]
+    )
     assert b - a >= 0.04 and rhaegal >= 0.2, summary
     assert summary["mcnemar"]["c"] > summary["mcnemar"]["b"]
     assert (report / "index.html").exists()
     # The other way round the gate stays shut.
-    assert dragons(["compare", "--model", f"{registry}@{challenger}", "--model", f"{registry}@prod",
-                    "--data", str(holdout), "--out", str(tmp_path / "compare-rev"), "--min-gain", "0.0"]) == 3
+    assert (
+        dragons(
+            [
+                "compare",
+                "--model",
+                f"{registry}@{challenger}",
+                "--model",
+                f"{registry}@prod",
+                "--data",
+                str(holdout),
+                "--out",
+                str(tmp_path / "compare-rev"),
+                "--min-gain",
+                "0.0",
+            ]
+        )
+        == 3
+    )
 
     # Promoted; the next night scores with it, and its rows say so.
     assert dragons(["model", "promote", "--registry", registry, "--alias", "prod", challenger]) == 0
-    assert dragons(["score", "--model", f"{registry}@prod", "--input", night, "--output", table, "--run-id", "night2"]) == 0
+    assert (
+        dragons(["score", "--model", f"{registry}@prod", "--input", night, "--output", table, "--run-id", "night2"])
+        == 0
+    )
     assert _night_versions(table, "night2") == {challenger}
     assert _night_versions(table, "night1") == {champion}

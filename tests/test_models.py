@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dragons.errors import DragonsError
-from dragons.models.registry import build_model, list_archs
 from dragons.images import decode_to_base
+from dragons.models.registry import build_model, list_archs
 from dragons.preprocess import eval_batch, to_tensor
 
 
@@ -42,7 +42,10 @@ def test_lite0_imagenet_weights_offline_recognise_ants_and_bees(hymenoptera: Pat
     state = spec.imagenet_state()
     fc = torch.nn.Linear(1280, 1000)
     fc.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
-    files = sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:6] + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:6]
+    files = (
+        sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:6]
+        + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:6]
+    )
     x = to_tensor(np.stack([decode_to_base(f.read_bytes(), 256) for f in files]))
     with torch.inference_mode():
         top = fc(model.eval().body(eval_batch(x, 224, spec.mean, spec.std))).argmax(1).tolist()
@@ -101,7 +104,9 @@ def test_planted_torchvision_checkpoint_is_refused(tmp_path: Path, monkeypatch: 
     assert not marker.exists()
 
 
-def test_checkpoint_with_matching_hash_still_loads_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_with_matching_hash_still_loads_weights_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Even a file whose hash matches its name is unpickled with weights_only=True: the payload never runs."""
     import hashlib
 

@@ -34,7 +34,10 @@ def test_cronjob_pod_waits_for_the_rayjob_and_runs_incremental() -> None:
     assert "--incremental" in job["spec"]["entrypoint"].split()
     # The waiter outlives every attempt of the night's RayJob (each gets its own deadline).
     attempts = job["spec"].get("backoffLimit", 0) + 1
-    assert docs["CronJob"]["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > attempts * job["spec"]["activeDeadlineSeconds"]
+    assert (
+        docs["CronJob"]["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+        > attempts * job["spec"]["activeDeadlineSeconds"]
+    )
     (rule,) = docs["Role"]["rules"]
     assert set(rule["verbs"]) == {"create", "get"}  # what the waiter calls, nothing more
 
@@ -72,23 +75,62 @@ class _FakeKube(BaseHTTPRequestHandler):
         self._send(200, {"status": st})
 
 
-@pytest.mark.parametrize("statuses,exists,rc", [
-    ([{}, {"jobDeploymentStatus": "Initializing"}, {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
-      {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}], False, 0),
-    ([{"jobStatus": "RUNNING"}, {"jobStatus": "FAILED", "jobDeploymentStatus": "Complete", "message": "score exited 2"}], False, 1),
-    ([{"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}], False, 1),
-    ([{"jobStatus": "STOPPED"}], False, 1),
-    ([{"jobStatus": "RUNNING"}, {"jobStatus": "SUCCEEDED"}], True, 0),  # a retried pod attaches to the night's job
-    # KubeRay retries a failed attempt on a fresh cluster (backoffLimit): jobStatus stays FAILED
-    # while jobDeploymentStatus is Retrying, then the same RayJob starts over (same run id: resumes).
-    ([{"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
-      {"jobStatus": "FAILED", "jobDeploymentStatus": "Running"},  # K8sJobMode: Ray job done, submitter not yet
-      {"jobStatus": "FAILED", "jobDeploymentStatus": "Retrying"},
-      {"jobDeploymentStatus": "Initializing"}, {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
-      {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}], False, 0),
-    ([{"jobStatus": "FAILED", "jobDeploymentStatus": "Retrying"},
-      {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "message": "retries used up"}], False, 1),
-], ids=["succeeded", "failed", "deployment-failed", "stopped", "attach", "retried", "retries-used-up"])
+@pytest.mark.parametrize(
+    "statuses,exists,rc",
+    [
+        (
+            [
+                {},
+                {"jobDeploymentStatus": "Initializing"},
+                {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
+                {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"},
+            ],
+            False,
+            0,
+        ),
+        (
+            [
+                {"jobStatus": "RUNNING"},
+                {"jobStatus": "FAILED", "jobDeploymentStatus": "Complete", "message": "score exited 2"},
+            ],
+            False,
+            1,
+        ),
+        (
+            [{"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}],
+            False,
+            1,
+        ),
+        ([{"jobStatus": "STOPPED"}], False, 1),
+        ([{"jobStatus": "RUNNING"}, {"jobStatus": "SUCCEEDED"}], True, 0),  # a retried pod attaches to the night's job
+        # KubeRay retries a failed attempt on a fresh cluster (backoffLimit): jobStatus stays FAILED
+        # while jobDeploymentStatus is Retrying, then the same RayJob starts over (same run id: resumes).
+        (
+            [
+                {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
+                {
+                    "jobStatus": "FAILED",
+                    "jobDeploymentStatus": "Running",
+                },  # K8sJobMode: Ray job done, submitter not yet
+                {"jobStatus": "FAILED", "jobDeploymentStatus": "Retrying"},
+                {"jobDeploymentStatus": "Initializing"},
+                {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
+                {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"},
+            ],
+            False,
+            0,
+        ),
+        (
+            [
+                {"jobStatus": "FAILED", "jobDeploymentStatus": "Retrying"},
+                {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "message": "retries used up"},
+            ],
+            False,
+            1,
+        ),
+    ],
+    ids=["succeeded", "failed", "deployment-failed", "stopped", "attach", "retried", "retries-used-up"],
+)
 def test_waiter_exits_with_the_rayjobs_outcome(tmp_path: Path, statuses: list[dict], exists: bool, rc: int) -> None:
     docs = _docs()
     script = tmp_path / "wait-rayjob.py"
@@ -105,7 +147,9 @@ def test_waiter_exits_with_the_rayjobs_outcome(tmp_path: Path, statuses: list[di
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = {**os.environ, "SA_DIR": str(sa), "KUBE_API": f"http://127.0.0.1:{server.server_port}", "POLL_S": "0.01"}
-        p = subprocess.run([sys.executable, str(script), str(rendered)], capture_output=True, text=True, timeout=60, env=env)
+        p = subprocess.run(
+            [sys.executable, str(script), str(rendered)], capture_output=True, text=True, timeout=60, env=env
+        )
     finally:
         server.shutdown()
     assert p.returncode == rc, p.stdout + p.stderr

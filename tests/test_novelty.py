@@ -29,8 +29,9 @@ def test_fit_separates_far_points_and_sums_like_one_rank() -> None:
     f, y = _clusters(rng, 600, centers)
     held, _ = _clusters(rng, 200, centers)
     # Far: the same spread around points no class is near, and points off the training directions.
-    far = np.concatenate([_clusters(rng, 100, rng.normal(size=(3, 64)) * 3)[0],
-                          held[:100] + rng.normal(size=(100, 64)) * 1.0])
+    far = np.concatenate(
+        [_clusters(rng, 100, rng.normal(size=(3, 64)) * 3)[0], held[:100] + rng.normal(size=(100, 64)) * 1.0]
+    )
     # Data-parallel ranks add their statistics: the same fit as one rank over every row.
     one = novelty.Stats.of(f, y, 3)
     two = novelty.Stats.of(f[:250], y[:250], 3) + novelty.Stats.of(f[250:], y[250:], 3)
@@ -96,8 +97,9 @@ def _model_with_stats(tmp_path: Path, fit_on: list[Path], threshold_at: float = 
     out = str(tmp_path / "model")
     save_tiny_model(out)
     art = artifact.load(out)
-    feats = Predictor.from_artifact(art).features(np.stack([decode_to_base(p.read_bytes(), art.data.base_size)
-                                                            for p in fit_on]))
+    feats = Predictor.from_artifact(art).features(
+        np.stack([decode_to_base(p.read_bytes(), art.data.base_size) for p in fit_on])
+    )
     nov = novelty.fit(novelty.Stats.of(feats, np.arange(len(fit_on)) % 2, 2), dim=8)
     nov.threshold_p95, nov.threshold_from = float(np.percentile(nov.score(feats), threshold_at)), "train"
     artifact.save(out, art.model, {**art.meta, "novelty": nov.to_meta()})
@@ -133,8 +135,9 @@ def test_predictor_scores_novelty_only_with_statistics(tmp_path: Path) -> None:
     assert p.shape == (0, 2) and n is not None and n.shape == (0,)
 
 
-def _write_run(root: str, run_id: str, model: str, novelty_values: list[float] | None,
-               monkeypatch: pytest.MonkeyPatch) -> None:
+def _write_run(
+    root: str, run_id: str, model: str, novelty_values: list[float] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A complete run written without Ray or a model (rows made up): ``novelty_values`` None
     writes it as a dragons before novelty did, in a schema without the column."""
     from datetime import datetime, timezone
@@ -145,17 +148,25 @@ def _write_run(root: str, run_id: str, model: str, novelty_values: list[float] |
     from dragons.score import schema as schema_mod
 
     if novelty_values is None:
+
         def old_schema(classes: list[str]) -> pa.Schema:
             s = schema_mod.schema(classes)
             return s.remove(s.get_field_index("novelty"))
 
         monkeypatch.setattr(table_mod, "schema", old_schema)
-    w = table_mod.RunWriter(root, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v0",
-                            info={"model": model})
+    w = table_mod.RunWriter(
+        root, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v0", info={"model": model}
+    )
     monkeypatch.undo()
     n = len(novelty_values) if novelty_values is not None else 5
-    rows = {"uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(n)], "label": ["ants"] * n, "score": [0.75] * n,
-            "p_ants": [0.75] * n, "p_bees": [0.25] * n, "error": pa.nulls(n, pa.string())}
+    rows = {
+        "uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(n)],
+        "label": ["ants"] * n,
+        "score": [0.75] * n,
+        "p_ants": [0.75] * n,
+        "p_bees": [0.25] * n,
+        "error": pa.nulls(n, pa.string()),
+    }
     if novelty_values is not None:
         rows["novelty"] = novelty_values
     w.begin()
@@ -163,8 +174,9 @@ def _write_run(root: str, run_id: str, model: str, novelty_values: list[float] |
     w.finish({"listed": n})
 
 
-def test_scored_table_report_gate_and_export(ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_scored_table_report_gate_and_export(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A table written before novelty takes a run with it; the report shows the share above
     the threshold against the previous run; --fail-on-novelty exits 3; export --novel picks the most novel."""
     from dragons.cli import main
@@ -185,8 +197,9 @@ def test_scored_table_report_gate_and_export(ray_session: None, tmp_path: Path, 
         select(out, "n0", None, novel=3)
     # Night 1 (written here): 3 of its 10 rows above the threshold. Night 2: scored.
     _write_run(out, "n1", model, [threshold + 1] * 3 + [threshold - 1] * 7, monkeypatch)
-    run_score(ScoreConfig(model=model, input=str(tmp_path / "in"), output=out, run_id="n2",
-                          log_file=str(tmp_path / "n2.log")))
+    run_score(
+        ScoreConfig(model=model, input=str(tmp_path / "in"), output=out, run_id="n2", log_file=str(tmp_path / "n2.log"))
+    )
     rows = run_sql(out, "SELECT run_id, uri, error, novelty FROM scores ORDER BY run_id, uri").to_pylist()
     assert {r["run_id"] for r in rows} == {"n0", "n1", "n2"}
     assert all(r["novelty"] is None for r in rows if r["run_id"] == "n0")  # older rows read NULL
@@ -195,8 +208,24 @@ def test_scored_table_report_gate_and_export(ray_session: None, tmp_path: Path, 
     assert all((r["novelty"] is None) == (r["error"] is not None) for r in new)  # error rows: NULL novelty
 
     capsys.readouterr()
-    assert main(["report", "--table", out, "--run-id", "n2", "--out", str(tmp_path / "rep"), "--novel", "4",
-                 "--fail-on-novelty", "0.99"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--table",
+                out,
+                "--run-id",
+                "n2",
+                "--out",
+                str(tmp_path / "rep"),
+                "--novel",
+                "4",
+                "--fail-on-novelty",
+                "0.99",
+            ]
+        )
+        == 0
+    )
     s = json.loads((tmp_path / "rep" / "summary.json").read_text())
     nov = s["novelty"]
     scored = sorted((r["novelty"] for r in new if r["novelty"] is not None), reverse=True)
@@ -206,17 +235,23 @@ def test_scored_table_report_gate_and_export(ray_session: None, tmp_path: Path, 
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "Novelty: what the model does not know" in page and "novelty " in page
     assert all((tmp_path / "rep" / "thumbs").iterdir())
-    assert main(["report", "--table", out, "--run-id", "n2", "--out", str(tmp_path / "rep2"),
-                 "--fail-on-novelty", "0.05"]) == 3
+    assert (
+        main(["report", "--table", out, "--run-id", "n2", "--out", str(tmp_path / "rep2"), "--fail-on-novelty", "0.05"])
+        == 3
+    )
     err = capsys.readouterr().err
     assert "error: run n2:" in err and "above the model's novelty threshold" in err and "--fail-on-novelty 0.05" in err
-    assert main(["report", "--table", out, "--run-id", "n2", "--out", str(tmp_path / "rep3"),
-                 "--fail-on-novelty", "2"]) == 2
+    assert (
+        main(["report", "--table", out, "--run-id", "n2", "--out", str(tmp_path / "rep3"), "--fail-on-novelty", "2"])
+        == 2
+    )
 
     # export --novel: the most novel rows, with the least sure ones too, none twice.
     csv_out = tmp_path / "novel.csv"
-    assert main(["export", "--table", out, "--run-id", "n2", "--novel", "3", "--format", "csv",
-                 "--out", str(csv_out)]) == 0
+    assert (
+        main(["export", "--table", out, "--run-id", "n2", "--novel", "3", "--format", "csv", "--out", str(csv_out)])
+        == 0
+    )
     with open(csv_out, newline="") as f:
         got = list(csv.DictReader(f))
     assert list(got[0]) == ["uri", "label", "score", "margin", "novelty"]
@@ -224,8 +259,10 @@ def test_scored_table_report_gate_and_export(ray_session: None, tmp_path: Path, 
     both = select(out, "n2", 4, novel=3)
     assert len(both) == 7 and len({r["uri"] for r in both}) == 7
     tasks_out = tmp_path / "tasks.json"
-    assert main(["export", "--table", out, "--run-id", "n2", "--uncertain", "2", "--novel", "2",
-                 "--out", str(tasks_out)]) == 0
+    assert (
+        main(["export", "--table", out, "--run-id", "n2", "--uncertain", "2", "--novel", "2", "--out", str(tasks_out)])
+        == 0
+    )
     tasks = json.loads(tasks_out.read_text())
     assert len(tasks) == 4 and sum("novelty" in t["data"] for t in tasks) >= 2
     assert main(["export", "--table", out, "--run-id", "n2", "--novel", "0"]) == 2
@@ -249,10 +286,12 @@ def test_training_fits_statistics_of_the_final_model() -> None:
     cfg = TrainConfig(data="x", out="y", image_size=64, batch_size=4, seed=3, **head_only_settings())  # type: ignore[arg-type]
     w = Worker(cfg, ["a", "b"], None, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
-    train = Shard(torch.randint(0, 256, (12, 3, 80, 80), dtype=torch.uint8, generator=g), torch.arange(12) % 2,
-                  torch.arange(12))
-    valid = Shard(torch.randint(0, 256, (8, 3, 80, 80), dtype=torch.uint8, generator=g), torch.arange(8) % 2,
-                  torch.arange(8))
+    train = Shard(
+        torch.randint(0, 256, (12, 3, 80, 80), dtype=torch.uint8, generator=g), torch.arange(12) % 2, torch.arange(12)
+    )
+    valid = Shard(
+        torch.randint(0, 256, (8, 3, 80, 80), dtype=torch.uint8, generator=g), torch.arange(8) % 2, torch.arange(8)
+    )
     t = Trainer(w, RunState(lr=1e-3), train, valid)
     t.phases = ["head"]
     t.feats = Features(*w.features(train, views=1))  # eval view + one augmented view, as precompute keeps them

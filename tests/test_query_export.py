@@ -30,12 +30,25 @@ def _rows(run_id: str, start: int, stop: int) -> pa.Table:
     from dragons.score.schema import schema
 
     n, now = stop - start, datetime.now(timezone.utc)
-    return pa.table({
-        "uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(start, stop)], "label": ["ants"] * n, "score": [0.75] * n,
-        "p_ants": [0.75] * n, "p_bees": [0.25] * n, "novelty": [None] * n, "model_version": ["v1"] * n, "run_id": [run_id] * n,
-        "scored_at": [now] * n, "error": [None] * n, "etag": [f"e{i}" for i in range(start, stop)], "size": [100] * n,
-        "last_modified": [now] * n, "dt": [now.strftime("%Y-%m-%d")] * n,
-    }, schema=schema(["ants", "bees"]))
+    return pa.table(
+        {
+            "uri": [f"s3://x/{run_id}/{i}.jpg" for i in range(start, stop)],
+            "label": ["ants"] * n,
+            "score": [0.75] * n,
+            "p_ants": [0.75] * n,
+            "p_bees": [0.25] * n,
+            "novelty": [None] * n,
+            "model_version": ["v1"] * n,
+            "run_id": [run_id] * n,
+            "scored_at": [now] * n,
+            "error": [None] * n,
+            "etag": [f"e{i}" for i in range(start, stop)],
+            "size": [100] * n,
+            "last_modified": [now] * n,
+            "dt": [now.strftime("%Y-%m-%d")] * n,
+        },
+        schema=schema(["ants", "bees"]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +70,17 @@ def _query(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str
 
 def test_csv_to_a_file_has_every_row(table: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "all.csv"
-    code, stdout, err = _query(capfd, "--table", table, "--format", "csv", "--out", str(out),
-                               "SELECT uri, label, score, scored_at FROM scores")
+    code, stdout, err = _query(
+        capfd, "--table", table, "--format", "csv", "--out", str(out), "SELECT uri, label, score, scored_at FROM scores"
+    )
     assert code == 0, err
     assert stdout == "" and f"{ROWS} rows -> {out}" in err
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == ROWS
-    assert {r["uri"] for r in rows} == {f"s3://x/{run}/{i}.jpg" for run, lo, hi in (("a", 0, 10_000), ("b", 10_000, ROWS))
-                                        for i in range(lo, hi)}
+    assert {r["uri"] for r in rows} == {
+        f"s3://x/{run}/{i}.jpg" for run, lo, hi in (("a", 0, 10_000), ("b", 10_000, ROWS)) for i in range(lo, hi)
+    }
     assert rows[0]["label"] == "ants" and float(rows[0]["score"]) == 0.75
     assert [p.name for p in tmp_path.iterdir()] == ["all.csv"]  # no temporary file left beside it
 
@@ -83,8 +98,18 @@ def test_json_lines_on_stdout_has_every_row(table: str, capfd: pytest.CaptureFix
 
 def test_parquet_to_a_file_has_every_row(table: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "all.parquet"
-    code, _, err = _query(capfd, "--table", table, "--format", "parquet", "--out", str(out), "--memory-limit", "256MB",
-                          "SELECT * FROM scores")
+    code, _, err = _query(
+        capfd,
+        "--table",
+        table,
+        "--format",
+        "parquet",
+        "--out",
+        str(out),
+        "--memory-limit",
+        "256MB",
+        "SELECT * FROM scores",
+    )
     assert code == 0, err
     t = pq.read_table(out)
     assert t.num_rows == ROWS
@@ -117,7 +142,9 @@ def test_the_terminal_table_is_cut_and_says_so_on_stderr(table: str, capfd: pyte
     assert "more were left out" in err and "--format csv|json|parquet" in err
     assert "left out" not in stdout
     # A result that fits is not cut, and nothing is said.
-    code, stdout, err = _query(capfd, "--table", table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1 ORDER BY 1")
+    code, stdout, err = _query(
+        capfd, "--table", table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1 ORDER BY 1"
+    )
     assert code == 0 and stdout.splitlines()[-1] == "(2 rows)" and err == ""
 
 
@@ -157,8 +184,10 @@ def test_a_closed_pipe_ends_the_export_quietly(table: str) -> None:
     """`dragons query --format csv ... | head`: no BrokenPipe traceback."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    cmd = (f"{sys.executable} -m dragons.cli query --table {table} --format csv 'SELECT * FROM scores' | head -n 2; "
-           "exit ${PIPESTATUS[0]}")
+    cmd = (
+        f"{sys.executable} -m dragons.cli query --table {table} --format csv 'SELECT * FROM scores' | head -n 2; "
+        "exit ${PIPESTATUS[0]}"
+    )
     p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(p.stdout.splitlines()) == 2 and "Traceback" not in p.stderr and "Error" not in p.stderr
@@ -173,15 +202,41 @@ def test_csv_cells_that_look_like_formulas_open_as_text(tmp_path: Path, capfd: p
 
     root = str(tmp_path / "t")
     w = RunWriter(root, "inj", datetime.now(timezone.utc), ["=1+1", "ok"], model_version="v1")
-    w.add(pa.table({"uri": ["s3://b/1.jpg", "+cmd|' /C calc'!A0", "@SUM(1)", "\tx"],
-                    "label": ["=1+1", "ok", "ok", "=1+1"], "score": [0.9, 0.8, 0.7, 0.6],
-                    "p__1_1": [0.9, 0.2, 0.3, 0.6], "p_ok": [0.1, 0.8, 0.7, 0.4], "error": pa.nulls(4, pa.string())}))
+    w.add(
+        pa.table(
+            {
+                "uri": ["s3://b/1.jpg", "+cmd|' /C calc'!A0", "@SUM(1)", "\tx"],
+                "label": ["=1+1", "ok", "ok", "=1+1"],
+                "score": [0.9, 0.8, 0.7, 0.6],
+                "p__1_1": [0.9, 0.2, 0.3, 0.6],
+                "p_ok": [0.1, 0.8, 0.7, 0.4],
+                "error": pa.nulls(4, pa.string()),
+            }
+        )
+    )
     w.commit({})
     out = tmp_path / "q.csv"
-    assert main(["query", "--table", root, "SELECT uri, label, -score AS neg FROM scores ORDER BY score DESC",
-                 "--format", "csv", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--table",
+                root,
+                "SELECT uri, label, -score AS neg FROM scores ORDER BY score DESC",
+                "--format",
+                "csv",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     got = list(csv.reader(io.StringIO(out.read_text())))
-    assert got[1:] == [["s3://b/1.jpg", "'=1+1", "-0.9"], ["'+cmd|' /C calc'!A0", "ok", "-0.8"],
-                       ["'@SUM(1)", "ok", "-0.7"], ["'\tx", "'=1+1", "-0.6"]]
-    text = render([{"uri": "=HYPERLINK(\"http://x\")", "label": "=1+1", "score": 0.5, "margin": -0.1}], "csv").decode()
-    assert list(csv.reader(io.StringIO(text)))[1] == ["'=HYPERLINK(\"http://x\")", "'=1+1", "0.500000", "-0.100000"]
+    assert got[1:] == [
+        ["s3://b/1.jpg", "'=1+1", "-0.9"],
+        ["'+cmd|' /C calc'!A0", "ok", "-0.8"],
+        ["'@SUM(1)", "ok", "-0.7"],
+        ["'\tx", "'=1+1", "-0.6"],
+    ]
+    text = render([{"uri": '=HYPERLINK("http://x")', "label": "=1+1", "score": 0.5, "margin": -0.1}], "csv").decode()
+    assert list(csv.reader(io.StringIO(text)))[1] == ['\'=HYPERLINK("http://x")', "'=1+1", "0.500000", "-0.100000"]

@@ -98,15 +98,24 @@ def test_embedded_cluster_uses_token_auth_and_no_dashboard(ray_session: None, tm
     # read-only metrics, bound to the node IP's interfaces: docs/operations.md),
     # and none of the ten module processes.
     assert os.environ.get("DRAGONS_DASHBOARD", "") != "1"
-    modules = [" ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
-               if "dashboard/modules" in " ".join(p.info["cmdline"] or []) or "ray-dashboard-" in (p.info["cmdline"] or [""])[0]]
+    modules = [
+        " ".join(p.info["cmdline"] or [])[:120]
+        for p in psutil.process_iter(["cmdline"])
+        if "dashboard/modules" in " ".join(p.info["cmdline"] or [])
+        or "ray-dashboard-" in (p.info["cmdline"] or [""])[0]
+    ]
     assert modules == [], modules
     listeners = _ray_listeners()
     assert listeners, "no Ray listeners found: is the session's cluster running?"
     ports = [port for ip, port, name, cmd in listeners if "dashboard/dashboard.py" in cmd]
     # One exporter port: Ray's default, unless another Ray on this machine holds that one.
-    taken = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN
-             and c.laddr.port == DASHBOARD_METRIC_PORT and c.pid not in {p.pid for p in psutil.Process().children(recursive=True)}}
+    taken = {
+        c.laddr.port
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+        and c.laddr.port == DASHBOARD_METRIC_PORT
+        and c.pid not in {p.pid for p in psutil.Process().children(recursive=True)}
+    }
     assert len(ports) == 1 and (ports[0] == DASHBOARD_METRIC_PORT or DASHBOARD_METRIC_PORT in taken), listeners
     for ip, port, name, cmd in listeners:
         if ip in ("0.0.0.0", "::"):
@@ -139,8 +148,11 @@ def test_embedded_training_starts_no_cluster_only_actors(ray_session: None) -> N
     def callbacks(workers_decode: bool) -> list[str]:
         # What dragons.train.run._trainer leaves out on the embedded cluster.
         unused = {"PlacementGroupCleanerCallback"} | ({"DatasetsCallback"} if workers_decode else set())
-        trainer = lean_trainer(TorchTrainer, unused)(lambda: None, scaling_config=ScalingConfig(num_workers=1),
-                                                     run_config=RunConfig(name="callbacks-only", storage_path=tempfile.mkdtemp()))
+        trainer = lean_trainer(TorchTrainer, unused)(
+            lambda: None,
+            scaling_config=ScalingConfig(num_workers=1),
+            run_config=RunConfig(name="callbacks-only", storage_path=tempfile.mkdtemp()),
+        )
         return [type(c).__name__ for c in trainer._create_default_callbacks()]
 
     # Workers that decode their own rows use no Ray Data shards: no DatasetManager actor either.
@@ -149,8 +161,9 @@ def test_embedded_training_starts_no_cluster_only_actors(ray_session: None) -> N
     assert "DatasetsCallback" not in lean and "DatasetsCallback" in ray_data, (lean, ray_data)
 
 
-def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(capfd: pytest.CaptureFixture[str],
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_driver_stderr_noise_goes_to_the_log_and_the_rest_to_the_terminal(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ray's C++ core writes straight to fd 2: the known-harmless line (ray#57733) goes to
     the run's log, anything else still reaches the terminal, and so does a traceback
     raised inside the block (stderr is restored before it leaves)."""
@@ -219,8 +232,9 @@ def test_actor_pools_size_from_the_granted_gpus():
 class FakeAutoscaler:
     """Stands in for the cluster: how many GPUs are up at each poll, what the autoscaler launches."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, kind: str | None, gpus: list[int], pending: int = 0,
-                 cuda: bool = True) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, kind: str | None, gpus: list[int], pending: int = 0, cuda: bool = True
+    ) -> None:
         import ray.autoscaler.sdk
 
         from dragons import capacity
@@ -240,7 +254,9 @@ def test_gpu_request_waits_for_nodes_then_withdraws_the_request(monkeypatch: pyt
 
     fake = FakeAutoscaler(monkeypatch, "v1", gpus=[0, 0, 0, 1], pending=1, cuda=False)
     said: list[str] = []
-    with GpuRequest("scoring actor", "auto", Span(1, 2), wait_s=30, progress_s=0, say=said.append, sleep_s=0.01) as grant:
+    with GpuRequest(
+        "scoring actor", "auto", Span(1, 2), wait_s=30, progress_s=0, say=said.append, sleep_s=0.01
+    ) as grant:
         assert (grant.gpus, grant.cuda, grant.requested) == (1, False, 2)
         assert fake.requests == [[{"GPU": 1, "CPU": 1.0}] * 2]
     assert fake.requests[-1] == []  # withdrawn: the autoscaler may remove the idle nodes
@@ -255,8 +271,13 @@ def test_gpu_request_falls_back_to_cpus_or_refuses(monkeypatch: pytest.MonkeyPat
     # An autoscaler that launches nothing (no GPU worker group): auto runs on CPUs after the grace period...
     fake = FakeAutoscaler(monkeypatch, "v1", gpus=[0], pending=0)
     said: list[str] = []
-    assert GpuRequest("training worker", "auto", Span(0, 0), progress_s=60, say=said.append, sleep_s=0.01).acquire().gpus == 0
-    assert fake.requests[-1] == [] and "the autoscaler launched no GPU node" in said[-1] and "running on CPUs" in said[-1]
+    assert (
+        GpuRequest("training worker", "auto", Span(0, 0), progress_s=60, say=said.append, sleep_s=0.01).acquire().gpus
+        == 0
+    )
+    assert (
+        fake.requests[-1] == [] and "the autoscaler launched no GPU node" in said[-1] and "running on CPUs" in said[-1]
+    )
     # ...yes refuses, naming the flags that help.
     with pytest.raises(DragonsError, match="--use-gpu yes: .*--gpu-wait"):
         GpuRequest("training worker", "yes", Span(0, 0), say=said.append, sleep_s=0.01).acquire()

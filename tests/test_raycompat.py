@@ -11,8 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # What reaching into Ray looks like: its private packages, and underscore names imported from it.
 # Also the autoscaler's internals (v2's SDK and utils) and Ray's internal GCS keys ("__name").
-PRIVATE = re.compile(r"ray\._|ray\.[\w.]*\._|from ray[\w.]* import .*\b_[a-z]|\._create_default_callbacks|_internal_kv"
-                     r"|ray\.autoscaler\.v2|[\"']__(?!main__)[a-z_]+[\"']")
+PRIVATE = re.compile(
+    r"ray\._|ray\.[\w.]*\._|from ray[\w.]* import .*\b_[a-z]|\._create_default_callbacks|_internal_kv"
+    r"|ray\.autoscaler\.v2|[\"']__(?!main__)[a-z_]+[\"']"
+)
 
 
 def test_only_raycompat_reaches_into_ray() -> None:

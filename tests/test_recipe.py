@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dragons.train.config import TrainConfig
 import pytest
 
 from dragons.errors import DragonsError
+from dragons.train.config import TrainConfig
 from dragons.train.recipe import FINE_TUNE_MIN_IMAGES, from_json, resolve, resume, to_json
 
 
@@ -31,7 +31,9 @@ def test_rule_small_photos_head_only_large_small_images_fine_tuned() -> None:
 
 
 def test_explicit_flags_win() -> None:
-    cfg = TrainConfig(epochs=2, image_size=160, crop_pct=0.8, head_views=1, augment="strong", label_smoothing=0.0, lr_mult=3.0)
+    cfg = TrainConfig(
+        epochs=2, image_size=160, crop_pct=0.8, head_views=1, augment="strong", label_smoothing=0.0, lr_mult=3.0
+    )
     out, chosen = resolve(cfg, n_train=20, short_side=50)
     assert chosen == {} and out == cfg
     out, chosen = resolve(TrainConfig(epochs=0), n_train=50_000, short_side=128)
@@ -69,8 +71,10 @@ def test_rule_applied_to_synthetic_sets(ray_session: None, workdir: Path) -> Non
     from dragons.local.synth import write_dataset
     from dragons.train.plan import scan_folder
 
-    for name, n, size, expect_epochs, expect_size in (("small", 12, (480, 360), 0, 224),
-                                                       ("larger", FINE_TUNE_MIN_IMAGES // 2 + 8, (64, 64), None, 64)):
+    for name, n, size, expect_epochs, expect_size in (
+        ("small", 12, (480, 360), 0, 224),
+        ("larger", FINE_TUNE_MIN_IMAGES // 2 + 8, (64, 64), None, 64),
+    ):
         root = workdir / f"recipe-{name}"
         write_dataset(str(root), ["a", "b"], n_train=n, n_valid=2, seed=1, size=size, quality=70)
         folder = discover(str(root))

@@ -69,12 +69,8 @@ def test_binary_metrics_known_values() -> None:
     assert m["confusion_matrix"] == [[2, 1], [1, 3]]
     p_true = [0.9, 0.6, 0.3, 0.8, 0.55, 0.05, 0.9]
     assert m["log_loss"] == pytest.approx(float(np.mean(-np.log(p_true))))
-    assert m["per_class"]["ants"] == pytest.approx(
-        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3}
-    )
-    assert m["per_class"]["bees"] == pytest.approx(
-        {"precision": 3 / 4, "recall": 3 / 4, "f1": 3 / 4, "support": 4}
-    )
+    assert m["per_class"]["ants"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert m["per_class"]["bees"] == pytest.approx({"precision": 3 / 4, "recall": 3 / 4, "f1": 3 / 4, "support": 4})
     assert m["macro_f1"] == pytest.approx((2 / 3 + 3 / 4) / 2)
     # Must survive a strict JSON round trip unchanged (plain Python types only).
     assert json.loads(json.dumps(m, allow_nan=False)) == m
@@ -164,8 +160,13 @@ def test_select_grids_binary() -> None:
     # Asking for more than exist returns them all.
     assert sorted(select_grids(BIN_PROBS, BIN_LABELS, k=10)["random_correct"]) == sorted(correct)
     assert set(g) == {
-        "random_correct", "most_correct_0", "most_incorrect_0", "most_correct_1",
-        "most_incorrect_1", "most_uncertain", "top_losses",
+        "random_correct",
+        "most_correct_0",
+        "most_incorrect_0",
+        "most_correct_1",
+        "most_incorrect_1",
+        "most_uncertain",
+        "top_losses",
     }
 
 
@@ -229,8 +230,24 @@ def test_write_report_writes_everything(tmp_path: Path) -> None:
     names[3] = "dir/<script>alert&1.jpg"  # must be escaped in the HTML
     history = [
         {"epoch": 0, "phase": "frozen", "train_loss": 0.9, "valid_loss": 0.7, "accuracy": 0.6, "time": 3.0, "lr": 1e-3},
-        {"epoch": 0, "phase": "unfrozen", "train_loss": 0.6, "valid_loss": 0.5, "accuracy": 0.7, "time": 4.0, "lr": 1e-4},
-        {"epoch": 1, "phase": "unfrozen", "train_loss": 0.4, "valid_loss": 0.45, "accuracy": 0.8, "time": 4.0, "lr": 1e-4},
+        {
+            "epoch": 0,
+            "phase": "unfrozen",
+            "train_loss": 0.6,
+            "valid_loss": 0.5,
+            "accuracy": 0.7,
+            "time": 4.0,
+            "lr": 1e-4,
+        },
+        {
+            "epoch": 1,
+            "phase": "unfrozen",
+            "train_loss": 0.4,
+            "valid_loss": 0.45,
+            "accuracy": 0.8,
+            "time": 4.0,
+            "lr": 1e-4,
+        },
     ]
     lrs = np.geomspace(1e-7, 10, 50)
     lr_find = {"lrs": lrs.tolist(), "losses": (1 + np.sin(np.log10(lrs))).tolist(), "suggestion": 3e-3}
@@ -242,16 +259,30 @@ def test_write_report_writes_everything(tmp_path: Path) -> None:
         return imgs[i]
 
     index = write_report(
-        out, probs=TRI_PROBS, labels=TRI_LABELS, classes=TRI_CLASSES, names=names,
-        image_loader=loader, history=history, lr_find=lr_find, title="t <1>",
-        extra={"model": "effnet", "epochs": np.int64(2)}, k=3,
+        out,
+        probs=TRI_PROBS,
+        labels=TRI_LABELS,
+        classes=TRI_CLASSES,
+        names=names,
+        image_loader=loader,
+        history=history,
+        lr_find=lr_find,
+        title="t <1>",
+        extra={"model": "effnet", "epochs": np.int64(2)},
+        k=3,
     )
 
     assert index == out / "index.html"
     pngs = [
-        "confusion_matrix.png", "reliability.png", "grid_random_correct.png",
-        "grid_most_correct.png", "grid_most_incorrect.png", "grid_most_uncertain.png",
-        "top_losses.png", "training_curves.png", "lr_find.png",
+        "confusion_matrix.png",
+        "reliability.png",
+        "grid_random_correct.png",
+        "grid_most_correct.png",
+        "grid_most_incorrect.png",
+        "grid_most_uncertain.png",
+        "top_losses.png",
+        "training_curves.png",
+        "lr_find.png",
     ]
     page = index.read_text(encoding="utf-8")
     for name in pngs:
@@ -279,8 +310,13 @@ def test_write_report_writes_everything(tmp_path: Path) -> None:
 def test_write_report_without_optional_plots(tmp_path: Path) -> None:
     imgs = _images(len(BIN_LABELS), seed=1)
     index = write_report(
-        tmp_path, probs=BIN_PROBS, labels=BIN_LABELS, classes=BIN_CLASSES,
-        names=[f"{i}.png" for i in range(len(BIN_LABELS))], image_loader=imgs.__getitem__, k=2,
+        tmp_path,
+        probs=BIN_PROBS,
+        labels=BIN_LABELS,
+        classes=BIN_CLASSES,
+        names=[f"{i}.png" for i in range(len(BIN_LABELS))],
+        image_loader=imgs.__getitem__,
+        k=2,
     )
     page = index.read_text(encoding="utf-8")
     assert not (tmp_path / "training_curves.png").exists()

@@ -51,8 +51,25 @@ def archive(hymenoptera: Path, bucket: str) -> str:
 
 
 def _score_cmd(model: str, archive: str, table: str, run_id: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dragons.cli", "score", "--model", model, "--input", archive, "--output", table,
-            "--run-id", run_id, "--commit-every", "200", "--progress-s", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dragons.cli",
+        "score",
+        "--model",
+        model,
+        "--input",
+        archive,
+        "--output",
+        table,
+        "--run-id",
+        run_id,
+        "--commit-every",
+        "200",
+        "--progress-s",
+        "1",
+        *extra,
+    ]
 
 
 def _start(cmd: list[str], tmp: Path, name: str) -> subprocess.Popen[str]:
@@ -60,8 +77,15 @@ def _start(cmd: list[str], tmp: Path, name: str) -> subprocess.Popen[str]:
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    return subprocess.Popen(cmd + ["--log-file", str(tmp / f"{name}.log")], cwd=tmp, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd + ["--log-file", str(tmp / f"{name}.log")],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _rows(table: str, run_id: str) -> list[dict]:
@@ -75,8 +99,9 @@ def _committed(table: str, run_id: str) -> int:
         return 0
 
 
-def test_killed_night_resumes_keeping_every_committed_row(ray_session: None, tiny_model: str, archive: str,
-                                                          bucket: str, tmp_path: Path) -> None:
+def test_killed_night_resumes_keeping_every_committed_row(
+    ray_session: None, tiny_model: str, archive: str, bucket: str, tmp_path: Path
+) -> None:
     table = f"s3://{bucket}/tables/resume"
     cmd = _score_cmd(tiny_model, archive, table, "night", "--date", "2026-11-29")
     proc = _start(cmd, tmp_path, "first")
@@ -102,7 +127,12 @@ def test_killed_night_resumes_keeping_every_committed_row(ray_session: None, tin
     assert all(after[u] == t for u, t in before.items())  # committed rows kept as they were
     assert {r["dt"] for r in rows} == {"2026-11-29"}
     run = run_sql(table, "SELECT * FROM runs WHERE run_id = 'night'").to_pylist()[0]
-    assert (run["status"], run["listed"], run["kept"], run["rows"]) == ("complete", ARCHIVE_SIZE, len(before), ARCHIVE_SIZE)
+    assert (run["status"], run["listed"], run["kept"], run["rows"]) == (
+        "complete",
+        ARCHIVE_SIZE,
+        len(before),
+        ARCHIVE_SIZE,
+    )
     # The night's date stays when it is run again days later, without --date.
     p = _start(_score_cmd(tiny_model, archive, table, "night"), tmp_path, "third")
     out, err = p.communicate(timeout=300)
@@ -110,22 +140,25 @@ def test_killed_night_resumes_keeping_every_committed_row(ray_session: None, tin
     assert {r["dt"] for r in _rows(table, "night")} == {"2026-11-29"}
 
 
-def test_two_runs_of_one_id_at_once_score_each_object_once(ray_session: None, tiny_model: str, archive: str,
-                                                           bucket: str, tmp_path: Path) -> None:
+def test_two_runs_of_one_id_at_once_score_each_object_once(
+    ray_session: None, tiny_model: str, archive: str, bucket: str, tmp_path: Path
+) -> None:
     table = f"s3://{bucket}/tables/twins"
     cmd = _score_cmd(tiny_model, archive, table, "twin")
     a, b = _start(cmd, tmp_path, "a"), _start(cmd, tmp_path, "b")
     (_, err_a), (_, err_b) = a.communicate(timeout=600), b.communicate(timeout=600)
     for p, err in ((a, err_a), (b, err_b)):
-        assert p.returncode == 0 or (p.returncode == 2 and "another writer committed to this run id" in err
-                                     and "Traceback" not in err), err[-3000:]
+        assert p.returncode == 0 or (
+            p.returncode == 2 and "another writer committed to this run id" in err and "Traceback" not in err
+        ), err[-3000:]
     assert 0 in (a.returncode, b.returncode), (err_a[-2000:], err_b[-2000:])
     counts = Counter(r["uri"] for r in _rows(table, "twin"))
     assert len(counts) == ARCHIVE_SIZE and set(counts.values()) == {1}
 
 
-def test_a_model_changed_under_a_run_commits_none_of_its_rows(ray_session: None, tiny_model: str, hymenoptera_s3: str,
-                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_changed_under_a_run_commits_none_of_its_rows(
+    ray_session: None, tiny_model: str, hymenoptera_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The driver pinned one artifact (here: it read another version than the one
     now at --model); every scoring actor checks what it loaded against it."""
     from dragons import artifact
@@ -140,8 +173,16 @@ def test_a_model_changed_under_a_run_commits_none_of_its_rows(ray_session: None,
     monkeypatch.setattr(pipeline.artifact, "read_meta", pinned_elsewhere)
     table = str(tmp_path / "t")
     with pytest.raises(DragonsError, match="changed during the run") as err:
-        score(ScoreConfig(model=tiny_model, input=f"{hymenoptera_s3}/val/ants", output=table, run_id="pinned",
-                          commit_every=10, log_file=str(tmp_path / "s.log")))
+        score(
+            ScoreConfig(
+                model=tiny_model,
+                input=f"{hymenoptera_s3}/val/ants",
+                output=table,
+                run_id="pinned",
+                commit_every=10,
+                log_file=str(tmp_path / "s.log"),
+            )
+        )
     assert "0123456789abcdef" in str(err.value)
     assert _committed(table, "pinned") == 0
     # It committed nothing, so it records nothing (a marker could fence a healthy writer of the id).
@@ -149,12 +190,29 @@ def test_a_model_changed_under_a_run_commits_none_of_its_rows(ray_session: None,
     # The night then runs with the model at --model; republished afterwards (another version
     # there), a retry of the run id is refused, naming both versions, and the table is unchanged.
     monkeypatch.setattr(pipeline.artifact, "read_meta", real)
-    done = score(ScoreConfig(model=tiny_model, input=f"{hymenoptera_s3}/val/ants", output=table, run_id="pinned",
-                             commit_every=10, log_file=str(tmp_path / "s.log")))
+    done = score(
+        ScoreConfig(
+            model=tiny_model,
+            input=f"{hymenoptera_s3}/val/ants",
+            output=table,
+            run_id="pinned",
+            commit_every=10,
+            log_file=str(tmp_path / "s.log"),
+        )
+    )
     monkeypatch.setattr(pipeline.artifact, "read_meta", pinned_elsewhere)
-    with pytest.raises(DragonsError, match=r"model_version: the run has '\w+', this command '0123456789abcdef'.*--replace"):
-        score(ScoreConfig(model=tiny_model, input=f"{hymenoptera_s3}/val/ants", output=table, run_id="pinned",
-                          log_file=str(tmp_path / "s.log")))
+    with pytest.raises(
+        DragonsError, match=r"model_version: the run has '\w+', this command '0123456789abcdef'.*--replace"
+    ):
+        score(
+            ScoreConfig(
+                model=tiny_model,
+                input=f"{hymenoptera_s3}/val/ants",
+                output=table,
+                run_id="pinned",
+                log_file=str(tmp_path / "s.log"),
+            )
+        )
     runs = run_sql(table, "SELECT status, rows, model_version FROM runs WHERE run_id = 'pinned'").to_pylist()
     assert runs == [{"status": "complete", "rows": done["rows"], "model_version": done["model_version"]}]
     assert run_sql(table, "SELECT count(DISTINCT model_version) AS n FROM scores").to_pylist() == [{"n": 1}]

@@ -28,16 +28,31 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 FLOWERS = REPO.parent / "shared" / "data" / "flowers5" / "valid"
 FLOWERS_PER_CLASS = 12  # x 5 classes = 60 photos the ants/bees model was never trained on
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``python -m dragons.cli ...`` with this session's S3 endpoint (the s3 fixture's os.environ)."""
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "dragons.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dragons.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _night2_input(bucket: str, hymenoptera_s3: str) -> str:
@@ -59,17 +74,24 @@ def _night2_input(bucket: str, hymenoptera_s3: str) -> str:
 @pytest.fixture(scope="module")
 def nights(hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One table, two nights scored once for every test here."""
-    from dragons.score.config import ScoreConfig
     from dragons.score.cli import run_score as score
+    from dragons.score.config import ScoreConfig
 
     root = tmp_path_factory.mktemp("nights")
     table = str(root / "scores")
     night2 = _night2_input(bucket, hymenoptera_s3)
     for run_id, source in (("n1", f"{hymenoptera_s3}/val"), ("n2", night2)):
         # Night 2 writes its own report as it completes (`dragons score --report DIR`).
-        score(ScoreConfig(model=hymenoptera_model["uri"], input=source, output=table, run_id=run_id,
-                          report=str(root / "score-report-n2") if run_id == "n2" else "",
-                          log_file=str(root / f"score-{run_id}.log")))
+        score(
+            ScoreConfig(
+                model=hymenoptera_model["uri"],
+                input=source,
+                output=table,
+                run_id=run_id,
+                report=str(root / "score-report-n2") if run_id == "n2" else "",
+                log_file=str(root / f"score-{run_id}.log"),
+            )
+        )
     return {"table": table, "root": root, "night2": night2, "model": hymenoptera_model}
 
 
@@ -78,8 +100,13 @@ def _chromium(page: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     if exe is None:
         pytest.fail("chromium is not installed: `make test` installs it (make browser), or apt-get install chromium")
     with tempfile.TemporaryDirectory(prefix="dragons-chromium-") as profile:
-        return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, page.as_uri()],
-                              capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, page.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
 
 def _check_in_browser(index: Path, shot: Path) -> int:
@@ -101,14 +128,27 @@ def _check_in_browser(index: Path, shot: Path) -> int:
 def test_night2_report_sees_the_drift_and_fails_the_gate(nights: dict, tmp_path: Path) -> None:
     out = tmp_path / "report-n2"
     t0 = time.monotonic()
-    p = _cli("report", "--table", nights["table"], "--run-id", "n2", "--out", str(out), "--top", "16",
-             "--fail-on-drift", "0.05")
+    p = _cli(
+        "report",
+        "--table",
+        nights["table"],
+        "--run-id",
+        "n2",
+        "--out",
+        str(out),
+        "--top",
+        "16",
+        "--fail-on-drift",
+        "0.05",
+    )
     seconds = time.monotonic() - t0
     assert p.returncode == 3, p.stdout + p.stderr[-3000:]
     assert "error: run n2 drifted from n1" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
-    print(f"\nnight 2: report {seconds:.1f}s, js {s['drift']['js_distance']:.3f}, errors {s['errors_by_kind']}, "
-          f"mix {s['class_mix']} (was {s['previous_class_mix']}), thumbnails {s['thumbnails']['written']}")
+    print(
+        f"\nnight 2: report {seconds:.1f}s, js {s['drift']['js_distance']:.3f}, errors {s['errors_by_kind']}, "
+        f"mix {s['class_mix']} (was {s['previous_class_mix']}), thumbnails {s['thumbnails']['written']}"
+    )
     assert s["run_id"] == "n2" and s["previous_run_id"] == "n1"
     assert s["drift"]["js_distance"] > 0.1
     assert s["counts"] == {"listed": 83 + 60 + 3, "skipped": 0, "scored": 83 + 60, "errors": 3}
@@ -159,8 +199,19 @@ def _check_training_mix(s: dict[str, Any], meta: dict[str, Any]) -> None:
 
 
 def test_night1_has_no_previous_run_and_passes_the_gate(nights: dict, tmp_path: Path) -> None:
-    p = _cli("report", "--table", nights["table"], "--run-id", "n1", "--out", str(tmp_path / "r1"), "--top", "4",
-             "--fail-on-drift", "0.05")
+    p = _cli(
+        "report",
+        "--table",
+        nights["table"],
+        "--run-id",
+        "n1",
+        "--out",
+        str(tmp_path / "r1"),
+        "--top",
+        "4",
+        "--fail-on-drift",
+        "0.05",
+    )
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert "no previous complete run" in p.stderr
     s = json.loads((tmp_path / "r1" / "summary.json").read_text())
@@ -183,8 +234,19 @@ def test_library_default_run_and_s3_out(nights: dict) -> None:
 
 def test_export_least_sure_for_labelling(nights: dict, tmp_path: Path) -> None:
     out = tmp_path / "tasks.json"
-    p = _cli("export", "--table", nights["table"], "--run-id", "n2", "--uncertain", "20", "--format", "label-studio",
-             "--out", str(out))
+    p = _cli(
+        "export",
+        "--table",
+        nights["table"],
+        "--run-id",
+        "n2",
+        "--uncertain",
+        "20",
+        "--format",
+        "label-studio",
+        "--out",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     tasks = json.loads(out.read_text())
     assert len(tasks) == 20
@@ -193,8 +255,14 @@ def test_export_least_sure_for_labelling(nights: dict, tmp_path: Path) -> None:
     for t in tasks:
         pred = t["predictions"][0]
         assert pred["model_version"] == version and pred["score"] == t["data"]["model_score"]
-        assert pred["result"] == [{"from_name": "label", "to_name": "image", "type": "choices",
-                                   "value": {"choices": [t["data"]["model_label"]]}}]
+        assert pred["result"] == [
+            {
+                "from_name": "label",
+                "to_name": "image",
+                "type": "choices",
+                "value": {"choices": [t["data"]["model_label"]]},
+            }
+        ]
     scores = [t["data"]["model_score"] for t in tasks]
     assert scores == sorted(scores)
 
@@ -204,9 +272,16 @@ def test_export_least_sure_for_labelling(nights: dict, tmp_path: Path) -> None:
     balanced = select(nights["table"], "n2", 7, per_class_=True)
     by_label = {label: sum(r["label"] == label for r in balanced) for label in {r["label"] for r in balanced}}
     assert len(balanced) == 7 and len({r["uri"] for r in balanced}) == 7
-    classes = json.loads(_cli("query", "--table", nights["table"], "--format", "json",
-                              "SELECT count(DISTINCT label) AS n FROM scores WHERE run_id = 'n2' AND error IS NULL")
-                         .stdout)["n"]
+    classes = json.loads(
+        _cli(
+            "query",
+            "--table",
+            nights["table"],
+            "--format",
+            "json",
+            "SELECT count(DISTINCT label) AS n FROM scores WHERE run_id = 'n2' AND error IS NULL",
+        ).stdout
+    )["n"]
     assert len(by_label) == classes and min(by_label.values()) >= 7 // classes
     # CSV: uri,label,score,margin, the same rows as the tasks.
     rows = write_export(nights["table"], "n2", 20, "csv", str(tmp_path / "batch.csv"))

@@ -14,9 +14,9 @@ import pytest
 
 from dragons import storage
 from dragons.errors import DragonsError
-from dragons.score.query import run_sql
 from dragons.score.cli import run_score as score
 from dragons.score.config import ScoreConfig
+from dragons.score.query import run_sql
 from dragons.score.table import open_table, run_history
 
 pytestmark = pytest.mark.slow
@@ -31,14 +31,34 @@ FROM scores WHERE run_id = '{run}'
 
 def test_score_hymenoptera_val_from_s3(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
     table = "s3://dragons-test/tables/hymenoptera"
-    m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"{hymenoptera_s3}/val", output=table, run_id="val1",
-                          log_file=str(tmp_path / "score.log")))
+    m = score(
+        ScoreConfig(
+            model=hymenoptera_model["uri"],
+            input=f"{hymenoptera_s3}/val",
+            output=table,
+            run_id="val1",
+            log_file=str(tmp_path / "score.log"),
+        )
+    )
     assert (m["listed"], m["rows"], m["errors"], m["skipped"]) == (153, 153, 0, 0)
     # Accuracy straight from the Delta table, read with deltalake (no dragons code in the way).
     rows = open_table(table).to_pyarrow_table().to_pylist()
     assert len(rows) == 153 and len({r["uri"] for r in rows}) == 153
-    assert set(rows[0]) >= {"uri", "label", "score", "p_ants", "p_bees", "model_version", "run_id", "scored_at", "error",
-                            "etag", "size", "last_modified", "dt"}
+    assert set(rows[0]) >= {
+        "uri",
+        "label",
+        "score",
+        "p_ants",
+        "p_bees",
+        "model_version",
+        "run_id",
+        "scored_at",
+        "error",
+        "etag",
+        "size",
+        "last_modified",
+        "dt",
+    }
     assert all(r["etag"] and r["size"] > 0 and r["last_modified"] is not None for r in rows)
     acc = sum(f"/{r['label']}/" in r["uri"] for r in rows) / len(rows)
     assert acc >= 0.90
@@ -88,7 +108,9 @@ def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -
     table = f"s3://{bucket}/tables/catalogue"
     m = score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat"))
     assert m["listed"] == m["rows"] == len(cat)
-    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores WHERE run_id = 'cat'").to_pylist()}
+    rows = {
+        r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores WHERE run_id = 'cat'").to_pylist()
+    }
     assert set(rows) == set(cat)
     for name, (_, expect) in cat.items():
         r = rows[name]
@@ -100,9 +122,19 @@ def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -
     assert rows["truncated.jpg"]["error"].startswith("truncated")
     # On this CPU cluster the scoring actors decode ("auto"); decoding in upstream CPU
     # tasks (what GPU clusters do) gives the same rows, errors and probabilities.
-    score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat-tasks",
-                      decode="separate"))
-    tasks = {r["uri"].rsplit("/", 1)[-1]: r for r in run_sql(table, "SELECT * FROM scores WHERE run_id = 'cat-tasks'").to_pylist()}
+    score(
+        ScoreConfig(
+            model=hymenoptera_model["uri"],
+            input=f"s3://{bucket}/catalogue",
+            output=table,
+            run_id="cat-tasks",
+            decode="separate",
+        )
+    )
+    tasks = {
+        r["uri"].rsplit("/", 1)[-1]: r
+        for r in run_sql(table, "SELECT * FROM scores WHERE run_id = 'cat-tasks'").to_pylist()
+    }
     assert set(tasks) == set(rows)
     for name, r in rows.items():
         t = tasks[name]
@@ -110,8 +142,15 @@ def test_bad_file_catalogue_one_row_each(hymenoptera_model: dict, bucket: str) -
         assert t["label"] == r["label"] and (r["p_ants"] is None or abs(t["p_ants"] - r["p_ants"]) < 1e-6), name
     # The same run with a strict error budget: rows still committed, non-zero exit.
     with pytest.raises(DragonsError, match="exceeds --max-error-rate"):
-        score(ScoreConfig(model=hymenoptera_model["uri"], input=f"s3://{bucket}/catalogue", output=table, run_id="cat-strict",
-                          max_error_rate=0.1))
+        score(
+            ScoreConfig(
+                model=hymenoptera_model["uri"],
+                input=f"s3://{bucket}/catalogue",
+                output=table,
+                run_id="cat-strict",
+                max_error_rate=0.1,
+            )
+        )
     assert {h["run_id"] for h in run_history(table) if h["run_id"]} == {"cat", "cat-tasks", "cat-strict"}
 
 
@@ -122,16 +161,22 @@ def test_rerun_continues_and_replace_rescores(hymenoptera_model: dict, hymenopte
     second = score(cfg)  # the run is complete: running it again keeps every row and scores nothing
     assert (first["version"], second["version"]) == (1, 2)  # version 0 creates the table; one commit per part
     assert (second["kept"], second["new_rows"], second["rows"]) == (70, 0, 70)
-    counts = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u, max(scored_at) AS t FROM scores").to_pylist()[0]
+    counts = run_sql(
+        table, "SELECT count(*) AS n, count(DISTINCT uri) AS u, max(scored_at) AS t FROM scores"
+    ).to_pylist()[0]
     assert (counts["n"], counts["u"]) == (70, 70)
     third = score(ScoreConfig(**{**cfg.__dict__, "replace": True}))  # --replace rescores from scratch
     assert (third["kept"], third["new_rows"], third["rows"]) == (0, 70, 70)
-    again = run_sql(table, "SELECT count(*) AS n, count(DISTINCT uri) AS u, min(scored_at) AS t FROM scores").to_pylist()[0]
+    again = run_sql(
+        table, "SELECT count(*) AS n, count(DISTINCT uri) AS u, min(scored_at) AS t FROM scores"
+    ).to_pylist()[0]
     assert (again["n"], again["u"]) == (70, 70) and again["t"] > counts["t"]
     assert run_sql(table, "SELECT count(*) AS n FROM scores", as_of="1").to_pylist()[0]["n"] == 70
 
 
-def test_incremental_scores_only_new_and_changed(hymenoptera_model: dict, hymenoptera: Path, bucket: str, tmp_path: Path) -> None:
+def test_incremental_scores_only_new_and_changed(
+    hymenoptera_model: dict, hymenoptera: Path, bucket: str, tmp_path: Path
+) -> None:
     """Score 100 objects, add 10, overwrite 5: the next --incremental run scores exactly 15."""
     from dragons.storage import boto3_client
 
@@ -145,7 +190,9 @@ def test_incremental_scores_only_new_and_changed(hymenoptera_model: dict, hymeno
         client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=p.read_bytes())
     table = f"s3://{bucket}/tables/incremental"
     model = hymenoptera_model["uri"]
-    first = score(ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night1", incremental=True))
+    first = score(
+        ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night1", incremental=True)
+    )
     assert (first["listed"], first["skipped"], first["rows"]) == (100, 0, 100)
     for p, name in zip(photos[100:110], names[100:110]):  # 10 new objects
         client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=p.read_bytes())
@@ -156,15 +203,35 @@ def test_incremental_scores_only_new_and_changed(hymenoptera_model: dict, hymeno
 
     # --dry-run prints exactly those and writes nothing.
     version = open_table(table).version()
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", "score", "--model", model, "--input", f"s3://{bucket}/{prefix}",
-                        "--output", table, "--incremental", "--dry-run", "--log-file", str(tmp_path / "dry.log")],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dragons.cli",
+            "score",
+            "--model",
+            model,
+            "--input",
+            f"s3://{bucket}/{prefix}",
+            "--output",
+            table,
+            "--incremental",
+            "--dry-run",
+            "--log-file",
+            str(tmp_path / "dry.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert set(p.stdout.splitlines()) == expected
     assert "listed 110  kept 0  skipped 95  would score 15" in p.stderr
     assert open_table(table).version() == version
 
-    second = score(ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night2", incremental=True))
+    second = score(
+        ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night2", incremental=True)
+    )
     assert (second["listed"], second["skipped"], second["rows"], second["errors"]) == (110, 95, 15, 0)
     scored = {r["uri"] for r in run_sql(table, "SELECT uri FROM scores WHERE run_id = 'night2'").to_pylist()}
     assert scored == expected
@@ -177,18 +244,35 @@ def test_incremental_scores_only_new_and_changed(hymenoptera_model: dict, hymeno
     for obj in client.list_objects_v2(Bucket=bucket, Prefix="tables/incremental/")["Contents"]:
         assert secret not in client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read(), obj["Key"]
     # Nothing changed since: the third night scores nothing and still commits its counts.
-    third = score(ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night3", incremental=True))
+    third = score(
+        ScoreConfig(model=model, input=f"s3://{bucket}/{prefix}", output=table, run_id="night3", incremental=True)
+    )
     assert (third["listed"], third["skipped"], third["rows"]) == (110, 110, 0)
 
 
 def test_query_is_read_only_and_formats(hymenoptera_model: dict, tmp_path: Path) -> None:
     table = "s3://dragons-test/tables/hymenoptera"
-    for sql in ("DROP TABLE scores", "INSERT INTO scores SELECT * FROM scores", "COPY scores TO 'x.csv'", "CREATE TABLE t AS SELECT 1"):
-        p = subprocess.run([sys.executable, "-m", "dragons.cli", "query", "--table", table, sql], capture_output=True, text=True,
-                           timeout=120, env=os.environ.copy())
+    for sql in (
+        "DROP TABLE scores",
+        "INSERT INTO scores SELECT * FROM scores",
+        "COPY scores TO 'x.csv'",
+        "CREATE TABLE t AS SELECT 1",
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", "dragons.cli", "query", "--table", table, sql],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ.copy(),
+        )
         assert p.returncode == 2 and "read-only" in p.stderr and "Traceback" not in p.stderr, (sql, p.stderr)
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", "query", "--table", table, "--format", "json"], capture_output=True,
-                       text=True, timeout=120, env=os.environ.copy())
+    p = subprocess.run(
+        [sys.executable, "-m", "dragons.cli", "query", "--table", table, "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
     assert p.returncode == 0, p.stderr
     summary = [json.loads(line) for line in p.stdout.splitlines()]  # one line per run, from the commit log
     val1 = [r for r in summary if r["run_id"] == "val1"]
@@ -214,15 +298,37 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
     # The session's embedded Ray already holds Ray's default agent ports (52365,
     # metrics, runtime env): a second cluster on the same machine needs its own,
     # or its job agent never comes up and every submit answers "No available agent".
-    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                        "runtime-env-agent-port", "metrics-export-port",
-                                                        "ray-client-server-port")]
+    ports = [
+        f"--{flag}={_free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+        )
+    ]
     # --block keeps `ray start` in the foreground: terminating it stops exactly this
     # cluster (a plain `ray stop` would also kill the test session's embedded Ray).
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports, "--num-cpus=2",
-                             "--object-store-memory=800000000", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            *ports,
+            "--num-cpus=2",
+            "--object-store-memory=800000000",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     from urllib.error import HTTPError
     from urllib.request import Request, urlopen
 
@@ -231,8 +337,9 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            urlopen(Request(f"http://127.0.0.1:{dash}/api/version", headers={"Authorization": f"Bearer {token}"}),
-                    timeout=2).read()
+            urlopen(
+                Request(f"http://127.0.0.1:{dash}/api/version", headers={"Authorization": f"Bearer {token}"}), timeout=2
+            ).read()
             with pytest.raises(HTTPError, match="401"):  # ...and refuses a client without it
                 urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
             break
@@ -247,8 +354,11 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
             try:
                 job = client.submit_job(
                     entrypoint=f"python jobs/score.py --model {hymenoptera_model['uri']} --input {hymenoptera_s3}/val/bees "
-                               f"--output {table} --run-id job1",
-                    runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "dragons_demo", "logs", "*.egg-info"]},
+                    f"--output {table} --run-id job1",
+                    runtime_env={
+                        "working_dir": str(REPO),
+                        "excludes": [".venv", ".git", "dragons_demo", "logs", "*.egg-info"],
+                    },
                 )
                 break
             except RuntimeError as exc:
@@ -274,7 +384,9 @@ def test_ray_jobs_api_submission(hymenoptera_model: dict, hymenoptera_s3: str, t
             head.kill()
 
 
-def test_manifest_input_and_missing_objects(hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path: Path) -> None:
+def test_manifest_input_and_missing_objects(
+    hymenoptera_model: dict, hymenoptera_s3: str, bucket: str, tmp_path: Path
+) -> None:
     """--manifest lists URIs itself; one that does not exist still gets its row."""
     import io
 
@@ -287,7 +399,11 @@ def test_manifest_input_and_missing_objects(hymenoptera_model: dict, hymenoptera
     pq.write_table(pa.table({"uri": uris}), buf)
     storage.write_bytes(f"s3://{bucket}/manifests/m.parquet", buf.getvalue())
     table = str(tmp_path / "t")
-    m = score(ScoreConfig(model=hymenoptera_model["uri"], manifest=f"s3://{bucket}/manifests/m.parquet", output=table, run_id="m1"))
+    m = score(
+        ScoreConfig(
+            model=hymenoptera_model["uri"], manifest=f"s3://{bucket}/manifests/m.parquet", output=table, run_id="m1"
+        )
+    )
     assert (m["listed"], m["rows"], m["errors"]) == (3, 3, 1)
     rows = {r["uri"]: r for r in run_sql(table, "SELECT uri, label, error FROM scores").to_pylist()}
     assert rows[uris[2]]["error"].startswith("not_found") and "missing.jpg" in rows[uris[2]]["error"]

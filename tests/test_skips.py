@@ -29,13 +29,16 @@ PREFIX = "s3://dragons-archive-prod/photos/2026/11/28/camera-07/img_"
 # The query the sets came from before issue 28 (one window over every row of the
 # model version), kept as the reference for what they must hold.
 OLD_DONE = "SELECT hash(uri::VARCHAR) AS h FROM scores WHERE run_id = $r"
-OLD_KNOWN = ("SELECT hash(uri::VARCHAR, coalesce(etag, '')::VARCHAR, coalesce(size, -1)::BIGINT) AS h FROM ("
-             "SELECT uri, etag, size, error FROM scores WHERE model_version = $v AND run_id <> $r "
-             "QUALIFY row_number() OVER (PARTITION BY uri ORDER BY scored_at DESC, run_id DESC) = 1) WHERE {kept}")
+OLD_KNOWN = (
+    "SELECT hash(uri::VARCHAR, coalesce(etag, '')::VARCHAR, coalesce(size, -1)::BIGINT) AS h FROM ("
+    "SELECT uri, etag, size, error FROM scores WHERE model_version = $v AND run_id <> $r "
+    "QUALIFY row_number() OVER (PARTITION BY uri ORDER BY scored_at DESC, run_id DESC) = 1) WHERE {kept}"
+)
 
 
-def _old_sets(table: str, version: int, model_version: str, run_id: str, incremental: bool,
-              retry_errors: bool) -> tuple[np.ndarray, np.ndarray]:
+def _old_sets(
+    table: str, version: int, model_version: str, run_id: str, incremental: bool, retry_errors: bool
+) -> tuple[np.ndarray, np.ndarray]:
     from dragons.score.query import QueryLimits, connect
 
     con = connect(table, as_of=version, limits=QueryLimits(timeout_s=0), commit_log=False)
@@ -60,13 +63,25 @@ def _rows(spec: list[Row]) -> pa.Table:
     """Rows of (uri number, model version, run id, hours after T0, error, etag, size)."""
     n = len(spec)
     at = [T0 + timedelta(hours=s[3]) for s in spec]
-    return pa.table({
-        "uri": [f"s3://x/{s[0]}.jpg" for s in spec], "label": [None if s[4] else "ants" for s in spec],
-        "score": [None if s[4] else 0.75 for s in spec], "p_ants": [0.75] * n, "p_bees": [0.25] * n, "novelty": [None] * n,
-        "model_version": [s[1] for s in spec], "run_id": [s[2] for s in spec], "scored_at": at,
-        "error": [s[4] for s in spec], "etag": [s[5] for s in spec], "size": [s[6] for s in spec],
-        "last_modified": at, "dt": [a.strftime("%Y-%m-%d") for a in at],
-    }, schema=schema(CLASSES))
+    return pa.table(
+        {
+            "uri": [f"s3://x/{s[0]}.jpg" for s in spec],
+            "label": [None if s[4] else "ants" for s in spec],
+            "score": [None if s[4] else 0.75 for s in spec],
+            "p_ants": [0.75] * n,
+            "p_bees": [0.25] * n,
+            "novelty": [None] * n,
+            "model_version": [s[1] for s in spec],
+            "run_id": [s[2] for s in spec],
+            "scored_at": at,
+            "error": [s[4] for s in spec],
+            "etag": [s[5] for s in spec],
+            "size": [s[6] for s in spec],
+            "last_modified": at,
+            "dt": [a.strftime("%Y-%m-%d") for a in at],
+        },
+        schema=schema(CLASSES),
+    )
 
 
 # Each uri's story, for model v1 unless said otherwise (run "z" is the run that loads the sets).
@@ -77,17 +92,30 @@ SMALL: list[Row] = [
     (3, "v1", "b", 24, "truncated: image file is truncated", "e3", 100),  # permanent: kept, unless --retry-errors
     (4, "v1", "b", 24, "not_an_image: text", "e4", 100),  # permanent
     (5, "v1", "b", 24, "mystery: what", "e5", 100),  # a kind nobody listed: transient
-    (6, "v1", "b", 24, "read_error: x", "e6", 100), (6, "v1", "c", 24, None, "e6", 100),  # same instant: c wins
-    (7, "v1", "b", 24, None, "e7", 100), (7, "v1", "c", 24, "access_denied: no", "e7", 100),  # c wins: transient
-    (0, "v1", "z", 48, None, "e0", 100), (8, "v1", "z", 48, "read_error: x", "e8", 100),  # this run's: done
-    (9, "v2", "d", 48, "read_error: x", "e9", 100), (10, "v2", "d", 48, None, "e10", 100),  # another model
+    (6, "v1", "b", 24, "read_error: x", "e6", 100),
+    (6, "v1", "c", 24, None, "e6", 100),  # same instant: c wins
+    (7, "v1", "b", 24, None, "e7", 100),
+    (7, "v1", "c", 24, "access_denied: no", "e7", 100),  # c wins: transient
+    (0, "v1", "z", 48, None, "e0", 100),
+    (8, "v1", "z", 48, "read_error: x", "e8", 100),  # this run's: done
+    (9, "v2", "d", 48, "read_error: x", "e9", 100),
+    (10, "v2", "d", 48, None, "e10", 100),  # another model
     (12, "v1", "b", 24, None, None, None),  # no etag or size
-    (13, "v1", "a", 72, None, "late", 100), (13, "v1", "b", 24, "read_error: x", "e13", 100),  # time beats run id
+    (13, "v1", "a", 72, None, "late", 100),
+    (13, "v1", "b", 24, "read_error: x", "e13", 100),  # time beats run id
 ]
 # Two rows of one run at one instant (old: either row, by chance): now the error row, so scored again.
 TIE: list[Row] = [(11, "v1", "b", 24, None, "e11", 100), (11, "v1", "b", 24, "read_error: x", "e11", 100)]
-CASES = [("v1", "z", True, False), ("v1", "z", True, True), ("v1", "z", False, False), ("v2", "z", True, False),
-         ("v1", "a", True, False), ("v1", "c", True, True), ("v3", "z", True, False), ("v1", "nobody", True, False)]
+CASES = [
+    ("v1", "z", True, False),
+    ("v1", "z", True, True),
+    ("v1", "z", False, False),
+    ("v2", "z", True, False),
+    ("v1", "a", True, False),
+    ("v1", "c", True, True),
+    ("v3", "z", True, False),
+    ("v1", "nobody", True, False),
+]
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +129,26 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _page(spec: list[tuple[int, str | None, int | None]]) -> pa.Table:
-    return pa.table({"uri": [f"s3://x/{u}.jpg" for u, _, _ in spec], "etag": [e for _, e, _ in spec],
-                     "size": [s for _, _, s in spec], "last_modified": [T0] * len(spec)}, schema=LISTING_SCHEMA)
+    return pa.table(
+        {
+            "uri": [f"s3://x/{u}.jpg" for u, _, _ in spec],
+            "etag": [e for _, e, _ in spec],
+            "size": [s for _, _, s in spec],
+            "last_modified": [T0] * len(spec),
+        },
+        schema=LISTING_SCHEMA,
+    )
 
 
 def _hash(uri: str, etag: str, size: int) -> int:
     import duckdb
 
-    return int(duckdb.execute(f"SELECT {incremental._OBJECT_HASH} FROM (SELECT $u AS uri, $e AS etag, $s AS size)",
-                              {"u": uri, "e": etag, "s": size}).fetchone()[0])  # type: ignore[index]
+    return int(
+        duckdb.execute(
+            f"SELECT {incremental._OBJECT_HASH} FROM (SELECT $u AS uri, $e AS etag, $s AS size)",
+            {"u": uri, "e": etag, "s": size},
+        ).fetchone()[0]
+    )  # type: ignore[index]
 
 
 def test_skips_are_the_window_querys_sets_on_ties_errors_runs_and_versions(small: str) -> None:
@@ -121,17 +160,36 @@ def test_skips_are_the_window_querys_sets_on_ties_errors_runs_and_versions(small
             case = (model_version, run_id, inc, retry)
             assert np.array_equal(np.asarray(skips.done), old_done), case
             # The tie's row the old query kept was chance; the sets now never keep it.
-            assert np.array_equal(np.asarray(skips.known), np.array(sorted(set(old_known.tolist()) - tie), np.uint64)), case
+            assert np.array_equal(
+                np.asarray(skips.known), np.array(sorted(set(old_known.tolist()) - tie), np.uint64)
+            ), case
             assert not tie & set(np.asarray(skips.known).tolist()), case
         finally:
             skips.close()
 
 
 def test_skips_split_a_page_as_before(small: str) -> None:
-    page = _page([(0, "e0", 100), (1, "e1", 100), (1, "changed", 100), (2, "e2", 100), (3, "e3", 100),
-                  (4, "e4", 100), (5, "e5", 100), (6, "e6", 100), (7, "e7", 100), (8, "e8", 100), (9, "e9", 100),
-                  (10, "e10", 100), (11, "e11", 100), (12, None, None), (13, "late", 100), (13, "e13", 100),
-                  (99, "new", 1)])
+    page = _page(
+        [
+            (0, "e0", 100),
+            (1, "e1", 100),
+            (1, "changed", 100),
+            (2, "e2", 100),
+            (3, "e3", 100),
+            (4, "e4", 100),
+            (5, "e5", 100),
+            (6, "e6", 100),
+            (7, "e7", 100),
+            (8, "e8", 100),
+            (9, "e9", 100),
+            (10, "e10", 100),
+            (11, "e11", 100),
+            (12, None, None),
+            (13, "late", 100),
+            (13, "e13", 100),
+            (99, "new", 1),
+        ]
+    )
 
     def todo(skips: Skips) -> tuple[list[str], int, int]:
         try:
@@ -172,7 +230,9 @@ def test_skips_live_in_files_that_close_removes(small: str) -> None:
     skips.close()
     assert not folder.exists() and skips.known.size == 0
     skips.close()  # twice is fine
-    arrays = Skips(done=np.array([3, 1, 2], np.uint64), known=np.array([9, 7], np.uint64))  # still built from arrays, sorted here
+    arrays = Skips(
+        done=np.array([3, 1, 2], np.uint64), known=np.array([9, 7], np.uint64)
+    )  # still built from arrays, sorted here
     assert arrays.done.tolist() == [1, 2, 3] and arrays.known.tolist() == [7, 9]
     arrays.close()
 
@@ -222,36 +282,64 @@ def _big_table(path: str, n: int) -> None:
     def rows(idx: np.ndarray, run: str, day: int, etag: str, error: pa.Array) -> pa.RecordBatch:
         k = len(idx)
         digits = pc.utf8_lpad(pa.array(idx).cast(pa.string()), 8, "0")
-        at = pa.array(np.full(k, np.datetime64(T0.replace(tzinfo=None)) + np.timedelta64(day, "D")).astype("datetime64[us]"))
-        return pa.record_batch({
-            "uri": pc.binary_join_element_wise(PREFIX, digits, ".jpg", ""), "label": pa.array(np.full(k, "ants")),
-            "score": pa.array(np.full(k, 0.75)), "p_ants": pa.array(np.full(k, 0.75)), "p_bees": pa.array(np.full(k, 0.25)),
-            "novelty": pa.nulls(k, pa.float64()),
-            "model_version": pa.array(np.full(k, "v1")), "run_id": pa.array(np.full(k, run)),
-            "scored_at": at.cast(pa.timestamp("us", tz="UTC")), "error": error,
-            "etag": pc.binary_join_element_wise(pa.array(idx).cast(pa.string()), etag, ""),
-            "size": pa.array(1000 + idx % 50_000), "last_modified": at.cast(pa.timestamp("us", tz="UTC")),
-            "dt": pa.array(np.full(k, f"2026-11-{28 + day}")),
-        }, schema=schema(CLASSES))
+        at = pa.array(
+            np.full(k, np.datetime64(T0.replace(tzinfo=None)) + np.timedelta64(day, "D")).astype("datetime64[us]")
+        )
+        return pa.record_batch(
+            {
+                "uri": pc.binary_join_element_wise(PREFIX, digits, ".jpg", ""),
+                "label": pa.array(np.full(k, "ants")),
+                "score": pa.array(np.full(k, 0.75)),
+                "p_ants": pa.array(np.full(k, 0.75)),
+                "p_bees": pa.array(np.full(k, 0.25)),
+                "novelty": pa.nulls(k, pa.float64()),
+                "model_version": pa.array(np.full(k, "v1")),
+                "run_id": pa.array(np.full(k, run)),
+                "scored_at": at.cast(pa.timestamp("us", tz="UTC")),
+                "error": error,
+                "etag": pc.binary_join_element_wise(pa.array(idx).cast(pa.string()), etag, ""),
+                "size": pa.array(1000 + idx % 50_000),
+                "last_modified": at.cast(pa.timestamp("us", tz="UTC")),
+                "dt": pa.array(np.full(k, f"2026-11-{28 + day}")),
+            },
+            schema=schema(CLASSES),
+        )
 
     again = np.arange(n - first)
     kinds = np.full(again.size, None, dtype=object)
     kinds[again % 70 == 1] = "truncated: x"
     kinds[again % 50 == 0] = "read_error: timeout"
-    batches = [rows(np.arange(first), "night0", 0, "", pa.nulls(first, pa.string())),
-               rows(again, "night1", 1, "b", pa.array(kinds.tolist(), pa.string()))]
+    batches = [
+        rows(np.arange(first), "night0", 0, "", pa.nulls(first, pa.string())),
+        rows(again, "night1", 1, "b", pa.array(kinds.tolist(), pa.string())),
+    ]
     write_deltalake(path, pa.RecordBatchReader.from_batches(schema(CLASSES), iter(batches)), partition_by=["dt"])
 
 
 def test_skips_fit_a_memory_limit_the_window_query_does_not(tmp_path: Path) -> None:
     table = str(tmp_path / "big")
     _big_table(table, BIG_ROWS)
-    probe = subprocess.run([sys.executable, "-c", OLD_PROBE, table, OLD_KNOWN.format(
-        kept="error IS NULL OR split_part(error, ':', 1) IN $permanent"), LIMIT], check=False, capture_output=True, text=True,
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OLD_PROBE,
+            table,
+            OLD_KNOWN.format(kept="error IS NULL OR split_part(error, ':', 1) IN $permanent"),
+            LIMIT,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     # (DuckDB may draw its progress bar on the same stdout.)
     lines = dict(line.split(" ", 1) for line in probe.stdout.splitlines() if line.startswith(("1GB ", f"{LIMIT} ")))
-    assert lines.get(LIMIT, "").startswith("failed OutOfMemoryException Out of Memory Error"), probe.stdout + probe.stderr
+    assert lines.get(LIMIT, "").startswith("failed OutOfMemoryException Out of Memory Error"), (
+        probe.stdout + probe.stderr
+    )
     status, count, xor = lines["1GB"].split()
     assert status == "ok"
 
@@ -262,8 +350,15 @@ def test_skips_fit_a_memory_limit_the_window_query_does_not(tmp_path: Path) -> N
         assert int(np.bitwise_xor.reduce(np.asarray(skips.known))) == int(xor)
         assert skips.done.size == 0
         digits = [f"{i:08d}" for i in (0, 1, 1, 2, 500_000, 999_999)]
-        page = pa.table({"uri": [f"{PREFIX}{d}.jpg" for d in digits], "etag": ["0b", "1b", "1", "2b", "500000", "x"],
-                         "size": [1000, 1001, 1001, 1002, 1000, 1], "last_modified": [T0] * 6}, schema=LISTING_SCHEMA)
+        page = pa.table(
+            {
+                "uri": [f"{PREFIX}{d}.jpg" for d in digits],
+                "etag": ["0b", "1b", "1", "2b", "500000", "x"],
+                "size": [1000, 1001, 1001, 1002, 1000, 1],
+                "last_modified": [T0] * 6,
+            },
+            schema=LISTING_SCHEMA,
+        )
         todo, kept, skipped = skips.split(page)
         # 0: transient error; 1: permanent error (kept) but listed with its old etag too; 2, 500000: unchanged.
         assert [u[-12:-4] for u in todo.column("uri").to_pylist()] == ["00000000", "00000001", "00999999"]

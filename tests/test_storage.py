@@ -50,8 +50,15 @@ def test_secrets_are_redacted(s3: object) -> None:
     assert secret not in storage.redact(f"failed with key {secret}")
 
 
-ODD_KEYS = ["odd/photo#1.jpg", "odd/what?x=1.jpg", "odd/a b.jpg", "odd/100%.jpg", "odd/c+d.jpg",
-            "odd/drăgon-龍.jpg", "odd/deep/er/and/deeper/x.jpg"]
+ODD_KEYS = [
+    "odd/photo#1.jpg",
+    "odd/what?x=1.jpg",
+    "odd/a b.jpg",
+    "odd/100%.jpg",
+    "odd/c+d.jpg",
+    "odd/drăgon-龍.jpg",
+    "odd/deep/er/and/deeper/x.jpg",
+]
 
 
 def test_parse_keeps_raw_keys() -> None:
@@ -83,9 +90,12 @@ def test_odd_keys_round_trip_on_s3(bucket: str) -> None:
 
 
 def test_every_call_on_a_missing_bucket_is_a_dragons_error(bucket: str) -> None:
-    for call in (lambda: storage.exists("s3://no-such-bucket/x"), lambda: storage.delete("s3://no-such-bucket/x"),
-                 lambda: storage.list_dirs("s3://no-such-bucket/x"),
-                 lambda: storage.write_bytes("s3://no-such-bucket/x", b"1")):
+    for call in (
+        lambda: storage.exists("s3://no-such-bucket/x"),
+        lambda: storage.delete("s3://no-such-bucket/x"),
+        lambda: storage.list_dirs("s3://no-such-bucket/x"),
+        lambda: storage.write_bytes("s3://no-such-bucket/x", b"1"),
+    ):
         with pytest.raises(DragonsError, match="bucket 'no-such-bucket' does not exist"):
             call()
 
@@ -96,9 +106,14 @@ def test_unreachable_endpoint_is_a_dragons_error_in_seconds(s3: object, monkeypa
     from dragons.local.s3server import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    for call in (lambda: storage.exists("s3://b/x"), lambda: storage.delete("s3://b/x"),
-                 lambda: storage.list_dirs("s3://b/x"), lambda: storage.list_files("s3://b/x"),
-                 lambda: storage.read_bytes("s3://b/x"), lambda: storage.write_bytes("s3://b/x", b"1")):
+    for call in (
+        lambda: storage.exists("s3://b/x"),
+        lambda: storage.delete("s3://b/x"),
+        lambda: storage.list_dirs("s3://b/x"),
+        lambda: storage.list_files("s3://b/x"),
+        lambda: storage.read_bytes("s3://b/x"),
+        lambda: storage.write_bytes("s3://b/x", b"1"),
+    ):
         t0 = time.monotonic()
         with pytest.raises(DragonsError, match="cannot reach S3"):
             call()
@@ -135,7 +150,9 @@ def test_a_listed_key_that_begins_with_a_slash_is_read_as_itself(s3: object) -> 
     assert [read_one(u) for u in uris] == [b"key with a leading slash", b"plain key"]
     assert storage.object_location("s3://dragons-slash//x.jpg").path == "dragons-slash//x.jpg"
     assert storage.object_location("s3://dragons-slash/a/x.jpg") == storage.parse("s3://dragons-slash/a/x.jpg")
-    assert storage.parse("s3://dragons-slash//x.jpg").path == "dragons-slash/x.jpg"  # a typed prefix keeps its old meaning
+    assert (
+        storage.parse("s3://dragons-slash//x.jpg").path == "dragons-slash/x.jpg"
+    )  # a typed prefix keeps its old meaning
 
 
 def test_a_local_folder_read_as_an_object_is_a_read_error(tmp_path: Path) -> None:
@@ -157,18 +174,24 @@ def test_a_secret_at_every_cut_position_is_never_printed(monkeypatch: pytest.Mon
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
 
     def leaks(text: str) -> bool:  # any 6 characters of the secret in a row
-        return any(secret[i:i + 6] in text for i in range(len(secret) - 5))
+        return any(secret[i : i + 6] in text for i in range(len(secret) - 5))
 
     for limit in (200, 300):
         for at in range(limit - len(secret) - 2, limit + 2):
             msg = "x" * at + f"secret={secret} tail"
-            shown = [storage.shorten(msg, limit), storage.short_error(RuntimeError(msg), limit),
-                     storage._one_line(RuntimeError(msg), limit), row_error(ValueError(msg)),
-                     str(_pipeline_error("r", RuntimeError(msg)))]
+            shown = [
+                storage.shorten(msg, limit),
+                storage.short_error(RuntimeError(msg), limit),
+                storage._one_line(RuntimeError(msg), limit),
+                row_error(ValueError(msg)),
+                str(_pipeline_error("r", RuntimeError(msg))),
+            ]
             assert not any(leaks(s) for s in shown), (limit, at, [s[-60:] for s in shown if leaks(s)])
 
 
-def test_a_run_failure_reason_is_redacted_then_cut_in_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_failure_reason_is_redacted_then_cut_in_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from datetime import datetime, timezone
 
     import pyarrow as pa
@@ -180,8 +203,18 @@ def test_a_run_failure_reason_is_redacted_then_cut_in_the_table(tmp_path: Path, 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     table = str(tmp_path / "t")
     w = RunWriter(table, "r", datetime.now(timezone.utc), ["a", "b"], model_version="v", commit_every=1)
-    w.add(pa.table({"uri": ["s3://x/1.jpg"], "label": ["a"], "score": [0.9], "p_a": [0.9], "p_b": [0.1],
-                    "error": pa.nulls(1, pa.string())}))
+    w.add(
+        pa.table(
+            {
+                "uri": ["s3://x/1.jpg"],
+                "label": ["a"],
+                "score": [0.9],
+                "p_a": [0.9],
+                "p_b": [0.1],
+                "error": pa.nulls(1, pa.string()),
+            }
+        )
+    )
     w.fail("x" * (500 - 20) + f"secret={secret}")
     failure = run_sql(table, "SELECT failure FROM runs").to_pylist()[0]["failure"]
     assert failure.startswith("xxx") and secret[:6] not in failure

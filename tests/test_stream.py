@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_hardening import Shard
 
 from dragons.runlog import Progress
-from helpers_hardening import Shard
 from dragons.train.stream import StreamShard, shard_rows, split_sizes
 
 
@@ -51,8 +51,11 @@ def test_stream_shards_decode_every_image_once(ray_session: None, workdir: Path)
     root = workdir / "stream"
     write_dataset(str(root), ["a", "b"], n_train=13, n_valid=2, seed=5, size=(90, 70))
     folder = discover(str(root))
-    rows = {"uri": np.array([s.uri for s in folder.train], dtype=object),
-            "label": np.array([s.label for s in folder.train]), "idx": np.arange(len(folder.train))}
+    rows = {
+        "uri": np.array([s.uri for s in folder.train], dtype=object),
+        "label": np.array([s.label for s in folder.train]),
+        "idx": np.arange(len(folder.train)),
+    }
     shards = [StreamShard(rows, r, 2, base_size=48, max_pixels=10**8, seed=1) for r in range(2)]
     for epoch in (0, 1):
         seen = []
@@ -72,8 +75,9 @@ def test_stream_shards_decode_every_image_once(ray_session: None, workdir: Path)
     # order and pixels as from the Ray Data actors.
     here = [StreamShard(rows, r, 2, base_size=48, max_pixels=10**8, seed=1, decode_actors=0) for r in range(2)]
     for ray_data, local in zip(shards, here):
-        for (xa, ya, ia), (xb, yb, ib) in zip(ray_data.batches(4, shuffle=True, epoch=1), local.batches(4, shuffle=True, epoch=1),
-                                              strict=True):
+        for (xa, ya, ia), (xb, yb, ib) in zip(
+            ray_data.batches(4, shuffle=True, epoch=1), local.batches(4, shuffle=True, epoch=1), strict=True
+        ):
             assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
@@ -108,7 +112,9 @@ def test_one_run_log_for_both_wings(tmp_path: Path, capsys: pytest.CaptureFixtur
         ray_output.info("(RayTrainWorker pid=1) a line of Ray's")
     say("after the run")  # the file is closed: terminal only
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("scored  40 images") and "listing goes on" in err[0] and "/" not in err[0].split("images")[0]
+    assert (
+        err[0].startswith("scored  40 images") and "listing goes on" in err[0] and "/" not in err[0].split("images")[0]
+    )
     assert err[1].startswith("scored  40/40 images") and err[1].endswith("done  (1 errors)")
     assert err[2] == "after the run" and len(err) == 3
     text = open(path).read().splitlines()
@@ -119,8 +125,11 @@ def test_one_run_log_for_both_wings(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_capped_passes_sample_every_class() -> None:
     """``max_images`` (benchmarks) caps a pass with a seeded sample, not the first (one-class) rows."""
-    rows = {"uri": np.array([f"u{i}" for i in range(1000)], dtype=object), "label": np.repeat(np.arange(5), 200),
-            "idx": np.arange(1000)}
+    rows = {
+        "uri": np.array([f"u{i}" for i in range(1000)], dtype=object),
+        "label": np.repeat(np.arange(5), 200),
+        "idx": np.arange(1000),
+    }
     s = StreamShard(rows, 0, 2, base_size=32, max_pixels=10**8, seed=1, limit=50)
     plain = s.positions(0, False)
     assert len(s) == 50 and len(plain) == 50 and np.array_equal(plain, s.positions(3, False))  # the same rows each pass
@@ -130,14 +139,17 @@ def test_capped_passes_sample_every_class() -> None:
 
 def test_empty_batch_trains_with_zero_gradients() -> None:
     """A rank whose shard is one row short can get an empty batch; it must not poison the model."""
-    from dragons.train.config import TrainConfig
     from helpers_hardening import head_only_settings
-    from dragons.train.worker import Worker
+
+    from dragons.train.config import TrainConfig
     from dragons.train.schedule import one_cycle
+    from dragons.train.worker import Worker
 
     cfg = TrainConfig(data="x", out="y", image_size=32, batch_size=1, **head_only_settings())
     w = Worker(cfg, ["a", "b"], None, torch.device("cpu"))
-    empty = Shard(torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    empty = Shard(
+        torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    )
     before = [p.detach().clone() for p in w.model.parameters()]
     opt = torch.optim.SGD(w.model.parameters(), lr=0.1)
     w.set_frozen(False)

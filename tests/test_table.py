@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from dragons.columns import check_classes, prob_column
 from dragons.errors import DragonsError
 from dragons.score.query import run_sql
-from dragons.columns import check_classes, prob_column
 from dragons.score.table import RunWriter, open_table, run_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,16 +31,21 @@ def _count(table: str, where: str = "true") -> int:
 
 
 def _commit(table: str, run_id: str, n: int, start: int = 0, replace: bool = False, **kw: object) -> dict:
-    w = RunWriter(table, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", replace=replace, **kw)
+    w = RunWriter(
+        table, run_id, datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", replace=replace, **kw
+    )
     t = rows(run_id, n, start).drop_columns(["model_version", "run_id", "scored_at", "dt"])
     w.add(t)
     return w.commit({"listed": n, "skipped": 0, "model_version": "v1", "input": "test"})
 
 
-def _writer(table: str, run_id: str, n: int, delay: float, file_bytes: int | None = None,
-            commit_every: int = 0) -> subprocess.Popen[str]:
+def _writer(
+    table: str, run_id: str, n: int, delay: float, file_bytes: int | None = None, commit_every: int = 0
+) -> subprocess.Popen[str]:
     args = [sys.executable, WRITER, table, run_id, str(n), str(delay), str(file_bytes or 0), str(commit_every)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(), cwd=REPO)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(), cwd=REPO
+    )
 
 
 def test_prob_column_collisions_are_refused() -> None:
@@ -71,19 +76,32 @@ def test_train_refuses_colliding_classes_before_training(tmp_path: Path) -> None
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "model").exists()
 
 
-def test_score_refuses_colliding_artifact_and_missing_output_bucket_before_reading(s3: object, bucket: str,
-                                                                                      tmp_path: Path) -> None:
+def test_score_refuses_colliding_artifact_and_missing_output_bucket_before_reading(
+    s3: object, bucket: str, tmp_path: Path
+) -> None:
     """Both checks happen before listing or reading any image (the input does not even exist)."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.json").write_text(json.dumps({"classes": ["a-b", "a_b"], "version": "v0", "arch": "x"}))
-    cmd = [sys.executable, "-m", "dragons.cli", "score", "--model", str(model), "--input", f"s3://{bucket}/no/such/input",
-           "--log-file", str(tmp_path / "s.log")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dragons.cli",
+        "score",
+        "--model",
+        str(model),
+        "--input",
+        f"s3://{bucket}/no/such/input",
+        "--log-file",
+        str(tmp_path / "s.log"),
+    ]
     p = subprocess.run(cmd + ["--output", str(tmp_path / "t")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "error:" in p.stderr and "p_a_b" in p.stderr and "Traceback" not in p.stderr, p.stderr
     (model / "model.json").write_text(json.dumps({"classes": ["ants", "bees"], "version": "v0", "arch": "x"}))
     t0 = time.perf_counter()
-    p = subprocess.run(cmd + ["--output", "s3://no-such-bucket-dragons/tables/t"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        cmd + ["--output", "s3://no-such-bucket-dragons/tables/t"], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "error: --output s3://no-such-bucket-dragons/tables/t " in p.stderr
     assert "bucket 'no-such-bucket-dragons' does not exist" in p.stderr
@@ -103,22 +121,48 @@ def test_parts_replace_history_and_time_travel(tmp_path: Path) -> None:
     hist = run_history(table)
     assert [h["version"] for h in hist] == [4, 3, 2, 1, 0]
     assert [h["status"] for h in hist] == ["complete", "replaced", "complete", "complete", "created"]
-    assert hist[0]["run_id"] == "night1" and hist[0]["listed"] == 12 and hist[0]["rows"] == 12 and hist[1]["files_removed"] >= 1
+    assert (
+        hist[0]["run_id"] == "night1"
+        and hist[0]["listed"] == 12
+        and hist[0]["rows"] == 12
+        and hist[1]["files_removed"] >= 1
+    )
     # Time travel: as of version 1 night1 still had its 30 rows.
-    assert int(run_sql(table, "SELECT count(*) AS n FROM scores WHERE run_id = 'night1'", as_of="1").to_pylist()[0]["n"]) == 30
+    assert (
+        int(run_sql(table, "SELECT count(*) AS n FROM scores WHERE run_id = 'night1'", as_of="1").to_pylist()[0]["n"])
+        == 30
+    )
     ts = datetime.now(timezone.utc).isoformat()
     assert _count(table) == int(run_sql(table, "SELECT count(*) AS n FROM scores", as_of=ts).to_pylist()[0]["n"])
     with pytest.raises(DragonsError, match="--as-of 99: no such table version"):
         run_sql(table, "SELECT 1", as_of="99")
     # The default query is one line per run; `commits` has one per commit.
     summary = run_sql(table).to_pylist()
-    assert [(r["run_id"], r["status"], r["parts"], r["rows"], r["listed"]) for r in summary] == \
-        [("night1", "complete", 1, 12, 12), ("night2", "complete", 1, 20, 20)]
-    assert [r["version"] for r in run_sql(table, "SELECT version FROM commits ORDER BY version").to_pylist()] == [0, 1, 2, 3, 4]
+    assert [(r["run_id"], r["status"], r["parts"], r["rows"], r["listed"]) for r in summary] == [
+        ("night1", "complete", 1, 12, 12),
+        ("night2", "complete", 1, 20, 20),
+    ]
+    assert [r["version"] for r in run_sql(table, "SELECT version FROM commits ORDER BY version").to_pylist()] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     # A NaN probability (an error row) is NULL in the table.
     w = RunWriter(table, "nan", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
-    w.add(pa.table({"uri": ["s3://x/bad.jpg"], "label": [None], "score": [float("nan")], "p_ants": [float("nan")],
-                    "p_bees": [float("nan")], "error": ["truncated: x"]}))
+    w.add(
+        pa.table(
+            {
+                "uri": ["s3://x/bad.jpg"],
+                "label": [None],
+                "score": [float("nan")],
+                "p_ants": [float("nan")],
+                "p_bees": [float("nan")],
+                "error": ["truncated: x"],
+            }
+        )
+    )
     w.commit({"listed": 1})
     r = run_sql(table, "SELECT score, p_ants, error FROM scores WHERE run_id = 'nan'").to_pylist()
     assert r == [{"score": None, "p_ants": None, "error": "truncated: x"}]
@@ -127,12 +171,20 @@ def test_parts_replace_history_and_time_travel(tmp_path: Path) -> None:
 def test_parts_resume_date_and_run_status(tmp_path: Path) -> None:
     """A run committed in parts: a second writer of the id continues it (same part
     numbering, same dt); the runs view says running / partial / failed / complete."""
-    from dragons.score.table import runs_summary, app_id
+    from dragons.score.table import app_id, runs_summary
 
     table = str(tmp_path / "t")
     started = datetime(2026, 12, 1, 2, 0, tzinfo=timezone.utc)
-    w = RunWriter(table, "n", started, ["ants", "bees"], model_version="v1", commit_every=10, date="2026-11-29",
-                  commit_interval_s=300)
+    w = RunWriter(
+        table,
+        "n",
+        started,
+        ["ants", "bees"],
+        model_version="v1",
+        commit_every=10,
+        date="2026-11-29",
+        commit_interval_s=300,
+    )
     assert w.begin().part == 0
     batch = rows("n", 25).drop_columns(["model_version", "run_id", "scored_at", "dt"])
     committed = [w.add(batch.slice(i, 5)) for i in range(0, 25, 5)]
@@ -143,7 +195,9 @@ def test_parts_resume_date_and_run_status(tmp_path: Path) -> None:
     later = datetime.now(timezone.utc).replace(year=2027)
     assert runs_summary(run_history(table), now=later)[0]["status"] == "partial"
     w.discard()  # the writer "dies" with 5 rows uncommitted
-    assert _count(table) == 20 and set(r["dt"] for r in run_sql(table, "SELECT DISTINCT dt FROM scores").to_pylist()) == {"2026-11-29"}
+    assert _count(table) == 20 and set(
+        r["dt"] for r in run_sql(table, "SELECT DISTINCT dt FROM scores").to_pylist()
+    ) == {"2026-11-29"}
     # The next attempt, days later and without --date: the night's date and part numbers carry on.
     w2 = RunWriter(table, "n", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
     state = w2.begin()
@@ -152,8 +206,9 @@ def test_parts_resume_date_and_run_status(tmp_path: Path) -> None:
     m = w2.finish({"listed": 25})
     assert (m["dragons_part"], m["rows"], m["dt"]) == (3, 25, "2026-11-29")
     assert open_table(table).transaction_version(app_id("n")) == 3
-    assert [(r["status"], r["parts"], r["rows"], r["dt"]) for r in runs_summary(run_history(table))] == \
-        [("complete", 3, 25, "2026-11-29")]
+    assert [(r["status"], r["parts"], r["rows"], r["dt"]) for r in runs_summary(run_history(table))] == [
+        ("complete", 3, 25, "2026-11-29")
+    ]
     # A --date that would split the night is refused; with --replace it rescores under the new date.
     with pytest.raises(DragonsError, match="already holds rows dated 2026-11-29"):
         RunWriter(table, "n", started, ["ants", "bees"], date="2026-11-30").begin()
@@ -161,13 +216,20 @@ def test_parts_resume_date_and_run_status(tmp_path: Path) -> None:
     w3.begin()
     w3.add(batch.slice(0, 3))
     w3.finish()
-    assert run_sql(table, "SELECT dt, count(*) AS n FROM scores GROUP BY 1").to_pylist() == [{"dt": "2026-11-30", "n": 3}]
+    assert run_sql(table, "SELECT dt, count(*) AS n FROM scores GROUP BY 1").to_pylist() == [
+        {"dt": "2026-11-30", "n": 3}
+    ]
     # A failure after a part is recorded, without the uncommitted rows.
     w4 = RunWriter(table, "f", started, ["ants", "bees"], model_version="v1", commit_every=2)
     w4.add(batch.slice(0, 3))
     w4.fail("RuntimeError: boom")
     runs = {r["run_id"]: r for r in run_sql(table, "SELECT * FROM runs").to_pylist()}
-    assert (runs["f"]["status"], runs["f"]["rows"], runs["n"]["status"], runs["n"]["parts"]) == ("failed", 2, "complete", 1)
+    assert (runs["f"]["status"], runs["f"]["rows"], runs["n"]["status"], runs["n"]["parts"]) == (
+        "failed",
+        2,
+        "complete",
+        1,
+    )
     assert "boom" in runs["f"]["failure"] and _count(table, "run_id = 'f'") == 2
     # A second writer of a running night that fails before committing anything
     # writes no marker: the first one's next part still commits.
@@ -188,8 +250,16 @@ def test_parts_commit_on_the_committer_thread_in_order_and_a_fenced_part_surface
 
     table = str(tmp_path / "t")
     seen: list[tuple[int, int]] = []
-    w = RunWriter(table, "bg", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", commit_every=10,
-                  background=True, on_commit=lambda part, n: seen.append((part, n)))
+    w = RunWriter(
+        table,
+        "bg",
+        datetime.now(timezone.utc),
+        ["ants", "bees"],
+        model_version="v1",
+        commit_every=10,
+        background=True,
+        on_commit=lambda part, n: seen.append((part, n)),
+    )
     w.begin()
     batch = rows("bg", 45).drop_columns(["model_version", "run_id", "scored_at", "dt"])
     for i in range(0, 45, 5):
@@ -200,8 +270,9 @@ def test_parts_commit_on_the_committer_thread_in_order_and_a_fenced_part_surface
     assert _count(table, "run_id = 'bg'") == 45 and open_table(table).transaction_version(app_id("bg")) == 5
     assert [(r["status"], r["parts"], r["rows"]) for r in runs_summary(run_history(table))] == [("complete", 5, 45)]
     # Two writers of one id: the second commits first, so the first's queued part is fenced.
-    a = RunWriter(table, "race", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", commit_every=5,
-                  background=True)
+    a = RunWriter(
+        table, "race", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1", commit_every=5, background=True
+    )
     a.begin()
     b = RunWriter(table, "race", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
     b.begin()
@@ -214,9 +285,12 @@ def test_parts_commit_on_the_committer_thread_in_order_and_a_fenced_part_surface
     assert _count(table, "run_id = 'race'") == 3
 
 
-def _night(table: str, run_id: str = "night", every: int = 5, classes: tuple[str, ...] = ("ants", "bees"),
-           **kw: object) -> RunWriter:
-    w = RunWriter(table, run_id, datetime.now(timezone.utc), list(classes), model_version="v1", commit_every=every, **kw)
+def _night(
+    table: str, run_id: str = "night", every: int = 5, classes: tuple[str, ...] = ("ants", "bees"), **kw: object
+) -> RunWriter:
+    w = RunWriter(
+        table, run_id, datetime.now(timezone.utc), list(classes), model_version="v1", commit_every=every, **kw
+    )
     w.begin()
     return w
 
@@ -249,8 +323,11 @@ def test_each_conflict_kind_gets_its_own_behaviour(tmp_path: Path, change: str) 
         rival = _night(table, "night", 0)
         rival.add(batch.slice(5, 2))
         rival.finish()
-    expected = {"protocol": "changed its Delta protocol", "delete_ours": "rows of this run were deleted",
-                "rival": "another writer committed to this run id"}
+    expected = {
+        "protocol": "changed its Delta protocol",
+        "delete_ours": "rows of this run were deleted",
+        "rival": "another writer committed to this run id",
+    }
     if change in expected:
         with pytest.raises(DragonsError, match=expected[change]):
             night.add(batch.slice(5, 5))
@@ -279,8 +356,14 @@ def test_a_run_id_is_bound_to_its_model_input_and_row_options(tmp_path: Path) ->
     """Continuing a run id with another model, input or --max-bytes is refused naming both
     sides, the table unchanged; --replace rescores it; the same binding continues it."""
     table = str(tmp_path / "t")
-    bound = {"model_version": "aaa111", "classes": ["ants", "bees"], "input": "s3://b/night", "max_bytes": 1000,
-             "max_pixels": 10, "tta": 0}
+    bound = {
+        "model_version": "aaa111",
+        "classes": ["ants", "bees"],
+        "input": "s3://b/night",
+        "max_bytes": 1000,
+        "max_pixels": 10,
+        "tta": 0,
+    }
     batch = rows("night", 10).drop_columns(["model_version", "run_id", "scored_at", "dt"])
     first = _night(table, binding=bound)
     first.add(batch.slice(0, 5))
@@ -312,9 +395,15 @@ def test_latest_view_one_row_per_uri_and_model_version(tmp_path: Path) -> None:
     w.add(rows("a", 3).drop_columns(["model_version", "run_id", "scored_at", "dt"]))  # a's first 3 again, same model
     w.commit({})
     assert _count(table) == 28
-    latest = run_sql(table, "SELECT run_id, model_version, count(*) AS n FROM latest GROUP BY ALL ORDER BY ALL").to_pylist()
-    assert latest == [{"run_id": "a", "model_version": "v1", "n": 7}, {"run_id": "b", "model_version": "v1", "n": 10},
-                      {"run_id": "c", "model_version": "v2", "n": 5}, {"run_id": "d", "model_version": "v1", "n": 3}]
+    latest = run_sql(
+        table, "SELECT run_id, model_version, count(*) AS n FROM latest GROUP BY ALL ORDER BY ALL"
+    ).to_pylist()
+    assert latest == [
+        {"run_id": "a", "model_version": "v1", "n": 7},
+        {"run_id": "b", "model_version": "v1", "n": 10},
+        {"run_id": "c", "model_version": "v2", "n": 5},
+        {"run_id": "d", "model_version": "v1", "n": 3},
+    ]
 
 
 def test_concurrent_writers_different_ids_both_land(bucket: str) -> None:
@@ -326,8 +415,9 @@ def test_concurrent_writers_different_ids_both_land(bucket: str) -> None:
         assert p.returncode == 0, err
         assert "committed" in out
     assert _count(table) == 5 + 3000 + 3000
-    assert {r["run_id"]: r["n"] for r in run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist()} == \
-        {"seed": 5, "run0": 3000, "run1": 3000}
+    assert {
+        r["run_id"]: r["n"] for r in run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist()
+    } == {"seed": 5, "run0": 3000, "run1": 3000}
     assert open_table(table).version() == 3  # the table's creation, the seed, one commit each
 
 
@@ -395,15 +485,30 @@ def test_query_sandbox_and_limits(tmp_path: Path) -> None:
     secret_file.write_text("a\n1\n")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dragons.cli", "query", "--table", table, *args], capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "dragons.cli", "query", "--table", table, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
-    for sql in ("DROP VIEW scores", "INSERT INTO scores SELECT * FROM scores", f"COPY (SELECT 1) TO '{tmp_path}/x.csv'",
-                "CREATE TABLE t AS SELECT 1", "ATTACH 'x.db'", "SET enable_external_access = true", "INSTALL httpfs"):
+    for sql in (
+        "DROP VIEW scores",
+        "INSERT INTO scores SELECT * FROM scores",
+        f"COPY (SELECT 1) TO '{tmp_path}/x.csv'",
+        "CREATE TABLE t AS SELECT 1",
+        "ATTACH 'x.db'",
+        "SET enable_external_access = true",
+        "INSTALL httpfs",
+    ):
         p = cli(sql)
         assert p.returncode == 2 and "read-only" in p.stderr and "Traceback" not in p.stderr, (sql, p.stderr)
-    for sql in (f"SELECT * FROM read_csv('{secret_file}')", f"SELECT * FROM '{secret_file}'",
-                "SELECT * FROM read_text('/etc/hostname')", "SELECT * FROM delta_scan('/tmp')"):
+    for sql in (
+        f"SELECT * FROM read_csv('{secret_file}')",
+        f"SELECT * FROM '{secret_file}'",
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM delta_scan('/tmp')",
+    ):
         p = cli(sql)
         assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr, (sql, p.stderr)
     assert not (tmp_path / "x.csv").exists()
@@ -413,14 +518,17 @@ def test_query_sandbox_and_limits(tmp_path: Path) -> None:
     assert p.returncode == 2 and "error: query stopped after --timeout 3s" in p.stderr, p.stderr
     assert time.perf_counter() - t0 < 60
     # A query that needs more memory than allowed fails with a clear message.
-    p = cli("--memory-limit", "50MB", "--threads", "1",
-            "SELECT list(i) AS l FROM range(20000000) t(i) GROUP BY i % 3")
+    p = cli("--memory-limit", "50MB", "--threads", "1", "SELECT list(i) AS l FROM range(20000000) t(i) GROUP BY i % 3")
     assert p.returncode == 2 and "error: query needs more than --memory-limit 50MB" in p.stderr, p.stderr
     p = cli("--format", "json", "SELECT count(*) AS n FROM latest")
     assert p.returncode == 0 and json.loads(p.stdout) == {"n": 10}, p.stderr
     # No table there: a clear error.
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", "query", "--table", str(tmp_path / "nothing")],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "dragons.cli", "query", "--table", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "error: no Delta table at" in p.stderr
 
 
@@ -436,13 +544,21 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
         _commit(table, "e1", 40)
         _commit(table, "e2", 25)
         _commit(table, "e1", 30, start=500, replace=True)  # the replaced rows must not show in any engine
-        ours = {r["run_id"]: r["n"] for r in run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist()}
+        ours = {
+            r["run_id"]: r["n"]
+            for r in run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist()
+        }
         assert ours == {"e1": 30, "e2": 25}
         pol = pl.scan_delta(table, storage_options=storage_options(table) or None).group_by("run_id").len().collect()
         assert dict(zip(pol["run_id"].to_list(), pol["len"].to_list())) == ours
         if table.startswith("s3://"):
             continue  # DuckDB's delta_scan on S3 needs the httpfs extension and S3 secrets; local shows the same files
-        ext = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "delta.duckdb_extension"
+        ext = (
+            Path(duckdb_extension_delta.__file__).parent
+            / "extensions"
+            / f"v{duckdb.__version__}"
+            / "delta.duckdb_extension"
+        )
         con = duckdb.connect()
         con.execute(f"LOAD '{ext}'")
         duck = dict(con.execute(f"SELECT run_id, count(*) FROM delta_scan('{table}') GROUP BY 1").fetchall())
@@ -457,24 +573,36 @@ def test_skips_resume_incremental_and_error_kinds(tmp_path: Path) -> None:
     from dragons.score.schema import LISTING_SCHEMA
 
     table = str(tmp_path / "t")
-    assert load_skips(table, None, "v1", "n3", incremental=True).split(rows("x", 3).select(["uri", "etag", "size", "last_modified"]))[1:] == (0, 0)
+    assert load_skips(table, None, "v1", "n3", incremental=True).split(
+        rows("x", 3).select(["uri", "etag", "size", "last_modified"])
+    )[1:] == (0, 0)
     _commit(table, "n1", 8)  # uris s3://x/n1/0..7.jpg, etag e0..e7, size 100, model v1
     w = RunWriter(table, "n2", datetime.now(timezone.utc), ["ants", "bees"], model_version="v1")
-    w.add(pa.table({"uri": ["s3://x/n1/5.jpg", "s3://x/n1/6.jpg", "s3://x/n1/7.jpg"],
-                    "error": ["read_error: timeout", "truncated: image file is truncated", "access_denied: no"],
-                    "etag": ["e5", "e6", "e7"], "size": [100, 100, 100]}))
+    w.add(
+        pa.table(
+            {
+                "uri": ["s3://x/n1/5.jpg", "s3://x/n1/6.jpg", "s3://x/n1/7.jpg"],
+                "error": ["read_error: timeout", "truncated: image file is truncated", "access_denied: no"],
+                "etag": ["e5", "e6", "e7"],
+                "size": [100, 100, 100],
+            }
+        )
+    )
     w.commit({})  # the newest rows for 5, 6, 7 are errors: transient, permanent, transient
     now = datetime.now(timezone.utc)
-    page = pa.Table.from_pylist([
-        {"uri": "s3://x/n1/0.jpg", "etag": "e0", "size": 100, "last_modified": now},   # unchanged -> skip
-        {"uri": "s3://x/n1/1.jpg", "etag": "CHANGED", "size": 100, "last_modified": now},  # new etag
-        {"uri": "s3://x/n1/2.jpg", "etag": "e2", "size": 101, "last_modified": now},   # new size
-        {"uri": "s3://x/n1/3.jpg", "etag": "e3", "size": 100, "last_modified": now},   # unchanged -> skip
-        {"uri": "s3://x/n1/5.jpg", "etag": "e5", "size": 100, "last_modified": now},   # last row a transient error
-        {"uri": "s3://x/n1/6.jpg", "etag": "e6", "size": 100, "last_modified": now},   # last row a permanent error
-        {"uri": "s3://x/n1/7.jpg", "etag": "e7", "size": 100, "last_modified": now},   # access denied: transient
-        {"uri": "s3://x/new.jpg", "etag": "e9", "size": 100, "last_modified": now},    # new object
-    ], schema=LISTING_SCHEMA)
+    page = pa.Table.from_pylist(
+        [
+            {"uri": "s3://x/n1/0.jpg", "etag": "e0", "size": 100, "last_modified": now},  # unchanged -> skip
+            {"uri": "s3://x/n1/1.jpg", "etag": "CHANGED", "size": 100, "last_modified": now},  # new etag
+            {"uri": "s3://x/n1/2.jpg", "etag": "e2", "size": 101, "last_modified": now},  # new size
+            {"uri": "s3://x/n1/3.jpg", "etag": "e3", "size": 100, "last_modified": now},  # unchanged -> skip
+            {"uri": "s3://x/n1/5.jpg", "etag": "e5", "size": 100, "last_modified": now},  # last row a transient error
+            {"uri": "s3://x/n1/6.jpg", "etag": "e6", "size": 100, "last_modified": now},  # last row a permanent error
+            {"uri": "s3://x/n1/7.jpg", "etag": "e7", "size": 100, "last_modified": now},  # access denied: transient
+            {"uri": "s3://x/new.jpg", "etag": "e9", "size": 100, "last_modified": now},  # new object
+        ],
+        schema=LISTING_SCHEMA,
+    )
     v = open_table(table).version()
 
     def todo(model: str, run_id: str, incremental: bool = True, retry: bool = False) -> tuple[list[str], int, int]:
@@ -504,8 +632,9 @@ def test_local_listing_streams_pages(tmp_path: Path) -> None:
     assert [p.num_rows for p in pages] == [10, 10, 5]
     rows = [r for p in pages for r in p.to_pylist()]
     assert {Path(r["uri"]).name for r in rows} == {f"photo #{i}?%20 x.jpg" for i in range(25)}
-    assert all(r["etag"].startswith("W/") and r["size"] == int(Path(r["uri"]).name.split("#")[1].split("?")[0])
-               for r in rows)
+    assert all(
+        r["etag"].startswith("W/") and r["size"] == int(Path(r["uri"]).name.split("#")[1].split("?")[0]) for r in rows
+    )
     with pytest.raises(DragonsError, match="does not exist"):
         list(iter_listing(str(tmp_path / "missing")))
 
@@ -535,9 +664,21 @@ def test_many_classes_different_run_ids_both_land(tmp_path: Path) -> None:
     def run_rows(run_id: str) -> pa.Table:
         now = datetime.now(timezone.utc)
         s = schema(classes)
-        return pa.table({f.name: [f"s3://x/{run_id}.jpg"] if f.name == "uri" else [run_id] if f.name == "run_id" else
-                         [now] if f.name in ("scored_at", "last_modified") else [now.strftime("%Y-%m-%d")] if f.name == "dt"
-                         else [None] for f in s}, schema=s)
+        return pa.table(
+            {
+                f.name: [f"s3://x/{run_id}.jpg"]
+                if f.name == "uri"
+                else [run_id]
+                if f.name == "run_id"
+                else [now]
+                if f.name in ("scored_at", "last_modified")
+                else [now.strftime("%Y-%m-%d")]
+                if f.name == "dt"
+                else [None]
+                for f in s
+            },
+            schema=s,
+        )
 
     def run(run_id: str) -> RunWriter:
         w = RunWriter(table, run_id, datetime.now(timezone.utc), classes)
@@ -601,7 +742,12 @@ def test_maintenance_beside_a_night_past_its_first_checkpoint(tmp_path: Path) ->
     assert ours == {"n": n, "u": n}
     assert run_sql(table, "SELECT status, parts FROM runs").to_pylist() == [{"status": "complete", "parts": n // 50}]
     assert pl.scan_delta(table).select(pl.len()).collect().item() == n
-    ext = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "delta.duckdb_extension"
+    ext = (
+        Path(duckdb_extension_delta.__file__).parent
+        / "extensions"
+        / f"v{duckdb.__version__}"
+        / "delta.duckdb_extension"
+    )
     con = duckdb.connect()
     con.execute(f"LOAD '{ext}'")
     assert con.execute(f"SELECT count(*), count(DISTINCT uri) FROM delta_scan('{table}')").fetchone() == (n, n)
@@ -650,8 +796,24 @@ def test_writer_killed_during_a_commit_loses_at_most_that_part(tmp_path: Path) -
     for path in Path(table).rglob("*.parquet"):
         if path.name in orphans:
             os.utime(path, (old, old))
-    p = subprocess.run([sys.executable, "-m", "dragons.cli", "table", "vacuum", "--table", table, "--retention-hours", "2",
-                        "--format", "json"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dragons.cli",
+            "table",
+            "vacuum",
+            "--table",
+            table,
+            "--retention-hours",
+            "2",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     removed = {Path(json.loads(line)["file"]).name for line in p.stdout.splitlines() if line.startswith("{")}
     assert orphans <= removed

@@ -69,8 +69,9 @@ def _series(text: str, name: str, **labels: str) -> list[float]:
     return out
 
 
-def test_a_run_shows_on_the_metrics_endpoint_by_run_id(ray_session: None, tiny_model: str, bucket: str,
-                                                        tmp_path: Path) -> None:
+def test_a_run_shows_on_the_metrics_endpoint_by_run_id(
+    ray_session: None, tiny_model: str, bucket: str, tmp_path: Path
+) -> None:
     from helpers_hardening import jpeg
 
     from dragons.score.cli import run_score
@@ -95,8 +96,17 @@ def test_a_run_shows_on_the_metrics_endpoint_by_run_id(ray_session: None, tiny_m
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    run_score(ScoreConfig(model=tiny_model, input=prefix, output=str(tmp_path / "t"), run_id="metrics-night",
-                          commit_every=5, progress_s=1, report=False))
+    run_score(
+        ScoreConfig(
+            model=tiny_model,
+            input=prefix,
+            output=str(tmp_path / "t"),
+            run_id="metrics-night",
+            commit_every=5,
+            progress_s=1,
+            report=False,
+        )
+    )
     time.sleep(1)
     done.set()
     watcher.join(timeout=30)
@@ -106,9 +116,11 @@ def test_a_run_shows_on_the_metrics_endpoint_by_run_id(ray_session: None, tiny_m
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:  # the final values, once the agent has exported them
         text = _metrics_text()
-        if (_series(text, "ray_dragons_rows_scored_total", run_id="metrics-night") == [13.0]
-                and _series(text, "ray_dragons_run_state", run_id="metrics-night", state="complete") == [1.0]
-                and _series(text, "ray_dragons_train_accuracy", run="metrics-train")):
+        if (
+            _series(text, "ray_dragons_rows_scored_total", run_id="metrics-night") == [13.0]
+            and _series(text, "ray_dragons_run_state", run_id="metrics-night", state="complete") == [1.0]
+            and _series(text, "ray_dragons_train_accuracy", run="metrics-train")
+        ):
             break
         time.sleep(1)
     assert _series(text, "ray_dragons_rows_scored_total", run_id="metrics-night") == [13.0], text[-3000:]

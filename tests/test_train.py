@@ -50,8 +50,23 @@ def test_artifact_loads_from_s3_without_ray_and_predict_agrees(hymenoptera_model
 
     # The CLI on a few of them (a subprocess: exit code, parsing, the same answers).
     picks = [0, 1, len(uris) - 2, len(uris) - 1]
-    proc = subprocess.run([sys.executable, "-m", "dragons.cli", "predict", "--model", hymenoptera_model["uri"], "--format", "json",
-                           *[uris[i] for i in picks]], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dragons.cli",
+            "predict",
+            "--model",
+            hymenoptera_model["uri"],
+            "--format",
+            "json",
+            *[uris[i] for i in picks],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["uri"] for r in rows] == [uris[i] for i in picks]
@@ -75,8 +90,20 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     log_file = workdir / "three.log"
     # decode="separate": the GPU clusters' layout (Ray Data decode actors per
     # worker), end to end; the S3 test above decodes in the workers (CPU "auto").
-    meta = train(TrainConfig(data=str(root), out=str(out), workers=2, image_size=96, epochs=1, head_epochs=30, batch_size=8,
-                             log_file=str(log_file), progress_s=0.5, decode="separate"))
+    meta = train(
+        TrainConfig(
+            data=str(root),
+            out=str(out),
+            workers=2,
+            image_size=96,
+            epochs=1,
+            head_epochs=30,
+            batch_size=8,
+            log_file=str(log_file),
+            progress_s=0.5,
+            decode="separate",
+        )
+    )
     assert meta["resources"]["decode"].startswith("separate"), meta["resources"]
     bad = {b["uri"].rsplit("/", 1)[-1]: b["error"] for b in meta["data"]["bad_images"]}
     assert set(bad) == {"truncated.jpg", "zero_byte.jpg"}
@@ -95,7 +122,9 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     # Calibrated: a fitted temperature, ECE before and after, both reliability diagrams in the report.
     m = meta["metrics"]
     assert art.temperature == meta["temperature"] > 0 and m["valid_ece"] <= m["valid_ece_uncalibrated"] + 1e-9, m
-    assert (out / "report" / "reliability_uncalibrated.png").is_file() and (out / "report" / "reliability.png").is_file()
+    assert (out / "report" / "reliability_uncalibrated.png").is_file() and (
+        out / "report" / "reliability.png"
+    ).is_file()
     assert meta["data"]["train_class_counts"] == {"drogon": 15, "rhaegal": 14, "viserion": 14}
     # Progress of every long step, printed once (rank 0), in the run's log and beside the artifact.
     text = log_file.read_text()
@@ -114,7 +143,9 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dragons.cli", *args], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-m", "dragons.cli", *args], capture_output=True, text=True, timeout=120, env=os.environ.copy()
+    )
 
 
 def test_cli_unknown_arch_and_missing_bucket(s3: object, tmp_path: Path) -> None:

@@ -30,8 +30,12 @@ def _model(seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     spec = get_spec("efficientnet_lite0")
     model = build_model("efficientnet_lite0", 2, weights="none").eval()
     data = DataConfig.create(IMAGE_SIZE, 0.875, spec.mean, spec.std)
-    return model, {"arch": "efficientnet_lite0", "classes": ["ants", "bees"], "data_config": data.to_dict(),
-                   "metrics": {"valid_accuracy": 0.5 + seed / 100}}
+    return model, {
+        "arch": "efficientnet_lite0",
+        "classes": ["ants", "bees"],
+        "data_config": data.to_dict(),
+        "metrics": {"valid_accuracy": 0.5 + seed / 100},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +102,10 @@ def test_training_output_is_a_registry(root: str, models):
     assert storage.read_bytes(storage.join(versions.version_dir(root, a), "model.json")) == kept
     assert versions.aliases(root)["latest"] == a
     assert [(h["alias"], h["from"], h["to"]) for h in versions.history(root)] == [
-        ("latest", None, a), ("latest", a, b), ("latest", b, a)]
+        ("latest", None, a),
+        ("latest", a, b),
+        ("latest", b, a),
+    ]
 
 
 def test_promote_show_and_history(registry: tuple[str, str, str]):
@@ -174,12 +181,15 @@ def test_training_into_an_old_artifact_keeps_it(tmp_path: Path, models):
     (new,) = _train_like(old, models[:1])
     assert artifact.read_meta(old)["version"] == new
     assert {i.version: (i.registered, i.aliases) for i in versions.list_versions(old)} == {
-        v: (True, []), new: (True, ["latest"])}
+        v: (True, []),
+        new: (True, ["latest"]),
+    }
     assert artifact.read_meta(f"{old}@{v}")["version"] == v
 
 
-def _race(root: str, jobs: list[Callable[[], Any]], serialize_puts: bool,
-          monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], int]:
+def _race(
+    root: str, jobs: list[Callable[[], Any]], serialize_puts: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[Any], int]:
     """Run ``jobs`` on threads so that every one has read aliases.json before any writes it
     (the worst interleaving, forced: a barrier at each thread's first write). Returns each
     job's result or exception, and how many writes were tried.
@@ -222,9 +232,15 @@ def _race(root: str, jobs: list[Callable[[], Any]], serialize_puts: bool,
 
 def test_two_concurrent_promotions_one_wins(registry: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch):
     root, a, b = registry
-    out, writes = _race(root, [lambda: versions.promote(root, a, "race", actor="alice"),
-                               lambda: versions.promote(root, b, "race", actor="bob")],
-                        root.startswith("s3://"), monkeypatch)
+    out, writes = _race(
+        root,
+        [
+            lambda: versions.promote(root, a, "race", actor="alice"),
+            lambda: versions.promote(root, b, "race", actor="bob"),
+        ],
+        root.startswith("s3://"),
+        monkeypatch,
+    )
     assert writes == 2  # both tried to write what they had read: the conditional write refused one
     won = [r for r in out if isinstance(r, versions.Promotion)]
     lost = [r for r in out if isinstance(r, DragonsError)]
@@ -233,23 +249,29 @@ def test_two_concurrent_promotions_one_wins(registry: tuple[str, str, str], monk
     assert "another promotion of" in str(lost[0]) and "@race won" in str(lost[0])
     assert "dragons model list" in str(lost[0]) and won[0].actor in str(lost[0])
     assert [(h["to"], h["actor"]) for h in versions.history(root) if h["alias"] == "race"] == [
-        (won[0].version, won[0].actor)]
+        (won[0].version, won[0].actor)
+    ]
 
 
 def test_other_alias_moving_meanwhile_is_no_conflict(registry: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch):
     """Two aliases changed at once (a training moving `latest` while prod is promoted): both land;
     the loser of the write reads again and writes again, since the alias it changes did not move."""
     root, a, b = registry
-    out, writes = _race(root, [lambda: versions.promote(root, b, "blue"), lambda: versions.promote(root, a, "green")],
-                        root.startswith("s3://"), monkeypatch)
+    out, writes = _race(
+        root,
+        [lambda: versions.promote(root, b, "blue"), lambda: versions.promote(root, a, "green")],
+        root.startswith("s3://"),
+        monkeypatch,
+    )
     assert writes == 3  # one write refused, read again, written again
     assert all(isinstance(r, versions.Promotion) and r.changed for r in out), out
     assert {k: versions.aliases(root)[k] for k in ("blue", "green")} == {"blue": b, "green": a}
     assert sorted((h["alias"], h["to"]) for h in versions.history(root)[-2:]) == [("blue", b), ("green", a)]
 
 
-def test_scoring_pins_the_version_a_run_is_bound_to(s3_registry: tuple[str, str, str], bucket: str,
-                                                   ray_session: None, tmp_path: Path):
+def test_scoring_pins_the_version_a_run_is_bound_to(
+    s3_registry: tuple[str, str, str], bucket: str, ray_session: None, tmp_path: Path
+):
     from dragons.score.cli import run_score
     from dragons.score.config import ScoreConfig
 
@@ -260,8 +282,9 @@ def test_scoring_pins_the_version_a_run_is_bound_to(s3_registry: tuple[str, str,
         storage.write_bytes(f"{images}/{i}.jpg", jpeg(i))
 
     def night(run_id: str, log: str) -> dict[str, Any]:
-        return run_score(ScoreConfig(model=f"{root}@nightly", input=images, output=out, run_id=run_id,
-                                     log_file=str(tmp_path / log)))
+        return run_score(
+            ScoreConfig(model=f"{root}@nightly", input=images, output=out, run_id=run_id, log_file=str(tmp_path / log))
+        )
 
     assert night("n1", "first.log")["rows"] == 3
     assert {r["model_version"] for r in rows_of(out, "n1")} == {a}
@@ -281,6 +304,13 @@ def test_scoring_pins_the_version_a_run_is_bound_to(s3_registry: tuple[str, str,
     assert infos and infos[0]["model"] == versions.version_dir(root, b) and infos[0]["model_ref"] == f"{root}@nightly"
     # A plain folder holding another version is still refused for a bound run.
     with pytest.raises(DragonsError, match="was started with something else"):
-        run_score(ScoreConfig(model=versions.version_dir(root, b), input=images, output=out, run_id="n1",
-                              log_file=str(tmp_path / "refused.log")))
+        run_score(
+            ScoreConfig(
+                model=versions.version_dir(root, b),
+                input=images,
+                output=out,
+                run_id="n1",
+                log_file=str(tmp_path / "refused.log"),
+            )
+        )
     assert json.loads(storage.read_bytes(storage.join(root, "aliases.json")))["aliases"]["nightly"] == b

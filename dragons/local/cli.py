@@ -32,9 +32,12 @@ def s3_main(args: argparse.Namespace) -> int:
     server.apply_env()
     for b in cfg.bucket:
         s3server.create_bucket(b)
-    print(f"S3 endpoint on {server.endpoint}; in another shell:\n"
-          f"  export AWS_ENDPOINT_URL={server.endpoint} AWS_ACCESS_KEY_ID={server.env['AWS_ACCESS_KEY_ID']} "
-          f"AWS_SECRET_ACCESS_KEY=<any> AWS_REGION={server.env['AWS_REGION']}", flush=True)
+    print(
+        f"S3 endpoint on {server.endpoint}; in another shell:\n"
+        f"  export AWS_ENDPOINT_URL={server.endpoint} AWS_ACCESS_KEY_ID={server.env['AWS_ACCESS_KEY_ID']} "
+        f"AWS_SECRET_ACCESS_KEY=<any> AWS_REGION={server.env['AWS_REGION']}",
+        flush=True,
+    )
     try:
         while server.process.poll() is None:
             time.sleep(1)

@@ -30,9 +30,9 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> None:
     data, workdir, epochs = cfg.data, cfg.workdir, cfg.epochs
     from dragons.local import s3server
-    from dragons.score.query import format_table, run_sql
-    from dragons.score.pipeline import ScoreConfig, score
     from dragons.local.synth import write_bad_files, write_dataset
+    from dragons.score.pipeline import ScoreConfig, score
+    from dragons.score.query import format_table, run_sql
     from dragons.train.config import TrainConfig
     from dragons.train.run import train
 
@@ -50,9 +50,14 @@ def run_demo(cfg: DemoConfig) -> None:
             local = os.path.join(workdir, "data")
             if not os.path.isdir(os.path.join(local, "train")):
                 counts = write_dataset(local, ["drogon", "viserion"], n_train=100, n_valid=30, seed=7)
-                write_dataset(os.path.join(workdir, "unlabelled"), ["drogon", "viserion"], n_train=60, n_valid=0, seed=8)
+                write_dataset(
+                    os.path.join(workdir, "unlabelled"), ["drogon", "viserion"], n_train=60, n_valid=0, seed=8
+                )
                 write_bad_files(os.path.join(workdir, "unlabelled", "broken"))
-                print(f"drew {sum(counts.values())} labelled dragon photos (+120 unlabelled, 11 unusual/broken files) in {local}", flush=True)
+                print(
+                    f"drew {sum(counts.values())} labelled dragon photos (+120 unlabelled, 11 unusual/broken files) in {local}",
+                    flush=True,
+                )
             s3server.create_bucket(BUCKET)
             n = s3server.upload_tree(local, BUCKET, "dragons")
             n += s3server.upload_tree(os.path.join(workdir, "unlabelled"), BUCKET, "archive/2026-11-28")
@@ -60,7 +65,9 @@ def run_demo(cfg: DemoConfig) -> None:
             data_uri, score_input = f"s3://{BUCKET}/dragons", f"s3://{BUCKET}/archive"
         else:
             data_uri = data
-            valid = next((storage.join(data, d) for d in ("valid", "val") if storage.exists(storage.join(data, d))), None)
+            valid = next(
+                (storage.join(data, d) for d in ("valid", "val") if storage.exists(storage.join(data, d))), None
+            )
             score_input = valid or data
             if server is not None:
                 s3server.create_bucket(BUCKET)
@@ -71,34 +78,66 @@ def run_demo(cfg: DemoConfig) -> None:
         meta = train(TrainConfig(data=data_uri, out=model_uri, workers=2, epochs=epochs))
         print("\n== score night 1 (Ray Data: model actors that read and decode -> Delta commits in parts)", flush=True)
         log_file = os.path.join(workdir, "score-demo.log")
-        manifest = score(ScoreConfig(model=model_uri, input=score_input, output=table_uri, run_id="night-1",
-                                     incremental=True, log_file=log_file))
+        manifest = score(
+            ScoreConfig(
+                model=model_uri,
+                input=score_input,
+                output=table_uri,
+                run_id="night-1",
+                incremental=True,
+                log_file=log_file,
+            )
+        )
         if server is not None:
             new_dir = os.path.join(workdir, "unlabelled-night2")
             if not os.path.isdir(new_dir):
                 write_dataset(new_dir, ["drogon", "viserion"], n_train=8, n_valid=0, seed=9)
             added = s3server.upload_tree(new_dir, BUCKET, "archive/2026-11-29")
-            print(f"\n== night 2: {added} new photos arrived under {score_input}/2026-11-29; "
-                  "score --incremental scores only those", flush=True)
+            print(
+                f"\n== night 2: {added} new photos arrived under {score_input}/2026-11-29; "
+                "score --incremental scores only those",
+                flush=True,
+            )
         else:
             print("\n== night 2: nothing new in the folder; score --incremental skips everything", flush=True)
-        manifest = score(ScoreConfig(model=model_uri, input=score_input, output=table_uri, run_id="night-2",
-                                     incremental=True, log_file=log_file))
+        manifest = score(
+            ScoreConfig(
+                model=model_uri,
+                input=score_input,
+                output=table_uri,
+                run_id="night-2",
+                incremental=True,
+                log_file=log_file,
+            )
+        )
         # Two of the queries a user would run (any SELECT works; see `dragons query --help`),
         # narrow enough for one screen: the runs from the commit log, then the rows a
         # person looks at first (errors, then the least sure).
-        print("\n== query: the table's runs (dragons query --table ...), then errors and the least sure rows", flush=True)
+        print(
+            "\n== query: the table's runs (dragons query --table ...), then errors and the least sure rows", flush=True
+        )
         print(format_table(run_sql(table_uri)))  # no SQL: the runs summary, as `dragons query --table` prints it
-        print(format_table(run_sql(table_uri, "SELECT regexp_extract(uri, '[^/]+$') AS file, label, round(score, 3) AS score, "
-                                              "CASE WHEN length(error) > 64 THEN left(error, 63) || '…' ELSE error END AS error "
-                                              "FROM latest ORDER BY error NULLS LAST, score LIMIT 7")))
+        print(
+            format_table(
+                run_sql(
+                    table_uri,
+                    "SELECT regexp_extract(uri, '[^/]+$') AS file, label, round(score, 3) AS score, "
+                    "CASE WHEN length(error) > 64 THEN left(error, 63) || '…' ELSE error END AS error "
+                    "FROM latest ORDER BY error NULLS LAST, score LIMIT 7",
+                )
+            )
+        )
         report = storage.join(model_uri, "report", "index.html")
         local_report = os.path.join(workdir, "report")
         storage.download_dir(storage.join(model_uri, "report"), local_report)
-        print(f"\nmodel   {model_uri}  (valid accuracy {meta['metrics']['valid_accuracy']:.3f}, version {meta['version']})")
+        print(
+            f"\nmodel   {model_uri}  (valid accuracy {meta['metrics']['valid_accuracy']:.3f}, version {meta['version']})"
+        )
         total = run_sql(table_uri, "SELECT count(*) AS n, count(error) AS e FROM latest").to_pylist()[0]
-        print(f"table   {table_uri}  (Delta Lake, version {manifest['version']}: {total['n']} objects, {total['e']} errors; "
-              f"night 2 listed {manifest['listed']}, skipped {manifest['skipped']}, scored {manifest['rows']})")
+        print(
+            f"table   {table_uri}  (Delta Lake, version {manifest['version']}: {total['n']} objects, {total['e']} errors; "
+            f"night 2 listed {manifest['listed']}, skipped {manifest['skipped']}, scored {manifest['rows']})"
+        )
         print(f"report  {report}  (copied to {os.path.join(local_report, 'index.html')})")
         print(f"log     {os.path.join(workdir, 'score-demo.log')}")
         print(f"demo finished in {time.perf_counter() - t0:.0f}s", flush=True)

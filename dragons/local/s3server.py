@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from dragons.errors import DragonsError
 
 # Local-only credentials: moto accepts anything, and these are not secrets.
-LOCAL_ENV = {"AWS_ACCESS_KEY_ID": "dragons-local", "AWS_SECRET_ACCESS_KEY": "dragons-local-secret", "AWS_REGION": "us-east-1"}
+LOCAL_ENV = {
+    "AWS_ACCESS_KEY_ID": "dragons-local",
+    "AWS_SECRET_ACCESS_KEY": "dragons-local-secret",
+    "AWS_REGION": "us-east-1",
+}
 
 
 def free_port() -> int:

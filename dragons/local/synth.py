@@ -43,7 +43,7 @@ def draw_dragon(style: DragonStyle, rng: np.random.Generator, size: tuple[int, i
     base = np.clip(sky[None, None, :] * grad + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(base)
     d = ImageDraw.Draw(img)
-    cx, cy = rng.integers(w // 4, 3 * w // 4), rng.integers(h // 3, 2 * h // 3)
+    cx, cy = int(rng.integers(w // 4, 3 * w // 4)), int(rng.integers(h // 3, 2 * h // 3))
     s = int(rng.integers(min(w, h) // 8, min(w, h) // 4))
     body, wing = _jitter(style.body, rng, 25), _jitter(style.wing, rng, 25)
     flip = -1 if rng.random() < 0.5 else 1
@@ -53,13 +53,20 @@ def draw_dragon(style: DragonStyle, rng: np.random.Generator, size: tuple[int, i
     d.ellipse([cx + flip * s - s // 3, cy - s, cx + flip * s + s // 3, cy - s // 3], fill=body)
     d.line([(cx - flip * s, cy), (cx - flip * 2 * s, cy + s // 2)], fill=body, width=max(2, s // 5))
     for _ in range(int(rng.integers(0, 4))):  # clutter: clouds or rocks of either class' colour
-        x, y, r = rng.integers(0, w), rng.integers(0, h), rng.integers(5, s // 2 + 6)
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(5, s // 2 + 6))
         d.ellipse([x - r, y - r, x + r, y + r], fill=_jitter((128, 128, 128), rng, 60))
     return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.5))))
 
 
-def write_dataset(root: str, classes: list[str], n_train: int, n_valid: int, seed: int = 0,
-                  size: tuple[int, int] = (480, 360), quality: int = 88) -> dict[str, int]:
+def write_dataset(
+    root: str,
+    classes: list[str],
+    n_train: int,
+    n_valid: int,
+    seed: int = 0,
+    size: tuple[int, int] = (480, 360),
+    quality: int = 88,
+) -> dict[str, int]:
     """Write root/train/<class>/*.jpg and root/valid/<class>/*.jpg; returns counts."""
     rng = np.random.default_rng(seed)
     counts: dict[str, int] = {}
@@ -108,7 +115,7 @@ def bad_file_catalogue(seed: int = 1) -> dict[str, tuple[bytes, str]]:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     rotated = _jpeg(photo.rotate(90, expand=True), exif=exif.tobytes())
-    gif = photo.convert("P", palette=Image.ADAPTIVE, colors=64)
+    gif = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
     buf = io.BytesIO()
     gif.save(buf, format="GIF")
     rgba = photo.convert("RGBA")

@@ -14,13 +14,22 @@ from dragons.cliargs import Parser
 
 # ----- labels import -----------------------------------------------------------------
 def get_labels_parser(prog: str = "dragons labels") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="Bring people's labels back: Label Studio exports (JSON, JSON_MIN, CSV) or a "
-                                      "uri,label file into a Delta labels table.")
+    p = Parser(
+        prog=prog,
+        description="Bring people's labels back: Label Studio exports (JSON, JSON_MIN, CSV) or a "
+        "uri,label file into a Delta labels table.",
+    )
     sub = p.add_subparsers(dest="action", required=True, metavar="import")
     imp = sub.add_parser("import", help="add an export's annotations to the labels table (a repeat adds nothing)")
-    imp.add_argument("--labels", required=True, help="the labels table: a path or s3://bucket/prefix (created if absent)")
-    imp.add_argument("--from", dest="source", required=True,
-                     help="Label Studio's JSON or JSON_MIN export, its CSV export, or a CSV/Parquet of uri,label")
+    imp.add_argument(
+        "--labels", required=True, help="the labels table: a path or s3://bucket/prefix (created if absent)"
+    )
+    imp.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="Label Studio's JSON or JSON_MIN export, its CSV export, or a CSV/Parquet of uri,label",
+    )
     imp.add_argument("--model", default="", help="refuse labels this model does not know (ROOT@alias works)")
     imp.add_argument("--new-class", action="store_true", help="admit labels the model does not know (a new class)")
     imp.add_argument("--control", default="", help="the Choices control's name, when the export has several")
@@ -32,8 +41,9 @@ def labels_main(args: argparse.Namespace) -> int:
     from dragons.loop.labels import disagreements, import_labels, latest
 
     known = list(read_meta(args.model)["classes"]) if args.model else None
-    res = import_labels(args.labels, args.source, known_classes=known, new_class=args.new_class,
-                        control=args.control or None)
+    res = import_labels(
+        args.labels, args.source, known_classes=known, new_class=args.new_class, control=args.control or None
+    )
     print(res.summary())
     if res.version is not None:
         n = disagreements(latest(args.labels))
@@ -44,12 +54,17 @@ def labels_main(args: argparse.Namespace) -> int:
 
 # ----- model list | show | promote ----------------------------------------------------
 def get_model_parser(prog: str = "dragons model") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="A registry's model versions and aliases (list, show, promote). No server: "
-                                      "versions/ and aliases.json beside the models.")
+    p = Parser(
+        prog=prog,
+        description="A registry's model versions and aliases (list, show, promote). No server: "
+        "versions/ and aliases.json beside the models.",
+    )
     sub = p.add_subparsers(dest="action", required=True, metavar="list|show|promote")
-    for name, text in (("list", "the versions, newest first, with metrics and aliases"),
-                       ("show", "one version (or alias): its model.json, aliases and promotions"),
-                       ("promote", "point an alias (default prod) at a version; exactly one of two racing wins")):
+    for name, text in (
+        ("list", "the versions, newest first, with metrics and aliases"),
+        ("show", "one version (or alias): its model.json, aliases and promotions"),
+        ("promote", "point an alias (default prod) at a version; exactly one of two racing wins"),
+    ):
         s = sub.add_parser(name, help=text)
         s.add_argument("--registry", required=True, help="the registry root: what `dragons train --out` was given")
         if name == "list":
@@ -72,24 +87,40 @@ def model_main(args: argparse.Namespace) -> int:
     elif args.action == "show":
         print(json.dumps(versions.show(args.registry, args.version), indent=2, default=str))
     else:
-        p = versions.promote(args.registry, args.version, alias=args.alias, actor=args.actor or None,
-                             expect=args.expect or None)
+        p = versions.promote(
+            args.registry, args.version, alias=args.alias, actor=args.actor or None, expect=args.expect or None
+        )
         print(p.sentence(args.registry))
     return 0
 
 
 # ----- compare -------------------------------------------------------------------------
 def get_compare_parser(prog: str = "dragons compare") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="Challenger against champion on the same labelled images: accuracy, per-class "
-                                      "figures, ECE, an exact McNemar test; exits 3 unless B beats A.")
-    p.add_argument("--model", action="append", required=True, metavar="URI",
-                   help="twice: the champion A, then the challenger B (ROOT@alias and ROOT@version work)")
-    p.add_argument("--data", required=True, help="labelled images: a folder (valid/ split, or <class>/ folders) or a "
-                                                 "CSV/Parquet of uri,label")
+    p = Parser(
+        prog=prog,
+        description="Challenger against champion on the same labelled images: accuracy, per-class "
+        "figures, ECE, an exact McNemar test; exits 3 unless B beats A.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="twice: the champion A, then the challenger B (ROOT@alias and ROOT@version work)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="labelled images: a folder (valid/ split, or <class>/ folders) or a CSV/Parquet of uri,label",
+    )
     p.add_argument("--out", default="", help="where index.html and summary.json go (path or s3://); none: print only")
     p.add_argument("--min-gain", type=float, default=0.0, help="accuracy B must gain over A (0.01 = one point)")
-    p.add_argument("--max-p", type=float, default=1.0,
-                   help="also require McNemar's p at or below this (1 = significance not required)")
+    p.add_argument(
+        "--max-p",
+        type=float,
+        default=1.0,
+        help="also require McNemar's p at or below this (1 = significance not required)",
+    )
     p.add_argument("--tta", type=int, default=0, help="test-time augmentation views for both models")
     return p
 
@@ -100,7 +131,9 @@ def compare_main(args: argparse.Namespace) -> int:
     from dragons.loop.comparereport import write
 
     if len(args.model) != 2:
-        raise DragonsError(f"--model given {len(args.model)} time(s): give it twice, the champion A then the challenger B")
+        raise DragonsError(
+            f"--model given {len(args.model)} time(s): give it twice, the champion A then the challenger B"
+        )
     r = compare(args.model[0], args.model[1], args.data, min_gain=args.min_gain, max_p=args.max_p, tta=args.tta)
     if args.out:
         write(r, args.out)

@@ -66,12 +66,16 @@ class McNemar:
         """The test in words, for the report and the CLI."""
         n = self.b + self.c
         if n == 0:
-            return ("The models are right and wrong on exactly the same images (b = c = 0): "
-                    "no evidence either way (exact McNemar p = 1).")
-        return (f"Of the images where exactly one model is right, A alone is right on b = {self.b} "
-                f"and B alone on c = {self.c}. Exact McNemar test (two-sided binomial on {n} "
-                f"discordant images): p = {self.p_value:.4g}, the chance of a split at least this "
-                "uneven if the two models were equally accurate.")
+            return (
+                "The models are right and wrong on exactly the same images (b = c = 0): "
+                "no evidence either way (exact McNemar p = 1)."
+            )
+        return (
+            f"Of the images where exactly one model is right, A alone is right on b = {self.b} "
+            f"and B alone on c = {self.c}. Exact McNemar test (two-sided binomial on {n} "
+            f"discordant images): p = {self.p_value:.4g}, the chance of a split at least this "
+            "uneven if the two models were equally accurate."
+        )
 
 
 @dataclass
@@ -138,11 +142,15 @@ class CompareResult:
             skipped += f"; {self.unlabelled} unlabelled row(s) skipped"
         out = [f"compare: {self.n} labelled images from {storage.redact(self.data)} ({self.source}){skipped}"]
         for name, m in (("A", self.model_a), ("B", self.model_b)):
-            out.append(f"{name} {storage.redact(m.given)} (version {m.version}): accuracy {m.accuracy:.4f} "
-                       f"({m.correct}/{self.n}), ECE {m.ece:.4f}")
+            out.append(
+                f"{name} {storage.redact(m.given)} (version {m.version}): accuracy {m.accuracy:.4f} "
+                f"({m.correct}/{self.n}), ECE {m.ece:.4f}"
+            )
         mc = self.mcnemar
-        out.append(f"McNemar exact: b={mc.b} (A right, B wrong), c={mc.c} (B right, A wrong), p={mc.p_value:.4g}; "
-                   f"{len(self.disagreements)} image(s) where the predictions differ")
+        out.append(
+            f"McNemar exact: b={mc.b} (A right, B wrong), c={mc.c} (B right, A wrong), p={mc.p_value:.4g}; "
+            f"{len(self.disagreements)} image(s) where the predictions differ"
+        )
         out += [f"note: {n}" for n in self.notes]
         out.append(f"{self.verdict()} -> exit {self.exit_code}")
         if self.report:
@@ -207,17 +215,24 @@ def _read_table(data: str) -> tuple[list[str], list[str], int]:
     try:
         if data.lower().endswith(".csv"):
             # Every column as text: labels like "1" or "007" must stay as written.
-            table = pcsv.read_csv(io.BytesIO(raw), convert_options=pcsv.ConvertOptions(
-                column_types={"uri": "string", "label": "string"}, strings_can_be_null=True))
+            table = pcsv.read_csv(
+                io.BytesIO(raw),
+                convert_options=pcsv.ConvertOptions(
+                    column_types={"uri": "string", "label": "string"}, strings_can_be_null=True
+                ),
+            )
         else:
             table = pq.read_table(io.BytesIO(raw))
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError: a malformed file
-        raise DragonsError(f"cannot read {storage.redact(data)} as a table of uri,label: "
-                           f"{storage.shorten(str(exc))}") from None
+        raise DragonsError(
+            f"cannot read {storage.redact(data)} as a table of uri,label: {storage.shorten(str(exc))}"
+        ) from None
     missing = [c for c in ("uri", "label") if c not in table.column_names]
     if missing:
-        raise DragonsError(f"{storage.redact(data)} lacks the column(s) {missing} (it has {table.column_names}): "
-                           "give a CSV or Parquet with columns uri,label (one labelled image a row)")
+        raise DragonsError(
+            f"{storage.redact(data)} lacks the column(s) {missing} (it has {table.column_names}): "
+            "give a CSV or Parquet with columns uri,label (one labelled image a row)"
+        )
     base = storage.parse(data).uri.rsplit("/", 1)[0]
     uris: list[str] = []
     labels: list[str] = []
@@ -236,15 +251,18 @@ def _read_table(data: str) -> tuple[list[str], list[str], int]:
         uri = storage.parse(uri).uri if not uri.startswith("s3://") else uri  # local: absolute; S3 keys verbatim
         if uri in seen:
             if seen[uri] != label:
-                raise DragonsError(f"{storage.redact(data)} labels {storage.redact(uri)} both {seen[uri]!r} and "
-                                   f"{label!r}: keep one label per image")
+                raise DragonsError(
+                    f"{storage.redact(data)} labels {storage.redact(uri)} both {seen[uri]!r} and "
+                    f"{label!r}: keep one label per image"
+                )
             continue
         seen[uri] = label
         uris.append(uri)
         labels.append(label)
     if not uris:
-        raise DragonsError(f"{storage.redact(data)} has no labelled rows ({unlabelled} unlabelled): "
-                           "label some images first")
+        raise DragonsError(
+            f"{storage.redact(data)} has no labelled rows ({unlabelled} unlabelled): label some images first"
+        )
     return uris, labels, unlabelled
 
 
@@ -258,7 +276,7 @@ def _read_folder(data: str) -> tuple[list[str], list[str], str]:
     nested: dict[str, dict[str, list[str]]] = {}  # top folder (lower case) -> class -> URIs
     bare: dict[str, list[str]] = {}
     for entry in storage.list_files(root):
-        parts = entry.uri[len(root):].strip("/").split("/")
+        parts = entry.uri[len(root) :].strip("/").split("/")
         if not is_image_name(parts[-1]):
             continue
         if len(parts) == 2:
@@ -271,11 +289,15 @@ def _read_folder(data: str) -> tuple[list[str], list[str], str]:
     elif bare:
         groups, source = bare, "all class folders"
     elif "train" in nested:
-        raise DragonsError(f"{storage.redact(data)} has train/ but no valid/ folder: compare on held-out images "
-                           "(a valid/ folder, a folder of <class>/ subfolders, or a uri,label table)")
+        raise DragonsError(
+            f"{storage.redact(data)} has train/ but no valid/ folder: compare on held-out images "
+            "(a valid/ folder, a folder of <class>/ subfolders, or a uri,label table)"
+        )
     else:
-        raise DragonsError(f"{storage.redact(data)} has no images in <class>/ or valid/<class>/ folders: "
-                           "give a folder of labelled images or a uri,label CSV/Parquet")
+        raise DragonsError(
+            f"{storage.redact(data)} has no images in <class>/ or valid/<class>/ folders: "
+            "give a folder of labelled images or a uri,label CSV/Parquet"
+        )
     pairs = sorted((u, c) for c, us in groups.items() for u in us)
     return [u for u, _ in pairs], [c for _, c in pairs], source
 
@@ -307,9 +329,17 @@ def _aligned(probs: np.ndarray, own: list[str], classes: list[str]) -> np.ndarra
 
 def _figures(given: str, art: Any, probs: np.ndarray, y: np.ndarray, classes: list[str]) -> ModelFigures:
     m = classification_metrics(probs, y, classes)
-    return ModelFigures(given=given, uri=art.uri, version=art.version, classes=art.classes,
-                        temperature=art.temperature, accuracy=float(m["accuracy"]), correct=m["n"] - m["errors"],
-                        ece=float(m["ece"]), per_class=m["per_class"])
+    return ModelFigures(
+        given=given,
+        uri=art.uri,
+        version=art.version,
+        classes=art.classes,
+        temperature=art.temperature,
+        accuracy=float(m["accuracy"]),
+        correct=m["n"] - m["errors"],
+        ece=float(m["ece"]),
+        per_class=m["per_class"],
+    )
 
 
 def _class_axis(labels: list[str], a: list[str], b: list[str], data: str) -> tuple[list[str], list[str]]:
@@ -317,14 +347,18 @@ def _class_axis(labels: list[str], a: list[str], b: list[str], data: str) -> tup
     classes = a + [c for c in b if c not in a]
     unknown = sorted(set(labels) - set(classes))
     if unknown:
-        raise DragonsError(f"{storage.redact(data)} has label(s) {unknown} that neither model knows "
-                           f"(A: {a}, B: {b}): relabel those images or leave them out")
+        raise DragonsError(
+            f"{storage.redact(data)} has label(s) {unknown} that neither model knows "
+            f"(A: {a}, B: {b}): relabel those images or leave them out"
+        )
     notes: list[str] = []
     if a != b:
         lack_a = sorted(set(labels) - set(a))
         lack_b = sorted(set(labels) - set(b))
-        notes.append(f"A and B know different classes (A: {a}, B: {b}); a label a model lacks counts as wrong "
-                     f"for it (A lacks {lack_a or 'none'}, B lacks {lack_b or 'none'})")
+        notes.append(
+            f"A and B know different classes (A: {a}, B: {b}); a label a model lacks counts as wrong "
+            f"for it (A lacks {lack_a or 'none'}, B lacks {lack_b or 'none'})"
+        )
     return classes, notes
 
 
@@ -336,8 +370,9 @@ def _scored(art: Any, uris: list[str], tta: int, batch_size: int) -> tuple[np.nd
     return np.asarray(probs, dtype=np.float64), errors
 
 
-def compare(model_a: str, model_b: str, data: str, min_gain: float = 0.0, max_p: float = 1.0, tta: int = 0,
-            batch_size: int = 32) -> CompareResult:
+def compare(
+    model_a: str, model_b: str, data: str, min_gain: float = 0.0, max_p: float = 1.0, tta: int = 0, batch_size: int = 32
+) -> CompareResult:
     """Score ``data``'s labelled images with champion ``model_a`` and challenger ``model_b``
     and compare them (``dragons.loop.comparereport.write`` writes the page and summary.json)."""
     if not 0.0 <= min_gain <= 1.0:
@@ -353,8 +388,10 @@ def compare(model_a: str, model_b: str, data: str, min_gain: float = 0.0, max_p:
     ok = np.array([not (ea or eb) for ea, eb in zip(err_a, err_b)], dtype=bool)
     unreadable = [(u, ea or eb) for u, ea, eb in zip(uris, err_a, err_b) if ea or eb]
     if not ok.any():
-        raise DragonsError(f"none of the {len(uris)} images in {storage.redact(data)} could be decoded "
-                           f"(first: {storage.redact(unreadable[0][0])}: {unreadable[0][1]})")
+        raise DragonsError(
+            f"none of the {len(uris)} images in {storage.redact(data)} could be decoded "
+            f"(first: {storage.redact(unreadable[0][0])}: {unreadable[0][1]})"
+        )
     uris = [u for u, k in zip(uris, ok) if k]
     labels = [lab for lab, k in zip(labels, ok) if k]
     y = np.array([classes.index(lab) for lab in labels], dtype=np.int64)
@@ -366,15 +403,41 @@ def compare(model_a: str, model_b: str, data: str, min_gain: float = 0.0, max_p:
     pred_a, pred_b = pa.argmax(1), pb.argmax(1)
     right_a, right_b = pred_a == y, pred_b == y
     b, c = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
-    test = McNemar(b=b, c=c, both_right=int(np.sum(right_a & right_b)), both_wrong=int(np.sum(~right_a & ~right_b)),
-                   p_value=mcnemar_exact(b, c))
-    differ = [Disagreement(uri=uris[i], label=labels[i], pred_a=classes[pred_a[i]], p_a=float(pa[i, pred_a[i]]),
-                           pred_b=classes[pred_b[i]], p_b=float(pb[i, pred_b[i]]))
-              for i in np.flatnonzero(pred_a != pred_b)]
+    test = McNemar(
+        b=b,
+        c=c,
+        both_right=int(np.sum(right_a & right_b)),
+        both_wrong=int(np.sum(~right_a & ~right_b)),
+        p_value=mcnemar_exact(b, c),
+    )
+    differ = [
+        Disagreement(
+            uri=uris[i],
+            label=labels[i],
+            pred_a=classes[pred_a[i]],
+            p_a=float(pa[i, pred_a[i]]),
+            pred_b=classes[pred_b[i]],
+            p_b=float(pb[i, pred_b[i]]),
+        )
+        for i in np.flatnonzero(pred_a != pred_b)
+    ]
     # From counts, not acc_B - acc_A: one division is correctly rounded, so a gain of exactly
     # --min-gain (3/10 against 0.3) is not lost to a 1e-17 subtraction error.
     gain = (fig_b.correct - fig_a.correct) / len(y)
-    result = CompareResult(model_a=fig_a, model_b=fig_b, data=storage.redact(data), source=source, classes=classes,
-                           n=len(y), unreadable=unreadable, unlabelled=unlabelled, mcnemar=test, gain=gain,
-                           min_gain=min_gain, max_p=max_p, disagreements=differ, notes=notes)
+    result = CompareResult(
+        model_a=fig_a,
+        model_b=fig_b,
+        data=storage.redact(data),
+        source=source,
+        classes=classes,
+        n=len(y),
+        unreadable=unreadable,
+        unlabelled=unlabelled,
+        mcnemar=test,
+        gain=gain,
+        min_gain=min_gain,
+        max_p=max_p,
+        disagreements=differ,
+        notes=notes,
+    )
     return result

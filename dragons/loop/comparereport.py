@@ -22,7 +22,6 @@ from dragons.errors import DragonsError
 from dragons.images import ImageError, decode_to_base
 from dragons.loop.compare import CompareResult, Disagreement
 
-
 THUMB_SIDE = 160  # px: ~6 cards a row at 1200 px
 THUMB_DIR = "thumbs"
 KINDS = (
@@ -89,11 +88,15 @@ def _num(value: float) -> str:
 
 def _table(header: list[str], rows: list[list[str]], text_cols: tuple[int, ...] = ()) -> str:
     """Cells arrive escaped (some carry markup); header cells are escaped here."""
-    head = "".join(f'<th class="text">{_e(h)}</th>' if j in text_cols else f"<th>{_e(h)}</th>"
-                   for j, h in enumerate(header))
+    head = "".join(
+        f'<th class="text">{_e(h)}</th>' if j in text_cols else f"<th>{_e(h)}</th>" for j, h in enumerate(header)
+    )
     body = "".join(
-        "<tr>" + "".join(f'<td class="text">{v}</td>' if j in text_cols else f"<td>{v}</td>"
-                         for j, v in enumerate(row)) + "</tr>" for row in rows)
+        "<tr>"
+        + "".join(f'<td class="text">{v}</td>' if j in text_cols else f"<td>{v}</td>" for j, v in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -105,8 +108,12 @@ def _models(result: CompareResult) -> str:
         ["version", _e(a.version), _e(b.version), ""],
         ["temperature", _e(f"{a.temperature:.3g}"), _e(f"{b.temperature:.3g}"), ""],
         ["accuracy", _num(a.accuracy), _num(b.accuracy), _e(f"{result.gain:+.4f}")],
-        ["correct", _e(f"{a.correct} / {result.n}"), _e(f"{b.correct} / {result.n}"),
-         _e(f"{b.correct - a.correct:+d}")],
+        [
+            "correct",
+            _e(f"{a.correct} / {result.n}"),
+            _e(f"{b.correct} / {result.n}"),
+            _e(f"{b.correct - a.correct:+d}"),
+        ],
         ["ECE (15 bins)", _num(a.ece), _num(b.ece), _e(f"{b.ece - a.ece:+.4f}")],
         ["classes", _e(", ".join(a.classes)), _e(", ".join(b.classes)), ""],
     ]
@@ -117,19 +124,29 @@ def _per_class(result: CompareResult) -> str:
     rows = []
     for name in result.classes:
         sa, sb = result.model_a.per_class[name], result.model_b.per_class[name]
-        rows.append([_e(name), _e(sa["support"]), _num(float(sa["precision"])), _num(float(sb["precision"])),
-                     _num(float(sa["recall"])), _num(float(sb["recall"])),
-                     _e(f"{float(sb['recall']) - float(sa['recall']):+.4f}")])
-    return _table(["class", "support", "A precision", "B precision", "A recall", "B recall", "recall B \u2212 A"],
-                  rows)
+        rows.append(
+            [
+                _e(name),
+                _e(sa["support"]),
+                _num(float(sa["precision"])),
+                _num(float(sb["precision"])),
+                _num(float(sa["recall"])),
+                _num(float(sb["recall"])),
+                _e(f"{float(sb['recall']) - float(sa['recall']):+.4f}"),
+            ]
+        )
+    return _table(["class", "support", "A precision", "B precision", "A recall", "B recall", "recall B \u2212 A"], rows)
 
 
 def _mcnemar(result: CompareResult) -> str:
     mc = result.mcnemar
-    table = _table(["", "B right", "B wrong"], [
-        ["A right", _e(mc.both_right), _e(f"{mc.b} (b)")],
-        ["A wrong", _e(f"{mc.c} (c)"), _e(mc.both_wrong)],
-    ])
+    table = _table(
+        ["", "B right", "B wrong"],
+        [
+            ["A right", _e(mc.both_right), _e(f"{mc.b} (b)")],
+            ["A wrong", _e(f"{mc.c} (c)"), _e(mc.both_wrong)],
+        ],
+    )
     return f"<p>{_e(mc.sentence())}</p>{table}"
 
 
@@ -142,16 +159,25 @@ def _verdict(d: Disagreement, model: str) -> str:
 
 def _card(d: Disagreement, thumb: str | None) -> str:
     name = d.uri.rsplit("/", 1)[-1]
-    img = (f'<img src="{_e(quote(thumb))}" alt="{_e(name)}" loading="lazy">' if thumb
-           else '<div class="muted">no thumbnail</div>')
-    return (f'<div class="card">{img}<div title="{_e(storage.redact(d.uri))}"><b>{_e(name)}</b></div>'
-            f"<div>true: {_e(d.label)}</div>{_verdict(d, 'A')}{_verdict(d, 'B')}</div>")
+    img = (
+        f'<img src="{_e(quote(thumb))}" alt="{_e(name)}" loading="lazy">'
+        if thumb
+        else '<div class="muted">no thumbnail</div>'
+    )
+    return (
+        f'<div class="card">{img}<div title="{_e(storage.redact(d.uri))}"><b>{_e(name)}</b></div>'
+        f"<div>true: {_e(d.label)}</div>{_verdict(d, 'A')}{_verdict(d, 'B')}</div>"
+    )
 
 
 def _disagreements(result: CompareResult, thumbs: dict[str, str], per_kind: int) -> str:
     groups = _by_kind(result)
-    parts = [(f"<p>A and B predict different classes on {len(result.disagreements)} of {result.n} images "
-              "(the probability beside each prediction is that model's, after its calibration).</p>")]
+    parts = [
+        (
+            f"<p>A and B predict different classes on {len(result.disagreements)} of {result.n} images "
+            "(the probability beside each prediction is that model's, after its calibration).</p>"
+        )
+    ]
     for kind, title in KINDS:
         items = groups[kind]
         shown = items[:per_kind]
@@ -160,8 +186,10 @@ def _disagreements(result: CompareResult, thumbs: dict[str, str], per_kind: int)
             parts.append('<p class="muted">none</p>')
             continue
         if len(shown) < len(items):
-            parts.append(f'<p class="muted">showing {len(shown)} of {len(items)}, the most confident first; '
-                         "summary.json lists them all</p>")
+            parts.append(
+                f'<p class="muted">showing {len(shown)} of {len(items)}, the most confident first; '
+                "summary.json lists them all</p>"
+            )
         parts.append('<div class="grid">' + "".join(_card(d, thumbs.get(d.uri)) for d in shown) + "</div>")
     return "\n".join(parts)
 
@@ -184,14 +212,19 @@ def render_html(result: CompareResult, thumbs: dict[str, str], per_kind: int) ->
         f'<p class="verdict {verdict_cls}">{_e(result.verdict())} (exit {result.exit_code})</p>',
         f"<p>{_e('; '.join(facts))}.</p>",
         *[f'<p class="muted">note: {_e(n)}</p>' for n in result.notes],
-        "<h2>Models</h2>", _models(result),
-        "<h2>Paired test</h2>", _mcnemar(result),
-        "<h2>Per class</h2>", _per_class(result),
-        "<h2>Disagreements</h2>", _disagreements(result, thumbs, per_kind),
+        "<h2>Models</h2>",
+        _models(result),
+        "<h2>Paired test</h2>",
+        _mcnemar(result),
+        "<h2>Per class</h2>",
+        _per_class(result),
+        "<h2>Disagreements</h2>",
+        _disagreements(result, thumbs, per_kind),
     ]
     if result.unreadable:
-        rows = [[_e(storage.redact(u)), _e(storage.shorten(err))]
-                for u, err in result.unreadable[:MAX_UNREADABLE_SHOWN]]
+        rows = [
+            [_e(storage.redact(u)), _e(storage.shorten(err))] for u, err in result.unreadable[:MAX_UNREADABLE_SHOWN]
+        ]
         more = len(result.unreadable) - MAX_UNREADABLE_SHOWN
         parts += ["<h2>Unreadable images</h2>", _table(["image", "error"], rows, text_cols=(0, 1))]
         if more > 0:
@@ -208,7 +241,8 @@ def write(result: CompareResult, out: str, max_thumbnails: int = 60) -> str:
     result.out = storage.parse(out).uri
     result.report = storage.join(out, "index.html")
     thumbs = write_thumbnails(result, out, max_thumbnails)
-    storage.write_bytes(storage.join(out, "summary.json"),
-                        (json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n").encode())
+    storage.write_bytes(
+        storage.join(out, "summary.json"), (json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n").encode()
+    )
     storage.write_bytes(result.report, render_html(result, thumbs, max_thumbnails).encode("utf-8"))
     return result.report

@@ -50,20 +50,58 @@ from dragons.errors import DragonsError
 
 UTC_US = pa.timestamp("us", tz="UTC")
 # What read_export gives: one row per annotation.
-READ_SCHEMA = pa.schema([("uri", pa.string()), ("label", pa.string()), ("annotator", pa.string()),
-                         ("annotated_at", UTC_US), ("task_id", pa.int64()), ("annotation_id", pa.int64())])
+READ_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("label", pa.string()),
+        ("annotator", pa.string()),
+        ("annotated_at", UTC_US),
+        ("task_id", pa.int64()),
+        ("annotation_id", pa.int64()),
+    ]
+)
 # The Delta labels table: the annotation, where it came from, and its dedupe key.
-TABLE_SCHEMA = pa.schema([*READ_SCHEMA, ("source", pa.string()), ("source_sha256", pa.string()),
-                          ("imported_at", UTC_US), ("key", pa.string())])
+TABLE_SCHEMA = pa.schema(
+    [
+        *READ_SCHEMA,
+        ("source", pa.string()),
+        ("source_sha256", pa.string()),
+        ("imported_at", UTC_US),
+        ("key", pa.string()),
+    ]
+)
 LATEST_COLUMNS = ("uri", "label", "annotator", "annotated_at", "annotators", "disagree")
 
 # JSON_MIN keys that are Label Studio's, not the task's data nor a control's answer.
-JSON_MIN_META = frozenset({
-    "id", "annotator", "annotation_id", "created_at", "updated_at", "lead_time", "agreement", "drafts",
-    "predictions", "meta", "total_annotations", "cancelled_annotations", "total_predictions", "completed_at",
-    "updated_by", "inner_id", "project", "file_upload", "storage_filename", "comment_count",
-    "unresolved_comment_count", "last_comment_updated_at", "comment_authors", "is_labeled", "overlap",
-})
+JSON_MIN_META = frozenset(
+    {
+        "id",
+        "annotator",
+        "annotation_id",
+        "created_at",
+        "updated_at",
+        "lead_time",
+        "agreement",
+        "drafts",
+        "predictions",
+        "meta",
+        "total_annotations",
+        "cancelled_annotations",
+        "total_predictions",
+        "completed_at",
+        "updated_by",
+        "inner_id",
+        "project",
+        "file_upload",
+        "storage_filename",
+        "comment_count",
+        "unresolved_comment_count",
+        "last_comment_updated_at",
+        "comment_authors",
+        "is_labeled",
+        "overlap",
+    }
+)
 IMAGE_KEYS = ("image", "img", "uri", "url")  # where the image usually is in a task's data, in order
 SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid"}
 
@@ -97,9 +135,12 @@ class ImportResult:
     version: int | None = None  # the table's version after the import (unchanged when nothing was added)
 
     def summary(self) -> str:
-        parts = [f"{self.rows} annotation(s) read from {self.source} ({self.format}"
-                 + (f", control {self.control!r})" if self.control else ")"),
-                 f"{self.added} added", f"{self.already_present} already present"]
+        parts = [
+            f"{self.rows} annotation(s) read from {self.source} ({self.format}"
+            + (f", control {self.control!r})" if self.control else ")"),
+            f"{self.added} added",
+            f"{self.already_present} already present",
+        ]
         if self.skipped_cancelled:
             parts.append(f"{self.skipped_cancelled} cancelled skipped")
         if self.unlabelled:
@@ -110,6 +151,7 @@ class ImportResult:
 
 
 # ---------------------------------------------------------------- reading exports
+
 
 def read_export(path_or_uri: str, control: str | None = None) -> Export:
     """Read a Label Studio JSON / JSON_MIN export, or a CSV / Parquet of ``uri,label``.
@@ -127,8 +169,9 @@ def _parse(data: bytes, name: str, control: str | None) -> Export:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DragonsError(f"{name} is not valid JSON ({exc}): export it from Label Studio as JSON or "
-                               "JSON_MIN") from None
+            raise DragonsError(
+                f"{name} is not valid JSON ({exc}): export it from Label Studio as JSON or JSON_MIN"
+            ) from None
         tasks = [doc] if isinstance(doc, dict) else doc
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise DragonsError(f"{name}: expected a list of Label Studio tasks or records (a JSON or JSON_MIN export)")
@@ -142,8 +185,13 @@ def _json(tasks: list[dict[str, Any]], name: str, control: str | None) -> Export
     def anns(task: dict[str, Any]) -> list[dict[str, Any]]:
         return task.get("annotations") or task.get("completions") or []  # completions: Label Studio < 1.0
 
-    found = {str(r.get("from_name")) for t in tasks for a in anns(t) for r in a.get("result") or []
-             if r.get("type") == "choices" or "choices" in (r.get("value") or {})}
+    found = {
+        str(r.get("from_name"))
+        for t in tasks
+        for a in anns(t)
+        for r in a.get("result") or []
+        if r.get("type") == "choices" or "choices" in (r.get("value") or {})
+    }
     ctl = _control(found, control, name)
     rows: list[dict[str, Any]] = []
     cancelled = unlabelled = 0
@@ -155,16 +203,26 @@ def _json(tasks: list[dict[str, Any]], name: str, control: str | None) -> Export
             if ann.get("was_cancelled"):
                 cancelled += 1
                 continue
-            choices = [c for r in ann.get("result") or [] if r.get("from_name") == ctl
-                       for c in (r.get("value") or {}).get("choices") or []]
+            choices = [
+                c
+                for r in ann.get("result") or []
+                if r.get("from_name") == ctl
+                for c in (r.get("value") or {}).get("choices") or []
+            ]
             if not choices:
                 continue
             labelled = True
             who = ann.get("completed_by")
-            rows.append({"uri": _image_of(task.get("data") or {}, where), "label": _one(choices, where),
-                         "annotator": _annotator(who.get("id", who.get("email")) if isinstance(who, dict) else who),
-                         "annotated_at": _when(ann.get("updated_at") or ann.get("created_at"), where),
-                         "task_id": _int(tid, where), "annotation_id": _int(ann.get("id"), where)})
+            rows.append(
+                {
+                    "uri": _image_of(task.get("data") or {}, where),
+                    "label": _one(choices, where),
+                    "annotator": _annotator(who.get("id", who.get("email")) if isinstance(who, dict) else who),
+                    "annotated_at": _when(ann.get("updated_at") or ann.get("created_at"), where),
+                    "task_id": _int(tid, where),
+                    "annotation_id": _int(ann.get("id"), where),
+                }
+            )
         unlabelled += not labelled
     return Export(_table(rows), "json", ctl, cancelled, unlabelled)
 
@@ -178,16 +236,20 @@ def _json_min(records: list[dict[str, Any]], name: str, control: str | None, fmt
         if not picked:
             picked = [k for k in keys if k != image and all(isinstance(r.get(k), (str, type(None))) for r in records)]
         if len(picked) != 1 and records:
-            raise DragonsError(f"{name}: cannot tell which column holds the choice among {picked or keys}: "
-                               "give the control's name with --control")
+            raise DragonsError(
+                f"{name}: cannot tell which column holds the choice among {picked or keys}: "
+                "give the control's name with --control"
+            )
         control = picked[0] if picked else ""
     elif records and control not in keys:
         raise DragonsError(f"{name}: no column {control!r} (--control); the columns are {keys}")
     if not image:
         others = [k for k in keys if k != control]
         if len(others) != 1 and records:
-            raise DragonsError(f"{name}: cannot tell which column holds the image URI among {others}: "
-                               f"name it one of {', '.join(IMAGE_KEYS)}")
+            raise DragonsError(
+                f"{name}: cannot tell which column holds the image URI among {others}: "
+                f"name it one of {', '.join(IMAGE_KEYS)}"
+            )
         image = others[0] if others else ""
     rows: list[dict[str, Any]] = []
     unlabelled = 0
@@ -201,10 +263,16 @@ def _json_min(records: list[dict[str, Any]], name: str, control: str | None, fmt
         if not choices or rec.get("annotation_id") in (None, ""):
             unlabelled += 1
             continue
-        rows.append({"uri": _uri(rec.get(image), where), "label": _one(choices, where),
-                     "annotator": _annotator(rec.get("annotator")),
-                     "annotated_at": _when(rec.get("updated_at") or rec.get("created_at"), where),
-                     "task_id": _int(rec.get("id"), where), "annotation_id": _int(rec.get("annotation_id"), where)})
+        rows.append(
+            {
+                "uri": _uri(rec.get(image), where),
+                "label": _one(choices, where),
+                "annotator": _annotator(rec.get("annotator")),
+                "annotated_at": _when(rec.get("updated_at") or rec.get("created_at"), where),
+                "task_id": _int(rec.get("id"), where),
+                "annotation_id": _int(rec.get("annotation_id"), where),
+            }
+        )
     return Export(_table(rows), fmt, control, 0, unlabelled)
 
 
@@ -213,8 +281,9 @@ def _plain(records: list[dict[str, Any]], name: str, fmt: str, control: str | No
     if records and "uri" not in cols and fmt == "csv":
         return _json_min(records, name, control, "csv_min")  # Label Studio's CSV export
     if records and not {"uri", "label"} <= cols:
-        raise DragonsError(f"{name}: expected the columns uri,label (optional: annotator, annotated_at, split); "
-                           f"found {sorted(cols)}")
+        raise DragonsError(
+            f"{name}: expected the columns uri,label (optional: annotator, annotated_at, split); found {sorted(cols)}"
+        )
     rows: list[dict[str, Any]] = []
     splits: list[str | None] = []
     for i, rec in enumerate(records):
@@ -224,12 +293,21 @@ def _plain(records: list[dict[str, Any]], name: str, fmt: str, control: str | No
             raise DragonsError(f"{where} has no label: give every uri a label, or leave the row out")
         raw_split = str(rec.get("split") or "").strip().lower()
         if raw_split and raw_split not in SPLITS:
-            raise DragonsError(f"{where}: split {rec.get('split')!r} is not one of train, valid (or empty: "
-                               "a stable hash of the uri decides)")
+            raise DragonsError(
+                f"{where}: split {rec.get('split')!r} is not one of train, valid (or empty: "
+                "a stable hash of the uri decides)"
+            )
         splits.append(SPLITS.get(raw_split))
-        rows.append({"uri": _uri(rec.get("uri"), where), "label": label, "annotator": _annotator(rec.get("annotator")),
-                     "annotated_at": _when(rec.get("annotated_at"), where), "task_id": _int(rec.get("task_id"), where),
-                     "annotation_id": _int(rec.get("annotation_id"), where)})
+        rows.append(
+            {
+                "uri": _uri(rec.get("uri"), where),
+                "label": label,
+                "annotator": _annotator(rec.get("annotator")),
+                "annotated_at": _when(rec.get("annotated_at"), where),
+                "task_id": _int(rec.get("task_id"), where),
+                "annotation_id": _int(rec.get("annotation_id"), where),
+            }
+        )
     return Export(_table(rows), fmt, "", split=pa.array(splits, pa.string()))
 
 
@@ -245,8 +323,9 @@ def _choices(value: Any) -> list[Any]:
 def _control(found: set[str], control: str | None, name: str) -> str:
     if control is not None:
         if found and control not in found:
-            raise DragonsError(f"{name}: no Choices control named {control!r} (--control); "
-                               f"the file has {sorted(found)}")
+            raise DragonsError(
+                f"{name}: no Choices control named {control!r} (--control); the file has {sorted(found)}"
+            )
         return control
     if len(found) > 1:
         raise DragonsError(f"{name} answers several Choices controls {sorted(found)}: pick one with --control")
@@ -256,8 +335,10 @@ def _control(found: set[str], control: str | None, name: str) -> str:
 def _one(choices: list[Any], where: str) -> str:
     distinct = sorted({str(c) for c in choices})
     if len(distinct) != 1:
-        raise DragonsError(f"{where} has several choices {distinct}: dragons trains single-label classification; "
-                           "make the Choices control single-choice and fix the task in Label Studio")
+        raise DragonsError(
+            f"{where} has several choices {distinct}: dragons trains single-label classification; "
+            "make the Choices control single-choice and fix the task in Label Studio"
+        )
     return distinct[0]
 
 
@@ -266,8 +347,10 @@ def _image_of(data: dict[str, Any], where: str) -> str:
     if key is None:
         texts = [k for k, v in data.items() if isinstance(v, str)]
         if len(texts) != 1:
-            raise DragonsError(f"{where}: cannot tell which of its data keys {sorted(data)} holds the image URI: "
-                               f"name it one of {', '.join(IMAGE_KEYS)}")
+            raise DragonsError(
+                f"{where}: cannot tell which of its data keys {sorted(data)} holds the image URI: "
+                f"name it one of {', '.join(IMAGE_KEYS)}"
+            )
         key = texts[0]
     return _uri(data[key], where)
 
@@ -305,8 +388,9 @@ def _when(value: Any, where: str) -> datetime | None:
         try:
             t = datetime.fromisoformat(str(value).strip())
         except ValueError:
-            raise DragonsError(f"{where}: cannot read the time {value!r}: write it as ISO 8601, e.g. "
-                               "2024-01-15T10:30:45Z") from None
+            raise DragonsError(
+                f"{where}: cannot read the time {value!r}: write it as ISO 8601, e.g. 2024-01-15T10:30:45Z"
+            ) from None
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
@@ -323,8 +407,14 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 
 # ---------------------------------------------------------------- the Delta labels table
 
-def import_labels(labels_uri: str, source: str, known_classes: list[str] | None = None, new_class: bool = False,
-                  control: str | None = None) -> ImportResult:
+
+def import_labels(
+    labels_uri: str,
+    source: str,
+    known_classes: list[str] | None = None,
+    new_class: bool = False,
+    control: str | None = None,
+) -> ImportResult:
     """Add the annotations of ``source`` (:func:`read_export`) to the Delta table at ``labels_uri``.
 
     Only rows the table lacks are appended, in one commit; none at all when nothing
@@ -352,8 +442,10 @@ def import_labels(labels_uri: str, source: str, known_classes: list[str] | None 
         known = set(known_classes) | have_classes
         new_classes = [c for c in classes if c not in known]
         if new_classes and not new_class:
-            raise DragonsError(f"{name} has labels that are not known classes: {new_classes}; the known classes are "
-                               f"{sorted(known)}; fix the labels, or pass --new-class to admit them")
+            raise DragonsError(
+                f"{name} has labels that are not known classes: {new_classes}; the known classes are "
+                f"{sorted(known)}; fix the labels, or pass --new-class to admit them"
+            )
     sha = hashlib.sha256(data).hexdigest()
     now = datetime.now(UTC)
     rows: list[dict[str, Any]] = []
@@ -367,12 +459,28 @@ def import_labels(labels_uri: str, source: str, known_classes: list[str] | None 
     if rows:
         meta = {"dragons": "labels import", "source": name, "source_sha256": sha, "rows": str(len(rows))}
         with storage.delta_errors(uri, "write"):
-            write_deltalake(uri, pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), mode="append", storage_options=opts,
-                            commit_properties=CommitProperties(custom_metadata=meta))
-            version = int(_open(uri).version())  # type: ignore[union-attr]
+            write_deltalake(
+                uri,
+                pa.Table.from_pylist(rows, schema=TABLE_SCHEMA),
+                mode="append",
+                storage_options=opts,
+                commit_properties=CommitProperties(custom_metadata=meta),
+            )
+            version = int(_open(uri).version())
     n = export.table.num_rows
-    return ImportResult(name, export.format, export.control, n, len(rows), n - len(rows), export.cancelled,
-                        export.unlabelled, classes, new_classes, version)
+    return ImportResult(
+        name,
+        export.format,
+        export.control,
+        n,
+        len(rows),
+        n - len(rows),
+        export.cancelled,
+        export.unlabelled,
+        classes,
+        new_classes,
+        version,
+    )
 
 
 def _key(row: dict[str, Any], sha: str) -> str:
@@ -392,14 +500,18 @@ def _open(uri: str, must_exist: bool = True) -> Any:
     with storage.delta_errors(uri, "open"):
         if not DeltaTable.is_deltatable(uri, storage_options=opts):
             if must_exist:
-                raise DragonsError(f"no labels table at {storage.redact(uri)}: import a Label Studio export into it "
-                                   "first (dragons labels import)")
+                raise DragonsError(
+                    f"no labels table at {storage.redact(uri)}: import a Label Studio export into it "
+                    "first (dragons labels import)"
+                )
             return None
         dt = DeltaTable(uri, storage_options=opts)
     names = set(dt.schema().to_arrow().names)
     if not set(TABLE_SCHEMA.names) <= names:
-        raise DragonsError(f"{storage.redact(uri)} is a Delta table but not a labels table (it has no "
-                           f"{sorted(set(TABLE_SCHEMA.names) - names)}): give another labels table URI")
+        raise DragonsError(
+            f"{storage.redact(uri)} is a Delta table but not a labels table (it has no "
+            f"{sorted(set(TABLE_SCHEMA.names) - names)}): give another labels table URI"
+        )
     return dt
 
 
@@ -416,8 +528,9 @@ def latest(labels_uri: str) -> pa.Table:
     uri = storage.parse(labels_uri).uri.rstrip("/")
     dt = _open(uri)
     with storage.delta_errors(uri):
-        rows = dt.to_pyarrow_table(columns=["uri", "label", "annotator", "annotated_at", "annotation_id",
-                                            "imported_at"])
+        rows = dt.to_pyarrow_table(
+            columns=["uri", "label", "annotator", "annotated_at", "annotation_id", "imported_at"]
+        )
     return latest_of(rows).drop_columns(["split"])
 
 
@@ -429,8 +542,9 @@ def latest_of(rows: pa.Table) -> pa.Table:
         rows = rows.append_column("split", pa.nulls(rows.num_rows, pa.string()))
     if "imported_at" not in rows.column_names:
         rows = rows.append_column("imported_at", pa.array([datetime.now(UTC)] * rows.num_rows, UTC_US))
-    order = ("coalesce(annotated_at, imported_at) DESC, annotation_id DESC NULLS LAST, imported_at DESC, "
-             "label, annotator")
+    order = (
+        "coalesce(annotated_at, imported_at) DESC, annotation_id DESC NULLS LAST, imported_at DESC, label, annotator"
+    )
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET TimeZone = 'UTC'")
@@ -448,9 +562,17 @@ def latest_of(rows: pa.Table) -> pa.Table:
             FROM ranked r JOIN votes v USING (uri) WHERE r.rn = 1 ORDER BY r.uri""").fetch_arrow_table()
     finally:
         con.close()
-    schema = pa.schema([("uri", pa.string()), ("label", pa.string()), ("annotator", pa.string()),
-                        ("annotated_at", UTC_US), ("annotators", pa.int64()), ("disagree", pa.bool_()),
-                        ("split", pa.string())])
+    schema = pa.schema(
+        [
+            ("uri", pa.string()),
+            ("label", pa.string()),
+            ("annotator", pa.string()),
+            ("annotated_at", UTC_US),
+            ("annotators", pa.int64()),
+            ("disagree", pa.bool_()),
+            ("split", pa.string()),
+        ]
+    )
     return out.cast(schema)
 
 
@@ -465,8 +587,9 @@ def training_labels(uri: str) -> pa.Table:
     to one label per URI by the same rule."""
     if is_labels_table(uri):
         view = latest(uri)
-        return pa.table({"uri": view.column("uri"), "label": view.column("label"),
-                         "split": pa.nulls(view.num_rows, pa.string())})
+        return pa.table(
+            {"uri": view.column("uri"), "label": view.column("label"), "split": pa.nulls(view.num_rows, pa.string())}
+        )
     export = read_export(uri)
     rows = export.table
     if export.split is not None:

@@ -105,8 +105,9 @@ class Promotion:
         where = f"{storage.redact(root)}@{self.alias}"
         if not self.changed:
             return f"{where} already points at {self.version}: nothing changed"
-        return (f"{where}: {self.previous or '(none)'} -> {self.version} "
-                f"(change {self.seq}, by {self.actor} at {self.at})")
+        return (
+            f"{where}: {self.previous or '(none)'} -> {self.version} (change {self.seq}, by {self.actor} at {self.at})"
+        )
 
 
 # ----------------------------------------------------------------- names and folders
@@ -120,8 +121,9 @@ def split_ref(uri: str) -> tuple[str, str | None]:
         return uri, None
     stem, _, name = last.rpartition("@")
     if not stem or not name:
-        raise DragonsError(f"model {uri!r}: write a registry reference as ROOT@alias or ROOT@version (e.g. "
-                           "s3://models/dragons@prod)")
+        raise DragonsError(
+            f"model {uri!r}: write a registry reference as ROOT@alias or ROOT@version (e.g. s3://models/dragons@prod)"
+        )
     return f"{head}{sep}{stem}", name
 
 
@@ -146,8 +148,10 @@ def _now() -> str:
 
 def _check_alias(alias: str) -> None:
     if not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
-        raise DragonsError(f"alias {alias!r} is not a valid name: use a letter then letters, digits, '_', '.' or '-' "
-                           "(at most 64), and not 16 hex digits (that reads as a version); e.g. prod, staging")
+        raise DragonsError(
+            f"alias {alias!r} is not a valid name: use a letter then letters, digits, '_', '.' or '-' "
+            "(at most 64), and not 16 hex digits (that reads as a version); e.g. prod, staging"
+        )
 
 
 def _meta_at(folder: str) -> dict[str, Any] | None:
@@ -171,8 +175,10 @@ def _parse_state(data: bytes, uri: str) -> dict[str, Any]:
     try:
         state = json.loads(data)
     except json.JSONDecodeError as exc:
-        raise DragonsError(f"{storage.redact(uri)} is not valid JSON ({exc}): restore it from the bucket's versions "
-                           "or fix it by hand; the versions/ folders are untouched") from None
+        raise DragonsError(
+            f"{storage.redact(uri)} is not valid JSON ({exc}): restore it from the bucket's versions "
+            "or fix it by hand; the versions/ folders are untouched"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("aliases"), dict):
         raise DragonsError(f"{storage.redact(uri)} is not a dragons aliases file (no 'aliases' object)")
     return {**_empty(), **state}
@@ -213,11 +219,13 @@ def _s3_failure(uri: str, what: str, exc: BaseException) -> DragonsError:
     if code in storage.UNREACHABLE_CODES:
         return storage.unreachable(storage.parse(uri), exc)
     if code in storage.DENIED_CODES:
-        return DragonsError(f"access denied: cannot {what} {storage.redact(uri)}: "
-                            "check the credentials' permissions on it")
+        return DragonsError(
+            f"access denied: cannot {what} {storage.redact(uri)}: check the credentials' permissions on it"
+        )
     if code == "NoSuchBucket":
-        return DragonsError(f"bucket {storage.parse(uri).bucket!r} does not exist for {storage.redact(uri)}: "
-                            "check the registry URI")
+        return DragonsError(
+            f"bucket {storage.parse(uri).bucket!r} does not exist for {storage.redact(uri)}: check the registry URI"
+        )
     return DragonsError(f"cannot {what} {storage.redact(uri)}: {code}")
 
 
@@ -317,13 +325,17 @@ def register(root: str) -> str:
     """Copy ROOT's top-level artifact (one written before registries) into versions/; returns its version."""
     meta = _meta_at(root)
     if meta is None:
-        raise DragonsError(f"no model artifact at {storage.redact(root)}: {META_FILE} is missing "
-                           f"(train one with `dragons train --out {storage.redact(root)}`)")
+        raise DragonsError(
+            f"no model artifact at {storage.redact(root)}: {META_FILE} is missing "
+            f"(train one with `dragons train --out {storage.redact(root)}`)"
+        )
     version = str(meta["version"])
     weights = storage.read_bytes(storage.join(root, meta.get("weights_file", WEIGHTS_FILE)))
     if hashlib.sha256(weights).hexdigest()[:16] != version:
-        raise DragonsError(f"{storage.redact(root)}: weights do not match model.json's version {version}: the artifact "
-                           "is corrupt or half-written (a training writing it now?); nothing was registered")
+        raise DragonsError(
+            f"{storage.redact(root)}: weights do not match model.json's version {version}: the artifact "
+            "is corrupt or half-written (a training writing it now?); nothing was registered"
+        )
     write_version(root, version, weights, storage.read_bytes(storage.join(root, META_FILE)))
     return version
 
@@ -347,8 +359,9 @@ def set_latest(root: str, version: str, actor: str | None = None) -> Promotion:
     return _move(root, LATEST, version, actor or default_actor(), expect=None, strict=False)
 
 
-def promote(root: str, version: str, alias: str = "prod", actor: str | None = None,
-            expect: str | None = None) -> Promotion:
+def promote(
+    root: str, version: str, alias: str = "prod", actor: str | None = None, expect: str | None = None
+) -> Promotion:
     """Point ``alias`` at ``version`` (a version, a unique prefix of one, or another alias).
 
     Refused: an unknown version (the message lists them); ``expect`` given and the alias
@@ -360,9 +373,11 @@ def promote(root: str, version: str, alias: str = "prod", actor: str | None = No
     state, _ = _read_state(root)
     target = _find_version(root, version, state)
     if expect is not None and state["aliases"].get(alias) != expect:
-        raise DragonsError(f"{storage.redact(root)}@{alias} points at {state['aliases'].get(alias) or 'nothing'}, "
-                           f"not {expect} (--expect): run `dragons model list --registry {storage.redact(root)}` "
-                           "and try again")
+        raise DragonsError(
+            f"{storage.redact(root)}@{alias} points at {state['aliases'].get(alias) or 'nothing'}, "
+            f"not {expect} (--expect): run `dragons model list --registry {storage.redact(root)}` "
+            "and try again"
+        )
     return _move(root, alias, target, actor or default_actor(), expect=state["aliases"].get(alias), strict=True)
 
 
@@ -379,15 +394,23 @@ def _move(root: str, alias: str, version: str, actor: str, expect: str | None, s
             raise DragonsError(
                 f"another promotion of {storage.redact(root)}@{alias} won: it now points at {current} "
                 f"(by {last.get('actor', '?')} at {last.get('at', '?')}), not at {version}; run "
-                f"`dragons model list --registry {storage.redact(root)}` and try again")
+                f"`dragons model list --registry {storage.redact(root)}` and try again"
+            )
         seq = int(state["seq"]) + 1
         entry = {"seq": seq, "alias": alias, "from": current, "to": version, "actor": actor, "at": _now()}
-        new = {**state, "format": FORMAT, "seq": seq, "aliases": {**state["aliases"], alias: version},
-               "history": [*state["history"], entry]}
+        new = {
+            **state,
+            "format": FORMAT,
+            "seq": seq,
+            "aliases": {**state["aliases"], alias: version},
+            "history": [*state["history"], entry],
+        }
         if _write_state(root, new, token):
             return Promotion(alias, version, current, actor, entry["at"], seq, changed=True)
-    raise DragonsError(f"{storage.redact(storage.join(root, ALIASES_FILE))} kept changing under {MAX_TRIES} tries to "
-                       f"point {alias} at {version}: another process is changing aliases in a loop; try again")
+    raise DragonsError(
+        f"{storage.redact(storage.join(root, ALIASES_FILE))} kept changing under {MAX_TRIES} tries to "
+        f"point {alias} at {version}: another process is changing aliases in a loop; try again"
+    )
 
 
 # ----------------------------------------------------------------- reading the registry
@@ -412,10 +435,14 @@ def _find_version(root: str, name: str, state: dict[str, Any]) -> str:
         raise _ambiguous(root, name, hits)
     if not hits:
         if not pool and not state["aliases"]:
-            raise DragonsError(f"no model registry at {storage.redact(root)}: no {VERSIONS_DIR}/, {ALIASES_FILE} or "
-                               f"{META_FILE} there (train one with `dragons train --out {storage.redact(root)}`)")
-        raise DragonsError(f"no version {name!r} in {storage.redact(root)}: versions {', '.join(pool) or '(none)'}; "
-                           f"aliases {_alias_list(state)}")
+            raise DragonsError(
+                f"no model registry at {storage.redact(root)}: no {VERSIONS_DIR}/, {ALIASES_FILE} or "
+                f"{META_FILE} there (train one with `dragons train --out {storage.redact(root)}`)"
+            )
+        raise DragonsError(
+            f"no version {name!r} in {storage.redact(root)}: versions {', '.join(pool) or '(none)'}; "
+            f"aliases {_alias_list(state)}"
+        )
     if hits[0] not in known:
         register(root)  # only ROOT/model.json holds it: make it an immutable version first
     return hits[0]
@@ -443,17 +470,21 @@ def resolve(uri: str) -> Resolved:
     plain = _meta_at(folder)
     if name is None or plain is not None:  # a folder whose own name holds an '@' stays a folder
         if plain is None:
-            raise DragonsError(f"no model artifact at {storage.redact(uri)}: "
-                               f"{storage.redact(storage.join(folder, META_FILE))} is missing "
-                               f"(train one with `dragons train --out {storage.redact(folder)}`)")
+            raise DragonsError(
+                f"no model artifact at {storage.redact(uri)}: "
+                f"{storage.redact(storage.join(folder, META_FILE))} is missing "
+                f"(train one with `dragons train --out {storage.redact(folder)}`)"
+            )
         return Resolved(dir=folder, version=str(plain["version"]))
     state, _ = _read_state(root)
     if name in state["aliases"]:
         version = str(state["aliases"][name])
         folder = version_dir(root, version)
         if _meta_at(folder) is None:
-            raise DragonsError(f"{storage.redact(root)}@{name} points at version {version}, but "
-                               f"{storage.redact(storage.join(folder, META_FILE))} is missing: promote another version")
+            raise DragonsError(
+                f"{storage.redact(root)}@{name} points at version {version}, but "
+                f"{storage.redact(storage.join(folder, META_FILE))} is missing: promote another version"
+            )
         return Resolved(dir=folder, version=version, registry=root, name=name, alias=name)
     known = _versions(root)
     hits = _match(known, name)
@@ -465,13 +496,20 @@ def resolve(uri: str) -> Resolved:
     if len(hits) > 1:
         raise _ambiguous(root, name, hits)
     if not known and not state["aliases"] and top is None:
-        raise DragonsError(f"no model registry at {storage.redact(root)} (model {storage.redact(uri)}): no "
-                           f"{VERSIONS_DIR}/, {ALIASES_FILE} or {META_FILE} there")
+        raise DragonsError(
+            f"no model registry at {storage.redact(root)} (model {storage.redact(uri)}): no "
+            f"{VERSIONS_DIR}/, {ALIASES_FILE} or {META_FILE} there"
+        )
     listed = known + ([f"{top['version']} (only in {META_FILE})"] if top is not None else [])
-    how = (f". Promote one with `dragons model promote --registry {storage.redact(root)} --alias {name} VERSION`"
-           if _ALIAS_RE.match(name) else "")
-    raise DragonsError(f"no alias or version {name!r} in the model registry {storage.redact(root)}: aliases "
-                       f"{_alias_list(state)}; versions {', '.join(listed) or '(none)'}{how}")
+    how = (
+        f". Promote one with `dragons model promote --registry {storage.redact(root)} --alias {name} VERSION`"
+        if _ALIAS_RE.match(name)
+        else ""
+    )
+    raise DragonsError(
+        f"no alias or version {name!r} in the model registry {storage.redact(root)}: aliases "
+        f"{_alias_list(state)}; versions {', '.join(listed) or '(none)'}{how}"
+    )
 
 
 def artifact_dir(uri: str) -> str:
@@ -502,15 +540,24 @@ def list_versions(root: str) -> list[VersionInfo]:
     if top is not None and str(top["version"]) not in {i.version for i in out}:
         out.append(_info(str(top["version"]), root, top, sorted(pointing.get(str(top["version"]), [])), False))
     if not out and not storage.exists(storage.join(root, ALIASES_FILE)):
-        raise DragonsError(f"no model registry at {storage.redact(root)}: no {VERSIONS_DIR}/, {ALIASES_FILE} or "
-                           f"{META_FILE} there (train one with `dragons train --out {storage.redact(root)}`)")
+        raise DragonsError(
+            f"no model registry at {storage.redact(root)}: no {VERSIONS_DIR}/, {ALIASES_FILE} or "
+            f"{META_FILE} there (train one with `dragons train --out {storage.redact(root)}`)"
+        )
     return sorted(out, key=lambda i: (i.created or "", i.version), reverse=True)
 
 
 def _info(version: str, uri: str, meta: dict[str, Any], names: list[str], registered: bool) -> VersionInfo:
-    return VersionInfo(version=version, uri=uri, created=meta.get("created_at"),
-                       metrics=dict(meta.get("metrics") or {}), aliases=names, arch=str(meta.get("arch", "")),
-                       classes=list(meta.get("classes", [])), registered=registered)
+    return VersionInfo(
+        version=version,
+        uri=uri,
+        created=meta.get("created_at"),
+        metrics=dict(meta.get("metrics") or {}),
+        aliases=names,
+        arch=str(meta.get("arch", "")),
+        classes=list(meta.get("classes", [])),
+        registered=registered,
+    )
 
 
 def show(root: str, version_or_alias: str) -> dict[str, Any]:
@@ -518,10 +565,15 @@ def show(root: str, version_or_alias: str) -> dict[str, Any]:
     r = resolve(f"{storage.parse(root).uri}@{version_or_alias}")
     state, _ = _read_state(root)
     meta = _meta_at(r.dir) or {}
-    return {"version": r.version, "uri": r.dir, "alias": r.alias, "created": meta.get("created_at"),
-            "aliases": sorted(a for a, v in state["aliases"].items() if v == r.version),
-            "promotions": [h for h in state["history"] if r.version in (h.get("to"), h.get("from"))],
-            "meta": meta}
+    return {
+        "version": r.version,
+        "uri": r.dir,
+        "alias": r.alias,
+        "created": meta.get("created_at"),
+        "aliases": sorted(a for a, v in state["aliases"].items() if v == r.version),
+        "promotions": [h for h in state["history"] if r.version in (h.get("to"), h.get("from"))],
+        "meta": meta,
+    }
 
 
 def describe(infos: list[VersionInfo]) -> str:
@@ -529,7 +581,9 @@ def describe(infos: list[VersionInfo]) -> str:
     lines = [f"{'VERSION':<16}  {'CREATED':<20}  {'ARCH':<18}  {'VALID ACC':>9}  ALIASES"]
     for i in infos:
         acc = i.metrics.get("valid_accuracy")
-        lines.append(f"{i.version:<16}  {i.created or '-':<20}  {i.arch or '-':<18}  "
-                     f"{'-' if acc is None else f'{acc:.4f}':>9}  {', '.join(i.aliases) or '-'}"
-                     + ("" if i.registered else "  (not in versions/: promote it to register it)"))
+        lines.append(
+            f"{i.version:<16}  {i.created or '-':<20}  {i.arch or '-':<18}  "
+            f"{'-' if acc is None else f'{acc:.4f}':>9}  {', '.join(i.aliases) or '-'}"
+            + ("" if i.registered else "  (not in versions/: promote it to register it)")
+        )
     return "\n".join(lines)

@@ -144,7 +144,9 @@ class EfficientNetLite(nn.Module):
         for st in stages:
             for i in range(st.repeats):
                 blocks.append(
-                    MBConvBlock(st.cin if i == 0 else st.cout, st.cout, st.kernel, st.stride if i == 0 else 1, st.expand)
+                    MBConvBlock(
+                        st.cin if i == 0 else st.cout, st.cout, st.kernel, st.stride if i == 0 else 1, st.expand
+                    )
                 )
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SamePadConv2d(stages[-1].cout, self.num_features, 1, bias=False)

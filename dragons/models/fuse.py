@@ -19,10 +19,12 @@ _LITE_PAIRS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project
 
 @torch.no_grad()
 def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None, "BatchNorm without running statistics cannot be folded"
+    scale = bn.weight / torch.sqrt(var + bn.eps)
     conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+    conv.bias = nn.Parameter((bias - mean) * scale + bn.bias)
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -33,9 +35,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     fused = copy.deepcopy(model).eval()
     for net in (m for m in fused.modules() if isinstance(m, EfficientNetLite)):
         fold(net._conv_stem, net._bn0)
-        net._bn0 = nn.Identity()
+        net._bn0 = nn.Identity()  # type: ignore[assignment]
         fold(net._conv_head, net._bn1)
-        net._bn1 = nn.Identity()
+        net._bn1 = nn.Identity()  # type: ignore[assignment]
         for block in net._blocks:
             assert isinstance(block, MBConvBlock)
             for conv_name, bn_name in _LITE_PAIRS:

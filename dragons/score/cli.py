@@ -18,20 +18,56 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
     from dragons.capacity import USE_GPU_CHOICES
     from dragons.score.config import DECODE_CHOICES, ScoreConfig
 
-    p = Parser(prog=prog, description="Score every image under a prefix into a Delta Lake table of class probabilities "
-                                      "(committed in parts; running a run id again continues it).")
-    add_config_args(p.add_argument_group("what to score, and where"), ScoreConfig,
-                    only=("model", "input", "manifest", "inventory", "output", "run_id", "date", "replace", "incremental",
-                          "retry_errors", "dry_run"), required=("model", "output"))
-    add_config_args(p.add_argument_group("resources and limits"), ScoreConfig,
-                    only=("batch_size", "block_rows", "actors", "use_gpu", "gpu_wait_s", "decode", "tta", "max_error_rate",
-                          "max_pixels", "max_bytes", "list_concurrency", "skip_memory_limit",
-                          "no_progress_timeout_s"),
-                    choices={"decode": DECODE_CHOICES, "use_gpu": USE_GPU_CHOICES}, flags={"gpu_wait_s": "--gpu-wait"})
-    add_config_args(p.add_argument_group("table files, report and logs"), ScoreConfig,
-                    only=("commit_every", "commit_interval_s", "file_size_mb", "spool_dir", "report", "progress_s",
-                          "log_file"),
-                    flags={"commit_interval_s": "--commit-interval"})
+    p = Parser(
+        prog=prog,
+        description="Score every image under a prefix into a Delta Lake table of class probabilities "
+        "(committed in parts; running a run id again continues it).",
+    )
+    add_config_args(
+        p.add_argument_group("what to score, and where"),
+        ScoreConfig,
+        only=(
+            "model",
+            "input",
+            "manifest",
+            "inventory",
+            "output",
+            "run_id",
+            "date",
+            "replace",
+            "incremental",
+            "retry_errors",
+            "dry_run",
+        ),
+        required=("model", "output"),
+    )
+    add_config_args(
+        p.add_argument_group("resources and limits"),
+        ScoreConfig,
+        only=(
+            "batch_size",
+            "block_rows",
+            "actors",
+            "use_gpu",
+            "gpu_wait_s",
+            "decode",
+            "tta",
+            "max_error_rate",
+            "max_pixels",
+            "max_bytes",
+            "list_concurrency",
+            "skip_memory_limit",
+            "no_progress_timeout_s",
+        ),
+        choices={"decode": DECODE_CHOICES, "use_gpu": USE_GPU_CHOICES},
+        flags={"gpu_wait_s": "--gpu-wait"},
+    )
+    add_config_args(
+        p.add_argument_group("table files, report and logs"),
+        ScoreConfig,
+        only=("commit_every", "commit_interval_s", "file_size_mb", "spool_dir", "report", "progress_s", "log_file"),
+        flags={"commit_interval_s": "--commit-interval"},
+    )
     return p
 
 
@@ -48,9 +84,11 @@ def run_score(cfg: Any) -> dict[str, Any]:
         report_error = _write_report(cfg, m["run_id"]) if cfg.report else None
         rate = m["errors"] / max(m["rows"], 1)
         if rate > cfg.max_error_rate:
-            raise DragonsError(f"run {m['run_id']}: error rate {rate:.2%} exceeds --max-error-rate "
-                               f"{cfg.max_error_rate:.2%} ({m['errors']} of {m['rows']}); the rows are committed, "
-                               "see the error column")
+            raise DragonsError(
+                f"run {m['run_id']}: error rate {rate:.2%} exceeds --max-error-rate "
+                f"{cfg.max_error_rate:.2%} ({m['errors']} of {m['rows']}); the rows are committed, "
+                "see the error column"
+            )
         if report_error:
             raise report_error
     return m
@@ -67,13 +105,19 @@ def _write_report(cfg: Any, run_id: str) -> DragonsError | None:
     try:
         summary = write_run_report(cfg.output, cfg.report, run_id=run_id)
     except Exception as exc:  # noqa: BLE001 (any failure: the table is complete, say how to redo the report)
-        return DragonsError(f"run {run_id} is complete but its report could not be written to "
-                            f"{storage.redact(cfg.report)}: {storage.shorten(str(exc), 300)}; write it with "
-                            f"dragons report --table {storage.redact(cfg.output)} --run-id {run_id} --out DIR")
+        return DragonsError(
+            f"run {run_id} is complete but its report could not be written to "
+            f"{storage.redact(cfg.report)}: {storage.shorten(str(exc), 300)}; write it with "
+            f"dragons report --table {storage.redact(cfg.output)} --run-id {run_id} --out DIR"
+        )
     drift = (summary.get("drift") or {}).get("js_distance")
     logging.getLogger("dragons.score").info(
-        "run %s: report %s (previous run %s, drift %s)", run_id, storage.join(cfg.report, "index.html"),
-        summary.get("previous_run_id") or "none", "-" if drift is None else f"{drift:.3f}")
+        "run %s: report %s (previous run %s, drift %s)",
+        run_id,
+        storage.join(cfg.report, "index.html"),
+        summary.get("previous_run_id") or "none",
+        "-" if drift is None else f"{drift:.3f}",
+    )
     return None
 
 
@@ -82,12 +126,16 @@ def score_main(args: argparse.Namespace) -> int:
 
     m = run_score(config_from(ScoreConfig, args))
     if m.get("dry_run"):
-        print(f"dry run: listed {m['listed']}  kept {m['kept']}  skipped {m['skipped']}  would score {m['would_score']}  "
-              "(nothing written)",
-              file=sys.stderr)
+        print(
+            f"dry run: listed {m['listed']}  kept {m['kept']}  skipped {m['skipped']}  would score {m['would_score']}  "
+            "(nothing written)",
+            file=sys.stderr,
+        )
         return 0
-    print(f"listed {m['listed']}  kept {m['kept']}  skipped {m['skipped']}  new {m['new_rows']}  "
-          f"-> run {m['run_id']} holds {m['rows']} rows ({m['errors']} errors) in {m['path']} (version {m['version']})")
+    print(
+        f"listed {m['listed']}  kept {m['kept']}  skipped {m['skipped']}  new {m['new_rows']}  "
+        f"-> run {m['run_id']} holds {m['rows']} rows ({m['errors']} errors) in {m['path']} (version {m['version']})"
+    )
     return 0
 
 
@@ -98,19 +146,31 @@ def _table_args(p: argparse.ArgumentParser) -> None:
 
 
 def get_query_parser(prog: str = "dragons query") -> argparse.ArgumentParser:
-    from dragons.score.export import FORMATS as EXPORT_FORMATS, TABLE_MAX_ROWS
+    from dragons.score.export import FORMATS as EXPORT_FORMATS
+    from dragons.score.export import TABLE_MAX_ROWS
     from dragons.score.query import QueryLimits
 
-    p = Parser(prog=prog, description="Read-only SQL (DuckDB, streamed) over a Delta scores table. Views: `scores` "
-                                      "(every row), `latest` (newest row per uri and model_version), `runs` (one row "
-                                      "per run: status, parts, counts), `commits` (one row per commit).")
+    p = Parser(
+        prog=prog,
+        description="Read-only SQL (DuckDB, streamed) over a Delta scores table. Views: `scores` "
+        "(every row), `latest` (newest row per uri and model_version), `runs` (one row "
+        "per run: status, parts, counts), `commits` (one row per commit).",
+    )
     p.add_argument("--table", required=True, help="table root (path or s3://)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
-                   help=f"table: the terminal, first {TABLE_MAX_ROWS:,} rows; csv, json (JSON Lines) and parquet: "
-                        "every row, streamed")
-    p.add_argument("--out", default=None, metavar="FILE",
-                   help="write the result to this local file (complete, or not at all) instead of stdout; "
-                        "required by --format parquet")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=EXPORT_FORMATS[0],
+        help=f"table: the terminal, first {TABLE_MAX_ROWS:,} rows; csv, json (JSON Lines) and parquet: "
+        "every row, streamed",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="write the result to this local file (complete, or not at all) instead of stdout; "
+        "required by --format parquet",
+    )
     p.add_argument("--as-of", default=None, help="time travel: a table version (e.g. 3) or an ISO timestamp")
     add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
     p.add_argument("sql", nargs="?", default=None, help="a SELECT; default: one line per run (the `runs` view)")
@@ -134,6 +194,7 @@ def query_main(args: argparse.Namespace) -> int:
         print(f"{rows} rows -> {out}", file=sys.stderr)
     return 0
 
+
 # `dragons report --fail-on-drift X`: the exit status when the class mix drifted more
 # than X (2 is every other error), so a CronJob or CI step can tell drift from a failure.
 # `--fail-on-novelty X` exits with it too, when more than X of the rows are novel.
@@ -144,20 +205,33 @@ def get_report_parser(prog: str = "dragons report") -> argparse.ArgumentParser:
     from dragons.score.query import QueryLimits
     from dragons.score.runreport import ReportOptions
 
-    p = Parser(prog=prog, description="The morning after a night: an HTML report (index.html, summary.json, plots, "
-                                      "thumbnails) of one scoring run, compared with the complete run before it and "
-                                      "with the training set's class mix.")
+    p = Parser(
+        prog=prog,
+        description="The morning after a night: an HTML report (index.html, summary.json, plots, "
+        "thumbnails) of one scoring run, compared with the complete run before it and "
+        "with the training set's class mix.",
+    )
     g = p.add_argument_group("which run, and where the report goes")
     g.add_argument("--table", required=True, help="table root (path or s3://)")
     g.add_argument("--run-id", default=None, help="the run to report; default: the table's newest complete run")
     g.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and summary.json (path or s3://)")
-    g.add_argument("--fail-on-drift", type=float, default=None, metavar="X",
-                   help=f"after writing the report, exit {DRIFT_EXIT} when the class mix's Jensen-Shannon distance "
-                        "from the previous run is above X (0..1); no previous run passes")
-    g.add_argument("--fail-on-novelty", type=float, default=None, metavar="X",
-                   help=f"after writing the report, exit {DRIFT_EXIT} when the share of the run's rows above its "
-                        "model's novelty threshold (the 95th percentile at training: about 0.05 when nothing "
-                        "changed) is above X (0..1); a model without novelty statistics passes")
+    g.add_argument(
+        "--fail-on-drift",
+        type=float,
+        default=None,
+        metavar="X",
+        help=f"after writing the report, exit {DRIFT_EXIT} when the class mix's Jensen-Shannon distance "
+        "from the previous run is above X (0..1); no previous run passes",
+    )
+    g.add_argument(
+        "--fail-on-novelty",
+        type=float,
+        default=None,
+        metavar="X",
+        help=f"after writing the report, exit {DRIFT_EXIT} when the share of the run's rows above its "
+        "model's novelty threshold (the 95th percentile at training: about 0.05 when nothing "
+        "changed) is above X (0..1); a model without novelty statistics passes",
+    )
     add_config_args(p.add_argument_group("what the report shows"), ReportOptions)
     add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
     return p
@@ -168,30 +242,47 @@ def report_main(args: argparse.Namespace) -> int:
     from dragons.score.runreport import ReportOptions, write_run_report
 
     if args.fail_on_drift is not None and not 0 <= args.fail_on_drift <= 1:
-        raise DragonsError(f"--fail-on-drift {args.fail_on_drift:g}: give a Jensen-Shannon distance between 0 and 1 "
-                           "(e.g. 0.1)")
+        raise DragonsError(
+            f"--fail-on-drift {args.fail_on_drift:g}: give a Jensen-Shannon distance between 0 and 1 (e.g. 0.1)"
+        )
     if args.fail_on_novelty is not None and not 0 <= args.fail_on_novelty <= 1:
-        raise DragonsError(f"--fail-on-novelty {args.fail_on_novelty:g}: give a share of rows between 0 and 1 "
-                           "(e.g. 0.2)")
+        raise DragonsError(
+            f"--fail-on-novelty {args.fail_on_novelty:g}: give a share of rows between 0 and 1 (e.g. 0.2)"
+        )
     opts = config_from(ReportOptions, args)
-    s = write_run_report(args.table, args.out, args.run_id, top=opts.top, surest=opts.surest, bins=opts.bins,
-                         thumb_px=opts.thumb_px, limits=config_from(QueryLimits, args), novel=opts.novel)
+    s = write_run_report(
+        args.table,
+        args.out,
+        args.run_id,
+        top=opts.top,
+        surest=opts.surest,
+        bins=opts.bins,
+        thumb_px=opts.thumb_px,
+        limits=config_from(QueryLimits, args),
+        novel=opts.novel,
+    )
     js = s["drift"]["js_distance"]
     c = s["counts"]
-    print(f"run {s['run_id']}: scored {c['scored']}, errors {c['errors']}"
-          + (f"; vs {s['previous_run_id']}: class-mix JS distance {js:.3f}" if js is not None else "; no previous run")
-          + f" -> {s['report']}")
+    print(
+        f"run {s['run_id']}: scored {c['scored']}, errors {c['errors']}"
+        + (f"; vs {s['previous_run_id']}: class-mix JS distance {js:.3f}" if js is not None else "; no previous run")
+        + f" -> {s['report']}"
+    )
     novel = _novelty_verdict(s, args.fail_on_novelty)
     if args.fail_on_drift is None:
         return novel
     if js is None:
-        print(f"note: --fail-on-drift passes: run {s['run_id']} has no previous complete run to compare with",
-              file=sys.stderr)
+        print(
+            f"note: --fail-on-drift passes: run {s['run_id']} has no previous complete run to compare with",
+            file=sys.stderr,
+        )
         return 0
     if js > args.fail_on_drift:
-        print(f"error: run {s['run_id']} drifted from {s['previous_run_id']}: class-mix Jensen-Shannon distance "
-              f"{js:.3f} > --fail-on-drift {args.fail_on_drift:g}; see {s['report']} (exit {DRIFT_EXIT})",
-              file=sys.stderr)
+        print(
+            f"error: run {s['run_id']} drifted from {s['previous_run_id']}: class-mix Jensen-Shannon distance "
+            f"{js:.3f} > --fail-on-drift {args.fail_on_drift:g}; see {s['report']} (exit {DRIFT_EXIT})",
+            file=sys.stderr,
+        )
         return DRIFT_EXIT
     return novel
 
@@ -202,14 +293,20 @@ def _novelty_verdict(s: dict[str, Any], limit: float | None) -> int:
     if limit is None:
         return 0
     if nov.get("share") is None:
-        print(f"note: --fail-on-novelty passes: run {s['run_id']} has no novelty scores (its model was trained "
-              "without novelty statistics, or the table predates the novelty column)", file=sys.stderr)
+        print(
+            f"note: --fail-on-novelty passes: run {s['run_id']} has no novelty scores (its model was trained "
+            "without novelty statistics, or the table predates the novelty column)",
+            file=sys.stderr,
+        )
         return 0
     before = "" if nov.get("previous_share") is None else f"; the previous run had {nov['previous_share']:.1%}"
     if nov["share"] > limit:
-        print(f"error: run {s['run_id']}: {nov['share']:.1%} of its rows ({nov['above']} of {nov['rows']}) are above "
-              f"the model's novelty threshold {nov['threshold_p95']:.3f} > --fail-on-novelty {limit:g}{before}; "
-              f"see the most novel images in {s['report']} (exit {DRIFT_EXIT})", file=sys.stderr)
+        print(
+            f"error: run {s['run_id']}: {nov['share']:.1%} of its rows ({nov['above']} of {nov['rows']}) are above "
+            f"the model's novelty threshold {nov['threshold_p95']:.3f} > --fail-on-novelty {limit:g}{before}; "
+            f"see the most novel images in {s['report']} (exit {DRIFT_EXIT})",
+            file=sys.stderr,
+        )
         return DRIFT_EXIT
     return 0
 
@@ -218,20 +315,35 @@ def get_export_parser(prog: str = "dragons export") -> argparse.ArgumentParser:
     from dragons.score.labelling import FORMATS as LABEL_FORMATS
     from dragons.score.query import QueryLimits
 
-    p = Parser(prog=prog, description="A run's least sure (and/or most novel) images as a labelling batch: Label "
-                                      "Studio tasks with the model's prediction pre-filled, or CSV "
-                                      "(uri,label,score,margin[,novelty]).")
+    p = Parser(
+        prog=prog,
+        description="A run's least sure (and/or most novel) images as a labelling batch: Label "
+        "Studio tasks with the model's prediction pre-filled, or CSV "
+        "(uri,label,score,margin[,novelty]).",
+    )
     p.add_argument("--table", required=True, help="table root (path or s3://)")
     p.add_argument("--run-id", required=True, help="the run to take the images from")
     p.add_argument("--uncertain", type=int, default=None, metavar="N", help="how many of its least sure images")
-    p.add_argument("--novel", type=int, default=None, metavar="N",
-                   help="how many of its most novel images (the highest novelty; with --uncertain: added after the "
-                        "least sure, none twice)")
-    p.add_argument("--per-class", action="store_true",
-                   help="balance across predicted classes: N // classes from each, the rest least sure overall")
+    p.add_argument(
+        "--novel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="how many of its most novel images (the highest novelty; with --uncertain: added after the "
+        "least sure, none twice)",
+    )
+    p.add_argument(
+        "--per-class",
+        action="store_true",
+        help="balance across predicted classes: N // classes from each, the rest least sure overall",
+    )
     p.add_argument("--format", choices=LABEL_FORMATS, default=LABEL_FORMATS[0], help="output format")
-    p.add_argument("--out", default=None, metavar="FILE",
-                   help="write to this local file (complete, or not at all) instead of stdout")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="write to this local file (complete, or not at all) instead of stdout",
+    )
     add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
     return p
 
@@ -241,10 +353,19 @@ def export_main(args: argparse.Namespace) -> int:
     from dragons.score.query import QueryLimits
 
     if args.uncertain is None and args.novel is None:
-        raise DragonsError("dragons export: say which images: --uncertain N (the least sure), --novel N (the most "
-                           "novel) or both")
-    n = write_export(args.table, args.run_id, args.uncertain, args.format, args.out, args.per_class,
-                     config_from(QueryLimits, args), novel=args.novel)
+        raise DragonsError(
+            "dragons export: say which images: --uncertain N (the least sure), --novel N (the most novel) or both"
+        )
+    n = write_export(
+        args.table,
+        args.run_id,
+        args.uncertain,
+        args.format,
+        args.out,
+        args.per_class,
+        config_from(QueryLimits, args),
+        novel=args.novel,
+    )
     if args.out:
         print(f"{n} {'tasks' if args.format == 'label-studio' else 'rows'} -> {args.out}", file=sys.stderr)
     return 0

@@ -6,11 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES, parse_span
-from dragons.errors import DragonsError
-
 from dragons.decode import DEFAULT_MAX_BYTES
+from dragons.errors import DragonsError
 from dragons.images import DEFAULT_MAX_PIXELS
-
 
 
 @dataclass
@@ -21,22 +19,32 @@ class ScoreConfig:
     manifest: str = ""  # optional Parquet/CSV file with a `uri` column, instead of listing --input
     inventory: str = ""  # an AWS S3 Inventory report's manifest.json (s3:// or a local path), instead of listing --input; keys outside --input are left out
     list_concurrency: int = 4  # parallel listing streams (S3 key ranges, local subfolders, inventory files)
-    skip_memory_limit: str = "256MB"  # DuckDB memory for the resume and --incremental skip sets; beyond it they spill to disk
+    skip_memory_limit: str = (
+        "256MB"  # DuckDB memory for the resume and --incremental skip sets; beyond it they spill to disk
+    )
     run_id: str = ""  # "" = a UTC timestamp with a random suffix; running an id again continues that run
     replace: bool = False  # rescore the run id from scratch: its first commit deletes the run's earlier rows
     date: str = ""  # the run's logical date (its rows' dt, YYYY-MM-DD); "" = kept from the run's first start
     block_rows: int = 0  # rows per scoring-actor call; 0 = 4,096 where actors hold GPUs (Ray Data's cost is per call), 256 on CPUs (a row is a decode: small calls keep the actors evenly loaded)
     batch_size: int = 8  # images per model call; on CPU batch 8 measured fastest (benchmarks/bench_score.py)
     actors: str = "0"  # scoring actors: N, or MIN:MAX (a pool that grows as GPU nodes arrive); 0 = one per GPU, else as many as the CPUs fit
-    use_gpu: str = USE_GPU_CHOICES[0]  # auto = GPUs the cluster has or its autoscaler adds (waiting --gpu-wait), else CPUs; yes = fail without GPUs; no = CPUs only
-    gpu_wait_s: float = GPU_WAIT_S  # seconds to wait for the first GPU nodes of an autoscaling cluster before giving up on them
+    use_gpu: str = USE_GPU_CHOICES[
+        0
+    ]  # auto = GPUs the cluster has or its autoscaler adds (waiting --gpu-wait), else CPUs; yes = fail without GPUs; no = CPUs only
+    gpu_wait_s: float = (
+        GPU_WAIT_S  # seconds to wait for the first GPU nodes of an autoscaling cluster before giving up on them
+    )
     tta: int = 0  # test-time augmentation views (0 = off)
-    decode: str = DECODE_CHOICES[0]  # auto = in the scoring actors on CPU clusters, in separate CPU tasks where actors have GPUs; model | separate force one
+    decode: str = DECODE_CHOICES[
+        0
+    ]  # auto = in the scoring actors on CPU clusters, in separate CPU tasks where actors have GPUs; model | separate force one
     max_error_rate: float = 1.0  # exit non-zero when errors / objects scored this run exceeds this
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard: larger images become error rows `too_large`
     max_bytes: int = DEFAULT_MAX_BYTES  # objects over this many bytes become error rows `too_large`, unread
     incremental: bool = False  # score only objects new or changed (etag/size) since this model version's rows, or whose last row is a transient error
-    retry_errors: bool = False  # with --incremental, also score again every object whose last row is an error of any kind
+    retry_errors: bool = (
+        False  # with --incremental, also score again every object whose last row is an error of any kind
+    )
     dry_run: bool = False  # list (and filter) only: print what would be scored, write nothing
     # A part every few minutes of work: a killed night loses at most that; the row
     # cap bounds the local spool (about 60 bytes a row) on fast GPU clusters.
@@ -71,8 +79,10 @@ class ScoreConfig:
         if self.list_concurrency < 1:
             raise DragonsError(f"--list-concurrency must be >= 1, got {self.list_concurrency}")
         if self.incremental and self.manifest:
-            raise DragonsError("--incremental needs --input (a listing gives each object's etag and size); "
-                               "a --manifest names URIs only")
+            raise DragonsError(
+                "--incremental needs --input (a listing gives each object's etag and size); "
+                "a --manifest names URIs only"
+            )
         if self.retry_errors and not self.incremental:
             raise DragonsError("--retry-errors goes with --incremental (without it every object is scored anyway)")
         if self.commit_every < 0 or self.commit_interval_s < 0:

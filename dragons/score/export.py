@@ -158,7 +158,9 @@ def write_parquet(reader: pa.RecordBatchReader, out: BinaryIO | IO[bytes]) -> in
 
 
 WRITERS: dict[str, Callable[[pa.RecordBatchReader, Any], int]] = {
-    "csv": write_csv, "json": write_jsonl, "parquet": write_parquet,
+    "csv": write_csv,
+    "json": write_jsonl,
+    "parquet": write_parquet,
 }
 
 
@@ -173,8 +175,12 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def write_table(reader: pa.RecordBatchReader, out: TextIO | IO[str], max_rows: int = TABLE_MAX_ROWS,
-                note: TextIO | IO[str] | None = None) -> int:
+def write_table(
+    reader: pa.RecordBatchReader,
+    out: TextIO | IO[str],
+    max_rows: int = TABLE_MAX_ROWS,
+    note: TextIO | IO[str] | None = None,
+) -> int:
     """The first ``max_rows`` rows as aligned columns; returns the rows shown.
 
     Column widths need every shown row first, so this is the one format that
@@ -200,9 +206,12 @@ def write_table(reader: pa.RecordBatchReader, out: TextIO | IO[str], max_rows: i
     lines.append(f"(first {n} rows)" if cut else f"({n} row{'s' if n != 1 else ''})")
     out.write("\n".join(lines) + "\n")
     if cut:
-        print(f"note: the table format shows the first {max_rows:,} rows and more were left out: add LIMIT or "
-              "aggregate, or write every row with --format csv|json|parquet [--out FILE]",
-              file=note or sys.stderr, flush=True)
+        print(
+            f"note: the table format shows the first {max_rows:,} rows and more were left out: add LIMIT or "
+            "aggregate, or write every row with --format csv|json|parquet [--out FILE]",
+            file=note or sys.stderr,
+            flush=True,
+        )
     return n
 
 
@@ -218,12 +227,16 @@ def check_target(fmt: str, out: str | None) -> str | None:
             raise DragonsError("--format parquet writes a binary file: give --out FILE (e.g. --out scores.parquet)")
         return None
     if fmt == "table":
-        raise DragonsError(f"--out {out}: the table format is for the terminal (and cut at {TABLE_MAX_ROWS:,} rows); "
-                           "write a file with --format csv, json or parquet")
+        raise DragonsError(
+            f"--out {out}: the table format is for the terminal (and cut at {TABLE_MAX_ROWS:,} rows); "
+            "write a file with --format csv, json or parquet"
+        )
     loc = storage.parse(out)
     if loc.is_s3:
-        raise DragonsError(f"--out {out}: exports are written to a local file; write it here and copy it "
-                           "(e.g. aws s3 cp FILE s3://...)")
+        raise DragonsError(
+            f"--out {out}: exports are written to a local file; write it here and copy it "
+            "(e.g. aws s3 cp FILE s3://...)"
+        )
     if os.path.isdir(loc.path):
         raise DragonsError(f"--out {out} is a folder: give a file name (e.g. {os.path.join(out, 'result.' + fmt)})")
     folder = os.path.dirname(loc.path)
@@ -245,8 +258,9 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
-        raise DragonsError(f"--out {path}: cannot create a file in {folder} ({exc.strerror}): "
-                           "check that the folder is writable") from None
+        raise DragonsError(
+            f"--out {path}: cannot create a file in {folder} ({exc.strerror}): check that the folder is writable"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -254,8 +268,10 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise DragonsError(f"--out {path}: cannot write it ({exc.strerror or exc}); nothing was left under that name: "
-                           "check the free space and permissions") from None
+        raise DragonsError(
+            f"--out {path}: cannot write it ({exc.strerror or exc}); nothing was left under that name: "
+            "check the free space and permissions"
+        ) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -72,8 +72,18 @@ _FETCH_ROWS = 262_144
 _LIMIT_BYTES_PER_ROW = 8
 # Below this DuckDB cannot even sort a small table.
 _MIN_MEMORY = 16 * 10**6
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*$", re.IGNORECASE)
 
 
@@ -84,8 +94,10 @@ def parse_memory_limit(value: str) -> int:
         raise DragonsError(f"--skip-memory-limit {value!r} is not a size: give one like 256MB or 1GB")
     size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if size < _MIN_MEMORY:
-        raise DragonsError(f"--skip-memory-limit {value!r} is too small for the skip sets: give at least 16MB "
-                           "(the default, 256MB, holds any table)")
+        raise DragonsError(
+            f"--skip-memory-limit {value!r} is too small for the skip sets: give at least 16MB "
+            "(the default, 256MB, holds any table)"
+        )
     return size
 
 
@@ -207,9 +219,15 @@ class _Builder:
         self.folder, self.limit_bytes = folder, limit_bytes
         # One thread: the table arrives as one Arrow stream, and each thread would
         # hold a sort state of its own within the same limit.
-        self.con = duckdb.connect(":memory:", config={
-            "threads": 1, "memory_limit": f"{limit_bytes}B", "temp_directory": os.path.join(folder, "spill"),
-            "preserve_insertion_order": False})
+        self.con = duckdb.connect(
+            ":memory:",
+            config={
+                "threads": 1,
+                "memory_limit": f"{limit_bytes}B",
+                "temp_directory": os.path.join(folder, "spill"),
+                "preserve_insertion_order": False,
+            },
+        )
         # As `dragons query`: no files, no extensions from SQL (spilling is DuckDB's own and still allowed).
         for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
             self.con.execute(f"SET {setting} = false")
@@ -218,9 +236,15 @@ class _Builder:
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
-    def write_sorted(self, name: str, ranges: list[tuple[int, int]], source: Callable[[], pa.RecordBatchReader],
-                     sql: str, pick: Callable[[pa.RecordBatch, int | None], tuple[np.ndarray, int | None]],
-                     params: dict[str, Any] | None = None) -> int:
+    def write_sorted(
+        self,
+        name: str,
+        ranges: list[tuple[int, int]],
+        source: Callable[[], pa.RecordBatchReader],
+        sql: str,
+        pick: Callable[[pa.RecordBatch, int | None], tuple[np.ndarray, int | None]],
+        params: dict[str, Any] | None = None,
+    ) -> int:
         """Runs ``sql`` (sorted by its first column ``u``, over the view ``src``) once per
         range of ``u`` and appends what ``pick`` keeps of each batch to the file ``name``:
         the ranges ascend, so the file is sorted. Returns the hashes written."""
@@ -268,7 +292,7 @@ def _file_reader(path: str) -> pa.RecordBatchReader:
 
     def batches() -> Iterator[pa.RecordBatch]:
         for start in range(0, data.size, _FETCH_ROWS):
-            yield pa.record_batch([pa.array(np.array(data[start:start + _FETCH_ROWS]))], schema=schema)
+            yield pa.record_batch([pa.array(np.array(data[start : start + _FETCH_ROWS]))], schema=schema)
 
     return pa.RecordBatchReader.from_batches(schema, batches())
 
@@ -278,9 +302,13 @@ def _done_file(b: _Builder, dataset: Any, run_id: str) -> str:
     import pyarrow.dataset as pds
 
     flt = pds.field("run_id") == run_id
-    b.write_sorted("done.u64", _passes(dataset.count_rows(filter=flt), b.limit_bytes),
-                   lambda: _scan(dataset, flt), f"SELECT u FROM (SELECT {_URI_HASH} AS u FROM src) WHERE {{where}} ORDER BY u",
-                   _distinct)
+    b.write_sorted(
+        "done.u64",
+        _passes(dataset.count_rows(filter=flt), b.limit_bytes),
+        lambda: _scan(dataset, flt),
+        f"SELECT u FROM (SELECT {_URI_HASH} AS u FROM src) WHERE {{where}} ORDER BY u",
+        _distinct,
+    )
     return b.path("done.u64")
 
 
@@ -295,23 +323,37 @@ def _known_file(b: _Builder, dataset: Any, model_version: str, run_id: str, retr
     # schema.newest_row's order (scored_at DESC, then run_id DESC; NULLS LAST is DuckDB's
     # default there), then, for rows that tie on both, the rule a retried listing must
     # repeat: an error row first (score it again), then the smaller object hash.
-    sql = (f"SELECT u, o, k FROM (SELECT {_URI_HASH} AS u, {_OBJECT_HASH} AS o, coalesce({kept}, false) AS k, "
-           "scored_at, run_id FROM src) WHERE {where} "
-           "ORDER BY u, scored_at DESC NULLS LAST, run_id DESC NULLS LAST, k, o")
-    n = b.write_sorted("known.unsorted", _passes(dataset.count_rows(filter=flt), b.limit_bytes),
-                       lambda: _scan(dataset, flt), sql, _newest_kept, params)
+    sql = (
+        f"SELECT u, o, k FROM (SELECT {_URI_HASH} AS u, {_OBJECT_HASH} AS o, coalesce({kept}, false) AS k, "
+        "scored_at, run_id FROM src) WHERE {where} "
+        "ORDER BY u, scored_at DESC NULLS LAST, run_id DESC NULLS LAST, k, o"
+    )
+    n = b.write_sorted(
+        "known.unsorted",
+        _passes(dataset.count_rows(filter=flt), b.limit_bytes),
+        lambda: _scan(dataset, flt),
+        sql,
+        _newest_kept,
+        params,
+    )
     # Those hashes come out in uri-hash order: a second, narrow sort puts them in their own.
     unsorted = b.path("known.unsorted")
-    b.write_sorted("known.u64", _passes(n, b.limit_bytes), lambda: _file_reader(unsorted),
-                   "SELECT u FROM src WHERE {where} ORDER BY u", _distinct)
+    b.write_sorted(
+        "known.u64",
+        _passes(n, b.limit_bytes),
+        lambda: _file_reader(unsorted),
+        "SELECT u FROM src WHERE {where} ORDER BY u",
+        _distinct,
+    )
     os.remove(unsorted)
     return b.path("known.u64")
 
 
 def _scan(dataset: Any, flt: Any) -> pa.RecordBatchReader:
     """The rows ``flt`` selects, only the columns the sets need, a few batches read ahead."""
-    return dataset.scanner(columns=_SCAN_COLUMNS, filter=flt, batch_size=_SCAN_ROWS, batch_readahead=2,
-                           fragment_readahead=1).to_reader()
+    return dataset.scanner(
+        columns=_SCAN_COLUMNS, filter=flt, batch_size=_SCAN_ROWS, batch_readahead=2, fragment_readahead=1
+    ).to_reader()
 
 
 def _failure(exc: BaseException, uri: str, run_id: str, memory_limit: str, folder: str) -> DragonsError:
@@ -319,16 +361,27 @@ def _failure(exc: BaseException, uri: str, run_id: str, memory_limit: str, folde
     first = (str(exc).splitlines() or [type(exc).__name__])[0]
     lowered = first.lower()
     if "no space" in lowered or "max_temp_directory_size" in lowered or "temporary director" in lowered:
-        return DragonsError(f"the skip sets of {uri} ran out of temporary disk in {os.path.dirname(folder)}: {first}; "
-                            "free space there or point TMPDIR at a bigger disk")
+        return DragonsError(
+            f"the skip sets of {uri} ran out of temporary disk in {os.path.dirname(folder)}: {first}; "
+            "free space there or point TMPDIR at a bigger disk"
+        )
     if "out of memory" in lowered:
-        return DragonsError(f"the skip sets of {uri} need more than --skip-memory-limit {memory_limit}: {first}; "
-                            "raise it (e.g. --skip-memory-limit 1GB)")
+        return DragonsError(
+            f"the skip sets of {uri} need more than --skip-memory-limit {memory_limit}: {first}; "
+            "raise it (e.g. --skip-memory-limit 1GB)"
+        )
     return DragonsError(f"cannot read what {uri} already holds for run {run_id}: {first}")
 
 
-def load_skips(table_root: str, version: int | None, model_version: str, run_id: str, incremental: bool,
-               retry_errors: bool = False, memory_limit: str = "256MB") -> Skips:
+def load_skips(
+    table_root: str,
+    version: int | None,
+    model_version: str,
+    run_id: str,
+    incremental: bool,
+    retry_errors: bool = False,
+    memory_limit: str = "256MB",
+) -> Skips:
     """What run ``run_id`` skips, read from the table as of ``version`` (None: no table yet),
     within ``memory_limit`` of DuckDB memory (``--skip-memory-limit``), spilling to TMPDIR."""
     limit_bytes = parse_memory_limit(memory_limit)

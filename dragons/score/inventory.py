@@ -81,8 +81,10 @@ def normalise(name: str) -> str:
 
 def _read_manifest(manifest_uri: str) -> dict[str, Any]:
     shown = storage.redact(manifest_uri)
-    what = ("give the manifest.json of an S3 Inventory report "
-            "(<prefix>/<source-bucket>/<config-id>/<YYYY-MM-DDTHH-MMZ>/manifest.json)")
+    what = (
+        "give the manifest.json of an S3 Inventory report "
+        "(<prefix>/<source-bucket>/<config-id>/<YYYY-MM-DDTHH-MMZ>/manifest.json)"
+    )
     loc = storage.parse(manifest_uri)
     if not loc.is_s3 and os.path.isdir(loc.path):
         # Checked here: storage.read_bytes fails on a local folder with an AssertionError.
@@ -111,16 +113,20 @@ def _read_manifest(manifest_uri: str) -> dict[str, Any]:
 def _field(doc: dict[str, Any], name: str, shown: str, kind: type = str) -> Any:
     value: Any = doc.get(name)
     if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
-        raise DragonsError(f"--inventory {shown}: manifest.json has no valid {name!r} field; is it an S3 Inventory "
-                           "manifest.json, complete and unedited? Give the report's manifest.json as AWS wrote it")
+        raise DragonsError(
+            f"--inventory {shown}: manifest.json has no valid {name!r} field; is it an S3 Inventory "
+            "manifest.json, complete and unedited? Give the report's manifest.json as AWS wrote it"
+        )
     return value
 
 
 def _bucket_from_arn(arn: str, shown: str) -> str:
     # destinationBucket is an ARN, "arn:aws:s3:::bucket" (other partitions: arn:aws-cn:s3:::...).
     if not arn.startswith("arn:") or ":s3:::" not in arn or not arn.rsplit(":", 1)[1]:
-        raise DragonsError(f"--inventory {shown}: destinationBucket {arn!r} is not an S3 bucket ARN "
-                           "(arn:aws:s3:::bucket): give the report's manifest.json as AWS wrote it")
+        raise DragonsError(
+            f"--inventory {shown}: destinationBucket {arn!r} is not an S3 bucket ARN "
+            "(arn:aws:s3:::bucket): give the report's manifest.json as AWS wrote it"
+        )
     return arn.rsplit(":", 1)[1]
 
 
@@ -142,11 +148,13 @@ def _local_data_path(manifest_path: str, key: str, shown: str) -> str:
     lead = len(parts) - 2  # the components before data/<file>
     for start in range(max(lead, 0)):
         n = lead - start
-        if n <= len(here) and here[len(here) - n:] == tuple(parts[start:lead]):
+        if n <= len(here) and here[len(here) - n :] == tuple(parts[start:lead]):
             return os.path.join(config_dir, *parts[lead:])
-    raise DragonsError(f"--inventory {shown}: data file key {key!r} does not sit beside the manifest's folders; "
-                       "keep the report's layout in the local copy (aws s3 sync s3://<destination-bucket> <folder>) "
-                       "and give <folder>/<prefix>/<source-bucket>/<config-id>/<YYYY-MM-DDTHH-MMZ>/manifest.json")
+    raise DragonsError(
+        f"--inventory {shown}: data file key {key!r} does not sit beside the manifest's folders; "
+        "keep the report's layout in the local copy (aws s3 sync s3://<destination-bucket> <folder>) "
+        "and give <folder>/<prefix>/<source-bucket>/<config-id>/<YYYY-MM-DDTHH-MMZ>/manifest.json"
+    )
 
 
 def _prefix_key(input_uri: str, source_bucket: str, shown: str) -> str:
@@ -155,8 +163,10 @@ def _prefix_key(input_uri: str, source_bucket: str, shown: str) -> str:
         raise DragonsError(f"--inventory {shown} lists bucket {source_bucket!r}: {want}, the part of it to score")
     loc = storage.parse(input_uri)
     if not loc.is_s3 or loc.bucket != source_bucket:
-        raise DragonsError(f"--input {storage.redact(loc.uri)} is not in the bucket that --inventory {shown} lists "
-                           f"(sourceBucket {source_bucket!r}): {want}, or the inventory of --input's bucket")
+        raise DragonsError(
+            f"--input {storage.redact(loc.uri)} is not in the bucket that --inventory {shown} lists "
+            f"(sourceBucket {source_bucket!r}): {want}, or the inventory of --input's bucket"
+        )
     key = loc.path.partition("/")[2]
     # As listing does: --input s3://b/photos means the folder photos/, not photos2/.
     return key.rstrip("/") + "/" if key else ""
@@ -171,15 +181,19 @@ def inventory_files(manifest_uri: str, input_uri: str) -> list[InventoryFile]:
     fmt_raw = _field(doc, "fileFormat", shown)
     fmt = next((f for f in FORMATS if f.lower() == fmt_raw.strip().lower()), None)
     if fmt is None:
-        raise DragonsError(f"--inventory {shown}: fileFormat {fmt_raw!r} is not one of {', '.join(FORMATS)}; "
-                           "give a report in one of those formats")
+        raise DragonsError(
+            f"--inventory {shown}: fileFormat {fmt_raw!r} is not one of {', '.join(FORMATS)}; "
+            "give a report in one of those formats"
+        )
     columns: tuple[str, ...] = ()
     if fmt == "CSV":
         # A CSV file has no header row: fileSchema is the only record of its columns.
         columns = tuple(normalise(c) for c in _field(doc, "fileSchema", shown).split(","))
         if KEY not in columns:
-            raise DragonsError(f"--inventory {shown}: fileSchema {doc['fileSchema']!r} has no Key field; "
-                               "an inventory without object keys cannot be scored")
+            raise DragonsError(
+                f"--inventory {shown}: fileSchema {doc['fileSchema']!r} has no Key field; "
+                "an inventory without object keys cannot be scored"
+            )
     entries = _field(doc, "files", shown, list)
     prefix_key = _prefix_key(input_uri, source_bucket, shown)
     loc = storage.parse(manifest_uri)
@@ -187,13 +201,22 @@ def inventory_files(manifest_uri: str, input_uri: str) -> list[InventoryFile]:
     for i, entry in enumerate(entries):
         key = entry.get("key") if isinstance(entry, dict) else None
         if not isinstance(key, str) or not key.strip("/"):
-            raise DragonsError(f"--inventory {shown}: files[{i}] has no 'key': "
-                               "give the report's manifest.json as AWS wrote it")
+            raise DragonsError(
+                f"--inventory {shown}: files[{i}] has no 'key': give the report's manifest.json as AWS wrote it"
+            )
         uri = f"s3://{dest_bucket}/{key}" if loc.is_s3 else _local_data_path(loc.path, key, shown)
         size = entry.get("size")
-        out.append(InventoryFile(uri=uri, file_format=fmt, columns=columns, source_bucket=source_bucket,
-                                 prefix_key=prefix_key, size=size if isinstance(size, int) else 0,
-                                 manifest=manifest_uri))
+        out.append(
+            InventoryFile(
+                uri=uri,
+                file_format=fmt,
+                columns=columns,
+                source_bucket=source_bucket,
+                prefix_key=prefix_key,
+                size=size if isinstance(size, int) else 0,
+                manifest=manifest_uri,
+            )
+        )
     return out
 
 
@@ -204,8 +227,10 @@ def report_time(manifest_uri: str) -> datetime:
     try:
         return _EPOCH + timedelta(milliseconds=int(str(raw)))  # exact: no float seconds
     except (TypeError, ValueError, OverflowError, OSError):
-        raise DragonsError(f"--inventory {shown}: creationTimestamp {raw!r} is not epoch milliseconds; "
-                           "give the report's manifest.json as AWS wrote it") from None
+        raise DragonsError(
+            f"--inventory {shown}: creationTimestamp {raw!r} is not epoch milliseconds; "
+            "give the report's manifest.json as AWS wrote it"
+        ) from None
 
 
 # ----------------------------------------------------------------- one data file
@@ -250,8 +275,27 @@ def _decode_csv_keys(keys: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 # The escapes decoded vectorised (upper and lower case): space and the ASCII
 # punctuation that file names use. Everything else goes through unquote.
-_COMMON_ESCAPES = ("%2F", "%2B", "%20", "%28", "%29", "%2C", "%27", "%21", "%3D", "%26", "%40", "%3A", "%3B",
-                   "%7E", "%24", "%5B", "%5D", "%23", "%3F")
+_COMMON_ESCAPES = (
+    "%2F",
+    "%2B",
+    "%20",
+    "%28",
+    "%29",
+    "%2C",
+    "%27",
+    "%21",
+    "%3D",
+    "%26",
+    "%40",
+    "%3A",
+    "%3B",
+    "%7E",
+    "%24",
+    "%5B",
+    "%5D",
+    "%23",
+    "%3F",
+)
 
 
 def _is_true(col: pa.Array) -> pa.Array:
@@ -325,8 +369,14 @@ def _page(batch: pa.RecordBatch | pa.Table, f: InventoryFile) -> pa.Table:
     n = len(key)
     got = {name: cols[name].filter(keep) for name in ("e_tag", "size", "last_modified_date") if name in cols}
     return pa.Table.from_arrays(
-        [pc.binary_join_element_wise(f"s3://{f.source_bucket}/", key, ""), _etags(got.get("e_tag"), n),
-         _sizes(got.get("size"), n), _timestamps(got.get("last_modified_date"), n)], schema=LISTING_SCHEMA)
+        [
+            pc.binary_join_element_wise(f"s3://{f.source_bucket}/", key, ""),
+            _etags(got.get("e_tag"), n),
+            _sizes(got.get("size"), n),
+            _timestamps(got.get("last_modified_date"), n),
+        ],
+        schema=LISTING_SCHEMA,
+    )
 
 
 def _fail(f: InventoryFile, what: str) -> DragonsError:
@@ -346,8 +396,10 @@ def _batches(f: InventoryFile, page_rows: int) -> Iterator[pa.RecordBatch | pa.T
         reader = pcsv.open_csv(
             fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None),
             read_options=pcsv.ReadOptions(column_names=list(f.columns), block_size=CSV_BLOCK),
-            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in f.columns},
-                                                include_columns=wanted))
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in f.columns}, include_columns=wanted
+            ),
+        )
         yield from reader
         return
     if f.file_format == "Parquet":
@@ -402,10 +454,16 @@ def read_inventory_file(f: InventoryFile, page_rows: int) -> Iterator[pa.Table]:
         except DragonsError as why:  # no such bucket, an endpoint down: say so, naming the report
             raise _fail(f, f"cannot be read: {why}") from None
         if missing:
-            raise _fail(f, "does not exist: the report is incomplete or was deleted; give a complete report "
-                           "(an earlier or later manifest.json)") from None
-        raise _fail(f, f"is not a readable {f.file_format} inventory file ({storage.short_error(exc)}): "
-                       "give a report as AWS wrote it") from None
+            raise _fail(
+                f,
+                "does not exist: the report is incomplete or was deleted; give a complete report "
+                "(an earlier or later manifest.json)",
+            ) from None
+        raise _fail(
+            f,
+            f"is not a readable {f.file_format} inventory file ({storage.short_error(exc)}): "
+            "give a report as AWS wrote it",
+        ) from None
     if pending_rows:
         yield pa.concat_tables(pending)
 

@@ -54,8 +54,14 @@ def balanced(reader: RunReader, run_id: str, n: int) -> list[dict[str, Any]]:
     return sorted(picked, key=lambda e: (e["score"], e["margin"], e["uri"]))
 
 
-def select(table_uri: str, run_id: str, n: int | None, per_class_: bool = False,
-           limits: QueryLimits | None = None, novel: int | None = None) -> list[dict[str, Any]]:
+def select(
+    table_uri: str,
+    run_id: str,
+    n: int | None,
+    per_class_: bool = False,
+    limits: QueryLimits | None = None,
+    novel: int | None = None,
+) -> list[dict[str, Any]]:
     """The rows to label: {uri, label, score, margin, model_version[, novelty]}: the ``n`` least
     sure first, then the ``novel`` most novel not already taken (most novel first)."""
     if n is not None and n < 1:
@@ -68,17 +74,23 @@ def select(table_uri: str, run_id: str, n: int | None, per_class_: bool = False,
     try:
         shown = storage.redact(table_uri)
         if run_id not in {r["run_id"] for r in list_runs(reader)}:
-            raise DragonsError(f"run {run_id!r} is not in the table {shown}: give one of its runs with --run-id "
-                               f"(`dragons query --table {shown}` lists them)")
+            raise DragonsError(
+                f"run {run_id!r} is not in the table {shown}: give one of its runs with --run-id "
+                f"(`dragons query --table {shown}` lists them)"
+            )
         rows = [] if not n else balanced(reader, run_id, n) if per_class_ else least_sure(reader, run_id, n)
         if novel:
             if not reader.has_novelty:
-                raise DragonsError(f"--novel: the table {shown} has no novelty column (it was written before "
-                                   "dragons scored novelty): score the run again with a model trained by this dragons")
+                raise DragonsError(
+                    f"--novel: the table {shown} has no novelty column (it was written before "
+                    "dragons scored novelty): score the run again with a model trained by this dragons"
+                )
             found = most_novel(reader, run_id, novel, exclude={r["uri"] for r in rows})
             if not found and not rows:
-                raise DragonsError(f"--novel: run {run_id!r} has no novelty scores (its model was trained without "
-                                   "novelty statistics): retrain the model with this dragons and score again")
+                raise DragonsError(
+                    f"--novel: run {run_id!r} has no novelty scores (its model was trained without "
+                    "novelty statistics): retrain the model with this dragons and score again"
+                )
             rows += found
         return rows
     finally:
@@ -93,15 +105,31 @@ def label_studio_tasks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the control's own name (``label``): JSON_MIN exports copy ``data`` into every record
     and write the person's choice over the control's key, so a key named ``label`` would
     turn the model's guess into a human label whenever an annotation had no choice."""
-    return [{
-        "data": {"image": r["uri"], "model_label": r["label"], "model_score": r["score"],
-                 **({"novelty": r["novelty"]} if r.get("novelty") is not None else {})},
-        "predictions": [{
-            "model_version": r.get("model_version") or "", "score": r["score"],
-            "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                        "value": {"choices": [r["label"]]}}],
-        }],
-    } for r in rows]
+    return [
+        {
+            "data": {
+                "image": r["uri"],
+                "model_label": r["label"],
+                "model_score": r["score"],
+                **({"novelty": r["novelty"]} if r.get("novelty") is not None else {}),
+            },
+            "predictions": [
+                {
+                    "model_version": r.get("model_version") or "",
+                    "score": r["score"],
+                    "result": [
+                        {
+                            "from_name": FROM_NAME,
+                            "to_name": TO_NAME,
+                            "type": "choices",
+                            "value": {"choices": [r["label"]]},
+                        }
+                    ],
+                }
+            ],
+        }
+        for r in rows
+    ]
 
 
 def render(rows: list[dict[str, Any]], fmt: str, novelty: bool = False) -> bytes:
@@ -115,8 +143,13 @@ def render(rows: list[dict[str, Any]], fmt: str, novelty: bool = False) -> bytes
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
     w.writerow(CSV_COLUMNS + (["novelty"] if novelty else []))
-    w.writerows([[safe_cell(r["uri"]), safe_cell(r["label"]), f"{r['score']:.6f}", f"{r['margin']:.6f}"]
-                 + ([f"{r['novelty']:.6f}" if r.get("novelty") is not None else ""] if novelty else []) for r in rows])
+    w.writerows(
+        [
+            [safe_cell(r["uri"]), safe_cell(r["label"]), f"{r['score']:.6f}", f"{r['margin']:.6f}"]
+            + ([f"{r['novelty']:.6f}" if r.get("novelty") is not None else ""] if novelty else [])
+            for r in rows
+        ]
+    )
     return text.getvalue().encode("utf-8")
 
 
@@ -125,8 +158,16 @@ def check_format(fmt: str) -> None:
         raise DragonsError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def write_export(table_uri: str, run_id: str, n: int | None, fmt: str = FORMATS[0], out: str | None = None,
-                 per_class_: bool = False, limits: QueryLimits | None = None, novel: int | None = None) -> int:
+def write_export(
+    table_uri: str,
+    run_id: str,
+    n: int | None,
+    fmt: str = FORMATS[0],
+    out: str | None = None,
+    per_class_: bool = False,
+    limits: QueryLimits | None = None,
+    novel: int | None = None,
+) -> int:
     """Write the batch to the local file ``out`` (complete, or not at all) or stdout; returns its rows.
     ``n``: the least sure rows (None: none), ``novel``: the most novel rows after them (None: none)."""
     from dragons.score import export

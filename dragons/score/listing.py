@@ -43,8 +43,14 @@ PAGE_ROWS = 1000  # S3's page size; local walks emit tables of the same size
 
 def _table(uris: list[str], etags: list[str | None], sizes: list[int], mtimes: list[datetime]) -> pa.Table:
     return pa.Table.from_arrays(
-        [pa.array(uris, pa.string()), pa.array(etags, pa.string()), pa.array(sizes, pa.int64()),
-         pa.array(mtimes, pa.timestamp("us", tz="UTC"))], schema=LISTING_SCHEMA)
+        [
+            pa.array(uris, pa.string()),
+            pa.array(etags, pa.string()),
+            pa.array(sizes, pa.int64()),
+            pa.array(mtimes, pa.timestamp("us", tz="UTC")),
+        ],
+        schema=LISTING_SCHEMA,
+    )
 
 
 def iter_listing(uri: str, page_rows: int = PAGE_ROWS) -> Iterator[pa.Table]:
@@ -66,20 +72,29 @@ def _iter_s3(loc: storage.Location, page_rows: int) -> Iterator[pa.Table]:
     found = False
     try:
         pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": min(1000, page_rows)})
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": min(1000, page_rows)}
+        )
         for page in pages:
             objs: list[dict[str, Any]] = [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]
             if not objs:
                 continue
             found = True
-            yield _table([f"s3://{bucket}/{o['Key']}" for o in objs], [str(o.get("ETag", "")).strip('"') or None for o in objs],
-                         [int(o.get("Size", 0)) for o in objs], [o["LastModified"] for o in objs])
+            yield _table(
+                [f"s3://{bucket}/{o['Key']}" for o in objs],
+                [str(o.get("ETag", "")).strip('"') or None for o in objs],
+                [int(o.get("Size", 0)) for o in objs],
+                [o["LastModified"] for o in objs],
+            )
         if not found and key:
             # The input may name one object rather than a prefix.
             head = client.head_object(Bucket=bucket, Key=key)
             found = True
-            yield _table([f"s3://{bucket}/{key}"], [str(head.get("ETag", "")).strip('"') or None],
-                         [int(head.get("ContentLength", 0))], [head["LastModified"]])
+            yield _table(
+                [f"s3://{bucket}/{key}"],
+                [str(head.get("ETag", "")).strip('"') or None],
+                [int(head.get("ContentLength", 0))],
+                [head["LastModified"]],
+            )
     except DragonsError:
         raise
     except Exception as exc:  # noqa: BLE001 (any botocore failure becomes a message naming the input)
@@ -92,16 +107,19 @@ def s3_list_error(loc: storage.Location, bucket: str, exc: BaseException) -> Dra
     """A failed S3 LIST or HEAD as a message naming the input and what to check."""
     code = storage.s3_error_code(exc)
     if code == "NoSuchBucket":
-        return DragonsError(f"--input {loc.uri}: bucket {bucket!r} does not exist "
-                            f"(endpoint {storage.s3_endpoint() or 'AWS'}): check the bucket name")
+        return DragonsError(
+            f"--input {loc.uri}: bucket {bucket!r} does not exist "
+            f"(endpoint {storage.s3_endpoint() or 'AWS'}): check the bucket name"
+        )
     if code in storage.NOT_FOUND_CODES:
         return DragonsError(f"--input {loc.uri} does not exist: check the path or prefix")
     if code in storage.DENIED_CODES:
         return DragonsError(f"access denied: cannot list --input {loc.uri}: check the credentials' permissions on it")
     if code in storage.UNREACHABLE_CODES:
         return storage.unreachable(loc, exc)
-    return DragonsError(f"cannot list --input {loc.uri}: {storage.redact(str(code))}; "
-                        "check AWS_ENDPOINT_URL and credentials")
+    return DragonsError(
+        f"cannot list --input {loc.uri}: {storage.redact(str(code))}; check AWS_ENDPOINT_URL and credentials"
+    )
 
 
 def _iter_local(path: str, page_rows: int) -> Iterator[pa.Table]:
@@ -151,8 +169,9 @@ def _name(path: str) -> str:
         return path
     except UnicodeEncodeError:
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        logging.getLogger("dragons.score").warning("file name is not valid UTF-8, its row will be an error: %s "
-                                                   "(rename it to score it)", shown)
+        logging.getLogger("dragons.score").warning(
+            "file name is not valid UTF-8, its row will be an error: %s (rename it to score it)", shown
+        )
         return shown
 
 
@@ -167,8 +186,15 @@ def _mtime(st: os.stat_result) -> datetime:
 def from_uris(uris: list[str] | pa.Array) -> pa.Table:
     """A listing table for URIs given by a --manifest (nothing known about them)."""
     n = len(uris)
-    return pa.Table.from_arrays([uris if isinstance(uris, pa.Array) else pa.array(uris, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.int64()),
-                                 pa.nulls(n, pa.timestamp("us", tz="UTC"))], schema=LISTING_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            uris if isinstance(uris, pa.Array) else pa.array(uris, pa.string()),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.int64()),
+            pa.nulls(n, pa.timestamp("us", tz="UTC")),
+        ],
+        schema=LISTING_SCHEMA,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -253,8 +279,10 @@ def _split_s3(loc: storage.Location, bucket: str, prefix: str, key: str, want: i
         bounds = list(folders)
         if len(folders) < want and not first.get("IsTruncated"):
             with ThreadPoolExecutor(SPLIT_THREADS) as pool:
-                for sub in pool.map(lambda p: client.list_objects_v2(Bucket=bucket, Prefix=p, Delimiter="/",
-                                                                     MaxKeys=1000), folders[:MAX_PROBES]):
+                for sub in pool.map(
+                    lambda p: client.list_objects_v2(Bucket=bucket, Prefix=p, Delimiter="/", MaxKeys=1000),
+                    folders[:MAX_PROBES],
+                ):
                     bounds += [p["Prefix"] for p in sub.get("CommonPrefixes", [])]
         if first.get("IsTruncated"):
             bounds += _probed_spine(client, bucket, prefix, sorted(keys + folders))
@@ -293,8 +321,9 @@ def _probed_spine(client: Any, bucket: str, prefix: str, seen: list[str]) -> lis
     with ThreadPoolExecutor(SPLIT_THREADS) as pool:
         firsts = list(pool.map(first_after, cands))
     # Range (cands[i], cands[i+1]] is empty when the first key after cands[i] lies beyond it.
-    return [b for i, (b, f) in enumerate(zip(cands, firsts))
-            if f is not None and (i + 1 == len(cands) or f <= cands[i + 1])]
+    return [
+        b for i, (b, f) in enumerate(zip(cands, firsts)) if f is not None and (i + 1 == len(cands) or f <= cands[i + 1])
+    ]
 
 
 def _local_pos(rel: str) -> str:
@@ -339,11 +368,21 @@ def _unit_s3(unit: Unit, page_rows: int) -> Iterator[tuple[pa.Table, pa.Array]]:
     try:
         if unit.single:
             head = client.head_object(Bucket=unit.root, Key=unit.prefix)
-            yield (_table([f"s3://{unit.root}/{unit.prefix}"], [str(head.get("ETag", "")).strip('"') or None],
-                          [int(head.get("ContentLength", 0))], [head["LastModified"]]), pa.array([unit.prefix]))
+            yield (
+                _table(
+                    [f"s3://{unit.root}/{unit.prefix}"],
+                    [str(head.get("ETag", "")).strip('"') or None],
+                    [int(head.get("ContentLength", 0))],
+                    [head["LastModified"]],
+                ),
+                pa.array([unit.prefix]),
+            )
             return
-        args: dict[str, Any] = {"Bucket": unit.root, "Prefix": unit.prefix,
-                                "PaginationConfig": {"PageSize": min(1000, page_rows)}}
+        args: dict[str, Any] = {
+            "Bucket": unit.root,
+            "Prefix": unit.prefix,
+            "PaginationConfig": {"PageSize": min(1000, page_rows)},
+        }
         if unit.after is not None:
             args["StartAfter"] = unit.after
         for page in client.get_paginator("list_objects_v2").paginate(**args):
@@ -352,8 +391,12 @@ def _unit_s3(unit: Unit, page_rows: int) -> Iterator[tuple[pa.Table, pa.Array]]:
             keep = pc.invert(pc.ends_with(keys, "/"))
             if unit.upto is not None:
                 keep = pc.and_(keep, pc.less_equal(keys, unit.upto))
-            t = _table([f"s3://{unit.root}/{o['Key']}" for o in objs], [str(o.get("ETag", "")).strip('"') or None for o in objs],
-                       [int(o.get("Size", 0)) for o in objs], [o["LastModified"] for o in objs])
+            t = _table(
+                [f"s3://{unit.root}/{o['Key']}" for o in objs],
+                [str(o.get("ETag", "")).strip('"') or None for o in objs],
+                [int(o.get("Size", 0)) for o in objs],
+                [o["LastModified"] for o in objs],
+            )
             yield t.filter(keep), keys.filter(keep)
             if unit.upto is not None and objs and objs[-1]["Key"] > unit.upto:
                 return  # the rest lies in later units
@@ -396,8 +439,15 @@ def _unit_local(unit: Unit, page_rows: int) -> Iterator[tuple[pa.Table, pa.Array
 
 def _local_table(rows: list[tuple[str, os.DirEntry[str]]]) -> tuple[pa.Table, pa.Array]:
     stats = [e.stat() for _, e in rows]
-    return (_table([_name(e.path) for _, e in rows], [_weak_etag(st) for st in stats], [st.st_size for st in stats],
-                   [_mtime(st) for st in stats]), pa.array([p for p, _ in rows], pa.string()))
+    return (
+        _table(
+            [_name(e.path) for _, e in rows],
+            [_weak_etag(st) for st in stats],
+            [st.st_size for st in stats],
+            [_mtime(st) for st in stats],
+        ),
+        pa.array([p for p, _ in rows], pa.string()),
+    )
 
 
 # Inventory rows are positioned by their row number in the data file (files never change).

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -40,7 +39,11 @@ def run(action: str, root: str, cfg: MaintenanceConfig | None = None) -> pa.Tabl
 def _run(action: str, root: str, cfg: MaintenanceConfig) -> pa.Table:
     if action == "history":
         rows = run_history(root, cfg.limit or None)
-        return pa.Table.from_pylist([{k: v for k, v in r.items() if k != "predicate"} for r in rows]) if rows else pa.table({})
+        return (
+            pa.Table.from_pylist([{k: v for k, v in r.items() if k != "predicate"} for r in rows])
+            if rows
+            else pa.table({})
+        )
     if action == "vacuum":
         return pa.table({"file": pa.array(vacuum(root, cfg.retention_hours, cfg.dry_run), pa.string())})
     if action == "optimize":
@@ -69,15 +72,20 @@ def vacuum(root: str, retention_hours: float, dry_run: bool = False) -> list[str
         raise DragonsError(f"--retention-hours must be >= 0, got {retention_hours}")
     floor = retention_floor(root)
     if retention_hours < floor:
-        raise DragonsError(f"--retention-hours {retention_hours:g} is below this table's floor of {floor:g} h: a running "
-                           "night's part files are that young before their commit names them, and deleting them would "
-                           f"break its commit. Use --retention-hours {math.ceil(floor)} or more")
+        raise DragonsError(
+            f"--retention-hours {retention_hours:g} is below this table's floor of {floor:g} h: a running "
+            "night's part files are that young before their commit names them, and deleting them would "
+            f"break its commit. Use --retention-hours {math.ceil(floor)} or more"
+        )
     dt = open_table(root)
     # full=True: also files no commit ever named (a killed run's), not only removed ones.
     # Below Delta's configured retention the caller has chosen so explicitly.
     # delta-rs takes whole hours: round up, never down (0.5 h must not delete what 0 h would).
-    return list(dt.vacuum(retention_hours=math.ceil(retention_hours), dry_run=dry_run, enforce_retention_duration=False,
-                          full=True))
+    return list(
+        dt.vacuum(
+            retention_hours=math.ceil(retention_hours), dry_run=dry_run, enforce_retention_duration=False, full=True
+        )
+    )
 
 
 def optimize(root: str, target_size_mb: int) -> dict[str, object]:
@@ -100,9 +108,16 @@ def optimize(root: str, target_size_mb: int) -> dict[str, object]:
             break
         except CommitFailedError as exc:
             if attempt == OPTIMIZE_ATTEMPTS:
-                raise DragonsError(f"optimize lost the race for a commit {attempt} times to writers of {root} "
-                                   f"({storage.short_error(exc, 200)}); nothing changed: run it again later") from None
+                raise DragonsError(
+                    f"optimize lost the race for a commit {attempt} times to writers of {root} "
+                    f"({storage.short_error(exc, 200)}); nothing changed: run it again later"
+                ) from None
             time.sleep(0.5 * attempt)
-    return {"version": dt.version(), "files_added": m.get("numFilesAdded"), "files_removed": m.get("numFilesRemoved"),
-            "partitions_optimized": m.get("partitionsOptimized"), "total_considered": m.get("totalConsideredFiles"),
-            "attempts": attempt}
+    return {
+        "version": dt.version(),
+        "files_added": m.get("numFilesAdded"),
+        "files_removed": m.get("numFilesRemoved"),
+        "partitions_optimized": m.get("partitionsOptimized"),
+        "total_considered": m.get("totalConsideredFiles"),
+        "attempts": attempt,
+    }

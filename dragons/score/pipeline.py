@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from dragons import artifact, storage
-from dragons.capacity import CPUS_PER_GPU, Grant, GpuRequest, decode_beside_model, parse_span
+from dragons.capacity import CPUS_PER_GPU, GpuRequest, Grant, decode_beside_model, parse_span
 from dragons.columns import check_classes
 from dragons.decode import DecodeBatch
 from dragons.errors import DragonsError
@@ -39,9 +39,21 @@ from dragons.runlog import Progress, run_log
 from dragons.score import listing, table
 from dragons.score.config import ScoreConfig
 from dragons.score.scorer import ModelChanged, Scorer
+from dragons.score.source import (
+    BLOCK_ROWS,
+    Counts,
+    SharedSkips,
+    block_bytes,
+    counts_now,
+    final_counts,
+    listing_dataset,
+    listing_pages,
+    load_run_skips,
+    new_counts,
+    share_skips,
+    todo_blocks,
+)
 from dragons.telemetry import ScoreMetrics
-from dragons.score.source import (BLOCK_ROWS, Counts, SharedSkips, block_bytes, counts_now, final_counts, listing_dataset,
-                                  listing_pages, load_run_skips, new_counts, share_skips, todo_blocks)
 
 log = logging.getLogger("dragons.score")
 # Lines an operator may want but a person watching a run need not read: always in
@@ -91,8 +103,9 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         return _run(cfg, run_id, started, meta, list(meta["classes"]), ref)
 
 
-def _bound_version(cfg: ScoreConfig, run_id: str, model: versions.Resolved,
-                   meta: dict[str, Any]) -> tuple[versions.Resolved, dict[str, Any]]:
+def _bound_version(
+    cfg: ScoreConfig, run_id: str, model: versions.Resolved, meta: dict[str, Any]
+) -> tuple[versions.Resolved, dict[str, Any]]:
     """A run continued with ``ROOT@alias`` after the alias moved keeps the version it is
     bound to, when that registry holds it: one run, one model. Otherwise (another registry,
     a version it lacks) the model stays as resolved and the run's binding check refuses it."""
@@ -106,8 +119,14 @@ def _bound_version(cfg: ScoreConfig, run_id: str, model: versions.Resolved,
         return model, meta
     if pinned.version != bound:
         return model, meta
-    log.info("run %s is bound to version %s; @%s is now %s; continuing with %s", run_id, bound, model.alias,
-             model.version, bound)
+    log.info(
+        "run %s is bound to version %s; @%s is now %s; continuing with %s",
+        run_id,
+        bound,
+        model.alias,
+        model.version,
+        bound,
+    )
     return versions.Resolved(pinned.dir, bound, model.registry, model.name, model.alias), artifact.read_meta(pinned.dir)
 
 
@@ -121,8 +140,10 @@ def _check_spool_dir(path: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise DragonsError(f"--spool-dir {path} is not a writable folder ({exc.strerror or exc}); "
-                           "create it, or leave --spool-dir out to use the temp dir") from None
+        raise DragonsError(
+            f"--spool-dir {path} is not a writable folder ({exc.strerror or exc}); "
+            "create it, or leave --spool-dir out to use the temp dir"
+        ) from None
 
 
 def _table_version(root: str) -> int | None:
@@ -140,13 +161,31 @@ def _dry_run(cfg: ScoreConfig, run_id: str, meta: dict[str, Any]) -> dict[str, A
     import sys
 
     counts = Counts()
-    for block in todo_blocks(cfg, _table_version(cfg.output), meta["version"], run_id, listing.PAGE_ROWS,
-                             report=lambda _, *c: counts.add(*c)):
+    for block in todo_blocks(
+        cfg, _table_version(cfg.output), meta["version"], run_id, listing.PAGE_ROWS, report=lambda _, *c: counts.add(*c)
+    ):
         sys.stdout.write("".join(f"{u}\n" for u in block.column("uri").to_pylist()))
-    log.info("dry run %s: listed %d, kept %d (this run holds them), skipped %d (unchanged), would score %d from %s",
-             run_id, counts.listed, counts.kept, counts.skipped, counts.to_score, storage.redact(cfg.inventory or cfg.manifest or cfg.input))
-    return {"listed": counts.listed, "kept": counts.kept, "skipped": counts.skipped, "scored": 0, "errors": 0, "rows": 0,
-            "would_score": counts.to_score, "run_id": run_id, "path": table.table_uri(cfg.output), "dry_run": True}
+    log.info(
+        "dry run %s: listed %d, kept %d (this run holds them), skipped %d (unchanged), would score %d from %s",
+        run_id,
+        counts.listed,
+        counts.kept,
+        counts.skipped,
+        counts.to_score,
+        storage.redact(cfg.inventory or cfg.manifest or cfg.input),
+    )
+    return {
+        "listed": counts.listed,
+        "kept": counts.kept,
+        "skipped": counts.skipped,
+        "scored": 0,
+        "errors": 0,
+        "rows": 0,
+        "would_score": counts.to_score,
+        "run_id": run_id,
+        "path": table.table_uri(cfg.output),
+        "dry_run": True,
+    }
 
 
 def _one_page(cfg: ScoreConfig) -> bool:
@@ -156,7 +195,7 @@ def _one_page(cfg: ScoreConfig) -> bool:
     try:
         return next(pages, None) is None or next(pages, None) is None
     finally:
-        pages.close()
+        getattr(pages, "close", lambda: None)()  # a generator: close its listing now
 
 
 @dataclass(frozen=True)
@@ -169,8 +208,11 @@ class Listed:
 
 def list_here(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, skips: Any) -> Listed:
     counts = Counts()
-    blocks = tuple(todo_blocks(cfg, version, model_version, run_id, listing.PAGE_ROWS,
-                               report=lambda _, *c: counts.add(*c), skips=skips))
+    blocks = tuple(
+        todo_blocks(
+            cfg, version, model_version, run_id, listing.PAGE_ROWS, report=lambda _, *c: counts.add(*c), skips=skips
+        )
+    )
     counts.done, counts.done_at = True, time.time()
     return Listed(blocks, counts)
 
@@ -195,8 +237,15 @@ class ScorePlan:
         return None if self.listed is None else self.listed.counts.to_score
 
 
-def plan(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], version: int | None, listed: Listed | None,
-         cpus: float, grant: Grant) -> ScorePlan:
+def plan(
+    cfg: ScoreConfig,
+    run_id: str,
+    meta: dict[str, Any],
+    version: int | None,
+    listed: Listed | None,
+    cpus: float,
+    grant: Grant,
+) -> ScorePlan:
     """Size the actor pool for the cluster (``cpus``) and the GPUs granted, choose
     where decoding runs and how many rows each actor call takes. Pure: no Ray."""
     pool = size_actors(parse_span(cfg.actors, "--actors"), cpus, grant.gpus)
@@ -210,9 +259,18 @@ def plan(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], version: int | Non
         n = listed.counts.to_score
         call_rows = min(call_rows, max(cfg.batch_size, math.ceil(n / (8 * pool.hi))))
         pool = pool.at_most(math.ceil(n / call_rows))
-    return ScorePlan(cfg=cfg, run_id=run_id, model_version=meta["version"], classes=tuple(meta["classes"]),
-                     base_size=artifact.base_size_of(meta), version=version, pool=pool,
-                     fused=decode_beside_model(cfg.decode, pool.gpu > 0), call_rows=call_rows, listed=listed)
+    return ScorePlan(
+        cfg=cfg,
+        run_id=run_id,
+        model_version=meta["version"],
+        classes=tuple(meta["classes"]),
+        base_size=artifact.base_size_of(meta),
+        version=version,
+        pool=pool,
+        fused=decode_beside_model(cfg.decode, pool.gpu > 0),
+        call_rows=call_rows,
+        listed=listed,
+    )
 
 
 def build_dataset(p: ScorePlan, counts_actor: Any = None, shared: SharedSkips | None = None) -> Any:
@@ -224,14 +282,19 @@ def build_dataset(p: ScorePlan, counts_actor: Any = None, shared: SharedSkips | 
     cfg = p.cfg
     if p.listed is not None:
         blocks = [b.slice(i, p.call_rows) for b in p.listed.blocks for i in range(0, b.num_rows, p.call_rows)]
-        ds = ray.data.from_arrow(blocks)
+        ds: ray.data.Dataset = ray.data.from_arrow(blocks)
     else:
         # Pages of about one actor call: small ones where actors decode, so that every actor has work.
         ds = listing_dataset(cfg, p.version, p.model_version, p.run_id, counts_actor, shared, block_bytes(p.call_rows))
     pool = p.pool
-    log.info("%s scoring actor(s) with %g CPU%s each; decoding %s",
-             pool.hi if pool.lo == pool.hi else f"{pool.lo} to {pool.hi}", pool.cpu, " and 1 GPU" if pool.gpu else "",
-             "in the scoring actors" if p.fused else "in CPU tasks", extra=None if pool.gpu else DETAIL)
+    log.info(
+        "%s scoring actor(s) with %g CPU%s each; decoding %s",
+        pool.hi if pool.lo == pool.hi else f"{pool.lo} to {pool.hi}",
+        pool.cpu,
+        " and 1 GPU" if pool.gpu else "",
+        "in the scoring actors" if p.fused else "in CPU tasks",
+        extra=None if pool.gpu else DETAIL,
+    )
     compute = ActorPoolStrategy(min_size=pool.lo, max_size=pool.hi)
     decoder = DecodeBatch(p.base_size, cfg.max_pixels, max_bytes=cfg.max_bytes)
     pinned = (p.model_version, list(p.classes))
@@ -239,15 +302,31 @@ def build_dataset(p: ScorePlan, counts_actor: Any = None, shared: SharedSkips | 
     call = None if p.call_rows >= BLOCK_ROWS else p.call_rows
     if p.fused:  # the actors decode: Arrow blocks of URIs in, rows out
         return ds.map_batches(
-            Scorer, fn_constructor_args=(cfg.model, cfg.tta, pool.threads, decoder, cfg.batch_size, pinned),
-            batch_size=call, batch_format="pyarrow", compute=compute, num_cpus=pool.cpu, num_gpus=pool.gpu)
+            Scorer,
+            fn_constructor_args=(cfg.model, cfg.tta, pool.threads, decoder, cfg.batch_size, pinned),
+            batch_size=call,
+            batch_format="pyarrow",
+            compute=compute,
+            num_cpus=pool.cpu,
+            num_gpus=pool.gpu,
+        )
     # Few decode tasks, each overlapping its S3 GETs on threads: every extra
     # task process costs seconds of imports on a small machine.
     res_cpus = max(2, int(cluster().cpus))
-    ds = ds.map_batches(decoder, batch_size=max(cfg.batch_size, DECODE_ROWS), num_cpus=DATA_CPU_SHARE,
-                        compute=TaskPoolStrategy(size=res_cpus))
-    return ds.map_batches(Scorer, fn_constructor_args=(cfg.model, cfg.tta, pool.threads, None, 8, pinned),
-                          batch_size=cfg.batch_size, compute=compute, num_cpus=pool.cpu, num_gpus=pool.gpu)
+    ds = ds.map_batches(
+        decoder,
+        batch_size=max(cfg.batch_size, DECODE_ROWS),
+        num_cpus=DATA_CPU_SHARE,
+        compute=TaskPoolStrategy(size=res_cpus),
+    )
+    return ds.map_batches(
+        Scorer,
+        fn_constructor_args=(cfg.model, cfg.tta, pool.threads, None, 8, pinned),
+        batch_size=cfg.batch_size,
+        compute=compute,
+        num_cpus=pool.cpu,
+        num_gpus=pool.gpu,
+    )
 
 
 @dataclass(frozen=True)
@@ -259,8 +338,9 @@ class Streamed:
     counts: Counts
 
 
-def commit_stream(ds: Any, writer: table.RunWriter, p: ScorePlan, counts_actor: Any = None,
-                  metrics: ScoreMetrics | None = None) -> Streamed:
+def commit_stream(
+    ds: Any, writer: table.RunWriter, p: ScorePlan, counts_actor: Any = None, metrics: ScoreMetrics | None = None
+) -> Streamed:
     """Iterate the dataset's blocks into ``writer`` (parts commit on its thread); progress
     lines (and the run's metrics) every --progress seconds. The listing's counts come from
     ``p`` or the counts actor."""
@@ -288,8 +368,11 @@ def commit_stream(ds: Any, writer: table.RunWriter, p: ScorePlan, counts_actor: 
                 added += batch.num_rows
                 errors += batch.num_rows - batch.column("error").null_count
                 counts = listing_so_far()
-                progress.update(batch.num_rows, total=counts.to_score if counts is not None and counts.done else None,
-                                note=_progress_note(errors, counts))
+                progress.update(
+                    batch.num_rows,
+                    total=counts.to_score if counts is not None and counts.done else None,
+                    note=_progress_note(errors, counts),
+                )
     except DragonsError:
         raise
     except Exception as exc:
@@ -301,20 +384,37 @@ def commit_stream(ds: Any, writer: table.RunWriter, p: ScorePlan, counts_actor: 
     return Streamed(added, errors, final)
 
 
-def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str],
-         model_ref: str = "") -> dict[str, Any]:
+def _run(
+    cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any], classes: list[str], model_ref: str = ""
+) -> dict[str, Any]:
     source = cfg.inventory or cfg.manifest or cfg.input
-    info = storage.redact_obj({  # one redaction for everything the commits store
-        # model: the folder scored with (ROOT/versions/<v> for a registry); model_ref: as given (ROOT@prod).
-        "model": cfg.model, **({"model_ref": model_ref} if model_ref and model_ref != cfg.model else {}),
-        "input": source, "incremental": cfg.incremental,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "spool_dir")},
-    })
-    writer = table.RunWriter(cfg.output, run_id, started, classes, model_version=meta["version"], date=cfg.date,
-                             replace=cfg.replace, commit_every=cfg.commit_every, commit_interval_s=cfg.commit_interval_s,
-                             spool_dir=cfg.spool_dir, info=info, background=True, binding=binding(cfg, meta),
-                             target_file_size=cfg.file_size_mb * 2**20 if cfg.file_size_mb else None,
-                             on_commit=lambda part, rows: on_part(part, rows))
+    info = storage.redact_obj(
+        {  # one redaction for everything the commits store
+            # model: the folder scored with (ROOT/versions/<v> for a registry); model_ref: as given (ROOT@prod).
+            "model": cfg.model,
+            **({"model_ref": model_ref} if model_ref and model_ref != cfg.model else {}),
+            "input": source,
+            "incremental": cfg.incremental,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("log_file", "spool_dir")},
+        }
+    )
+    writer = table.RunWriter(
+        cfg.output,
+        run_id,
+        started,
+        classes,
+        model_version=meta["version"],
+        date=cfg.date,
+        replace=cfg.replace,
+        commit_every=cfg.commit_every,
+        commit_interval_s=cfg.commit_interval_s,
+        spool_dir=cfg.spool_dir,
+        info=info,
+        background=True,
+        binding=binding(cfg, meta),
+        target_file_size=cfg.file_size_mb * 2**20 if cfg.file_size_mb else None,
+        on_commit=lambda part, rows: on_part(part, rows),
+    )
     metrics: ScoreMetrics | None = None  # made once Ray is up (its metrics need it)
 
     def on_part(part: int, rows: int) -> None:
@@ -325,8 +425,12 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
     one_page = _one_page(cfg)
     state = writer.begin()  # the table exists from here on; --replace has removed the run's rows
     if state.rows:
-        log.info("run %s: continuing, the table holds %d of its rows (%d commits); those are kept", run_id, state.rows,
-                 state.part)
+        log.info(
+            "run %s: continuing, the table holds %d of its rows (%d commits); those are kept",
+            run_id,
+            state.rows,
+            state.part,
+        )
     ensure_ray(cfg.no_progress_timeout_s)
     metrics = ScoreMetrics(run_id)
     # The table version the run's skip sets are read at; None when there is nothing
@@ -341,22 +445,43 @@ def _run(cfg: ScoreConfig, run_id: str, started: datetime, meta: dict[str, Any],
         skips.close()
 
 
-def _run_listed(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], writer: table.RunWriter, version: int | None,
-                skips: Any, one_page: bool, t0: float, source: str, metrics: ScoreMetrics) -> dict[str, Any]:
+def _run_listed(
+    cfg: ScoreConfig,
+    run_id: str,
+    meta: dict[str, Any],
+    writer: table.RunWriter,
+    version: int | None,
+    skips: Any,
+    one_page: bool,
+    t0: float,
+    source: str,
+    metrics: ScoreMetrics,
+) -> dict[str, Any]:
     metrics.state("running")
     listed = list_here(cfg, version, meta["version"], run_id, skips) if one_page else None
-    log.info("run %s (dt %s): scoring %s with model %s (version %s)%s", run_id, writer.dt, storage.redact(source),
-             storage.redact(cfg.model), meta["version"],
-             "" if listed is None else f": listed {listed.counts.listed}, kept {listed.counts.kept}, "
-                                       f"skipped {listed.counts.skipped} unchanged, scoring {listed.counts.to_score}")
+    log.info(
+        "run %s (dt %s): scoring %s with model %s (version %s)%s",
+        run_id,
+        writer.dt,
+        storage.redact(source),
+        storage.redact(cfg.model),
+        meta["version"],
+        ""
+        if listed is None
+        else f": listed {listed.counts.listed}, kept {listed.counts.kept}, "
+        f"skipped {listed.counts.skipped} unchanged, scoring {listed.counts.to_score}",
+    )
     try:
         streamed = _score_into(cfg, run_id, meta, version, listed, writer, share_skips(skips), metrics)
         counts = streamed.counts
         if streamed.added != counts.to_score:
-            raise DragonsError(f"run {run_id}: {counts.to_score} objects to score but {streamed.added} rows came back; "
-                               "the committed parts are kept: run the same command again to score the rest")
-        manifest = writer.finish({"listed": counts.listed, "skipped": counts.skipped, "kept": counts.kept,
-                                  "new_rows": streamed.added})
+            raise DragonsError(
+                f"run {run_id}: {counts.to_score} objects to score but {streamed.added} rows came back; "
+                "the committed parts are kept: run the same command again to score the rest"
+            )
+        manifest = writer.finish(
+            {"listed": counts.listed, "skipped": counts.skipped, "kept": counts.kept, "new_rows": streamed.added}
+        )
     except BaseException as exc:
         metrics.state("failed")
         writer.fail(f"{type(exc).__name__}: {exc}")
@@ -365,34 +490,61 @@ def _run_listed(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], writer: tab
         writer.discard()
     metrics.state("complete")
     rate = manifest["errors"] / max(manifest["rows"], 1)
-    log.info("run %s complete at table version %d (its commit %d): listed %d, kept %d, skipped %d, scored %d new; "
-             "the run holds %d rows, %d errors (%.2f%%) -> %s", run_id, manifest["version"], manifest["dragons_part"],
-             manifest["listed"], manifest["kept"], manifest["skipped"], streamed.added, manifest["rows"],
-             manifest["errors"], 100 * rate, manifest["path"])
+    log.info(
+        "run %s complete at table version %d (its commit %d): listed %d, kept %d, skipped %d, scored %d new; "
+        "the run holds %d rows, %d errors (%.2f%%) -> %s",
+        run_id,
+        manifest["version"],
+        manifest["dragons_part"],
+        manifest["listed"],
+        manifest["kept"],
+        manifest["skipped"],
+        streamed.added,
+        manifest["rows"],
+        manifest["errors"],
+        100 * rate,
+        manifest["path"],
+    )
     # When things happened, seconds from the pipeline's start (for benchmarks; not committed).
-    manifest["timings"] = {"listing_done_s": round(counts.done_at - t0, 3) if counts.done_at else None,
-                           "first_part_s": round(writer.first_part_at - t0, 3) if writer.first_part_at else None,
-                           "total_s": round(time.time() - t0, 3)}
+    manifest["timings"] = {
+        "listing_done_s": round(counts.done_at - t0, 3) if counts.done_at else None,
+        "first_part_s": round(writer.first_part_at - t0, 3) if writer.first_part_at else None,
+        "total_s": round(time.time() - t0, 3),
+    }
     return manifest
 
 
 def binding(cfg: ScoreConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """What a run id is bound to: the model (its content version and classes), the input,
     and the options that change a row; a run continued with anything else is refused."""
-    return {"model_version": meta["version"], "classes": list(meta["classes"]),
-            "input": storage.redact(cfg.inventory or cfg.manifest or cfg.input), "max_bytes": cfg.max_bytes,
-            "max_pixels": cfg.max_pixels, "tta": cfg.tta}
+    return {
+        "model_version": meta["version"],
+        "classes": list(meta["classes"]),
+        "input": storage.redact(cfg.inventory or cfg.manifest or cfg.input),
+        "max_bytes": cfg.max_bytes,
+        "max_pixels": cfg.max_pixels,
+        "tta": cfg.tta,
+    }
 
 
-def _score_into(cfg: ScoreConfig, run_id: str, meta: dict[str, Any], version: int | None, listed: Listed | None,
-                writer: table.RunWriter, shared: SharedSkips | None, metrics: ScoreMetrics | None = None) -> Streamed:
+def _score_into(
+    cfg: ScoreConfig,
+    run_id: str,
+    meta: dict[str, Any],
+    version: int | None,
+    listed: Listed | None,
+    writer: table.RunWriter,
+    shared: SharedSkips | None,
+    metrics: ScoreMetrics | None = None,
+) -> Streamed:
     """Ask for GPUs (those the cluster has, or its autoscaler adds: waited for, bounded,
     and the request withdrawn when scoring ends), then plan, build and stream."""
     if listed is not None and listed.counts.to_score == 0:
         return Streamed(0, 0, listed.counts)
     want = parse_span(cfg.actors, "--actors")
-    with GpuRequest("scoring actor", cfg.use_gpu, want, cfg.gpu_wait_s, max(cfg.progress_s, 10.0), say=log.info,
-                    local=embedded()) as grant:
+    with GpuRequest(
+        "scoring actor", cfg.use_gpu, want, cfg.gpu_wait_s, max(cfg.progress_s, 10.0), say=log.info, local=embedded()
+    ) as grant:
         p = plan(cfg, run_id, meta, version, listed, cluster().cpus, grant)
         counts_actor = new_counts() if listed is None else None
         return commit_stream(build_dataset(p, counts_actor, shared), writer, p, counts_actor, metrics)
@@ -407,5 +559,7 @@ def _pipeline_error(run_id: str, exc: BaseException) -> DragonsError:
         if lines:
             return DragonsError(f"run {run_id}: " + lines[-1].split(marker, 1)[1].strip())
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return DragonsError(f"run {run_id}: scoring failed: {storage.shorten(first, 300)}; the committed parts are kept: "
-                        "run the same command again to continue (see the run's log for Ray's own lines)")
+    return DragonsError(
+        f"run {run_id}: scoring failed: {storage.shorten(first, 300)}; the committed parts are kept: "
+        "run the same command again to continue (see the run's log for Ray's own lines)"
+    )

@@ -55,8 +55,9 @@ def parse_as_of(value: str | None) -> int | datetime | None:
     try:
         ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise DragonsError(f"--as-of {value!r}: give a table version (e.g. 3) or an ISO timestamp "
-                           "(e.g. 2026-11-28T02:00:00Z)") from None
+        raise DragonsError(
+            f"--as-of {value!r}: give a table version (e.g. 3) or an ISO timestamp (e.g. 2026-11-28T02:00:00Z)"
+        ) from None
     if ts.tzinfo is None:
         from datetime import timezone
 
@@ -77,8 +78,9 @@ def _log_tables(root: str) -> tuple[pa.Table, pa.Table]:
     return table(commits, COMMIT_COLUMNS), table(runs, RUN_COLUMNS)
 
 
-def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits | None = None,
-            commit_log: bool = True) -> Any:
+def connect(
+    root: str, as_of: int | datetime | None = None, limits: QueryLimits | None = None, commit_log: bool = True
+) -> Any:
     """A locked-down DuckDB connection with the views ``scores``, ``latest``, and
     with ``commit_log`` ``runs`` and ``commits`` (they read the whole Delta log:
     callers that only scan rows, like a run's skip sets, leave them out)."""
@@ -93,7 +95,9 @@ def connect(root: str, as_of: int | datetime | None = None, limits: QueryLimits 
         dt = open_table(root, as_of)
         data = dt.to_pyarrow_dataset()
         commits, runs = _log_tables(root) if commit_log else (None, None)
-    con = duckdb.connect(":memory:", config={"threads": max(1, int(limits.threads)), "memory_limit": limits.memory_limit})
+    con = duckdb.connect(
+        ":memory:", config={"threads": max(1, int(limits.threads)), "memory_limit": limits.memory_limit}
+    )
     try:
         con.register("scores", data)
         con.execute(LATEST_SQL)
@@ -138,6 +142,7 @@ def _deadline(con: Any, limits: QueryLimits) -> Iterator[threading.Event]:
     timed_out = threading.Event()
     timer: threading.Timer | None = None
     if limits.timeout_s and limits.timeout_s > 0:
+
         def stop() -> None:
             timed_out.set()
             con.interrupt()
@@ -158,19 +163,28 @@ def _query_error(exc: BaseException, limits: QueryLimits, timed_out: threading.E
 
     first = (str(exc).splitlines() or [type(exc).__name__])[0]
     if timed_out.is_set():
-        return DragonsError(f"query stopped after --timeout {limits.timeout_s:g}s: narrow it "
-                            "(WHERE on dt/run_id, fewer columns) or raise --timeout")
+        return DragonsError(
+            f"query stopped after --timeout {limits.timeout_s:g}s: narrow it "
+            "(WHERE on dt/run_id, fewer columns) or raise --timeout"
+        )
     if isinstance(exc, duckdb.OutOfMemoryException) or "memory" in first.lower() and "limit" in first.lower():
-        return DragonsError(f"query needs more than --memory-limit {limits.memory_limit}: {first}; "
-                            "aggregate more, select fewer columns, or raise --memory-limit")
+        return DragonsError(
+            f"query needs more than --memory-limit {limits.memory_limit}: {first}; "
+            "aggregate more, select fewer columns, or raise --memory-limit"
+        )
     if isinstance(exc, duckdb.PermissionException) or "external access" in first.lower():
         return DragonsError(f"the query tried to reach files or the network, which dragons query refuses: {first}")
     return DragonsError(f"query failed: {first}")
 
 
 @contextlib.contextmanager
-def stream_sql(table_uri: str, sql: str | None = None, as_of: int | datetime | str | None = None,
-               limits: QueryLimits | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatchReader]:
+def stream_sql(
+    table_uri: str,
+    sql: str | None = None,
+    as_of: int | datetime | str | None = None,
+    limits: QueryLimits | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[pa.RecordBatchReader]:
     """The result of ``sql`` (default: one row per run) as a reader of Arrow record batches.
 
     DuckDB computes batches as the reader asks for them (a streaming result),
@@ -211,8 +225,9 @@ def stream_sql(table_uri: str, sql: str | None = None, as_of: int | datetime | s
         con.close()
 
 
-def run_sql(table_uri: str, sql: str | None = None, as_of: int | datetime | str | None = None,
-            limits: QueryLimits | None = None) -> pa.Table:
+def run_sql(
+    table_uri: str, sql: str | None = None, as_of: int | datetime | str | None = None, limits: QueryLimits | None = None
+) -> pa.Table:
     """The whole result as one table: for results known to be small (tests,
     summaries). Exports stream instead (:func:`stream_sql`)."""
     with stream_sql(table_uri, sql, as_of, limits) as reader:

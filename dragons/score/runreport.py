@@ -27,7 +27,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -63,8 +63,9 @@ class ReportOptions:
     def validate(self) -> None:
         for name in ("top", "surest", "bins", "thumb_px", "novel"):
             if getattr(self, name) < (1 if name in ("bins", "thumb_px") else 0):
-                raise DragonsError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small: give a positive "
-                                   "number")
+                raise DragonsError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)} is too small: give a positive number"
+                )
 
 
 # ----------------------------------------------------------------- SQL over one run
@@ -119,11 +120,15 @@ RUN_ROWS = "run_id = ? AND error IS NULL AND label IS NOT NULL"
 
 def list_runs(reader: RunReader) -> list[dict[str, Any]]:
     """Every run of the table (the ``runs`` view), in the order they last committed."""
-    return reader.rows("SELECT run_id, status, listed, kept, skipped, scored, errors, rows, model, model_version, input, "
-                       "dt, committed_at, first_version, last_version FROM runs ORDER BY last_version")
+    return reader.rows(
+        "SELECT run_id, status, listed, kept, skipped, scored, errors, rows, model, model_version, input, "
+        "dt, committed_at, first_version, last_version FROM runs ORDER BY last_version"
+    )
 
 
-def pick_runs(runs: list[dict[str, Any]], run_id: str | None, table_uri: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def pick_runs(
+    runs: list[dict[str, Any]], run_id: str | None, table_uri: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the run to report, the complete run before it or None).
 
     Default: the newest complete run. "Before" is commit order: the complete run
@@ -133,31 +138,46 @@ def pick_runs(runs: list[dict[str, Any]], run_id: str | None, table_uri: str) ->
         match = [r for r in runs if r["run_id"] == run_id]
         if not match:
             names = ", ".join(r["run_id"] for r in runs[-10:]) or "none"
-            raise DragonsError(f"run {run_id!r} is not in the table {shown} (its newest runs: {names}): give one of "
-                               f"them with --run-id (`dragons query --table {shown}` lists them all)")
+            raise DragonsError(
+                f"run {run_id!r} is not in the table {shown} (its newest runs: {names}): give one of "
+                f"them with --run-id (`dragons query --table {shown}` lists them all)"
+            )
         run = match[0]
     else:
         complete = [r for r in runs if r["status"] == "complete"]
         if not complete:
-            raise DragonsError(f"the table {shown} has no complete run yet: wait for the night to finish, or give "
-                               "--run-id to report a running or partial one")
+            raise DragonsError(
+                f"the table {shown} has no complete run yet: wait for the night to finish, or give "
+                "--run-id to report a running or partial one"
+            )
         run = complete[-1]
     # A complete night that scored nothing (an --incremental night with nothing new) has
     # no mix to compare with: the previous run is the one before it that scored something.
-    before = [r for r in runs if r["status"] == "complete" and r["last_version"] < run["last_version"]
-              and r["run_id"] != run["run_id"] and (r["scored"] or 0) > 0]
+    before = [
+        r
+        for r in runs
+        if r["status"] == "complete"
+        and r["last_version"] < run["last_version"]
+        and r["run_id"] != run["run_id"]
+        and (r["scored"] or 0) > 0
+    ]
     return run, (before[-1] if before else None)
 
 
 def class_counts(reader: RunReader, run_id: str) -> dict[str, int]:
-    rows = reader.rows(f"SELECT label, count(*) AS n FROM scores WHERE {RUN_ROWS} GROUP BY label ORDER BY label", [run_id])
+    rows = reader.rows(
+        f"SELECT label, count(*) AS n FROM scores WHERE {RUN_ROWS} GROUP BY label ORDER BY label", [run_id]
+    )
     return {r["label"]: int(r["n"]) for r in rows}
 
 
 def confidence_histogram(reader: RunReader, run_id: str, bins: int) -> list[int]:
     """Rows per bin of the top score over [0, 1] (a score of exactly 1 is in the last bin)."""
-    rows = reader.rows(f"SELECT least(floor(score * {int(bins)}), {int(bins) - 1})::INTEGER AS b, count(*) AS n "
-                       f"FROM scores WHERE {RUN_ROWS} GROUP BY b", [run_id])
+    rows = reader.rows(
+        f"SELECT least(floor(score * {int(bins)}), {int(bins) - 1})::INTEGER AS b, count(*) AS n "
+        f"FROM scores WHERE {RUN_ROWS} GROUP BY b",
+        [run_id],
+    )
     counts = [0] * bins
     for r in rows:
         counts[max(0, int(r["b"]))] += int(r["n"])
@@ -169,15 +189,22 @@ def errors_by_kind(reader: RunReader, run_id: str) -> tuple[dict[str, int], dict
     rows = reader.rows(
         f"SELECT trim(split_part(error, ':', 1)) AS kind, count(*) AS n, min(uri, {EXAMPLES_PER_KIND}) AS uris, "
         f"arg_min(error, uri, {EXAMPLES_PER_KIND}) AS msgs "
-        "FROM scores WHERE run_id = ? AND error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind", [run_id])
+        "FROM scores WHERE run_id = ? AND error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind",
+        [run_id],
+    )
     counts = {r["kind"]: int(r["n"]) for r in rows}
     examples = {r["kind"]: [{"uri": u, "error": m} for u, m in zip(r["uris"], r["msgs"])] for r in rows}
     return counts, examples
 
 
 def _entry(r: dict[str, Any]) -> dict[str, Any]:
-    out = {"uri": r["uri"], "label": r["label"], "score": float(r["score"]), "margin": float(r["margin"]),
-           "model_version": r.get("model_version")}
+    out = {
+        "uri": r["uri"],
+        "label": r["label"],
+        "score": float(r["score"]),
+        "margin": float(r["margin"]),
+        "model_version": r.get("model_version"),
+    }
     if r.get(NOVELTY) is not None:
         out[NOVELTY] = float(r[NOVELTY])
     return out
@@ -189,9 +216,11 @@ def most_novel(reader: RunReader, run_id: str, n: int, exclude: set[str] | None 
     if n <= 0 or not reader.has_novelty:
         return []
     extra = len(exclude or ())
-    rows = reader.rows(f"SELECT uri, label, score, {reader.margin_sql()} AS margin, {NOVELTY}, model_version "
-                       f"FROM scores WHERE {RUN_ROWS} AND {NOVELTY} IS NOT NULL ORDER BY {NOVELTY} DESC, uri LIMIT ?",
-                       [run_id, n + extra])
+    rows = reader.rows(
+        f"SELECT uri, label, score, {reader.margin_sql()} AS margin, {NOVELTY}, model_version "
+        f"FROM scores WHERE {RUN_ROWS} AND {NOVELTY} IS NOT NULL ORDER BY {NOVELTY} DESC, uri LIMIT ?",
+        [run_id, n + extra],
+    )
     return [_entry(r) for r in rows if r["uri"] not in (exclude or set())][:n]
 
 
@@ -218,8 +247,10 @@ def novel_share(reader: RunReader, run: dict[str, Any] | None) -> dict[str, Any]
     threshold = novelty_threshold(run.get("model"))
     if threshold is None:
         return None
-    r = reader.rows(f"SELECT count(*) FILTER (WHERE {NOVELTY} > ?) AS above, count({NOVELTY}) AS n FROM scores "
-                    f"WHERE {RUN_ROWS}", [threshold, run["run_id"]])[0]
+    r = reader.rows(
+        f"SELECT count(*) FILTER (WHERE {NOVELTY} > ?) AS above, count({NOVELTY}) AS n FROM scores WHERE {RUN_ROWS}",
+        [threshold, run["run_id"]],
+    )[0]
     n = int(r["n"] or 0)
     if not n:
         return None
@@ -232,8 +263,11 @@ def least_sure(reader: RunReader, run_id: str, n: int, exclude: set[str] | None 
     if n <= 0:
         return []
     extra = len(exclude or ())  # rows already taken are skipped here, so ask for that many more
-    rows = reader.rows(f"SELECT uri, label, score, {reader.margin_sql()} AS margin, model_version FROM scores "
-                       f"WHERE {RUN_ROWS} ORDER BY score, margin, uri LIMIT ?", [run_id, n + extra])
+    rows = reader.rows(
+        f"SELECT uri, label, score, {reader.margin_sql()} AS margin, model_version FROM scores "
+        f"WHERE {RUN_ROWS} ORDER BY score, margin, uri LIMIT ?",
+        [run_id, n + extra],
+    )
     out = [_entry(r) for r in rows if r["uri"] not in (exclude or set())]
     return out[:n]
 
@@ -247,14 +281,16 @@ def per_class(reader: RunReader, run_id: str, k: int, surest: bool) -> dict[str,
     rows = reader.rows(
         f"SELECT label, {fn}({{uri: uri, label: label, score: score, margin: margin, model_version: model_version}}, "
         f"{{s: score, m: margin}}, ?) AS picked FROM (SELECT uri, label, score, {reader.margin_sql()} AS margin, model_version "
-        f"FROM scores WHERE {RUN_ROWS}) GROUP BY label ORDER BY label", [k, run_id])
+        f"FROM scores WHERE {RUN_ROWS}) GROUP BY label ORDER BY label",
+        [k, run_id],
+    )
     return {r["label"]: [_entry(p) for p in r["picked"]] for r in rows}
 
 
 # ----------------------------------------------------------------- class mixes and drift
 
 
-def shares(counts: dict[str, int | float] | None) -> dict[str, float] | None:
+def shares(counts: Mapping[str, float] | None) -> dict[str, float] | None:
     """Counts as shares of their total (None when there is nothing to share)."""
     if not counts:
         return None
@@ -287,8 +323,10 @@ def compare(now: dict[str, float] | None, other: dict[str, float] | None) -> dic
     if not now or not other:
         return None
     classes = sorted(set(now) | set(other))
-    return {"js_distance": js_distance(now, other),
-            "per_class": {c: now.get(c, 0.0) - other.get(c, 0.0) for c in classes}}
+    return {
+        "js_distance": js_distance(now, other),
+        "per_class": {c: now.get(c, 0.0) - other.get(c, 0.0) for c in classes},
+    }
 
 
 def training_mix(model_uri: str | None) -> tuple[dict[str, float] | None, str | None]:
@@ -301,7 +339,10 @@ def training_mix(model_uri: str | None) -> tuple[dict[str, float] | None, str | 
     try:
         meta = read_meta(model_uri)
     except Exception as exc:  # noqa: BLE001 (moved or unreadable: the report goes on without it)
-        return None, f"the model artifact {storage.redact(model_uri)} could not be read ({storage.shorten(str(exc), 200)})"
+        return (
+            None,
+            f"the model artifact {storage.redact(model_uri)} could not be read ({storage.shorten(str(exc), 200)})",
+        )
     counts = (meta.get("data") or {}).get("train_class_counts")
     if not counts:
         return None, f"the model artifact {storage.redact(model_uri)} does not record its training class counts"
@@ -369,8 +410,12 @@ def _plot_mixes(mixes: dict[str, dict[str, float] | None], path: Path) -> None:
         x = np.arange(len(classes))
         for i, (name, mix) in enumerate(shown.items()):
             ax.bar(x + (i - (len(shown) - 1) / 2) * width, [mix.get(c, 0.0) for c in classes], width, label=name)
-        ax.set_xticks(x, [c.replace("$", r"\$") for c in classes], rotation=30 if len(classes) > 6 else 0, ha="right"
-                      if len(classes) > 6 else "center")
+        ax.set_xticks(
+            x,
+            [c.replace("$", r"\$") for c in classes],
+            rotation=30 if len(classes) > 6 else 0,
+            ha="right" if len(classes) > 6 else "center",
+        )
         ax.set_ylabel("share of predicted labels")
         ax.set_ylim(0, 1)
         ax.legend()
@@ -392,8 +437,14 @@ def _plot_confidence(edges: list[float], now: list[int], before: list[int] | Non
     try:
         for name, counts in (("this run", now), ("previous run", before)):
             if counts and sum(counts):
-                ax.stairs(np.array(counts, dtype=float) / sum(counts), edges, label=name, fill=name == "this run",
-                          alpha=0.5 if name == "this run" else 1.0, linewidth=2)
+                ax.stairs(
+                    np.array(counts, dtype=float) / sum(counts),
+                    edges,
+                    label=name,
+                    fill=name == "this run",
+                    alpha=0.5 if name == "this run" else 1.0,
+                    linewidth=2,
+                )
         ax.set_xlabel("top score")
         ax.set_ylabel("share of rows")
         ax.set_xlim(0, 1)
@@ -435,8 +486,7 @@ def _e(value: Any) -> str:
 
 
 def _img(src: str, alt: str) -> str:
-    return (f'<img src="{_e(src)}" alt="{_e(alt)}" data-state="loading" onload="loaded(this)" '
-            f'onerror="broken(this)">')
+    return f'<img src="{_e(src)}" alt="{_e(alt)}" data-state="loading" onload="loaded(this)" onerror="broken(this)">'
 
 
 def _pct(x: float | None) -> str:
@@ -455,39 +505,57 @@ def _thumb(entry: dict[str, Any], failed: dict[str, str]) -> str:
     if entry.get(NOVELTY) is not None:
         caption += f"<br>novelty {entry[NOVELTY]:.2f}"
     if entry["uri"] in failed:  # unreadable now: named, never a broken <img>
-        return (f'<figure class="missing" title="{_e(entry["uri"])}"><span class="why">unreadable: '
-                f'{_e(failed[entry["uri"]])}</span><figcaption>{caption}</figcaption></figure>')
+        return (
+            f'<figure class="missing" title="{_e(entry["uri"])}"><span class="why">unreadable: '
+            f"{_e(failed[entry['uri']])}</span><figcaption>{caption}</figcaption></figure>"
+        )
     src = f"{THUMBS_DIR}/{_thumb_name(entry['uri'])}"
-    return (f'<figure title="{_e(entry["uri"])}">{_img(src, name)}'
-            f'<span class="why"></span><figcaption>{caption}</figcaption></figure>')
+    return (
+        f'<figure title="{_e(entry["uri"])}">{_img(src, name)}'
+        f'<span class="why"></span><figcaption>{caption}</figcaption></figure>'
+    )
 
 
 def _grids(groups: dict[str, list[dict[str, Any]]], failed: dict[str, str]) -> str:
     if not groups:
         return "<p>none</p>"
-    return "".join(f"<h3>{_e(label)} ({len(items)})</h3><div class=\"grid\">"
-                   + "".join(_thumb(e, failed) for e in items) + "</div>" for label, items in groups.items())
+    return "".join(
+        f'<h3>{_e(label)} ({len(items)})</h3><div class="grid">' + "".join(_thumb(e, failed) for e in items) + "</div>"
+        for label, items in groups.items()
+    )
 
 
 def _drift_line(s: dict[str, Any]) -> str:
     js = s["drift"]["js_distance"]
     if js is None:
-        return "<p class=\"drift\">No previous complete run in this table to compare with.</p>"
-    return (f"<p class=\"drift\">Class-mix drift from <b>{_e(s['previous_run_id'])}</b>: Jensen-Shannon distance "
-            f"<b>{js:.3f}</b> (0 = the same mix, 1 = no class in common)</p>")
+        return '<p class="drift">No previous complete run in this table to compare with.</p>'
+    return (
+        f'<p class="drift">Class-mix drift from <b>{_e(s["previous_run_id"])}</b>: Jensen-Shannon distance '
+        f"<b>{js:.3f}</b> (0 = the same mix, 1 = no class in common)</p>"
+    )
 
 
 def _novelty_section(nov: dict[str, Any], previous: str | None, failed: dict[str, str]) -> list[str]:
     """What the model does not know: the share of rows above the training threshold, and the most novel images."""
     head = "<h2>Novelty: what the model does not know</h2>"
     if nov["share"] is None:
-        return [head, ("<p>No novelty scores for this run: its model was trained without novelty statistics "
-                       "(retrain it with this dragons), or the table predates the novelty column.</p>")]
-    before = ("no previous run with novelty to compare with" if nov["previous_share"] is None
-              else f"previous run {_e(previous)}: {_pct(nov['previous_share'])}")
-    line = (f'<p class="novelty">Rows above the model\'s novelty threshold ({nov["threshold_p95"]:.2f}, the 95th '
-            f"percentile of its held-out training-time images, so about 5% when nothing changed): "
-            f"<b>{_pct(nov['share'])}</b> ({nov['above']} of {nov['rows']}); {before}.</p>")
+        return [
+            head,
+            (
+                "<p>No novelty scores for this run: its model was trained without novelty statistics "
+                "(retrain it with this dragons), or the table predates the novelty column.</p>"
+            ),
+        ]
+    before = (
+        "no previous run with novelty to compare with"
+        if nov["previous_share"] is None
+        else f"previous run {_e(previous)}: {_pct(nov['previous_share'])}"
+    )
+    line = (
+        f'<p class="novelty">Rows above the model\'s novelty threshold ({nov["threshold_p95"]:.2f}, the 95th '
+        f"percentile of its held-out training-time images, so about 5% when nothing changed): "
+        f"<b>{_pct(nov['share'])}</b> ({nov['above']} of {nov['rows']}); {before}.</p>"
+    )
     grid = _grids({"the most novel images": nov["most_novel"]}, failed) if nov["most_novel"] else "<p>none</p>"
     return [head, line, grid]
 
@@ -497,34 +565,56 @@ def render_html(s: dict[str, Any], failed: dict[str, str]) -> str:
     c = s["counts"]
     mixes = [("this run", s["class_mix"]), ("previous", s["previous_class_mix"]), ("training", s["training_class_mix"])]
     classes = sorted({k for _, m in mixes if m for k in m})
-    mix_rows = [[_e(k)] + [_pct((m or {}).get(k) if m else None) for _, m in mixes]
-                + [_pct(s["drift"]["per_class"].get(k)) if s["drift"]["per_class"] else "&ndash;"] for k in classes]
-    err_rows = [[_e(k), f'<span class="num">{n}</span>',
-                 "<br>".join(f"<code>{_e(x['uri'])}</code>" for x in s["error_examples"].get(k, []))]
-                for k, n in s["errors_by_kind"].items()]
+    mix_rows = [
+        [_e(k)]
+        + [_pct((m or {}).get(k) if m else None) for _, m in mixes]
+        + [_pct(s["drift"]["per_class"].get(k)) if s["drift"]["per_class"] else "&ndash;"]
+        for k in classes
+    ]
+    err_rows = [
+        [
+            _e(k),
+            f'<span class="num">{n}</span>',
+            "<br>".join(f"<code>{_e(x['uri'])}</code>" for x in s["error_examples"].get(k, [])),
+        ]
+        for k, n in s["errors_by_kind"].items()
+    ]
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in s["uncertain"]:
         groups.setdefault(e["label"], []).append(e)
     unreadable = "".join(f"<li><code>{_e(u)}</code>: {_e(r)}</li>" for u, r in failed.items())
     title = f"dragons run {s['run_id']}"
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
         f"<h1>{_e(title)}</h1>",
-        (f"<p>Table <code>{_e(s['table'])}</code>; status {_e(s['status'])}; model version "
-         f"<code>{_e(s['model_version'])}</code>; input <code>{_e(s['input'])}</code>; previous run: "
-         f"{_e(s['previous_run_id'] or 'none')}. Generated {_e(s['generated_at'])}.</p>"),
-        _table(["listed", "skipped", "scored", "errors"], [[f'<span class="num">{c[k]}</span>' if c[k] is not None
-                                                            else "&ndash;" for k in ("listed", "skipped", "scored", "errors")]]),
-        "<h2>Class mix</h2>", _drift_line(s),
+        (
+            f"<p>Table <code>{_e(s['table'])}</code>; status {_e(s['status'])}; model version "
+            f"<code>{_e(s['model_version'])}</code>; input <code>{_e(s['input'])}</code>; previous run: "
+            f"{_e(s['previous_run_id'] or 'none')}. Generated {_e(s['generated_at'])}.</p>"
+        ),
+        _table(
+            ["listed", "skipped", "scored", "errors"],
+            [
+                [
+                    f'<span class="num">{c[k]}</span>' if c[k] is not None else "&ndash;"
+                    for k in ("listed", "skipped", "scored", "errors")
+                ]
+            ],
+        ),
+        "<h2>Class mix</h2>",
+        _drift_line(s),
         f'<figure class="plot">{_img(MIX_PLOT, "class mix")}<span class="why"></span></figure>',
         _table(["class", "this run", "previous", "training", "change vs previous"], mix_rows),
         "<h2>Confidence</h2>",
         f'<figure class="plot">{_img(CONFIDENCE_PLOT, "confidence histogram")}<span class="why"></span></figure>',
         "<h2>Errors</h2>",
         _table(["kind", "rows", "examples"], err_rows) if err_rows else "<p>No error rows.</p>",
-        f"<h2>The {len(s['uncertain'])} least sure images, by predicted class</h2>", _grids(groups, failed),
-        "<h2>The surest images per predicted class</h2>", _grids(s["surest"], failed),
+        f"<h2>The {len(s['uncertain'])} least sure images, by predicted class</h2>",
+        _grids(groups, failed),
+        "<h2>The surest images per predicted class</h2>",
+        _grids(s["surest"], failed),
         *_novelty_section(s["novelty"], s["previous_run_id"], failed),
     ]
     if failed:
@@ -538,7 +628,9 @@ def render_html(s: dict[str, Any], failed: dict[str, str]) -> str:
 # ----------------------------------------------------------------- the report
 
 
-def _summary(reader: RunReader, run: dict[str, Any], prev: dict[str, Any] | None, opts: ReportOptions) -> dict[str, Any]:
+def _summary(
+    reader: RunReader, run: dict[str, Any], prev: dict[str, Any] | None, opts: ReportOptions
+) -> dict[str, Any]:
     """Everything the page shows, from aggregates and Top-N queries (no image read yet)."""
     rid = run["run_id"]
     now_counts = class_counts(reader, rid)
@@ -551,22 +643,41 @@ def _summary(reader: RunReader, run: dict[str, Any], prev: dict[str, Any] | None
     if run["status"] != "complete":
         notes.append(f"run {rid} is {run['status']}, not complete: its counts are what it has committed so far")
     return {
-        "run_id": rid, "previous_run_id": prev["run_id"] if prev else None, "status": run["status"],
-        "table": storage.redact(reader.table_uri), "model": run.get("model"), "model_version": run.get("model_version"),
-        "input": run.get("input"), "dt": run.get("dt"), "committed_at": run.get("committed_at"),
+        "run_id": rid,
+        "previous_run_id": prev["run_id"] if prev else None,
+        "status": run["status"],
+        "table": storage.redact(reader.table_uri),
+        "model": run.get("model"),
+        "model_version": run.get("model_version"),
+        "input": run.get("input"),
+        "dt": run.get("dt"),
+        "committed_at": run.get("committed_at"),
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "counts": {k: run.get(k) for k in ("listed", "skipped", "scored", "errors")},
-        "errors_by_kind": kinds, "error_examples": examples,
-        "class_counts": now_counts, "class_mix": mix, "previous_class_mix": prev_mix, "training_class_mix": train_mix,
-        "drift": {"js_distance": vs_prev["js_distance"] if vs_prev else None,
-                  "per_class": vs_prev["per_class"] if vs_prev else {}, "vs_training": vs_train},
-        "confidence": {"bins": opts.bins, "edges": [i / opts.bins for i in range(opts.bins + 1)],
-                       "now": confidence_histogram(reader, rid, opts.bins),
-                       "previous": confidence_histogram(reader, prev["run_id"], opts.bins) if prev else None},
-        "uncertain": [{k: e[k] for k in ("uri", "label", "score", "margin")}
-                      for e in least_sure(reader, rid, opts.top)],
-        "surest": {label: [{k: e[k] for k in ("uri", "label", "score", "margin")} for e in items]
-                   for label, items in per_class(reader, rid, opts.surest, surest=True).items()},
+        "errors_by_kind": kinds,
+        "error_examples": examples,
+        "class_counts": now_counts,
+        "class_mix": mix,
+        "previous_class_mix": prev_mix,
+        "training_class_mix": train_mix,
+        "drift": {
+            "js_distance": vs_prev["js_distance"] if vs_prev else None,
+            "per_class": vs_prev["per_class"] if vs_prev else {},
+            "vs_training": vs_train,
+        },
+        "confidence": {
+            "bins": opts.bins,
+            "edges": [i / opts.bins for i in range(opts.bins + 1)],
+            "now": confidence_histogram(reader, rid, opts.bins),
+            "previous": confidence_histogram(reader, prev["run_id"], opts.bins) if prev else None,
+        },
+        "uncertain": [
+            {k: e[k] for k in ("uri", "label", "score", "margin")} for e in least_sure(reader, rid, opts.top)
+        ],
+        "surest": {
+            label: [{k: e[k] for k in ("uri", "label", "score", "margin")} for e in items]
+            for label, items in per_class(reader, rid, opts.surest, surest=True).items()
+        },
         "novelty": _novelty_summary(reader, run, prev, opts.novel),
         "notes": notes,
     }
@@ -576,11 +687,17 @@ def _novelty_summary(reader: RunReader, run: dict[str, Any], prev: dict[str, Any
     """The run's share of novel rows (above its model's threshold) against the previous run's, and
     its most novel images. ``share`` is None when the run has no novelty (older model or table)."""
     now, before = novel_share(reader, run), novel_share(reader, prev)
-    return {"threshold_p95": now["threshold_p95"] if now else None, "above": now["above"] if now else None,
-            "rows": now["rows"] if now else None, "share": now["share"] if now else None,
-            "previous_share": before["share"] if before else None,
-            "most_novel": [{k: e[k] for k in ("uri", "label", "score", "margin", NOVELTY)}
-                           for e in most_novel(reader, run["run_id"], n)]}
+    return {
+        "threshold_p95": now["threshold_p95"] if now else None,
+        "above": now["above"] if now else None,
+        "rows": now["rows"] if now else None,
+        "share": now["share"] if now else None,
+        "previous_share": before["share"] if before else None,
+        "most_novel": [
+            {k: e[k] for k in ("uri", "label", "score", "margin", NOVELTY)}
+            for e in most_novel(reader, run["run_id"], n)
+        ],
+    }
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -593,15 +710,24 @@ def _write_text(path: Path, text: str) -> None:
 def _render(folder: Path, s: dict[str, Any], opts: ReportOptions) -> dict[str, str]:
     """Plots, thumbnails, summary.json and index.html (last) into ``folder``; returns failed thumbnails."""
     folder.mkdir(parents=True, exist_ok=True)
-    _plot_mixes({"this run": s["class_mix"], "previous run": s["previous_class_mix"],
-                 "training": s["training_class_mix"]}, folder / MIX_PLOT)
+    _plot_mixes(
+        {"this run": s["class_mix"], "previous run": s["previous_class_mix"], "training": s["training_class_mix"]},
+        folder / MIX_PLOT,
+    )
     conf = s["confidence"]
     _plot_confidence(conf["edges"], conf["now"], conf["previous"], folder / CONFIDENCE_PLOT)
-    uris = list(dict.fromkeys([e["uri"] for e in s["uncertain"]]
-                              + [e["uri"] for items in s["surest"].values() for e in items]
-                              + [e["uri"] for e in s["novelty"]["most_novel"]]))
+    uris = list(
+        dict.fromkeys(
+            [e["uri"] for e in s["uncertain"]]
+            + [e["uri"] for items in s["surest"].values() for e in items]
+            + [e["uri"] for e in s["novelty"]["most_novel"]]
+        )
+    )
     failed = _Thumbnailer(folder / THUMBS_DIR, opts.thumb_px).all(uris)
-    s["thumbnails"] = {"written": len(uris) - len(failed), "failed": [{"uri": u, "reason": r} for u, r in failed.items()]}
+    s["thumbnails"] = {
+        "written": len(uris) - len(failed),
+        "failed": [{"uri": u, "reason": r} for u, r in failed.items()],
+    }
     _write_text(folder / SUMMARY_FILE, json.dumps(storage.redact_obj(s), indent=2) + "\n")
     _write_text(folder / INDEX_FILE, render_html(s, failed))
     return failed
@@ -619,10 +745,17 @@ def _local_folder(out_dir: str) -> Iterator[Path]:
         storage.upload_dir(tmp, loc.uri)
 
 
-def write_run_report(table_uri: str, out_dir: str, run_id: str | None = None, top: int = ReportOptions.top,
-                     surest: int = ReportOptions.surest, bins: int = ReportOptions.bins,
-                     thumb_px: int = ReportOptions.thumb_px, limits: QueryLimits | None = None,
-                     novel: int = ReportOptions.novel) -> dict[str, Any]:
+def write_run_report(
+    table_uri: str,
+    out_dir: str,
+    run_id: str | None = None,
+    top: int = ReportOptions.top,
+    surest: int = ReportOptions.surest,
+    bins: int = ReportOptions.bins,
+    thumb_px: int = ReportOptions.thumb_px,
+    limits: QueryLimits | None = None,
+    novel: int = ReportOptions.novel,
+) -> dict[str, Any]:
     """Write ``out_dir``/index.html, summary.json, plots and thumbs/ for one run of the
     table (default: its newest complete run); returns the summary.
 
@@ -643,7 +776,9 @@ def write_run_report(table_uri: str, out_dir: str, run_id: str | None = None, to
         with _local_folder(out_dir) as folder:  # an S3 report is uploaded when complete
             _render(folder, s, opts)
     except OSError as exc:
-        raise DragonsError(f"--out {out_dir}: cannot write the report there ({exc.strerror or exc}): check the "
-                           "folder's permissions and free space") from None
+        raise DragonsError(
+            f"--out {out_dir}: cannot write the report there ({exc.strerror or exc}): check the "
+            "folder's permissions and free space"
+        ) from None
     s["report"] = storage.join(out_dir, INDEX_FILE)
     return s

@@ -18,25 +18,37 @@ PARTITION = "dt"
 
 # What the listing knows about each object; carried through decode and scoring
 # into the row, so --incremental can skip objects whose etag and size are unchanged.
-LISTING_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False), pa.field("etag", pa.string()), pa.field("size", pa.int64()),
-    pa.field("last_modified", pa.timestamp("us", tz="UTC")),
-])
+LISTING_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("etag", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("last_modified", pa.timestamp("us", tz="UTC")),
+    ]
+)
 PASSTHROUGH = tuple(f.name for f in LISTING_SCHEMA if f.name != "uri")
 
 
 def schema(classes: list[str]) -> pa.Schema:
     """A scores table's columns: ``label`` is the predicted class (``None`` on an
     error row), ``score`` its probability, one ``p_<class>`` per class, ``novelty``."""
-    cols = [pa.field("uri", pa.string(), nullable=False), pa.field("label", pa.string()), pa.field("score", pa.float64())]
+    cols = [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float64()),
+    ]
     cols += [pa.field(prob_column(c), pa.float64()) for c in classes]
     # Novelty (dragons.novelty): NULL on error rows and for models without statistics. Tables
     # written before it gain the column on their next append (schema_mode="merge"); older rows read NULL.
     cols += [pa.field(NOVELTY, pa.float64())]
-    cols += [pa.field("model_version", pa.string()), pa.field("run_id", pa.string()),
-             pa.field("scored_at", pa.timestamp("us", tz="UTC")), pa.field("error", pa.string()),
-             *[LISTING_SCHEMA.field(name) for name in PASSTHROUGH],
-             pa.field(PARTITION, pa.string())]
+    cols += [
+        pa.field("model_version", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC")),
+        pa.field("error", pa.string()),
+        *[LISTING_SCHEMA.field(name) for name in PASSTHROUGH],
+        pa.field(PARTITION, pa.string()),
+    ]
     return pa.schema(cols)
 
 
@@ -51,21 +63,65 @@ LATEST_SQL = f"CREATE VIEW latest AS SELECT * FROM scores {newest_row('uri, mode
 
 # The `commits` view: one row per table version, from the Delta log.
 COMMIT_COLUMNS = {
-    "version": pa.int64(), "committed_at": pa.string(), "operation": pa.string(), "run_id": pa.string(),
-    "status": pa.string(), "part": pa.int64(), "part_rows": pa.int64(), "listed": pa.int64(), "skipped": pa.int64(),
-    "kept": pa.int64(), "scored": pa.int64(), "errors": pa.int64(), "rows": pa.int64(), "model_version": pa.string(),
-    "model": pa.string(), "input": pa.string(), "incremental": pa.bool_(), "dt": pa.string(), "failure": pa.string(),
-    "files_added": pa.int64(), "files_removed": pa.int64(),
+    "version": pa.int64(),
+    "committed_at": pa.string(),
+    "operation": pa.string(),
+    "run_id": pa.string(),
+    "status": pa.string(),
+    "part": pa.int64(),
+    "part_rows": pa.int64(),
+    "listed": pa.int64(),
+    "skipped": pa.int64(),
+    "kept": pa.int64(),
+    "scored": pa.int64(),
+    "errors": pa.int64(),
+    "rows": pa.int64(),
+    "model_version": pa.string(),
+    "model": pa.string(),
+    "input": pa.string(),
+    "incremental": pa.bool_(),
+    "dt": pa.string(),
+    "failure": pa.string(),
+    "files_added": pa.int64(),
+    "files_removed": pa.int64(),
 }
 # The `runs` view: one row per run id (table.runs_summary).
 RUN_COLUMNS = {
-    "run_id": pa.string(), "status": pa.string(), "parts": pa.int64(), "dt": pa.string(), "started_at": pa.string(),
-    "committed_at": pa.string(), "listed": pa.int64(), "skipped": pa.int64(), "kept": pa.int64(), "scored": pa.int64(),
-    "errors": pa.int64(), "rows": pa.int64(), "model_version": pa.string(), "model": pa.string(), "input": pa.string(),
-    "incremental": pa.bool_(), "failure": pa.string(), "first_version": pa.int64(), "last_version": pa.int64(),
+    "run_id": pa.string(),
+    "status": pa.string(),
+    "parts": pa.int64(),
+    "dt": pa.string(),
+    "started_at": pa.string(),
+    "committed_at": pa.string(),
+    "listed": pa.int64(),
+    "skipped": pa.int64(),
+    "kept": pa.int64(),
+    "scored": pa.int64(),
+    "errors": pa.int64(),
+    "rows": pa.int64(),
+    "model_version": pa.string(),
+    "model": pa.string(),
+    "input": pa.string(),
+    "incremental": pa.bool_(),
+    "failure": pa.string(),
+    "first_version": pa.int64(),
+    "last_version": pa.int64(),
 }
 
 # `dragons query` without SQL, and the demo: the runs, oldest first.
-SUMMARY_COLUMNS = ("run_id", "status", "parts", "dt", "committed_at", "listed", "kept", "skipped", "scored", "errors",
-                   "rows", "model_version", "input")
+SUMMARY_COLUMNS = (
+    "run_id",
+    "status",
+    "parts",
+    "dt",
+    "committed_at",
+    "listed",
+    "kept",
+    "skipped",
+    "scored",
+    "errors",
+    "rows",
+    "model_version",
+    "input",
+)
 SUMMARY_SQL = f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM runs ORDER BY first_version"

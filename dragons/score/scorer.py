@@ -31,10 +31,12 @@ class ModelChanged(DragonsError):
 def check_pinned(uri: str, version: str, classes: list[str], want_version: str, want_classes: list[str]) -> None:
     """Every actor (and every restarted one) scores with the run's model, or the run stops."""
     if version != want_version or list(classes) != list(want_classes):
-        raise ModelChanged(f"the model at {storage.redact(uri)} changed during the run: this run scores with version "
-                           f"{want_version} (classes {want_classes}) but a scoring actor loaded version {version} "
-                           f"(classes {list(classes)}); none of its rows is committed. A run scores with one model: rescore it "
-                           "with the new model (--replace), or score the new model under a new --run-id")
+        raise ModelChanged(
+            f"the model at {storage.redact(uri)} changed during the run: this run scores with version "
+            f"{want_version} (classes {want_classes}) but a scoring actor loaded version {version} "
+            f"(classes {list(classes)}); none of its rows is committed. A run scores with one model: rescore it "
+            "with the new model (--replace), or score the new model under a new --run-id"
+        )
 
 
 def too_large(block: pa.Table, max_bytes: int) -> pa.Array:
@@ -49,11 +51,15 @@ def refused_rows(block: pa.Table, classes: list[str], max_bytes: int) -> pa.Tabl
     the one a read would give (``storage``'s), built column-wise."""
     n = block.num_rows
     msg = pc.binary_join_element_wise(
-        "too_large: ", block.column("uri"), " is ", pc.cast(block.column("size"), pa.string()),
-        f" bytes, over the {max_bytes}-byte limit (--max-bytes)", "")
+        "too_large: ",
+        block.column("uri"),
+        " is ",
+        pc.cast(block.column("size"), pa.string()),
+        f" bytes, over the {max_bytes}-byte limit (--max-bytes)",
+        "",
+    )
     nulls = pa.nulls(n, pa.float64())
-    cols: dict[str, Any] = {"uri": block.column("uri"), "label": pa.nulls(n, pa.string()), "score": nulls,
-                            "error": msg}
+    cols: dict[str, Any] = {"uri": block.column("uri"), "label": pa.nulls(n, pa.string()), "score": nulls, "error": msg}
     cols.update({prob_column(c): nulls for c in classes})
     cols[NOVELTY] = nulls
     return _with_passthrough(pa.table(cols), block)
@@ -79,8 +85,15 @@ class Scorer:
     and the block arrives with base squares in ``image`` and ``error``.
     """
 
-    def __init__(self, model_uri: str, tta: int, threads: int, decode: DecodeBatch | None = None,
-                 chunk: int = 8, pinned: tuple[str, list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        model_uri: str,
+        tta: int,
+        threads: int,
+        decode: DecodeBatch | None = None,
+        chunk: int = 8,
+        pinned: tuple[str, list[str]] | None = None,
+    ) -> None:
         from dragons.predictor import Predictor
 
         self.art = artifact.load(model_uri)
@@ -145,9 +158,13 @@ class Scorer:
 
     def _rows(self, block: pa.Table, probs: np.ndarray, errors: np.ndarray, novelty: np.ndarray) -> pa.Table:
         cols = prediction_columns(self.classes, probs, list(errors), novelty)
-        rows = pa.table({"uri": block.column("uri"), "label": pa.array(cols.pop("label"), pa.string()),
-                         "score": pa.array(cols.pop("score"), pa.float64(), from_pandas=True),
-                         "error": pa.array(cols.pop("error"), pa.string()),
-                         **{k: pa.array(v, pa.float64(), from_pandas=True) for k, v in cols.items()}})
+        rows = pa.table(
+            {
+                "uri": block.column("uri"),
+                "label": pa.array(cols.pop("label"), pa.string()),
+                "score": pa.array(cols.pop("score"), pa.float64(), from_pandas=True),
+                "error": pa.array(cols.pop("error"), pa.string()),
+                **{k: pa.array(v, pa.float64(), from_pandas=True) for k, v in cols.items()},
+            }
+        )
         return _with_passthrough(rows, block)
-

@@ -78,11 +78,15 @@ def _manifest_pages(uri: str, page_rows: int) -> Iterator[pa.Table]:
             names = f.schema_arrow.names
             if "uri" not in names:
                 raise DragonsError(f"--manifest {shown} has no 'uri' column (columns: {names})")
-            batches: Iterator[pa.RecordBatch] = f.iter_batches(batch_size=page_rows,
-                                                               columns=[c for c in types if c in names])
+            batches: Iterator[pa.RecordBatch] = f.iter_batches(
+                batch_size=page_rows, columns=[c for c in types if c in names]
+            )
         else:
-            f = pcsv.open_csv(fs.open_input_stream(path), read_options=pcsv.ReadOptions(block_size=1 << 20),
-                              convert_options=pcsv.ConvertOptions(column_types={"uri": pa.string(), "etag": pa.string()}))
+            f = pcsv.open_csv(
+                fs.open_input_stream(path),
+                read_options=pcsv.ReadOptions(block_size=1 << 20),
+                convert_options=pcsv.ConvertOptions(column_types={"uri": pa.string(), "etag": pa.string()}),
+            )
             if "uri" not in f.schema.names:
                 raise DragonsError(f"--manifest {shown} has no 'uri' column (columns: {f.schema.names})")
             batches = iter(f)
@@ -91,8 +95,14 @@ def _manifest_pages(uri: str, page_rows: int) -> Iterator[pa.Table]:
             col = batch.column(batch.schema.get_field_index("uri")).cast(pa.string())
             keep = pc.and_(pc.is_valid(col), pc.not_equal(pc.utf8_length(pc.fill_null(col, "")), 0))
             page = pa.Table.from_arrays(
-                [batch.column(batch.schema.get_field_index(c)).cast(t) if c in batch.schema.names
-                 else pa.nulls(batch.num_rows, t) for c, t in types.items()], schema=LISTING_SCHEMA).filter(keep)
+                [
+                    batch.column(batch.schema.get_field_index(c)).cast(t)
+                    if c in batch.schema.names
+                    else pa.nulls(batch.num_rows, t)
+                    for c, t in types.items()
+                ],
+                schema=LISTING_SCHEMA,
+            ).filter(keep)
             dropped += batch.num_rows - page.num_rows
             for start in range(0, page.num_rows, page_rows):
                 yield page.slice(start, page_rows)
@@ -101,8 +111,10 @@ def _manifest_pages(uri: str, page_rows: int) -> Iterator[pa.Table]:
     except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as exc:
         if not storage.exists(uri):
             raise DragonsError(f"--manifest {shown} does not exist: check the path") from None
-        raise DragonsError(f"--manifest {shown} is not a readable Parquet/CSV file with a 'uri' column (and "
-                           f"optionally size, etag, last_modified): {storage.shorten(str(exc), 200)}") from None
+        raise DragonsError(
+            f"--manifest {shown} is not a readable Parquet/CSV file with a 'uri' column (and "
+            f"optionally size, etag, last_modified): {storage.shorten(str(exc), 200)}"
+        ) from None
     if dropped:  # nothing to name a row by: say so rather than drop them silently
         log.warning("--manifest %s: %d rows have an empty or null uri and are left out", shown, dropped)
 
@@ -199,8 +211,15 @@ def load_run_skips(cfg: ScoreConfig, version: int | None, model_version: str, ru
     """The run's skip sets as of ``version``, within --skip-memory-limit."""
     from dragons.score.incremental import load_skips
 
-    return load_skips(cfg.output, version, model_version, run_id, cfg.incremental, cfg.retry_errors,
-                      memory_limit=cfg.skip_memory_limit)
+    return load_skips(
+        cfg.output,
+        version,
+        model_version,
+        run_id,
+        cfg.incremental,
+        cfg.retry_errors,
+        memory_limit=cfg.skip_memory_limit,
+    )
 
 
 @dataclass(frozen=True)
@@ -222,8 +241,9 @@ def share_skips(skips: Any) -> SharedSkips | None:
     return SharedSkips(ray.get_runtime_context().get_node_id(), *skips.paths)
 
 
-def _load_skips(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str,
-                shared: SharedSkips | None = None) -> Any:
+def _load_skips(
+    cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, shared: SharedSkips | None = None
+) -> Any:
     """A stream's skip sets: the driver's files when the stream runs on its node, else built here."""
     if shared is not None:
         import ray
@@ -231,13 +251,21 @@ def _load_skips(cfg: ScoreConfig, version: int | None, model_version: str, run_i
         from dragons.score.incremental import Skips
 
         if ray.get_runtime_context().get_node_id() == shared.node and all(
-                os.path.exists(p) for p in (shared.done, shared.known)):
+            os.path.exists(p) for p in (shared.done, shared.known)
+        ):
             return Skips.mapped(shared.done, shared.known)
     return load_run_skips(cfg, version, model_version, run_id)
 
 
-def todo_blocks(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, rows_per_block: int,
-                report: Any, skips: Any = None) -> Iterator[pa.Table]:
+def todo_blocks(
+    cfg: ScoreConfig,
+    version: int | None,
+    model_version: str,
+    run_id: str,
+    rows_per_block: int,
+    report: Any,
+    skips: Any = None,
+) -> Iterator[pa.Table]:
     """List (one stream), drop what the run skips, and cut what is left into blocks of ``rows_per_block``.
 
     Deterministic for a given table ``version`` (the skip sets are read as of it;
@@ -270,8 +298,11 @@ def new_counts() -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(CountsActor).options(
-        scheduling_strategy=here, name=COUNTS_ACTOR_PREFIX + secrets.token_hex(4)).remote()
+    return (
+        ray.remote(num_cpus=0)(CountsActor)
+        .options(scheduling_strategy=here, name=COUNTS_ACTOR_PREFIX + secrets.token_hex(4))
+        .remote()
+    )
 
 
 def counts_now(actor: Any) -> Counts:
@@ -289,11 +320,15 @@ def final_counts(actor: Any) -> Counts:
     try:
         counts: Counts = ray.get(actor.counts.remote())
     except ray.exceptions.RayError as exc:
-        raise DragonsError(f"the listing's counts were lost ({type(exc).__name__}); the committed parts are kept: "
-                           "run the same command again to continue") from None
+        raise DragonsError(
+            f"the listing's counts were lost ({type(exc).__name__}); the committed parts are kept: "
+            "run the same command again to continue"
+        ) from None
     if not counts.done:
-        raise DragonsError("the listing ended before its last page (its read task failed); the committed parts are "
-                           "kept: run the same command again to continue")
+        raise DragonsError(
+            "the listing ended before its last page (its read task failed); the committed parts are "
+            "kept: run the same command again to continue"
+        )
     return counts
 
 
@@ -314,8 +349,15 @@ def plan_units(cfg: ScoreConfig) -> list[list[listing.Unit]]:
     return [units[i::n] for i in range(n)]
 
 
-def listing_dataset(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, counts: Any,
-                    shared: SharedSkips | None = None, target_bytes: int = STREAM_BLOCK_BYTES) -> Any:
+def listing_dataset(
+    cfg: ScoreConfig,
+    version: int | None,
+    model_version: str,
+    run_id: str,
+    counts: Any,
+    shared: SharedSkips | None = None,
+    target_bytes: int = STREAM_BLOCK_BYTES,
+) -> Any:
     """The objects to score as a Ray Data dataset streamed by up to --list-concurrency
     listing read tasks (``counts``: the actor from ``new_counts``; ``shared``: the
     driver's skip-set files), in blocks of about ``target_bytes`` (``block_bytes``)."""
@@ -329,10 +371,15 @@ def listing_dataset(cfg: ScoreConfig, version: int | None, model_version: str, r
     node = ray.get_runtime_context().get_node_id()
     ds = ray.data.read_datasource(
         listing_source(cfg, version, model_version, run_id, streams, counts, shared),
-        override_num_blocks=len(streams), num_cpus=LISTING_CPU, memory=LISTING_MEMORY,
+        override_num_blocks=len(streams),
+        num_cpus=LISTING_CPU,
+        memory=LISTING_MEMORY,
         # Retried when a stream's process dies: its replay is exactly once (_stream_pages).
-        ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True),
-                         "max_retries": LISTING_RETRIES})
+        ray_remote_args={
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True),
+            "max_retries": LISTING_RETRIES,
+        },
+    )
     # Ray Data merges what a read task yields until it passes this many bytes and
     # slices what passes 1.5 times it (output_buffer.py): pages are cut to land in
     # between, so each page leaves as one block (PAGE_OVER, _stream_pages).
@@ -340,8 +387,15 @@ def listing_dataset(cfg: ScoreConfig, version: int | None, model_version: str, r
     return ds
 
 
-def listing_source(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str,
-                   streams: list[list[listing.Unit]], counts: Any, shared: SharedSkips | None = None) -> Any:
+def listing_source(
+    cfg: ScoreConfig,
+    version: int | None,
+    model_version: str,
+    run_id: str,
+    streams: list[list[listing.Unit]],
+    counts: Any,
+    shared: SharedSkips | None = None,
+) -> Any:
     """A Ray Data datasource of one read task per stream of units: the first
     blocks reach the scoring actors while the listing goes on."""
     from ray.data.block import BlockMetadata
@@ -357,8 +411,9 @@ def listing_source(cfg: ScoreConfig, version: int | None, model_version: str, ru
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context: Any = None) -> list[ReadTask]:
+        def get_read_tasks(
+            self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+        ) -> list[ReadTask]:
             return [task(i) for i in range(len(streams))]
 
     return ListingSource()
@@ -453,8 +508,9 @@ class _Page:
         return self.listed, self.kept, self.skipped, sum(p.num_rows for p in self.parts)
 
 
-def cut_pages(chunks: Iterator[Chunk], skips: Any, anchors: list[Anchor],
-              limit: int) -> Iterator[tuple[_Page, Anchor | None]]:
+def cut_pages(
+    chunks: Iterator[Chunk], skips: Any, anchors: list[Anchor], limit: int
+) -> Iterator[tuple[_Page, Anchor | None]]:
     """A stream's pages: the first ``len(anchors)`` end at their anchors, later ones
     at the row that takes their rows to score past ``limit`` bytes; the last page
     (no anchor) holds what is left."""
@@ -487,9 +543,17 @@ def cut_pages(chunks: Iterator[Chunk], skips: Any, anchors: list[Anchor],
     yield page, None
 
 
-def _stream_pages(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str, stream: int,
-                  units: list[listing.Unit], counts: Any, shared: SharedSkips | None = None,
-                  target: int | None = None) -> Iterator[pa.Table]:
+def _stream_pages(
+    cfg: ScoreConfig,
+    version: int | None,
+    model_version: str,
+    run_id: str,
+    stream: int,
+    units: list[listing.Unit],
+    counts: Any,
+    shared: SharedSkips | None = None,
+    target: int | None = None,
+) -> Iterator[pa.Table]:
     """One listing stream's blocks (one per page), anchored and counted in ``counts``."""
     import ray
     from ray.data.context import DataContext
@@ -504,7 +568,8 @@ def _stream_pages(cfg: ScoreConfig, version: int | None, model_version: str, run
                 raise DragonsError(
                     f"the objects under --input {storage.redact(cfg.input)} changed too much while a listing stream "
                     f"was retried (page {j} of stream {stream} now holds {block.num_rows} objects to score): it stops "
-                    "rather than score one twice; the committed parts are kept: run the same command again")
+                    "rather than score one twice; the committed parts are kept: run the same command again"
+                )
             if at is not None:
                 ray.get(counts.anchor.remote(stream, j, at))
             ray.get(counts.report.remote((stream, j), *page.counts()))

@@ -90,8 +90,10 @@ def open_table(root: str, version: int | str | datetime | None = None) -> Any:
         except BaseException as exc:  # delta-rs raises several types for a bad version/time
             if not isinstance(exc, Exception) and not storage.is_delta_failure(exc):
                 raise
-            raise DragonsError(f"--as-of {version}: no such table version ({storage.short_error(exc)}); "
-                               f"versions run from 0 to {dt.version()}, see `dragons table history`") from None
+            raise DragonsError(
+                f"--as-of {version}: no such table version ({storage.short_error(exc)}); "
+                f"versions run from 0 to {dt.version()}, see `dragons table history`"
+            ) from None
     return dt
 
 
@@ -131,11 +133,15 @@ def run_state(dt: Any, run_id: str) -> RunState:
     con = duckdb.connect(":memory:", config={"threads": 1})
     try:
         con.register("scores", dt.to_pyarrow_dataset())
-        n, errors, date = con.execute("SELECT count(*), count(error), min(dt) FROM scores WHERE run_id = $r",
-                                      {"r": run_id}).fetchone()
+        row = con.execute(
+            "SELECT count(*), count(error), min(dt) FROM scores WHERE run_id = $r", {"r": run_id}
+        ).fetchone()
+        assert row is not None  # an aggregate always has its one row
+        n, errors, date = row
     except duckdb.Error as exc:
-        raise DragonsError(f"cannot read what the table holds of run {run_id}: "
-                           f"{storage.short_error(exc, 300)}") from None
+        raise DragonsError(
+            f"cannot read what the table holds of run {run_id}: {storage.short_error(exc, 300)}"
+        ) from None
     finally:
         con.close()
     return RunState(part=int(part), rows=int(n or 0), errors=int(errors or 0), date=date)
@@ -221,8 +227,10 @@ class RunWriter:
         if state.part and not self.replace:
             self._check_binding()
         if state.date and self.date and self.date != state.date and not self.replace:
-            raise DragonsError(f"run {self.run_id} already holds rows dated {state.date}; --date {self.date} would split "
-                               "the night: leave --date out to continue it, or add --replace to rescore it under the new date")
+            raise DragonsError(
+                f"run {self.run_id} already holds rows dated {state.date}; --date {self.date} would split "
+                "the night: leave --date out to continue it, or add --replace to rescore it under the new date"
+            )
         self.dt = self.date or state.date or self.started.strftime("%Y-%m-%d")
         if self.replace and state.rows:
             self._delete_rows()
@@ -241,12 +249,17 @@ class RunWriter:
         found = run_binding(self._dt, self.run_id)
         if found is None:
             return  # a run committed before bindings: nothing recorded to compare
-        diff = [f"{k}: the run has {found.get(k)!r}, this command {v!r}" for k, v in self.binding.items()
-                if k in found and found[k] != v]
+        diff = [
+            f"{k}: the run has {found.get(k)!r}, this command {v!r}"
+            for k, v in self.binding.items()
+            if k in found and found[k] != v
+        ]
         if diff:
-            raise DragonsError(f"run {self.run_id} in {self.uri} was started with something else ({'; '.join(diff)}); "
-                               "continuing it would mix the two in one run. Add --replace to rescore the run from "
-                               "scratch with this command, or give a new --run-id")
+            raise DragonsError(
+                f"run {self.run_id} in {self.uri} was started with something else ({'; '.join(diff)}); "
+                "continuing it would mix the two in one run. Add --replace to rescore the run from "
+                "scratch with this command, or give a new --run-id"
+            )
 
     def _delete_rows(self) -> None:
         from deltalake.transaction import CommitProperties, Transaction
@@ -257,8 +270,12 @@ class RunWriter:
 
         with storage.delta_errors(self.uri, "write"):
             try:
-                self._dt.delete(predicate=f"run_id = '{self.run_id}'", commit_properties=CommitProperties(
-                    custom_metadata=meta, app_transactions=[Transaction(app_id(self.run_id), part)]))
+                self._dt.delete(
+                    predicate=f"run_id = '{self.run_id}'",
+                    commit_properties=CommitProperties(
+                        custom_metadata=meta, app_transactions=[Transaction(app_id(self.run_id), part)]
+                    ),
+                )
             except CommitFailedError as exc:
                 raise _commit_error(self.uri, self.run_id, exc) from None
         self._part = self._queued = part
@@ -290,8 +307,9 @@ class RunWriter:
 
     def _spool_rows(self, out: pa.Table) -> None:
         if self._writer is None:
-            fd, self._spool = tempfile.mkstemp(prefix=f"dragons-spool-{self.run_id}-", suffix=".arrow",
-                                               dir=self.spool_dir or None)
+            fd, self._spool = tempfile.mkstemp(
+                prefix=f"dragons-spool-{self.run_id}-", suffix=".arrow", dir=self.spool_dir or None
+            )
             os.close(fd)
             # Arrow IPC, uncompressed: the spool is read back within minutes, and compressing
             # it cost the scoring loop more CPU (zstd Parquet: ~3.6 us a row) than the rest of a row.
@@ -302,8 +320,10 @@ class RunWriter:
 
     def due(self) -> bool:
         """A part is due: enough rows, or enough time since the last part."""
-        return bool((self.commit_every and self._pending >= self.commit_every)
-                    or (self.commit_interval_s and time.monotonic() - self._since >= self.commit_interval_s))
+        return bool(
+            (self.commit_every and self._pending >= self.commit_every)
+            or (self.commit_interval_s and time.monotonic() - self._since >= self.commit_interval_s)
+        )
 
     def _normalise(self, t: pa.Table, model_version: str | None) -> pa.Table:
         n = t.num_rows
@@ -404,12 +424,22 @@ class RunWriter:
 
     def _meta(self, status: str, part: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         rows, errors = self._queued_rows + self._pending, self._queued_errors + self._pending_errors
-        meta = {"dragons_run_id": self.run_id, "dragons_part": part, "dragons_status": status, "rows": rows,
-                "scored": rows - errors, "errors": errors, "part_rows": self._pending, "dt": self.dt,
-                "started_at": self.started.isoformat(), "model_version": self.model_version,
-                "commit_interval_s": self.commit_interval_s,
-                "binding": json.dumps(self.binding, sort_keys=True) if self.binding else None,
-                "input": self.binding.get("input"), **(extra or {})}
+        meta = {
+            "dragons_run_id": self.run_id,
+            "dragons_part": part,
+            "dragons_status": status,
+            "rows": rows,
+            "scored": rows - errors,
+            "errors": errors,
+            "part_rows": self._pending,
+            "dt": self.dt,
+            "started_at": self.started.isoformat(),
+            "model_version": self.model_version,
+            "commit_interval_s": self.commit_interval_s,
+            "binding": json.dumps(self.binding, sort_keys=True) if self.binding else None,
+            "input": self.binding.get("input"),
+            **(extra or {}),
+        }
         return {k: v for k, v in meta.items() if v is not None}
 
     def _commit(self, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -456,19 +486,26 @@ class RunWriter:
         attempt = uuid.uuid4().hex[:16]
         custom = {**meta, "dragons_attempt": attempt}
         json.dumps(custom)  # fail here, not inside delta-rs, on anything not JSON-able
-        props = CommitProperties(custom_metadata=custom, app_transactions=[
-            Transaction(app_id(self.run_id), part, last_updated=int(time.time() * 1000))])
+        props = CommitProperties(
+            custom_metadata=custom,
+            app_transactions=[Transaction(app_id(self.run_id), part, last_updated=int(time.time() * 1000))],
+        )
         conflicts = 0
         n = 0
         while n < WRITE_ATTEMPTS:
             n += 1
             try:
                 write_deltalake(
-                    self._dt, pa.RecordBatchReader.from_batches(self.schema, self._batches(spool)), mode="append",
+                    self._dt,
+                    pa.RecordBatchReader.from_batches(self.schema, self._batches(spool)),
+                    mode="append",
                     partition_by=[PARTITION],
                     # A model with other classes adds its p_<class> columns (older rows read NULL there).
-                    schema_mode="merge", storage_options=storage_options(self.uri),
-                    target_file_size=self.target_file_size, commit_properties=props)
+                    schema_mode="merge",
+                    storage_options=storage_options(self.uri),
+                    target_file_size=self.target_file_size,
+                    commit_properties=props,
+                )
                 return int(self._dt.version())
             except CommitFailedError as exc:
                 landed = _landed(self.uri, attempt)  # our own earlier try may be the commit we lost to
@@ -488,9 +525,11 @@ class RunWriter:
                     self._dt = landed[1]
                     return landed[0]
                 if n == WRITE_ATTEMPTS:
-                    raise DragonsError(f"cannot write the table at {self.uri} ({n} tries): {storage.short_error(exc)}; the run's "
-                                       "committed parts are kept: run the same command again to continue") from None
-                time.sleep(min(30.0, 2.0 ** n))
+                    raise DragonsError(
+                        f"cannot write the table at {self.uri} ({n} tries): {storage.short_error(exc)}; the run's "
+                        "committed parts are kept: run the same command again to continue"
+                    ) from None
+                time.sleep(min(30.0, 2.0**n))
         raise AssertionError("unreachable")
 
     def _after_conflict(self, exc: BaseException, conflicts: int) -> Any:
@@ -505,20 +544,26 @@ class RunWriter:
         if kind == RIVAL:
             raise _commit_error(self.uri, self.run_id, exc) from None
         if kind == PROTOCOL:
-            raise DragonsError(f"run {self.run_id}: the table at {self.uri} changed its Delta protocol during the run "
-                               f"({storage.short_error(exc)}); dragons writes protocol 1/2 tables: undo the upgrade or "
-                               "score into a new --output; every part committed so far is kept") from None
+            raise DragonsError(
+                f"run {self.run_id}: the table at {self.uri} changed its Delta protocol during the run "
+                f"({storage.short_error(exc)}); dragons writes protocol 1/2 tables: undo the upgrade or "
+                "score into a new --output; every part committed so far is kept"
+            ) from None
         if conflicts > CONFLICT_RETRIES:
-            raise DragonsError(f"run {self.run_id}: {conflicts} commits in a row refused by concurrent changes to "
-                               f"{self.uri} ({storage.short_error(exc)}); every part committed so far is kept: run the "
-                               "same command again when the table is quieter") from None
+            raise DragonsError(
+                f"run {self.run_id}: {conflicts} commits in a row refused by concurrent changes to "
+                f"{self.uri} ({storage.short_error(exc)}); every part committed so far is kept: run the "
+                "same command again when the table is quieter"
+            ) from None
         fresh = open_table(self.uri)
         if (fresh.transaction_version(app_id(self.run_id)) or 0) != self._part:
             raise _commit_error(self.uri, self.run_id, exc) from None
         if kind == DELETE and run_state(fresh, self.run_id).rows != self.rows:
-            raise DragonsError(f"run {self.run_id}: rows of this run were deleted from {self.uri} while it ran "
-                               f"({storage.short_error(exc)}); its counts no longer hold: rescore it with --replace, or "
-                               "under a new --run-id") from None
+            raise DragonsError(
+                f"run {self.run_id}: rows of this run were deleted from {self.uri} while it ran "
+                f"({storage.short_error(exc)}); its counts no longer hold: rescore it with --replace, or "
+                "under a new --run-id"
+            ) from None
         time.sleep(min(5.0, 0.2 * 2**conflicts))
         return fresh
 
@@ -534,10 +579,14 @@ class RunWriter:
 # What a refused commit means (delta-rs' CommitFailedError, read from its message:
 # deltalake 1.6.6 raises one type for every conflict kind).
 RIVAL, PROTOCOL, DELETE, RETRY = "rival", "protocol", "delete", "retry"
-_CONFLICTS = (("Concurrent transaction failed", RIVAL),  # a newer commit carries our app transaction id
-              ("Protocol changed", PROTOCOL),
-              ("deleted data this operation read", DELETE), ("deleted the same data", DELETE),
-              ("Metadata changed", RETRY), ("concurrent transactions added new data", RETRY))
+_CONFLICTS = (
+    ("Concurrent transaction failed", RIVAL),  # a newer commit carries our app transaction id
+    ("Protocol changed", PROTOCOL),
+    ("deleted data this operation read", DELETE),
+    ("deleted the same data", DELETE),
+    ("Metadata changed", RETRY),
+    ("concurrent transactions added new data", RETRY),
+)
 # Commits in a row a writer retries after conflicts that are not a rival's.
 CONFLICT_RETRIES = 5
 
@@ -553,7 +602,8 @@ def conflict_kind(exc: BaseException) -> str:
 def _commit_error(uri: str, run_id: str, exc: BaseException) -> DragonsError:
     return DragonsError(
         f"run {run_id}: another writer committed to this run id in {uri} first ({storage.short_error(exc)}); it carries the run "
-        "on, and every part committed so far is kept: let it finish, or run the same command again after it stops")
+        "on, and every part committed so far is kept: let it finish, or run the same command again after it stops"
+    )
 
 
 def run_binding(dt: Any, run_id: str) -> dict[str, Any] | None:
@@ -601,12 +651,18 @@ def _open_or_create(uri: str, schema_: pa.Schema) -> Any:
     opts = storage_options(uri)
     if not DeltaTable.is_deltatable(uri, storage_options=opts):
         try:
-            write_deltalake(uri, schema_.empty_table(), mode="append", partition_by=[PARTITION], storage_options=opts,
-                            commit_properties=CommitProperties(custom_metadata={"dragons_status": CREATED}),
-                            # File statistics on every column: Delta's default covers the first
-                            # 32, and from 28 classes on run_id is beyond them, so queries and
-                            # conflict checks on run_id could not skip other runs' files.
-                            configuration={"delta.dataSkippingNumIndexedCols": "-1"})
+            write_deltalake(
+                uri,
+                schema_.empty_table(),
+                mode="append",
+                partition_by=[PARTITION],
+                storage_options=opts,
+                commit_properties=CommitProperties(custom_metadata={"dragons_status": CREATED}),
+                # File statistics on every column: Delta's default covers the first
+                # 32, and from 28 classes on run_id is beyond them, so queries and
+                # conflict checks on run_id could not skip other runs' files.
+                configuration={"delta.dataSkippingNumIndexedCols": "-1"},
+            )
         except Exception:  # noqa: BLE001 (another writer created it first: open theirs)
             if not DeltaTable.is_deltatable(uri, storage_options=opts):
                 raise
@@ -636,21 +692,36 @@ def run_history(root: str, limit: int | None = None) -> list[dict[str, Any]]:
         run_id = h.get("dragons_run_id")
         # Commits from before parts (one commit a run, overwrite) carry no status: complete.
         status = h.get("dragons_status") or (COMPLETE if run_id else None)
-        out.append({
-            "version": h.get("version"),
-            "committed_at": datetime.fromtimestamp(h.get("timestamp", 0) / 1000, timezone.utc).isoformat(timespec="seconds"),
-            "operation": h.get("operation"),
-            "run_id": run_id, "status": status, "part": h.get("dragons_part", 1 if run_id else None),
-            "part_rows": h.get("part_rows", h.get("rows", metrics.get("num_added_rows")) if run_id else None),
-            "listed": h.get("listed"), "skipped": h.get("skipped"), "kept": h.get("kept"),
-            "scored": h.get("scored"), "errors": h.get("errors"),
-            "rows": h.get("rows", metrics.get("num_added_rows")),
-            "model_version": h.get("model_version"), "model": h.get("model"), "input": h.get("input"),
-            "incremental": h.get("incremental"), "dt": h.get("dt"), "started_at": h.get("started_at"),
-            "commit_interval_s": h.get("commit_interval_s"), "failure": h.get("failure"),
-            "files_added": metrics.get("num_added_files"), "files_removed": metrics.get("num_removed_files"),
-            "predicate": params.get("predicate"),
-        })
+        out.append(
+            {
+                "version": h.get("version"),
+                "committed_at": datetime.fromtimestamp(h.get("timestamp", 0) / 1000, timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "operation": h.get("operation"),
+                "run_id": run_id,
+                "status": status,
+                "part": h.get("dragons_part", 1 if run_id else None),
+                "part_rows": h.get("part_rows", h.get("rows", metrics.get("num_added_rows")) if run_id else None),
+                "listed": h.get("listed"),
+                "skipped": h.get("skipped"),
+                "kept": h.get("kept"),
+                "scored": h.get("scored"),
+                "errors": h.get("errors"),
+                "rows": h.get("rows", metrics.get("num_added_rows")),
+                "model_version": h.get("model_version"),
+                "model": h.get("model"),
+                "input": h.get("input"),
+                "incremental": h.get("incremental"),
+                "dt": h.get("dt"),
+                "started_at": h.get("started_at"),
+                "commit_interval_s": h.get("commit_interval_s"),
+                "failure": h.get("failure"),
+                "files_added": metrics.get("num_added_files"),
+                "files_removed": metrics.get("num_removed_files"),
+                "predicate": params.get("predicate"),
+            }
+        )
     return out
 
 
@@ -678,10 +749,19 @@ def runs_summary(commits: list[dict[str, Any]], now: datetime | None = None) -> 
             r["parts"] = 0
         elif c.get("status") in (PART, COMPLETE) and (c.get("part_rows") or 0) > 0:
             r["parts"] += 1
-        r.update({"status": c.get("status"), "last_version": c["version"], "committed_at": c["committed_at"],
-                  "rows": c.get("rows"), "scored": c.get("scored"), "errors": c.get("errors"),
-                  "model_version": c.get("model_version") or r.get("model_version"), "dt": c.get("dt") or r.get("dt"),
-                  "failure": c.get("failure")})
+        r.update(
+            {
+                "status": c.get("status"),
+                "last_version": c["version"],
+                "committed_at": c["committed_at"],
+                "rows": c.get("rows"),
+                "scored": c.get("scored"),
+                "errors": c.get("errors"),
+                "model_version": c.get("model_version") or r.get("model_version"),
+                "dt": c.get("dt") or r.get("dt"),
+                "failure": c.get("failure"),
+            }
+        )
         for k in ("listed", "skipped", "kept", "input", "model", "incremental"):
             if c.get(k) is not None:
                 r[k] = c[k]

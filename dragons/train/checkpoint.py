@@ -75,12 +75,15 @@ def saved_recipe(cfg: TrainConfig, classes: list[str], data: str) -> dict[str, A
         return None
     saved = recipe.from_json(storage.read_bytes(run.recipe_uri), run.recipe_uri)
     if saved["classes"] != classes:
+
         def show(c: list[str]) -> str:
             return ", ".join(c[:10]) + (f" … ({len(c)} in all)" if len(c) > 10 else "")
 
-        raise DragonsError(f"--resume: the run at {run.uri} was started with the classes [{show(saved['classes'])}] "
-                           f"but {data} has [{show(classes)}]; resume on the same classes, or start a new run "
-                           "(without --resume, or with another --name)")
+        raise DragonsError(
+            f"--resume: the run at {run.uri} was started with the classes [{show(saved['classes'])}] "
+            f"but {data} has [{show(classes)}]; resume on the same classes, or start a new run "
+            "(without --resume, or with another --name)"
+        )
     return saved
 
 
@@ -112,8 +115,14 @@ class RunState:
 
     def state(self, tta: dict[str, float] | None = None) -> dict[str, Any]:
         """The checkpoint's state (the weights are added by :func:`save`); ``tta``: the last epoch's TTA scores."""
-        out: dict[str, Any] = {"epochs_done": self.epochs_done, "history": self.history, "lr": self.lr,
-                               "lr_find": self.lr_find, "resumes": self.resumes, "optimizer": self.optimizer}
+        out: dict[str, Any] = {
+            "epochs_done": self.epochs_done,
+            "history": self.history,
+            "lr": self.lr,
+            "lr_find": self.lr_find,
+            "resumes": self.resumes,
+            "optimizer": self.optimizer,
+        }
         if tta is not None:
             out["tta"] = tta
         return out
@@ -158,13 +167,23 @@ def restore(run_dir: str | None, model: nn.Module) -> RunState | None:
     if state is None:
         return None
     model.load_state_dict(state["model"])
-    return RunState(lr=float(state["lr"]), epochs_done=int(state["epochs_done"]), history=list(state["history"]),
-                    lr_find=state.get("lr_find"), resumes=int(state.get("resumes", 0)) + 1,
-                    optimizer=state.get("optimizer"))
+    return RunState(
+        lr=float(state["lr"]),
+        epochs_done=int(state["epochs_done"]),
+        history=list(state["history"]),
+        lr_find=state.get("lr_find"),
+        resumes=int(state.get("resumes", 0)) + 1,
+        optimizer=state.get("optimizer"),
+    )
 
 
-def save(rank: int, model: nn.Module, state: dict[str, Any], metrics: dict[str, Any],
-         preds: tuple[np.ndarray, np.ndarray] | None) -> None:
+def save(
+    rank: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    metrics: dict[str, Any],
+    preds: tuple[np.ndarray, np.ndarray] | None,
+) -> None:
     """Report ``metrics`` with a checkpoint of ``state`` and the weights.
 
     All ranks call report (it is a barrier); only rank 0 attaches files.
@@ -176,7 +195,9 @@ def save(rank: int, model: nn.Module, state: dict[str, Any], metrics: dict[str, 
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({**state, "model": {k: v.cpu() for k, v in model.state_dict().items()}}, os.path.join(tmp, STATE_FILE))
+        torch.save(
+            {**state, "model": {k: v.cpu() for k, v in model.state_dict().items()}}, os.path.join(tmp, STATE_FILE)
+        )
         if preds is not None:
             np.savez(os.path.join(tmp, PREDS_FILE), idx=preds[0], probs=preds[1])
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

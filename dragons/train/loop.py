@@ -64,8 +64,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not trainer.phases:
         trainer.say("nothing to train: every epoch count is 0")
     elif not trainer.epochs_left():
-        trainer.say(f"nothing left to train: the run had done {trainer.run.epochs_done} of its "
-                    f"{len(trainer.phases)} epochs; its last checkpoint is the result")
+        trainer.say(
+            f"nothing left to train: the run had done {trainer.run.epochs_done} of its "
+            f"{len(trainer.phases)} epochs; its last checkpoint is the result"
+        )
     for epoch in trainer.epochs_left():
         trainer.train_one_epoch(epoch)
 
@@ -106,11 +108,14 @@ def _shards(ctx: WorkerContext, rank: int, world_size: int) -> tuple[StreamShard
     import ray
 
     cfg = ctx.cfg
-    rows: dict[str, dict[str, np.ndarray]] = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v
-                                               for k, v in ctx.rows.items()}
+    rows: dict[str, dict[str, np.ndarray]] = {
+        k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in ctx.rows.items()
+    }
     cap = -(-cfg.max_images // world_size) if cfg.max_images else 0  # --max-images in all: a share per rank
 
     def shard(split: str) -> StreamShard:
-        return StreamShard(rows[split], rank, world_size, ctx.data.base_size, cfg.max_pixels, cfg.seed, ctx.decode_actors, cap)
+        return StreamShard(
+            rows[split], rank, world_size, ctx.data.base_size, cfg.max_pixels, cfg.seed, ctx.decode_actors, cap
+        )
 
     return shard("train"), shard("valid")

@@ -57,9 +57,11 @@ class Plan:
         """The workers' row table of ``split``: uri, label and row id (= position in the split)."""
         samples = self.folder.train if split == "train" else self.folder.valid
         pos = self.good[split]
-        return {"uri": np.array([samples[int(p)].uri for p in pos], dtype=object),
-                "label": np.array([samples[int(p)].label for p in pos], dtype=np.int64),
-                "idx": pos.astype(np.int64)}
+        return {
+            "uri": np.array([samples[int(p)].uri for p in pos], dtype=object),
+            "label": np.array([samples[int(p)].label for p in pos], dtype=np.int64),
+            "idx": pos.astype(np.int64),
+        }
 
 
 def check(cfg: TrainConfig) -> tuple[ImageFolder, dict[str, Any] | None]:
@@ -88,13 +90,17 @@ def prepare(cfg: TrainConfig) -> Plan:
     ensure_ray(cfg.no_progress_timeout_s)
     t0 = time.perf_counter()
     good, bad, short_side = scan_folder(folder, cfg.max_pixels, cfg.progress_s)
-    facts: dict[str, Any] = {"decode_s": round(time.perf_counter() - t0, 2),
-                             "bad_images": [{"uri": u, "error": e} for u, e in bad]}
+    facts: dict[str, Any] = {
+        "decode_s": round(time.perf_counter() - t0, 2),
+        "bad_images": [{"uri": u, "error": e} for u, e in bad],
+    }
     for uri, err in bad:
         say(f"skipped unreadable image {uri}: {err}")
     n_train, n_valid = len(good["train"]), len(good["valid"])
     if n_train == 0 or n_valid == 0:
-        raise DragonsError(f"{folder.root}: no decodable images left in the {'train' if n_train == 0 else 'valid'} split")
+        raise DragonsError(
+            f"{folder.root}: no decodable images left in the {'train' if n_train == 0 else 'valid'} split"
+        )
     counts = np.bincount([folder.train[int(i)].label for i in good["train"]], minlength=len(folder.classes))
     facts["train_class_counts"] = {c: int(n) for c, n in zip(folder.classes, counts)}
     facts.update({"n_train": n_train, "n_valid": n_valid, "median_short_side": short_side})
@@ -123,13 +129,17 @@ def prepare(cfg: TrainConfig) -> Plan:
     weights = None
     if cfg.class_weights:  # inverse frequency over the training split
         by_class = Counter(s.label for s in folder.train)
-        weights = [len(folder.train) / (len(folder.classes) * max(1, by_class.get(i, 0)))
-                   for i in range(len(folder.classes))]
-    return Plan(cfg, folder, good, DataConfig.create(cfg.image_size, cfg.crop_pct, spec.mean, spec.std), run,
-                weights, facts)
+        weights = [
+            len(folder.train) / (len(folder.classes) * max(1, by_class.get(i, 0))) for i in range(len(folder.classes))
+        ]
+    return Plan(
+        cfg, folder, good, DataConfig.create(cfg.image_size, cfg.crop_pct, spec.mean, spec.std), run, weights, facts
+    )
 
 
-def scan_folder(folder: ImageFolder, max_pixels: int, progress_s: float) -> tuple[dict[str, np.ndarray], list[tuple[str, str]], int]:
+def scan_folder(
+    folder: ImageFolder, max_pixels: int, progress_s: float
+) -> tuple[dict[str, np.ndarray], list[tuple[str, str]], int]:
     """Read and decode every image once in Ray Data tasks, keeping no pixels.
 
     Returns the good rows of each split ({"train": positions, "valid": ...}, as
@@ -146,11 +156,15 @@ def scan_folder(folder: ImageFolder, max_pixels: int, progress_s: float) -> tupl
     res = cluster()
     # Enough blocks to keep every CPU decoding, few enough to keep task overhead low.
     blocks = max(2, min(len(rows) // 32, max(int(res.cpus) * 4, len(rows) // 512)))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     # A callable instance runs as plain tasks; few of them (each overlaps its reads
     # on threads), since every extra worker process costs seconds of imports.
-    ds = ds.map_batches(ScanBatch(max_pixels), batch_size=32, num_cpus=0.25,
-                        compute=ray.data.TaskPoolStrategy(size=max(2, int(res.cpus))))
+    ds = ds.map_batches(
+        ScanBatch(max_pixels),
+        batch_size=32,
+        num_cpus=0.25,
+        compute=ray.data.TaskPoolStrategy(size=max(2, int(res.cpus))),
+    )
     good: dict[str, list[int]] = {"train": [], "valid": []}
     bad: list[tuple[str, str]] = []
     sides: list[int] = []

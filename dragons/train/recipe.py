@@ -104,7 +104,9 @@ def resolve(cfg: TrainConfig, n_train: int, short_side: int) -> tuple[TrainConfi
 RECIPE_FIELDS = (*AUTO, "augment")
 
 
-def resume(cfg: TrainConfig, saved: dict[str, Any], n_train: int, short_side: int) -> tuple[TrainConfig, dict[str, Any]]:
+def resume(
+    cfg: TrainConfig, saved: dict[str, Any], n_train: int, short_side: int
+) -> tuple[TrainConfig, dict[str, Any]]:
     """``resolve`` for a resumed run: every field still at ``auto`` takes the value
     the run started with (``saved``: a RECIPE_FILE read by :func:`from_json`),
     whether the recipe chose it or a flag gave it then, so leaving a flag off
@@ -120,8 +122,16 @@ def resume(cfg: TrainConfig, saved: dict[str, Any], n_train: int, short_side: in
 def to_json(cfg: TrainConfig, chosen: dict[str, Any], classes: list[str], n_train: int, short_side: int) -> bytes:
     """A run's RECIPE_FILE: every recipe field's value (``cfg`` resolved), what
     ``auto`` chose, the classes, and the facts the choice was made from."""
-    return json.dumps({"settings": {k: getattr(cfg, k) for k in RECIPE_FIELDS}, "chosen": chosen, "classes": classes,
-                       "n_train": n_train, "median_short_side": short_side}, indent=1).encode()
+    return json.dumps(
+        {
+            "settings": {k: getattr(cfg, k) for k in RECIPE_FIELDS},
+            "chosen": chosen,
+            "classes": classes,
+            "n_train": n_train,
+            "median_short_side": short_side,
+        },
+        indent=1,
+    ).encode()
 
 
 def from_json(raw: bytes, where: str) -> dict[str, Any]:
@@ -134,9 +144,11 @@ def from_json(raw: bytes, where: str) -> dict[str, Any]:
             raise TypeError("no 'settings' object or 'classes' list")
         int(saved["n_train"]), int(saved["median_short_side"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DragonsError(f"--resume: {where} is not a recipe file dragons wrote ({exc}); "
-                           "delete it to decide the recipe again from the data") from None
-    return saved  # type: ignore[no-any-return]
+        raise DragonsError(
+            f"--resume: {where} is not a recipe file dragons wrote ({exc}); "
+            "delete it to decide the recipe again from the data"
+        ) from None
+    return saved
 
 
 def describe(chosen: dict[str, Any], n_train: int, short_side: int) -> str:

@@ -47,7 +47,12 @@ class Sizing:
 
     def facts(self) -> dict[str, Any]:
         decode = "model" if not self.decode_actors else f"separate ({self.decode_actors} Ray Data actor(s) per worker)"
-        return {"workers": self.workers, "cpu_per_worker": self.cpu_per_worker, "use_gpu": self.use_gpu, "decode": decode}
+        return {
+            "workers": self.workers,
+            "cpu_per_worker": self.cpu_per_worker,
+            "use_gpu": self.use_gpu,
+            "decode": decode,
+        }
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,10 @@ def size(plan: Plan, grant: Grant) -> Sizing:
         workers = plan.n_train
     in_workers = decode_beside_model(cfg.decode, use_gpu)  # else Ray Data decode actors per worker
     actors = 0 if in_workers else decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)
-    say(f"training {cfg.arch} on {plan.n_train} images ({plan.n_valid} valid) with {workers} worker(s), "
-        f"{'1 GPU' if use_gpu else f'{cpu:g} CPU'} each, decoding {'in the workers' if in_workers else 'in Ray Data actors'}")
+    say(
+        f"training {cfg.arch} on {plan.n_train} images ({plan.n_valid} valid) with {workers} worker(s), "
+        f"{'1 GPU' if use_gpu else f'{cpu:g} CPU'} each, decoding {'in the workers' if in_workers else 'in Ray Data actors'}"
+    )
     return Sizing(workers, cpu, use_gpu, grant.cuda, actors)
 
 
@@ -79,8 +86,14 @@ def fit(plan: Plan) -> Fitted:
     """Run the workers on the GPUs the cluster has or its autoscaler brings (the
     request is withdrawn when training ends), else on CPUs; returns the last checkpoint."""
     cfg = plan.cfg
-    with GpuRequest("training worker", cfg.use_gpu, span_from_count(cfg.workers), cfg.gpu_wait_s,
-                    max(cfg.progress_s, 10.0), local=embedded()) as grant:
+    with GpuRequest(
+        "training worker",
+        cfg.use_gpu,
+        span_from_count(cfg.workers),
+        cfg.gpu_wait_s,
+        max(cfg.progress_s, 10.0),
+        local=embedded(),
+    ) as grant:
         sizing = size(plan, grant)
         trainer = _trainer(plan, sizing)
         t0 = time.perf_counter()
@@ -100,10 +113,15 @@ def _trainer(plan: Plan, sizing: Sizing) -> Any:
 
     fs, path = storage.filesystem(plan.run.storage)
     context = WorkerContext(
-        cfg=plan.cfg, classes=plan.folder.classes, class_weights=plan.class_weights, run_dir=plan.run.uri,
-        data=plan.data, decode_actors=sizing.decode_actors,
+        cfg=plan.cfg,
+        classes=plan.folder.classes,
+        class_weights=plan.class_weights,
+        run_dir=plan.run.uri,
+        data=plan.data,
+        decode_actors=sizing.decode_actors,
         # Row tables go through the object store once, not pickled per worker.
-        rows={"train": ray.put(plan.rows("train")), "valid": ray.put(plan.rows("valid"))})
+        rows={"train": ray.put(plan.rows("train")), "valid": ray.put(plan.rows("valid"))},
+    )
     # MALLOC_ARENA_MAX: Ray Data's prefetch threads and torch allocate from
     # different threads, and glibc's per-thread arenas can keep freed batches
     # mapped. (Most of a worker's ~1.4 GB is torch itself and the backward
@@ -119,13 +137,20 @@ def _trainer(plan: Plan, sizing: Sizing) -> Any:
         train_loop_config={"context": context},
         # A GPU resource without CUDA: the model runs on the node's CPU, where NCCL would not start.
         torch_config=TorchConfig(backend="nccl" if sizing.use_gpu and sizing.cuda else "gloo"),
-        scaling_config=ScalingConfig(num_workers=sizing.workers, use_gpu=sizing.use_gpu,
-                                     resources_per_worker={"CPU": sizing.cpu_per_worker,
-                                                           **({"GPU": 1} if sizing.use_gpu else {})}),
-        run_config=RunConfig(name=plan.run.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=plan.cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": env_vars}),
+        scaling_config=ScalingConfig(
+            num_workers=sizing.workers,
+            use_gpu=sizing.use_gpu,
+            resources_per_worker={"CPU": sizing.cpu_per_worker, **({"GPU": 1} if sizing.use_gpu else {})},
+        ),
+        # Ray 2.58's RunConfig annotations lack worker_runtime_env, which it accepts.
+        run_config=RunConfig(  # type: ignore[call-arg]
+            name=plan.run.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=plan.cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env_vars},
+        ),
         # No Ray Train datasets: each worker streams its own rows through Ray Data
         # (dragons.train.stream explains why not Ray's streaming split).
     )
@@ -140,7 +165,13 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
     last = history[-1] if history else {}
     metrics: dict[str, Any] = {"valid_accuracy": last.get("accuracy"), "valid_loss": last.get("valid_loss")}
     if state.get("tta"):
-        metrics.update({"valid_accuracy_tta": state["tta"]["accuracy"], "valid_loss_tta": state["tta"]["valid_loss"], "tta": cfg.tta})
+        metrics.update(
+            {
+                "valid_accuracy_tta": state["tta"]["accuracy"],
+                "valid_loss_tta": state["tta"]["valid_loss"],
+                "tta": cfg.tta,
+            }
+        )
     temperature, raw, idx, probs = 1.0, None, fitted.idx, fitted.probs
     cal: Calibration | None = None
     if idx is not None and probs is not None and len(idx):
@@ -170,25 +201,37 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
         "resumes": int(state.get("resumes", 0)),
         "novelty": state.get("novelty"),  # dragons.novelty: what the model does not know (None: not fitted)
         "config": cfg.to_dict(),
-        "data": {"root": folder.root, "split": folder.split, "n_train": plan.n_train, "n_valid": plan.n_valid,
-                 # The training set's class mix, for drift reports of scoring runs (dragons report).
-                 "train_class_counts": facts["train_class_counts"],
-                 "skipped_non_images": len(folder.skipped), "bad_images": facts["bad_images"],
-                 # --labels: where they came from, how many folder labels they overrode and images they added.
-                 "labels": facts.get("labels")},
+        "data": {
+            "root": folder.root,
+            "split": folder.split,
+            "n_train": plan.n_train,
+            "n_valid": plan.n_valid,
+            # The training set's class mix, for drift reports of scoring runs (dragons report).
+            "train_class_counts": facts["train_class_counts"],
+            "skipped_non_images": len(folder.skipped),
+            "bad_images": facts["bad_images"],
+            # --labels: where they came from, how many folder labels they overrode and images they added.
+            "labels": facts.get("labels"),
+        },
         "timing": {"wall_s": round(wall_s, 2), "decode_s": facts["decode_s"], "train_s": fitted.train_s},
         "recipe": facts["recipe"],  # what auto chose, and the n_train / median side it chose from
         "resources": fitted.sizing.facts(),
     }
     # --out is a registry too: the version's own immutable copy, and alias latest (dragons.loop.versions).
     saved = artifact.save(cfg.out, model, meta, register=True)
-    say(f"valid accuracy {metrics['valid_accuracy']:.4f}, loss {metrics['valid_loss']:.4f}"
+    say(
+        f"valid accuracy {metrics['valid_accuracy']:.4f}, loss {metrics['valid_loss']:.4f}"
         + (f"; with TTA x{cfg.tta}: {metrics['valid_accuracy_tta']:.4f}" if state.get("tta") else "")
-        + ("" if cal is None else
-           f"; out-of-fold ECE {metrics['valid_ece_uncalibrated']:.4f} -> {metrics['valid_ece']:.4f} at temperature "
-           f"{temperature:.3g} ({cal.method})" if cal.reason == "applied" else
-           f"; ECE {metrics['valid_ece']:.4f} at temperature 1 ({cal.method}: {cal.reason})")
-        + f"; wall {wall_s:.1f}s")
+        + (
+            ""
+            if cal is None
+            else f"; out-of-fold ECE {metrics['valid_ece_uncalibrated']:.4f} -> {metrics['valid_ece']:.4f} at temperature "
+            f"{temperature:.3g} ({cal.method})"
+            if cal.reason == "applied"
+            else f"; ECE {metrics['valid_ece']:.4f} at temperature 1 ({cal.method}: {cal.reason})"
+        )
+        + f"; wall {wall_s:.1f}s"
+    )
     kept = versions.version_dir(cfg.out, saved["version"])
     say(f"model artifact {cfg.out} (version {saved['version']}; kept as {kept}, {cfg.out}@{versions.LATEST})")
     if cfg.report and idx is not None and probs is not None:
@@ -205,11 +248,18 @@ def _report(plan: Plan, fitted: Fitted, saved: dict[str, Any], temperature: floa
     assert fitted.idx is not None and fitted.probs is not None
     samples = [plan.folder.valid[int(i)] for i in fitted.idx]  # idx: position in folder.valid
     uri = storage.join(plan.cfg.out, "report")
-    report_from_predictions(uri, saved, [s.uri for s in samples], np.array([s.label for s in samples]),
-                            apply_temperature(fitted.probs[-1], temperature), raw_probs=raw,
-                            history=fitted.state["history"], lr_find=fitted.state.get("lr_find"),
-                            # probs[-1] is the TTA pass when there is one: say so in the report.
-                            extra={"tta": plan.cfg.tta if fitted.state.get("tta") else 0})
+    report_from_predictions(
+        uri,
+        saved,
+        [s.uri for s in samples],
+        np.array([s.label for s in samples]),
+        apply_temperature(fitted.probs[-1], temperature),
+        raw_probs=raw,
+        history=fitted.state["history"],
+        lr_find=fitted.state.get("lr_find"),
+        # probs[-1] is the TTA pass when there is one: say so in the report.
+        extra={"tta": plan.cfg.tta if fitted.state.get("tta") else 0},
+    )
     say(f"report {storage.join(uri, 'index.html')}")
 
 

@@ -16,8 +16,13 @@ def discriminative_lrs(lr: float, mult: float, n_groups: int) -> list[float]:
 
 
 def one_cycle(
-    opt: torch.optim.Optimizer, max_lrs: list[float], total_steps: int, pct_start: float = 0.25, div: float = 25.0,
-    div_final: float = 1e5, start_step: int = 0,
+    opt: torch.optim.Optimizer,
+    max_lrs: list[float],
+    total_steps: int,
+    pct_start: float = 0.25,
+    div: float = 25.0,
+    div_final: float = 1e5,
+    start_step: int = 0,
 ) -> torch.optim.lr_scheduler.OneCycleLR:
     """A one-cycle schedule (warm-up then cosine annealing), resumable at ``start_step``."""
     total = max(2, total_steps)
@@ -28,8 +33,14 @@ def one_cycle(
     elif math.isclose(pct_start * total, total):
         pct_start = (total - 0.5) / total
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=max_lrs, total_steps=total, pct_start=pct_start, div_factor=div,
-        final_div_factor=div_final / div, anneal_strategy="cos", cycle_momentum=False,
+        opt,
+        max_lr=max_lrs,
+        total_steps=total,
+        pct_start=pct_start,
+        div_factor=div,
+        final_div_factor=div_final / div,
+        anneal_strategy="cos",
+        cycle_momentum=False,
     )
     with warnings.catch_warnings():  # advancing without optimiser steps is intended on resume
         warnings.simplefilter("ignore")

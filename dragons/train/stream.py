@@ -98,8 +98,17 @@ class StreamShard:
     arrays; only this rank's rows of it are read each epoch.
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], rank: int, world_size: int, base_size: int, max_pixels: int,
-                 seed: int, decode_actors: int = 1, limit: int = 0) -> None:
+    def __init__(
+        self,
+        rows: dict[str, np.ndarray],
+        rank: int,
+        world_size: int,
+        base_size: int,
+        max_pixels: int,
+        seed: int,
+        decode_actors: int = 1,
+        limit: int = 0,
+    ) -> None:
         self.rows, self.rank, self.world = rows, rank, world_size
         self.limit = limit  # rows per pass and rank (0 = all): the benchmark's cap
         self.base_size, self.max_pixels, self.seed, self.decode_actors = base_size, max_pixels, seed, decode_actors
@@ -120,22 +129,32 @@ class StreamShard:
         # A worker runs several executions per epoch: Ray Data's per-execution
         # banners would drown our progress lines (dragons.runlog).
         ctx.enable_progress_bars = False
-        items = [{"uri": str(self.rows["uri"][p]), "label": int(self.rows["label"][p]), "idx": int(self.rows["idx"][p])}
-                 for p in positions]
+        items = [
+            {"uri": str(self.rows["uri"][p]), "label": int(self.rows["label"][p]), "idx": int(self.rows["idx"][p])}
+            for p in positions
+        ]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_BLOCK)))
         # Decode actors, not tasks: a task's process goes idle between blocks and
         # Ray's worker pool (soft limit: one idle process per CPU) kills it, so a
         # fresh process paid ~2 s of imports for every 32 images: 70 processes
         # in one flowers5 run, half a CPU taken from training. An actor imports
         # once per pass.
-        return ds.map_batches(DecodeBatch, fn_constructor_args=(self.base_size, self.max_pixels), fn_constructor_kwargs={"io_threads": DECODE_IO_THREADS},
-                              batch_size=ROWS_PER_BLOCK // 2, num_cpus=DECODE_ACTOR_CPUS, compute=ray.data.ActorPoolStrategy(size=self.decode_actors))
+        return ds.map_batches(
+            DecodeBatch,
+            fn_constructor_args=(self.base_size, self.max_pixels),
+            fn_constructor_kwargs={"io_threads": DECODE_IO_THREADS},
+            batch_size=ROWS_PER_BLOCK // 2,
+            num_cpus=DECODE_ACTOR_CPUS,
+            compute=ray.data.ActorPoolStrategy(size=self.decode_actors),
+        )
 
     def _decoded(self, positions: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         """Decoded chunks of these rows, in their order: from Ray Data decode
         actors, or (``decode_actors == 0``) decoded here."""
         if self.decode_actors > 0:
-            yield from self.dataset(positions).iter_batches(batch_size=None, prefetch_batches=PREFETCH_BATCHES, batch_format="numpy")
+            yield from self.dataset(positions).iter_batches(
+                batch_size=None, prefetch_batches=PREFETCH_BATCHES, batch_format="numpy"
+            )
         else:
             yield from self._decode_here(positions)
 
@@ -155,8 +174,13 @@ class StreamShard:
 
         def job(start: int) -> dict[str, np.ndarray]:
             sel = positions[start : start + chunk]
-            return decode({"uri": np.asarray([str(u) for u in self.rows["uri"][sel]], dtype=object),
-                           "label": np.asarray(self.rows["label"][sel]), "idx": np.asarray(self.rows["idx"][sel])})
+            return decode(
+                {
+                    "uri": np.asarray([str(u) for u in self.rows["uri"][sel]], dtype=object),
+                    "label": np.asarray(self.rows["label"][sel]),
+                    "idx": np.asarray(self.rows["idx"][sel]),
+                }
+            )
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dragons-decode") as ahead:
             queued: deque[Future[dict[str, np.ndarray]]] = deque()
@@ -185,7 +209,11 @@ class StreamShard:
         sizes = split_sizes(len(positions), num_steps(len(positions), batch_size))
         if len(positions) == 0:
             for _ in sizes:  # an empty rank still joins every collective step
-                yield torch.zeros(0, 3, self.base_size, self.base_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+                yield (
+                    torch.zeros(0, 3, self.base_size, self.base_size, dtype=torch.uint8),
+                    torch.zeros(0, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.long),
+                )
             return
         pending: list[dict[str, np.ndarray]] = []
         have = 0
@@ -202,4 +230,8 @@ class StreamShard:
             rest = {k: v[size:] for k, v in cat.items()}
             pending, have = ([rest] if len(rest["idx"]) else []), len(rest["idx"])
             x = torch.from_numpy(np.ascontiguousarray(cat["image"][:size])).permute(0, 3, 1, 2)
-            yield x, torch.from_numpy(cat["label"][:size].astype(np.int64)), torch.from_numpy(cat["idx"][:size].astype(np.int64))
+            yield (
+                x,
+                torch.from_numpy(cat["label"][:size].astype(np.int64)),
+                torch.from_numpy(cat["idx"][:size].astype(np.int64)),
+            )

@@ -123,13 +123,14 @@ class Trainer:
             spill_dir = os.path.join(tempfile.gettempdir(), "dragons-features")
             train_f, train_y = worker.features(self.train, 0, what="novelty statistics: train", spill_dir=spill_dir)
             valid_f, _ = worker.features(self.valid, 0, what="novelty statistics: valid", spill_dir=spill_dir)
+
         def chunks(f: torch.Tensor) -> list[np.ndarray]:  # fp32 a chunk at a time: the features may be a disk map
-            return [f[i: i + 8192].float().numpy() for i in range(0, len(f), 8192)]
+            return [f[i : i + 8192].float().numpy() for i in range(0, len(f), 8192)]
 
         y = train_y.numpy()
         stats = novelty.Stats.of(np.zeros((0, worker.model.num_features)), y[:0], len(worker.classes))
         for i, c in enumerate(chunks(train_f)):
-            stats = stats + novelty.Stats.of(c, y[i * 8192: i * 8192 + len(c)], len(worker.classes))
+            stats = stats + novelty.Stats.of(c, y[i * 8192 : i * 8192 + len(c)], len(worker.classes))
         nov = novelty.fit(stats.all_reduce())
 
         def scores(f: torch.Tensor) -> np.ndarray:
@@ -137,8 +138,10 @@ class Trainer:
 
         nov = novelty.with_threshold(nov, scores(valid_f) if valid_f is not None else None, scores(train_f))
         shown = "none" if nov.threshold_p95 is None else f"{nov.threshold_p95:.3f}"
-        self.say(f"novelty: Mahalanobis over {nov.proj.shape[1]} principal directions (+ the residual), fitted on "
-                 f"{nov.fitted_on} training images; threshold (95th percentile, {nov.threshold_from}) {shown}")
+        self.say(
+            f"novelty: Mahalanobis over {nov.proj.shape[1]} principal directions (+ the residual), fitted on "
+            f"{nov.fitted_on} training images; threshold (95th percentile, {nov.threshold_from}) {shown}"
+        )
         return nov.to_meta()
 
     def precompute(self) -> None:
@@ -174,8 +177,9 @@ class Trainer:
         ``head_lr_scale`` x the base rate (fixed features take a larger rate)."""
         assert self.feats is not None, "precompute runs whenever the head phase is still to do"
         lr = self.run.lr * self.cfg.head_lr_scale
-        loss, curve = self.worker.fit_head(self.feats.train, self.feats.train_y, lr, max(1, self.cfg.head_epochs),
-                                           valid=self.feats.valid)
+        loss, curve = self.worker.fit_head(
+            self.feats.train, self.feats.train_y, lr, max(1, self.cfg.head_epochs), valid=self.feats.valid
+        )
         return Fit(epoch, "head", loss, lr, curve)
 
     def fit_images(self, epoch: int) -> Fit:
@@ -208,14 +212,26 @@ class Trainer:
         else:
             preds = worker.predict(self.valid, what=f"epoch {fit.epoch} validate")
         valid_loss, acc = worker.validate(preds.y, preds.probs)
-        row: dict[str, Any] = {"epoch": fit.epoch, "phase": fit.phase, "train_loss": mean_all(fit.train_loss),
-                               "valid_loss": valid_loss, "accuracy": acc, "time": time.perf_counter() - t0, "lr": fit.lr}
+        row: dict[str, Any] = {
+            "epoch": fit.epoch,
+            "phase": fit.phase,
+            "train_loss": mean_all(fit.train_loss),
+            "valid_loss": valid_loss,
+            "accuracy": acc,
+            "time": time.perf_counter() - t0,
+            "lr": fit.lr,
+        }
         self.run.history.append(row)
         if self.metrics is not None:
             self.metrics.epoch(row)
         if fit.curve:
             row["head_curve"] = fit.curve  # one point per pass over the cached features, for the report
-        metrics: dict[str, Any] = {"epoch": fit.epoch, "valid_loss": valid_loss, "accuracy": acc, "train_loss": row["train_loss"]}
+        metrics: dict[str, Any] = {
+            "epoch": fit.epoch,
+            "valid_loss": valid_loss,
+            "accuracy": acc,
+            "train_loss": row["train_loss"],
+        }
         # Only (row id, probabilities) travel to rank 0, for the report.
         idx, probs = gather(preds.idx), gather(preds.probs)
         passes = [probs]

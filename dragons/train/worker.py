@@ -24,15 +24,14 @@ from torch.utils.checkpoint import checkpoint
 from dragons.models.registry import Classifier, build_model, get_spec
 from dragons.predictor import Predictor, amp_dtype
 from dragons.preprocess import eval_batch, get_preset, train_batch
-from dragons.train.config import TrainConfig
 from dragons.runlog import Progress
+from dragons.train.config import TrainConfig
 from dragons.train.ranks import all_reduce, mean_all, world
 from dragons.train.schedule import discriminative_lrs, exp_lrs, is_finite, one_cycle, smooth, suggest_valley
 from dragons.train.stream import Source, num_steps
 
 # Images per forward pass when nothing is learnt (features, validation).
 EVAL_BATCH = 32
-
 
 
 @dataclass
@@ -64,10 +63,16 @@ def _feature_buffer(rows: int, dim: int, spill_dir: str | None) -> torch.Tensor:
 class Worker:
     """State and steps of one Ray Train worker; a dragons.train.trainer.Trainer drives it."""
 
-    def __init__(self, cfg: TrainConfig, classes: list[str], class_weights: list[float] | None, device: torch.device) -> None:
-        auto = [f for f in cfg.unresolved() if f in ("augment", "label_smoothing", "lr_mult")]  # what a worker reads itself
+    def __init__(
+        self, cfg: TrainConfig, classes: list[str], class_weights: list[float] | None, device: torch.device
+    ) -> None:
+        auto = [
+            f for f in cfg.unresolved() if f in ("augment", "label_smoothing", "lr_mult")
+        ]  # what a worker reads itself
         if auto:  # a programming error: run.train resolves the config before any worker starts
-            raise ValueError(f"TrainConfig fields still 'auto' (resolve them with dragons.train.recipe.resolve): {auto}")
+            raise ValueError(
+                f"TrainConfig fields still 'auto' (resolve them with dragons.train.recipe.resolve): {auto}"
+            )
         self.cfg = cfg
         self.classes = classes
         self.device = device
@@ -100,7 +105,9 @@ class Worker:
     @torch.inference_mode()
     def predict(self, src: Source, tta: int = 0, what: str = "") -> Preds:
         """Class probabilities of every row of ``src`` (eval mode, centre crop)."""
-        predictor = Predictor(self.model, self.cfg.image_size, self.mean, self.std, self.device, tta=tta, amp_dtype=self.amp_dtype)
+        predictor = Predictor(
+            self.model, self.cfg.image_size, self.mean, self.std, self.device, tta=tta, amp_dtype=self.amp_dtype
+        )
         out, ys, ids = [], [], []
         prog = self.progress(what, len(src)) if what else None
         for x, y, idx in src.batches(EVAL_BATCH):
@@ -118,8 +125,10 @@ class Worker:
     @torch.inference_mode()
     def predict_features(self, feats: torch.Tensor) -> np.ndarray:
         self.model.head.eval()
-        out = [self.model.head(feats[i : i + 4096].float().to(self.device)).float().softmax(1).cpu().numpy()
-               for i in range(0, len(feats), 4096)]
+        out = [
+            self.model.head(feats[i : i + 4096].float().to(self.device)).float().softmax(1).cpu().numpy()
+            for i in range(0, len(feats), 4096)
+        ]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def validate(self, y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
@@ -132,7 +141,9 @@ class Worker:
 
     # ----- precompute ------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, src: Source, views: int = 0, what: str = "", spill_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self, src: Source, views: int = 0, what: str = "", spill_dir: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Body features of every image in one streaming pass: the eval view and
         ``views`` random augmented views of each (rows ``k * n + i`` hold view k of
         image i). Stored as fp16 (half the memory; the head trains in fp32), in a
@@ -149,8 +160,11 @@ class Worker:
             for k in range(views + 1):
                 if b == 0:
                     break
-                view = (eval_batch(x, self.cfg.image_size, self.mean, self.std) if k == 0
-                        else train_batch(x, self.cfg.image_size, self.mean, self.std, self.preset, self.gen))
+                view = (
+                    eval_batch(x, self.cfg.image_size, self.mean, self.std)
+                    if k == 0
+                    else train_batch(x, self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
+                )
                 with self.autocast():
                     feats[k * n + done : k * n + done + b] = self.model.body(view).float().cpu().half()
                 labels[k * n + done : k * n + done + b] = y
@@ -172,8 +186,14 @@ class Worker:
         n_min = int(all_reduce([float(n)], op="min")[0])
         return max(1, n_min // self.cfg.batch_size)
 
-    def fit_head(self, feats: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int,
-                 valid: tuple[torch.Tensor, np.ndarray] | None = None) -> tuple[float, list[dict[str, float]]]:
+    def fit_head(
+        self,
+        feats: torch.Tensor,
+        labels: torch.Tensor,
+        lr: float,
+        epochs: int,
+        valid: tuple[torch.Tensor, np.ndarray] | None = None,
+    ) -> tuple[float, list[dict[str, float]]]:
         """Fit the head on cached features with one cycle.
 
         Returns the last pass's mean train loss and, with ``valid`` (cached valid
@@ -200,11 +220,15 @@ class Worker:
                 losses.append(loss.item())
             if valid is not None:
                 vloss, vacc = self.validate(valid[1], self.predict_features(valid[0]))
-                curve.append({"train_loss": mean_all(float(np.mean(losses[-steps:]))), "valid_loss": vloss, "accuracy": vacc})
+                curve.append(
+                    {"train_loss": mean_all(float(np.mean(losses[-steps:]))), "valid_loss": vloss, "accuracy": vacc}
+                )
                 self.model.head.train()
         return (float(np.mean(losses[-steps:])) if losses else float("nan")), curve
 
-    def lr_find(self, feats: torch.Tensor, labels: torch.Tensor, start: float = 1e-6, end: float = 1.0, steps: int = 100) -> dict[str, Any]:
+    def lr_find(
+        self, feats: torch.Tensor, labels: torch.Tensor, start: float = 1e-6, end: float = 1.0, steps: int = 100
+    ) -> dict[str, Any]:
         """Exponential sweep on a throw-away copy of the head; the real head is untouched."""
         saved = {k: v.clone() for k, v in self.model.head.state_dict().items()}
         head = self.wrap(self.model.head)
@@ -263,28 +287,37 @@ class Worker:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def frozen_optimizer(self, lr: float, total_steps: int, start_step: int = 0) -> tuple[torch.optim.Optimizer, Any, list[float]]:
+    def frozen_optimizer(
+        self, lr: float, total_steps: int, start_step: int = 0
+    ) -> tuple[torch.optim.Optimizer, Any, list[float]]:
         """fastai ``fine_tune`` before the unfreeze: the head alone at the base
         rate, one cycle that warms up for almost all of it (pct_start 0.99).
         Returns (optimizer, scheduler, max rates)."""
-        opt = torch.optim.AdamW([{"params": list(self.model.head.parameters()), "lr": lr}], weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.AdamW(
+            [{"params": list(self.model.head.parameters()), "lr": lr}], weight_decay=self.cfg.weight_decay
+        )
         sched = one_cycle(opt, [lr], total_steps, pct_start=0.99, div=25.0, start_step=start_step)
         return opt, sched, [lr]
 
-    def unfrozen_optimizer(self, lr: float, total_steps: int, start_step: int = 0) -> tuple[torch.optim.Optimizer, Any, list[float]]:
+    def unfrozen_optimizer(
+        self, lr: float, total_steps: int, start_step: int = 0
+    ) -> tuple[torch.optim.Optimizer, Any, list[float]]:
         """fastai ``fine_tune`` after the freeze: half the base rate, spread over
         the layer groups (early body lr/2/lr_mult ... head lr/2), one cycle with a
         short warm-up from max/5. Returns (optimizer, scheduler, max rates)."""
         max_lrs = discriminative_lrs(lr / 2, self.cfg.lr_mult, 3)
-        params: list[dict[str, Any]] = [{"params": [p for p in g if p.requires_grad], "lr": r} for g, r in zip(self.model.layer_groups(), max_lrs)]
+        params: list[dict[str, Any]] = [
+            {"params": [p for p in g if p.requires_grad], "lr": r} for g, r in zip(self.model.layer_groups(), max_lrs)
+        ]
         params = [g for g in params if g["params"]]  # a frozen early group has nothing to step
         max_lrs = [g["lr"] for g in params]
         opt = torch.optim.AdamW(params, weight_decay=self.cfg.weight_decay)
         sched = one_cycle(opt, max_lrs, total_steps, pct_start=0.3, div=5.0, start_step=start_step)
         return opt, sched, max_lrs
 
-    def phase_optimizer(self, phase: str, lr: float, total_steps: int, start_step: int,
-                        saved: dict[str, Any] | None = None) -> tuple[torch.optim.Optimizer, Any, list[float]]:
+    def phase_optimizer(
+        self, phase: str, lr: float, total_steps: int, start_step: int, saved: dict[str, Any] | None = None
+    ) -> tuple[torch.optim.Optimizer, Any, list[float]]:
         """The optimiser and schedule of image phase ``phase`` ("frozen" or
         "unfrozen"), built at its first epoch and kept for the rest: a fresh
         AdamW every epoch would restart its moment estimates, and its first
@@ -298,10 +331,14 @@ class Worker:
         if saved is not None and saved.get("phase") == phase and start_step > 0:
             # Only moments of the same parameters: a resume that changes the groups
             # (--freeze-early drops the early one) starts the optimiser afresh.
-            if [len(g["params"]) for g in saved["state"]["param_groups"]] == [len(g["params"]) for g in opt.param_groups]:
+            if [len(g["params"]) for g in saved["state"]["param_groups"]] == [
+                len(g["params"]) for g in opt.param_groups
+            ]:
                 # This run's schedule decides the rates (a resume may change --lr-mult):
                 # load_state_dict would bring back the saved run's.
-                rates = [{k: g[k] for k in ("lr", "initial_lr", "max_lr", "min_lr") if k in g} for g in opt.param_groups]
+                rates: list[dict[str, Any]] = [
+                    {k: g[k] for k in ("lr", "initial_lr", "max_lr", "min_lr") if k in g} for g in opt.param_groups
+                ]
                 opt.load_state_dict(saved["state"])
                 for group, keep in zip(opt.param_groups, rates):
                     group.update(keep)
@@ -323,15 +360,23 @@ class Worker:
         blocks = self.model.early_blocks() if on else []
         for block in blocks:
             # An instance attribute shadows the class's forward; deleting it restores it.
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)  # type: ignore[method-assign]
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         try:
             yield
         finally:
             for block in blocks:
                 del block.forward
 
-    def train_images(self, src: Source, opt: torch.optim.Optimizer, sched: Any, frozen: bool, net: nn.Module,
-                     epoch: int = 0, what: str = "") -> float:
+    def train_images(
+        self,
+        src: Source,
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        frozen: bool,
+        net: nn.Module,
+        epoch: int = 0,
+        what: str = "",
+    ) -> float:
         """One epoch over every image of the shard (a new seeded order each epoch)."""
         self.train_mode(frozen)
         total, count = 0.0, 0
@@ -341,7 +386,9 @@ class Worker:
                 if len(y):
                     x = train_batch(x.to(self.device), self.cfg.image_size, self.mean, self.std, self.preset, self.gen)
                 else:
-                    x = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, device=self.device).contiguous(memory_format=torch.channels_last)
+                    x = torch.zeros(0, 3, self.cfg.image_size, self.cfg.image_size, device=self.device).contiguous(
+                        memory_format=torch.channels_last
+                    )
                 with self.autocast():
                     out = net(x).float()
                     # A rank with one row fewer can get an empty batch (batch size 1):
