@@ -226,6 +226,15 @@ def cluster() -> Resources:
     return Resources(cpus=float(res.get("CPU", 0.0)), gpus=int(res.get("GPU", 0)))
 
 
+def data_tasks() -> Any:
+    """The task pool of a Ray Data decode step (training's scan, scoring's decode): one task
+    per whole CPU, at least 2, each asking for ``DATA_CPU_SHARE`` of one. Few tasks, each
+    overlapping its reads on threads: every extra task process costs seconds of imports."""
+    from ray.data import TaskPoolStrategy
+
+    return TaskPoolStrategy(size=max(2, int(cluster().cpus)))
+
+
 def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:
     """(workers, CPUs per worker, use_gpu) for Ray Train.
 

@@ -34,7 +34,16 @@ from dragons.columns import check_classes
 from dragons.decode import DecodeBatch
 from dragons.errors import DragonsError
 from dragons.loop import versions
-from dragons.raycluster import DATA_CPU_SHARE, Pool, cluster, driver_stderr_to_log, embedded, ensure_ray, size_actors
+from dragons.raycluster import (
+    DATA_CPU_SHARE,
+    Pool,
+    cluster,
+    data_tasks,
+    driver_stderr_to_log,
+    embedded,
+    ensure_ray,
+    size_actors,
+)
 from dragons.runlog import Progress, run_log
 from dragons.score import listing, table
 from dragons.score.config import ScoreConfig
@@ -277,7 +286,7 @@ def build_dataset(p: ScorePlan, counts_actor: Any = None, shared: SharedSkips | 
     """The run's Ray Data dataset: its objects -> (decode tasks ->) Scorer actors -> rows.
     A streamed listing reports to ``counts_actor`` and maps the driver's skip sets (``shared``)."""
     import ray.data
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy
 
     cfg = p.cfg
     if p.listed is not None:
@@ -310,14 +319,9 @@ def build_dataset(p: ScorePlan, counts_actor: Any = None, shared: SharedSkips | 
             num_cpus=pool.cpu,
             num_gpus=pool.gpu,
         )
-    # Few decode tasks, each overlapping its S3 GETs on threads: every extra
-    # task process costs seconds of imports on a small machine.
-    res_cpus = max(2, int(cluster().cpus))
+    # Few decode tasks (raycluster.data_tasks), each overlapping its S3 GETs on threads.
     ds = ds.map_batches(
-        decoder,
-        batch_size=max(cfg.batch_size, DECODE_ROWS),
-        num_cpus=DATA_CPU_SHARE,
-        compute=TaskPoolStrategy(size=res_cpus),
+        decoder, batch_size=max(cfg.batch_size, DECODE_ROWS), num_cpus=DATA_CPU_SHARE, compute=data_tasks()
     )
     return ds.map_batches(
         Scorer,

@@ -24,7 +24,7 @@ from dragons.data import ImageFolder, discover
 from dragons.dataconfig import DataConfig
 from dragons.errors import DragonsError
 from dragons.models.registry import build_model, get_spec
-from dragons.raycluster import cluster, ensure_ray
+from dragons.raycluster import DATA_CPU_SHARE, cluster, data_tasks, ensure_ray
 from dragons.runlog import Progress, say
 from dragons.train import recipe
 from dragons.train.checkpoint import RunFolder, latest_checkpoint, saved_recipe
@@ -157,14 +157,8 @@ def scan_folder(
     # Enough blocks to keep every CPU decoding, few enough to keep task overhead low.
     blocks = max(2, min(len(rows) // 32, max(int(res.cpus) * 4, len(rows) // 512)))
     ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=blocks)
-    # A callable instance runs as plain tasks; few of them (each overlaps its reads
-    # on threads), since every extra worker process costs seconds of imports.
-    ds = ds.map_batches(
-        ScanBatch(max_pixels),
-        batch_size=32,
-        num_cpus=0.25,
-        compute=ray.data.TaskPoolStrategy(size=max(2, int(res.cpus))),
-    )
+    # A callable instance runs as plain tasks (raycluster.data_tasks: few of them).
+    ds = ds.map_batches(ScanBatch(max_pixels), batch_size=32, num_cpus=DATA_CPU_SHARE, compute=data_tasks())
     good: dict[str, list[int]] = {"train": [], "valid": []}
     bad: list[tuple[str, str]] = []
     sides: list[int] = []

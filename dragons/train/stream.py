@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dragons.errors import DragonsError
+from dragons.raycluster import DATA_CPU_SHARE
 from dragons.train.ranks import all_reduce
 
 # Images per Ray Data block: small blocks keep the memory in flight low (64 base
@@ -40,8 +41,9 @@ from dragons.train.ranks import all_reduce
 ROWS_PER_BLOCK = 64
 # Ray Data batches the consumer keeps decoded ahead of the model.
 PREFETCH_BATCHES = 2
-# CPU share each decode actor asks for (JPEG decoding at base-square size is light).
-DECODE_ACTOR_CPUS = 0.25
+# CPU share each decode actor asks for (JPEG decoding at base-square size is light): the
+# share every Ray Data step beside the model asks for.
+DECODE_ACTOR_CPUS = DATA_CPU_SHARE
 MAX_DECODE_ACTORS = 4  # per training worker: enough to keep a GPU fed
 DECODE_IO_THREADS = 4  # reads and decodes in flight per decoder (actor, or worker decoding its own rows)
 
