@@ -2,6 +2,7 @@
 
     python benchmarks/blur_probe.py            # PSNR of down-and-up scaled frames; Lite0's ImageNet top-1 on blurred hymenoptera
     python benchmarks/blur_probe.py --probe    # also: a linear probe on flowers5 train/ (seed-42 20% held out), BN as is vs AdaBN
+    python benchmarks/blur_probe.py --smallest # 8 frames and 8 photos: seconds, so the suite can run it
 
 Never reads flowers5's valid/.
 """
@@ -113,9 +114,13 @@ def linear_probe(size: int = 128) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--probe", action="store_true", help="also run the linear probe (a few minutes)")
+    ap.add_argument("--smallest", action="store_true", help="8 frames and 8 photos, no probe (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     frames = sorted((DATA / "flowers5" / "train").glob("*/*"))[::40]
+    photos = sorted((DATA / "hymenoptera" / "val").glob("*/*"))
+    if args.smallest:  # spread over the classes: every class's frames, both ants and bees
+        frames, photos = frames[:: max(1, len(frames) // 8)][:8], photos[:: max(1, len(photos) // 8)][:8]
     for side in (96, 64, 48, 32):
         print(
             f"flowers5 frames shrunk to {side} px and back: median PSNR {psnr_after_rescale(frames, side):.1f} dB ({len(frames)} frames)"
@@ -123,13 +128,12 @@ def main() -> None:
     model = EfficientNetLite()
     model.load_state_dict(_lite_state(0)())
     model.eval()
-    photos = sorted((DATA / "hymenoptera" / "val").glob("*/*"))
     print(
         f"ImageNet top-1 is ant or bee, {len(photos)} hymenoptera val/ photos at 224 px: "
         f"sharp {imagenet_top1(model, photos, None):.3f}, blurred via 64 px {imagenet_top1(model, photos, 64):.3f}, "
         f"via 40 px {imagenet_top1(model, photos, 40):.3f}, via 64 px then sharpened {imagenet_top1(model, photos, 64, 2):.3f}"
     )
-    if args.probe:
+    if args.probe and not args.smallest:
         linear_probe()
 
 

@@ -1,11 +1,21 @@
-"""Forward+backward CPU time per image of Lite0 at 128 px, early body trained or frozen, channels_last or not (one thread)."""
+"""Forward+backward CPU time per image of Lite0 at 128 px, early body trained or frozen, channels_last or not (one thread).
 
+    python benchmarks/step_speed.py              # batch 16 at 128 px, best of 3 (half a minute)
+    python benchmarks/step_speed.py --smallest   # batch 2 at 64 px, one timed step (seconds)
+
+--smallest is there so that tests/test_benchmarks.py can run the script in seconds.
+"""
+
+import argparse
 import time
 
 import torch
 
 from dragons.models.registry import build_model as create_model
 
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--smallest", action="store_true", help="batch 2 at 64 px, one timed step (a smoke run)")
+args = ap.parse_args()
 torch.set_num_threads(1)
 m = create_model("efficientnet_lite0", 5, "imagenet") if True else None
 m.train()
@@ -46,4 +56,4 @@ def run(cl, freeze_early, bs=16, size=128, reps=3):
 
 for cl in (True, False):
     for fe in (False, True):
-        run(cl, fe)
+        run(cl, fe, bs=2, size=64, reps=1) if args.smallest else run(cl, fe)
