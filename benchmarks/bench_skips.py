@@ -176,6 +176,8 @@ def _rows(idx: np.ndarray, run_id: str, day: int, etag: str, error: pa.Array) ->
             "run_id": pa.array(np.full(k, run_id)),
             "scored_at": at,
             "error": error,
+            # The kind as the scorer writes it (dragons.rowerrors): the text before the ':'.
+            "error_kind": pc.list_element(pc.split_pattern(error, ":", max_splits=1), 0),
             "etag": _etags(idx, etag),
             "size": _sizes(idx),
             "last_modified": at,

@@ -268,7 +268,7 @@ def _one(args: argparse.Namespace, overrides: dict, data: str, t0: float) -> dic
             log_file=f"{tmp}/train.log",
             **overrides,
         )
-        meta = train(cfg)
+        meta = train(cfg).meta
     peak = sampler.stop()
     wall = time.perf_counter() - t0
     m = meta["metrics"]

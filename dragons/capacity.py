@@ -54,6 +54,16 @@ WITHDRAW_TIMEOUT_S = 10.0
 DECODE_CHOICES = ["auto", "model", "separate"]
 
 
+def check_flags(use_gpu: str, gpu_wait_s: float, decode: str = DECODE_CHOICES[0]) -> None:
+    """The GPU and decode settings training and scoring share, checked the same way for both."""
+    if use_gpu not in USE_GPU_CHOICES:
+        raise DragonsError(f"--use-gpu {use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
+    if gpu_wait_s < 0:
+        raise DragonsError(f"--gpu-wait must be >= 0 (seconds), got {gpu_wait_s:g}")
+    if decode not in DECODE_CHOICES:
+        raise DragonsError(f"--decode {decode!r} is not one of: {', '.join(DECODE_CHOICES)}")
+
+
 def decode_beside_model(choice: str, gpu: bool) -> bool:
     """Whether the processes that run the model also decode its images. On CPUs a
     separate decode stage only adds processes (their imports and memory) and
@@ -222,8 +232,7 @@ class GpuRequest:
         sleep_s: float = 1.0,
         local: bool = False,
     ) -> None:
-        if use_gpu not in USE_GPU_CHOICES:
-            raise DragonsError(f"--use-gpu {use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
+        check_flags(use_gpu, wait_s)
         self.role, self.use_gpu, self.want = role, use_gpu, want
         self.wait_s, self.progress_s, self.say, self.sleep_s = wait_s, progress_s, say, sleep_s
         self.local = local  # the process's own embedded Ray (dragons.raycluster.embedded): no autoscaler to ask

@@ -53,7 +53,6 @@ TRAIN_RECIPE = (
 
 # ----- train / lr-find -------------------------------------------------------------
 def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
-    from dragons.capacity import USE_GPU_CHOICES
     from dragons.models.registry import list_archs
     from dragons.preprocess import AUGMENT_PRESETS
     from dragons.train.config import TrainConfig
@@ -72,9 +71,7 @@ def get_train_parser(prog: str = "dragons train") -> argparse.ArgumentParser:
     add_config_args(
         p.add_argument_group("cluster, faults and logs"),
         TrainConfig,
-        skip={*TRAIN_IO, *TRAIN_RECIPE, "lr_find_only"},
-        flags={"gpu_wait_s": "--gpu-wait"},
-        choices={"use_gpu": USE_GPU_CHOICES},
+        skip={*TRAIN_IO, *TRAIN_RECIPE},
     )
     return p
 
@@ -111,20 +108,18 @@ def lr_find_main(args: argparse.Namespace) -> int:
     from dragons import storage
     from dragons.errors import require_plotting
     from dragons.train.config import TrainConfig
-    from dragons.train.run import train
+    from dragons.train.run import find_lr
 
     require_plotting("lr-find's plot")  # before the sweep, not after it
     from dragons.report import plot_lr_find
 
-    cfg = TrainConfig.from_dict({**vars(args), "lr_find_only": True, "lr": 0.0, "report": False})
-    out = train(cfg)
-    info = out["lr_find"]
+    found = find_lr(TrainConfig.from_dict({**vars(args), "lr": 0.0, "report": False}))
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "lr_find.png")
-        plot_lr_find(info["lrs"], info["losses"], info["suggestion"], local)
+        plot_lr_find(found.lrs, found.losses, found.suggestion, local)
         with open(local, "rb") as f:
             storage.write_bytes(args.plot, f.read())
-    print(f"suggested lr: {info['suggestion']:.2e}  (plot: {args.plot})")
+    print(f"suggested lr: {found.suggestion:.2e}  (plot: {args.plot})")
     return 0
 
 
@@ -144,13 +139,16 @@ def evaluate_main(args: argparse.Namespace) -> int:
 
     # ROOT@prod: the report goes beside the version it evaluates, not into a folder named "ROOT@prod".
     default = storage.join(versions.resolve(args.model).dir, "report")
-    m = evaluate(args.model, args.data, args.report or default, tta=args.tta, valid_pct=args.valid_pct, seed=args.seed)
+    result = evaluate(
+        args.model, args.data, args.report or default, tta=args.tta, valid_pct=args.valid_pct, seed=args.seed
+    )
+    m = result.metrics
     print(
         f"accuracy {m['accuracy']:.4f}  log_loss {m['log_loss']:.4f}  ece {m['ece']:.4f}  errors {m['errors']}/{m['n']}"
     )
     for name, pc in m["per_class"].items():
         print(f"  {name:<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  support {pc['support']}")
-    print(f"report {m['report']}")
+    print(f"report {result.report}")
     return 0
 
 
@@ -203,7 +201,7 @@ def predict_main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
+COMMANDS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "train": (get_train_parser, train_main),
     "lr-find": (get_lr_find_parser, lr_find_main),
     "evaluate": (get_evaluate_parser, evaluate_main),
@@ -228,26 +226,32 @@ def usage() -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(cmd: str, argv: Sequence[str], prog: str | None = None) -> int:
+    """One command, the same way for ``dragons <cmd>`` and ``jobs/*.py`` (``prog``: the
+    name its usage shows): empty ``AWS_*`` unset, flags parsed, ``--verbose``, and a
+    :class:`DragonsError` as one ``error:`` line and exit 2."""
+    from dragons.runlog import VERBOSE_ENV
     from dragons.storage import drop_empty_aws_env
 
     # First: AWS_ENDPOINT_URL="" (how env files and Secrets write "not set") is
     # real AWS for pyarrow and boto3 but a crash in delta-rs; unset it for all.
     drop_empty_aws_env()
+    make_parser, run = COMMANDS[cmd]
+    args = (make_parser(prog) if prog else make_parser()).parse_args(list(argv))
+    if args.verbose:  # Ray's own worker lines on the terminal too (they are always in the log)
+        os.environ[VERBOSE_ENV] = "1"
+    return guarded(lambda: run(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if "--verbose" in rest:  # every command: Ray's own worker lines on the terminal too (they are always in the log)
-        rest.remove("--verbose")
-        os.environ["DRAGONS_VERBOSE"] = "1"
-    if cmd not in COMMANDS:
-        print(f"error: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    make_parser, run = COMMANDS[cmd]
-    args = make_parser().parse_args(rest)
-    return guarded(lambda: run(args))
+    return run_command(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

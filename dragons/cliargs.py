@@ -8,14 +8,24 @@ beside the default is its help. One place for each default.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import inspect
-import re
+import io
 import sys
+import textwrap
+import tokenize
 from typing import Any, Callable, Iterable
 
 from dragons import signals
+from dragons.capacity import DECODE_CHOICES, USE_GPU_CHOICES
 from dragons.errors import DragonsError
+
+# The same field is the same flag in every command that has it. Fields whose flag is
+# not their own name (the parsed value keeps the field's name: ``args.timeout_s``):
+FLAG_NAMES = {"gpu_wait_s": "--gpu-wait", "timeout_s": "--timeout", "commit_interval_s": "--commit-interval"}
+# Fields with a fixed set of values (the config's own validate() checks them too, for job configs):
+CHOICES = {"use_gpu": USE_GPU_CHOICES, "decode": DECODE_CHOICES}
 
 
 def guarded(fn: Callable[[], int | None]) -> int:
@@ -50,7 +60,7 @@ class _Formatter(argparse.HelpFormatter):
         h = action.help or ""
         if "%(default)" in h or not action.option_strings or action.required:
             return h
-        if action.default in (None, "", [], argparse.SUPPRESS) or isinstance(action, argparse.BooleanOptionalAction):
+        if action.default in (None, "", [], argparse.SUPPRESS) or action.default is False:
             return h
         return h + " (default: %(default)s)"
 
@@ -61,6 +71,10 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+        # Every command, jobs/*.py included (dragons.cli.run_command sets runlog.VERBOSE_ENV from it).
+        self.add_argument(
+            "--verbose", action="store_true", help="also show Ray's own lines on the terminal (the run's log has them)"
+        )
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -99,13 +113,25 @@ def _auto(name: str, sentinel: float) -> Any:
 
 
 def field_help(cls: Any) -> dict[str, str]:
-    """The comment beside each dataclass default becomes its --help text."""
-    src = inspect.getsource(cls)
-    # argparse expands %-formats in help texts: a comment's "10%" must stay text.
-    return {
-        m.group(1): m.group(2).strip().replace("%", "%%")
-        for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]+#\s*(.+)$", src, re.M)
-    }
+    """The comment beside each dataclass default becomes its --help text.
+
+    Read with the tokenizer, not a line pattern: a formatter may wrap a long
+    default over several lines, the comment on any of them.
+    """
+    src = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.setdefault(tok.start[0], tok.string[1:].strip())
+    out: dict[str, str] = {}
+    for node in ast.parse(src).body[0].body:  # type: ignore[attr-defined]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            text = next(
+                (comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments), ""
+            )
+            # argparse expands %-formats in help texts: a comment's "10%" must stay text.
+            out[node.target.id] = text.replace("%", "%%")
+    return out
 
 
 def add_config_args(
@@ -115,13 +141,13 @@ def add_config_args(
     skip: Iterable[str] = (),
     helps: dict[str, str] | None = None,
     required: Iterable[str] = (),
-    flags: dict[str, str] | None = None,
     choices: dict[str, list[str]] | None = None,
 ) -> None:
     """Flags for the fields of config dataclass ``cls`` (``only`` those, in that order, if given).
 
-    ``p`` may be a parser or an argument group. ``flags`` renames a field's flag
-    (``timeout_s`` -> ``--timeout``); the parsed value keeps the field's name.
+    ``p`` may be a parser or an argument group. A field's flag is its name
+    (``--image-size``) unless :data:`FLAG_NAMES` says otherwise; ``choices`` adds
+    value lists for fields that :data:`CHOICES` does not know (one command's own).
     """
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     names = list(only) if only is not None else [n for n in by_name if n not in set(skip)]
@@ -129,27 +155,34 @@ def add_config_args(
     required = set(required)
     for name in names:
         f = by_name[name]
-        flag = (flags or {}).get(name) or "--" + name.replace("_", "-")
+        flag = FLAG_NAMES.get(name) or "--" + name.replace("_", "-")
+        meta = flag.lstrip("-").replace("-", "_").upper()  # --gpu-wait GPU_WAIT
         kw: dict[str, Any] = {"dest": name, "help": text.get(name, "")}
-        if choices and name in choices:
-            kw["choices"] = choices[name]
+        allowed = {**CHOICES, **(choices or {})}.get(name)
+        if allowed:
+            kw["choices"] = allowed
         if name in required:
             kw["required"] = True
         else:
             kw["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
         typ = str(f.type)
         if typ == "list[str]":  # a repeatable flag: --bucket a --bucket b
-            p.add_argument(flag, action="append", metavar=name.upper(), **kw)
+            p.add_argument(flag, action="append", metavar=meta, **kw)
         elif typ in ("bool", "<class 'bool'>"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif name in getattr(cls, "AUTO_FIELDS", {}):
-            p.add_argument(flag, type=_auto(name, cls.AUTO_FIELDS[name]), metavar=name.upper() + "|auto", **kw)
+            p.add_argument(
+                flag,
+                type=_auto(name, cls.AUTO_FIELDS[name]),
+                metavar=meta + "|auto",
+                **kw,
+            )
         elif name == "lr":
             kw["help"] += " ('auto' runs the lr finder)"
             p.add_argument(flag, type=lr_type, **kw)
         else:
             cast = {"int": int, "float": float, "str": str}.get(typ.replace("<class '", "").rstrip("'>"), str)
-            extra: dict[str, Any] = {} if "choices" in kw else {"metavar": name.upper()}
+            extra: dict[str, Any] = {} if "choices" in kw else {"metavar": meta}
             p.add_argument(flag, type=cast, **extra, **kw)
 
 

@@ -1,9 +1,10 @@
 """The Ray Data decode steps shared by training and scoring, over one reader.
 
 * :func:`read_one`: an object's bytes (S3 or disk) or its row error, ``kind: message``;
-* :func:`row_error`: every exception a step can meet as that error, one mapping;
-* :class:`DecodeBatch`: ``uri`` -> base-square ``image`` and ``error`` (scoring,
-  training's Ray Data decode actors, the scoring actors' own decode on CPUs);
+* :func:`classify`: every exception a step can meet as that error (a
+  :class:`~dragons.rowerrors.RowError`), one mapping; :func:`row_error` its text;
+* :class:`DecodeBatch`: ``uri`` -> base-square ``image``, ``error`` and ``error_kind``
+  (scoring, training's Ray Data decode actors, the scoring actors' own decode on CPUs);
 * :class:`ScanBatch`: ``uri`` -> ``short_side`` and ``error`` (training's first pass).
 
 Deliberately light: numpy, PIL, pyarrow and boto3 only. Ray starts many
@@ -22,6 +23,7 @@ import numpy as np
 from dragons import storage
 from dragons.errors import DragonsError
 from dragons.images import DecodeOptions, ImageError, decode, decode_to_base
+from dragons.rowerrors import ERROR_KIND, ErrorKind, RowError
 
 # Per-process caches. Ray unpickles the callable for every task, so anything
 # kept on the instance would be rebuilt per task: a boto3 client costs ~0.3 s
@@ -37,19 +39,31 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 IO_THREADS = 8
 
 
-def row_error(exc: BaseException) -> str:
-    """An image's failure as its row's ``error``: a stable kind first (docs/tables.md)."""
+def classify(exc: BaseException) -> RowError:
+    """An image's failure as its row error: a stable kind (docs/tables.md) and a message."""
     if isinstance(exc, ImageError):
-        return f"{exc.reason}: {exc.message}"
+        return RowError(exc.kind, exc.message)
     if isinstance(exc, storage.ObjectError):  # not_found, too_large, access_denied, read_error
-        return f"{exc.code}: {exc}"
+        return RowError(exc.kind, str(exc))
     if isinstance(exc, DragonsError):
-        return f"read_error: {exc}"
-    return f"decode_error: {type(exc).__name__}: {storage.shorten(str(exc), 200)}"  # never lose a row to a decoder bug
+        return RowError(ErrorKind.READ_ERROR, str(exc))
+    # Never lose a row to a decoder bug.
+    return RowError(ErrorKind.DECODE_ERROR, f"{type(exc).__name__}: {storage.shorten(str(exc), 200)}")
+
+
+def row_error(exc: BaseException) -> str:
+    """An image's failure as its row's ``error`` text, ``kind: message``."""
+    return str(classify(exc))
 
 
 def read_one(uri: str, size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | str:
     """The object's bytes, or its row error (``kind: message``) when it cannot be read."""
+    data = _read(uri, size, max_bytes)
+    return data if isinstance(data, bytes) else str(data)
+
+
+def _read(uri: str, size: int | None, max_bytes: int) -> bytes | RowError:
+    """The object's bytes, or its row error when it cannot be read."""
     try:
         loc = storage.object_location(uri)  # a listed key verbatim: s3://b//x.jpg is not s3://b/x.jpg
         if loc.is_s3:
@@ -62,7 +76,7 @@ def read_one(uri: str, size: int | None = None, max_bytes: int = DEFAULT_MAX_BYT
             _CLIENTS["file"] = storage.filesystem(uri)[0]
         return storage.read_bytes(uri, _CLIENTS["file"], max_bytes)
     except Exception as exc:  # noqa: BLE001 (every failure is the row's error)
-        return row_error(exc)
+        return classify(exc)
 
 
 def _map_uris(batch: dict[str, np.ndarray], one: Callable[[str, int | None], Any], threads: int) -> list[Any]:
@@ -80,7 +94,8 @@ def _map_uris(batch: dict[str, np.ndarray], one: Callable[[str, int | None], Any
 
 
 class DecodeBatch:
-    """Ray Data map: ``uri`` -> base-square ``image`` plus an ``error`` string.
+    """Ray Data map: ``uri`` -> base-square ``image`` plus ``error`` and ``error_kind``
+    strings (both "" where the image decoded).
 
     A failure never raises: the row keeps a black image and the reason, so the
     driver can report it by name and drop it (training) or write it (scoring).
@@ -94,26 +109,29 @@ class DecodeBatch:
         self.io_threads = io_threads
         self.max_bytes = max_bytes
 
-    def _one(self, uri: str, size: int | None) -> tuple[np.ndarray | None, str]:
-        data = read_one(uri, size, self.max_bytes)
-        if isinstance(data, str):
+    def _one(self, uri: str, size: int | None) -> tuple[np.ndarray | None, RowError | None]:
+        data = _read(uri, size, self.max_bytes)
+        if isinstance(data, RowError):
             return None, data
         try:
-            return decode_to_base(data, self.base_size, self.max_pixels), ""
+            return decode_to_base(data, self.base_size, self.max_pixels), None
         except Exception as exc:  # noqa: BLE001 (the row's error)
-            return None, row_error(exc)
+            return None, classify(exc)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
         images = np.zeros((n, self.base_size, self.base_size, 3), dtype=np.uint8)
         errors: list[str] = []
+        kinds: list[str] = []
         for i, (img, err) in enumerate(_map_uris(batch, self._one, self.io_threads)):
             if img is not None:
                 images[i] = img
-            errors.append(err)
+            errors.append("" if err is None else str(err))
+            kinds.append("" if err is None else err.kind.value)
         out = dict(batch)
         out["image"] = images
         out["error"] = np.array(errors, dtype=object)
+        out[ERROR_KIND] = np.array(kinds, dtype=object)
         return out
 
 

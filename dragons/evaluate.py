@@ -29,6 +29,17 @@ class EvaluateConfig:
     seed: int = AS_TRAINED  # seeds that split; -1 = the model's own, so no image it trained on is evaluated
 
 
+@dataclass(frozen=True)
+class EvaluateResult:
+    """A model's figures on a folder's validation split."""
+
+    # dragons.metrics.classification_metrics over the readable images: n, accuracy,
+    # log_loss, ece, errors, confusion_matrix, per_class, macro_f1
+    metrics: dict[str, Any]
+    skipped: int  # unreadable images, left out of the figures (each named on stdout)
+    report: str | None  # the report's page; None when no report was asked for
+
+
 def evaluate(
     model_uri: str,
     data_uri: str,
@@ -36,8 +47,8 @@ def evaluate(
     tta: int = 0,
     valid_pct: float = EvaluateConfig.valid_pct,
     seed: int = EvaluateConfig.seed,
-) -> dict[str, Any]:
-    """Score the validation split of ``data_uri`` and write the report."""
+) -> EvaluateResult:
+    """Score the validation split of ``data_uri`` and write the report (``report_uri``; None: none)."""
     from dragons.metrics import classification_metrics
 
     art = artifact.load(model_uri)
@@ -62,7 +73,7 @@ def evaluate(
         if e:
             print(f"skipped unreadable image {u}: {e}")
     metrics = classification_metrics(probs[ok], labels[ok], art.classes)
-    metrics["skipped"] = int((~ok).sum())
+    page = None
     if report_uri:
         require_plotting("the report")
         from dragons.report import report_from_predictions
@@ -77,5 +88,4 @@ def evaluate(
             lr_find=art.meta.get("lr_find"),
             extra={"tta": tta},
         )
-        metrics["report"] = page
-    return metrics
+    return EvaluateResult(metrics, int((~ok).sum()), page)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from dragons.rowerrors import ErrorKind
+
 # Extensions we treat as images when walking a folder; anything else is skipped
 # and counted (README files, .DS_Store, CSVs ...).
 IMAGE_EXTENSIONS = frozenset(
@@ -29,11 +31,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageError(Exception):
-    """An image that cannot be used; ``reason`` is a short machine-friendly code."""
+    """An image that cannot be used: its row error's ``kind`` and a short message."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
         self.message = message
 
 
@@ -53,14 +55,14 @@ class DecodeOptions:
 def decode(data: bytes, options: DecodeOptions = DecodeOptions()) -> Image.Image:
     """Bytes -> upright RGB PIL image, or :class:`ImageError`."""
     if not data:
-        raise ImageError("empty", "zero-byte file")
+        raise ImageError(ErrorKind.EMPTY, "zero-byte file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > options.max_pixels:
-                raise ImageError("too_large", f"{w}x{h} pixels exceeds the limit of {options.max_pixels}")
+                raise ImageError(ErrorKind.TOO_LARGE, f"{w}x{h} pixels exceeds the limit of {options.max_pixels}")
             if options.min_side and img.format == "JPEG":
                 # draft keeps both sides >= the request, so the short side stays >= min_side.
                 scale = min(w, h) / options.min_side
@@ -70,13 +72,13 @@ def decode(data: bytes, options: DecodeOptions = DecodeOptions()) -> Image.Image
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "not a recognised image format") from None
+        raise ImageError(ErrorKind.NOT_AN_IMAGE, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("too_large", str(exc)[:200]) from None
+        raise ImageError(ErrorKind.TOO_LARGE, str(exc)[:200]) from None
     except (OSError, SyntaxError, ValueError) as exc:
         msg = str(exc)[:200]
-        reason = "truncated" if "truncated" in msg.lower() or "broken data stream" in msg.lower() else "decode_error"
-        raise ImageError(reason, msg) from None
+        truncated = "truncated" in msg.lower() or "broken data stream" in msg.lower()
+        raise ImageError(ErrorKind.TRUNCATED if truncated else ErrorKind.DECODE_ERROR, msg) from None
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # a broken EXIF block should not lose an otherwise good image

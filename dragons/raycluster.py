@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import ray
 
@@ -213,6 +213,26 @@ def _forget_dead_cluster_address() -> None:
         log.info("removed stale Ray address file %s", path)
     except OSError:
         pass
+
+
+def model_device(gpu: bool, cuda: bool | None = None) -> Literal["cuda", "cpu"]:
+    """Where the model of a worker or scoring actor runs: ``"cuda"`` when it holds a
+    GPU resource (``gpu``) on a node with CUDA, else ``"cpu"``.
+
+    A GPU resource without CUDA (a fake GPU node, a broken driver) runs the model on
+    its node's CPU instead of failing: every place that depends on the device (the
+    scoring actor's threads, Ray Train's backend, a training worker's torch device)
+    asks here, so they agree. ``cuda``: what the driver learnt of the GPU nodes
+    (``capacity.Grant.cuda``); None = this process's own ``torch.cuda.is_available()``
+    (a worker, on its node).
+    """
+    if not gpu:
+        return "cpu"
+    if cuda is None:
+        import torch
+
+        cuda = bool(torch.cuda.is_available())
+    return "cuda" if cuda else "cpu"
 
 
 @dataclass(frozen=True)

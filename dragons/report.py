@@ -9,7 +9,6 @@ links are relative).
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from urllib.parse import quote
 
 import matplotlib
 
-from dragons import storage
+from dragons import htmlkit, storage
 from dragons.calibration import describe as describe_calibration
 from dragons.errors import DragonsError
 from dragons.images import ImageError, decode_to_base
@@ -518,10 +517,8 @@ def _fmt(value: Any) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """An HTML table with every cell escaped."""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """An HTML table (dragons.htmlkit: every cell escaped), metrics to 4 places."""
+    return htmlkit.table(header, rows, fmt=_fmt)
 
 
 def _top_loss_rows(
@@ -572,40 +569,32 @@ def _render_html(
         ["actual \\ predicted", *classes],
         [[name, *row] for name, row in zip(classes, metrics["confusion_matrix"])],
     )
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        "<h2>Summary</h2>",
+    parts: list[Any] = [
+        htmlkit.tag("h2", "Summary"),
         summary,
-        "<h2>Per class</h2>",
+        htmlkit.tag("h2", "Per class"),
         per_class,
-        "<h2>Confusion matrix</h2>",
+        htmlkit.tag("h2", "Confusion matrix"),
         cm,
     ]
     extra = metrics.get("extra") or {}
     if extra:
         rows = [[key, json.dumps(value, default=_json_default)] for key, value in extra.items()]
-        parts += ["<h2>Extra</h2>", _table(["key", "value"], rows)]
+        parts += [htmlkit.tag("h2", "Extra"), _table(["key", "value"], rows)]
     if top_losses:
         parts += [
-            "<h2>Top losses</h2>",
+            htmlkit.tag("h2", "Top losses"),
             _table(["index", "file", "actual", "predicted", "p(actual)", "loss"], top_losses),
         ]
-    parts.append("<h2>Figures</h2>")
+    parts.append(htmlkit.tag("h2", "Figures"))
     for file_name, caption in images:
         if calibration_note and file_name.startswith("reliability"):
             # Beside the diagrams it explains: which calibration case applied, with its held-out figures.
-            parts.append(f'<p class="calibration">{html.escape(calibration_note)}</p>')
+            parts.append(htmlkit.tag("p", calibration_note, class_="calibration"))
             calibration_note = None
-        src = html.escape(quote(file_name))
-        cap = html.escape(caption)
-        parts.append(
-            f'<figure><a href="{src}"><img src="{src}" alt="{cap}"></a><figcaption>{cap}</figcaption></figure>'
-        )
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+        picture = htmlkit.tag("a", htmlkit.img(file_name, caption), href=quote(file_name))
+        parts.append(htmlkit.tag("figure", htmlkit.join([picture, htmlkit.tag("figcaption", caption)])))
+    return htmlkit.page(title, parts, css=_CSS)
 
 
 def write_report(

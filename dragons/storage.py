@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from dragons.errors import DragonsError
+from dragons.rowerrors import ErrorKind
 
 _SCHEMES = ("s3", "file", "")
 
@@ -287,11 +288,11 @@ def s3_error_code(exc: BaseException) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
 
 
-def s3_error_kind(code: str) -> str:
+def s3_error_kind(code: str) -> ErrorKind:
     """An S3 error code as a row's error kind: not_found, access_denied or read_error."""
     if code in NOT_FOUND_CODES:
-        return "not_found"
-    return "access_denied" if code in DENIED_CODES else "read_error"
+        return ErrorKind.NOT_FOUND
+    return ErrorKind.ACCESS_DENIED if code in DENIED_CODES else ErrorKind.READ_ERROR
 
 
 # ----------------------------------------------------------------- delta-rs failures
@@ -446,16 +447,16 @@ def size_of(uri: str) -> int | None:
 
 
 class ObjectError(DragonsError):
-    """One object that cannot be read; ``code`` is a stable word for error rows
+    """One object that cannot be read; ``kind`` is its row error's kind
     (``not_found``, ``too_large``, ``access_denied``, ``read_error``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.kind = kind
 
 
 def _too_large(loc: Location, size: int, max_bytes: int) -> ObjectError:
-    return ObjectError("too_large", f"{loc.uri} is {size} bytes, over the {max_bytes}-byte limit (--max-bytes)")
+    return ObjectError(ErrorKind.TOO_LARGE, f"{loc.uri} is {size} bytes, over the {max_bytes}-byte limit (--max-bytes)")
 
 
 # How the AWS SDK (curl) reports a connection that could not be made at all.
@@ -494,10 +495,11 @@ def read_bytes(uri: str, fs: pafs.FileSystem | None = None, max_bytes: int = 0) 
         raise AssertionError("unreachable")
     except FileNotFoundError:
         _check_bucket(fs, loc)
-        raise ObjectError("not_found", f"{loc.uri} does not exist: check the path") from None
+        raise ObjectError(ErrorKind.NOT_FOUND, f"{loc.uri} does not exist: check the path") from None
     except OSError as exc:
         err = _fail(fs, loc, "read", exc)
-        raise ObjectError("access_denied" if str(err).startswith("access denied") else "read_error", str(err)) from None
+        denied = str(err).startswith("access denied")
+        raise ObjectError(ErrorKind.ACCESS_DENIED if denied else ErrorKind.READ_ERROR, str(err)) from None
 
 
 def get_object(client: Any, loc: Location, max_bytes: int = 0, size: int | None = None) -> bytes:

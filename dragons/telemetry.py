@@ -20,6 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dragons.rowerrors import ERROR_KIND
+
 log = logging.getLogger(__name__)
 
 # The series and what they mean; the dashboard and the test read these names.
@@ -60,14 +62,11 @@ def _call(metric: Any, method: str, value: float, tags: Mapping[str, str]) -> No
         log.debug("metric update refused: %s", exc)
 
 
-def error_kinds(errors: pa.Array | pa.ChunkedArray) -> dict[str, int]:
-    """Error rows by kind: the text before the first ':' of each non-null error."""
-    if errors.null_count == len(errors):
+def error_kinds(kinds: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """Error rows by kind, from the rows' ``error_kind`` column (dragons.rowerrors)."""
+    if kinds.null_count == len(kinds):
         return {}
-    kinds = pc.struct_field(
-        pc.extract_regex(pc.utf8_slice_codeunits(errors.drop_null(), 0, 64), r"^(?P<kind>[^:]*)"), "kind"
-    )
-    return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(kinds).to_pylist()}
+    return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(kinds.drop_null()).to_pylist()}
 
 
 class ScoreMetrics:
@@ -86,7 +85,7 @@ class ScoreMetrics:
     def scored(self, batch: pa.Table) -> None:
         _call(self.rows, "inc", batch.num_rows, self.tags)
         try:
-            kinds = error_kinds(batch.column("error"))
+            kinds = error_kinds(batch.column(ERROR_KIND))
         except Exception as exc:  # noqa: BLE001 (a count that cannot be made is not worth a night)
             log.debug("error kinds not counted: %s", exc)
             return

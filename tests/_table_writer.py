@@ -34,6 +34,7 @@ def rows(run_id: str, n: int, start: int = 0) -> pa.Table:
         "run_id": [run_id] * n,
         "scored_at": [now] * n,
         "error": [None] * n,
+        "error_kind": [None] * n,
         "etag": [f"e{i}" for i in range(start, start + n)],
         "size": [100] * n,
         "last_modified": [now] * n,

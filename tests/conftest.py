@@ -96,7 +96,7 @@ def hymenoptera_model(ray_session: None, hymenoptera_s3: str) -> dict:
     from dragons.train.run import train
 
     out = "s3://dragons-test/models/hymenoptera"
-    meta = train(TrainConfig(data=hymenoptera_s3, out=out, workers=2))
+    meta = train(TrainConfig(data=hymenoptera_s3, out=out, workers=2)).meta
     return {"uri": out, "meta": meta}
 
 

@@ -155,7 +155,7 @@ def _train(cluster, victim, events: dict, data: str, out: str, storage_uri: str)
         max_failures=1,
         no_progress_timeout_s=240,
     )
-    meta = _kill_during(cluster, victim, events, checkpointed, lambda: train(cfg), replace=True)
+    meta = _kill_during(cluster, victim, events, checkpointed, lambda: train(cfg).meta, replace=True)
     return {"resumes": meta["resumes"], "epochs": len(meta["history"]), "accuracy": meta["metrics"]["valid_accuracy"]}
 
 

@@ -26,10 +26,19 @@ REPORT_PNGS = [
 
 
 def test_lr_find_plots_and_suggests(
-    ray_session: None, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_session: None,
+    workdir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from dragons.cli import get_lr_find_parser, lr_find_main
     from dragons.local.synth import write_dataset
+    from dragons.train import run
+
+    found: list[run.LrFindResult] = []
+    real = run.find_lr
+    monkeypatch.setattr(run, "find_lr", lambda cfg: found.append(real(cfg)) or found[-1])  # what the CLI got
 
     data = workdir / "lrf"
     write_dataset(str(data), ["drogon", "viserion"], n_train=16, n_valid=4, seed=5, size=(160, 120))
@@ -42,6 +51,12 @@ def test_lr_find_plots_and_suggests(
     assert 1e-6 < lr < 1.0
     with Image.open(tmp_path / "lr.png") as im:
         assert im.size[0] > 100
+    (result,) = found
+    assert isinstance(result, run.LrFindResult) and f"{result.suggestion:.2e}" == f"{lr:.2e}"
+    assert len(result.lrs) == len(result.losses) > 10 and result.lrs == sorted(result.lrs)
+    assert result.facts["n_train"] == 32 and result.facts["n_valid"] == 8 and not result.facts["bad_images"]
+    # The sweep's own run folder (and so its log's name): never a training run's checkpoints.
+    assert os.path.basename(result.log).startswith("train-lr-find-"), result.log
 
 
 def test_evaluate_cli_writes_report(hymenoptera_model: dict, hymenoptera_s3: str, tmp_path: Path) -> None:
@@ -95,7 +110,7 @@ def test_evaluate_splits_a_folder_without_valid_as_the_model_was_trained(tmp_pat
     from dragons import artifact
     from dragons.data import discover
     from dragons.dataconfig import DataConfig
-    from dragons.evaluate import evaluate
+    from dragons.evaluate import EvaluateResult, evaluate
     from dragons.local.synth import write_dataset
     from dragons.models.registry import build_model, get_spec
 
@@ -113,7 +128,8 @@ def test_evaluate_splits_a_folder_without_valid_as_the_model_was_trained(tmp_pat
     artifact.save(str(tmp_path / "model"), build_model("efficientnet_lite0", 2, "none"), meta)
     trained_split = discover(str(data), 0.5, 7).valid
     assert len(trained_split) != len(discover(str(data), 0.2, 42).valid)  # the defaults would split otherwise
-    m = evaluate(str(tmp_path / "model"), str(data), None)
-    assert m["n"] == len(trained_split)
-    m = evaluate(str(tmp_path / "model"), str(data), None, valid_pct=0.2, seed=42)  # explicit values still win
-    assert m["n"] == len(discover(str(data), 0.2, 42).valid)
+    result = evaluate(str(tmp_path / "model"), str(data), None)
+    assert isinstance(result, EvaluateResult) and result.report is None and result.skipped == 0
+    assert result.metrics["n"] == len(trained_split)
+    result = evaluate(str(tmp_path / "model"), str(data), None, valid_pct=0.2, seed=42)  # explicit values still win
+    assert result.metrics["n"] == len(discover(str(data), 0.2, 42).valid)

@@ -114,7 +114,7 @@ def test_killed_workers_restart_then_resume_finishes_the_run(
     assert time.monotonic() - t0 < 30
     saved["settings"]["label_smoothing"] = 0.05
     recipe_file.write_text(json.dumps(saved))
-    meta = train(_cfg(small_data, out, resume=True))
+    meta = train(_cfg(small_data, out, resume=True)).meta
     assert meta["resumes"] == 2
     assert meta["config"]["label_smoothing"] == 0.05 and meta["recipe"]["auto"]["label_smoothing"] == 0.05
     assert [h["epoch"] for h in meta["history"]] == list(range(6))

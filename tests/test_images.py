@@ -14,7 +14,7 @@ def test_catalogue_decodes_or_fails_cleanly(name: str) -> None:
     if expect == "error":
         with pytest.raises(ImageError) as info:
             decode(data)
-        assert info.value.reason in {"empty", "not_an_image", "truncated", "too_large", "decode_error"}
+        assert info.value.kind in {"empty", "not_an_image", "truncated", "too_large", "decode_error"}
     else:
         img = decode(data)
         assert img.mode == "RGB"
@@ -32,7 +32,7 @@ def test_reasons_are_specific() -> None:
 def _reason(data: bytes) -> str:
     with pytest.raises(ImageError) as info:
         decode(data)
-    return info.value.reason
+    return info.value.kind
 
 
 def test_pixel_limit_is_configurable() -> None:

@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     # 0: no dragons imports, or errors only: the vocabulary
     "dragons": 0,
     "dragons.errors": 0,
+    "dragons.rowerrors": 0,
     "dragons.rayauth": 0,
     "dragons.dataconfig": 0,
     "dragons.calibration": 0,
@@ -35,6 +36,7 @@ LAYERS: dict[str, int] = {
     "dragons.local.synth": 0,
     "dragons.novelty": 0,
     "dragons.telemetry": 0,
+    "dragons.htmlkit": 0,
     "dragons.loop": 0,
     # 1: storage and names
     "dragons.storage": 1,
@@ -61,6 +63,7 @@ LAYERS: dict[str, int] = {
     "dragons.score.config": 4,
     "dragons.score.export": 4,
     "dragons.score.listing": 4,
+    "dragons.score.engine": 4,
     "dragons.score.table": 4,
     "dragons.score.inventory": 4,
     # 5: the wings

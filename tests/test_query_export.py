@@ -42,6 +42,7 @@ def _rows(run_id: str, start: int, stop: int) -> pa.Table:
             "run_id": [run_id] * n,
             "scored_at": [now] * n,
             "error": [None] * n,
+            "error_kind": [None] * n,
             "etag": [f"e{i}" for i in range(start, stop)],
             "size": [100] * n,
             "last_modified": [now] * n,

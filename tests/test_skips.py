@@ -16,8 +16,9 @@ import pyarrow.compute as pc
 import pytest
 
 from dragons.errors import DragonsError
+from dragons.rowerrors import PERMANENT, ErrorKind
 from dragons.score import incremental
-from dragons.score.incremental import PERMANENT_ERRORS, Skips, load_skips, parse_memory_limit
+from dragons.score.incremental import Skips, load_skips, parse_memory_limit
 from dragons.score.schema import LISTING_SCHEMA, schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ PREFIX = "s3://dragons-archive-prod/photos/2026/11/28/camera-07/img_"
 OLD_DONE = "SELECT hash(uri::VARCHAR) AS h FROM scores WHERE run_id = $r"
 OLD_KNOWN = (
     "SELECT hash(uri::VARCHAR, coalesce(etag, '')::VARCHAR, coalesce(size, -1)::BIGINT) AS h FROM ("
-    "SELECT uri, etag, size, error FROM scores WHERE model_version = $v AND run_id <> $r "
+    "SELECT uri, etag, size, error, error_kind FROM scores WHERE model_version = $v AND run_id <> $r "
     "QUALIFY row_number() OVER (PARTITION BY uri ORDER BY scored_at DESC, run_id DESC) = 1) WHERE {kept}"
 )
 
@@ -46,10 +47,10 @@ def _old_sets(
         done = con.execute(OLD_DONE, {"r": run_id}).fetchnumpy()["h"]
         known = np.zeros(0, np.uint64)
         if incremental:
-            kept = "error IS NULL" if retry_errors else "error IS NULL OR split_part(error, ':', 1) IN $permanent"
+            kept = "error IS NULL" if retry_errors else "error IS NULL OR error_kind IN $permanent"
             params: dict[str, Any] = {"v": model_version, "r": run_id}
             if not retry_errors:
-                params["permanent"] = list(PERMANENT_ERRORS)
+                params["permanent"] = [k.value for k in PERMANENT]
             known = con.execute(OLD_KNOWN.format(kept=kept), params).fetchnumpy()["h"]
     finally:
         con.close()
@@ -57,6 +58,12 @@ def _old_sets(
 
 
 Row = tuple[int, str, str, int, str | None, str | None, int | None]
+
+
+def _kind(error: str | None) -> str | None:
+    """The kind a producer writes beside ``error`` (None for a kind no producer writes)."""
+    head = error.split(":", 1)[0] if error else None
+    return head if head in set(ErrorKind) else None
 
 
 def _rows(spec: list[Row]) -> pa.Table:
@@ -75,6 +82,7 @@ def _rows(spec: list[Row]) -> pa.Table:
             "run_id": [s[2] for s in spec],
             "scored_at": at,
             "error": [s[4] for s in spec],
+            "error_kind": [_kind(s[4]) for s in spec],
             "etag": [s[5] for s in spec],
             "size": [s[6] for s in spec],
             "last_modified": at,
@@ -258,12 +266,12 @@ LIMIT = "24MB"
 OLD_PROBE = """
 import os, sys
 from dragons.score.query import QueryLimits, connect
-from dragons.score.incremental import PERMANENT_ERRORS
+from dragons.rowerrors import PERMANENT
 sql = "SELECT count(*), bit_xor(h) FROM (" + sys.argv[2] + ")"
 for limit in ("1GB", sys.argv[3]):
     con = connect(sys.argv[1], limits=QueryLimits(memory_limit=limit, timeout_s=0), commit_log=False)
     try:
-        n, x = con.execute(sql, {"v": "v1", "r": "new", "permanent": list(PERMANENT_ERRORS)}).fetchone()
+        n, x = con.execute(sql, {"v": "v1", "r": "new", "permanent": [k.value for k in PERMANENT]}).fetchone()
         print(limit, "ok", n, x, flush=True)
     except Exception as exc:
         print(limit, "failed", type(exc).__name__, str(exc).splitlines()[0], flush=True)
@@ -279,7 +287,7 @@ def _big_table(path: str, n: int) -> None:
 
     first = n * 9 // 10
 
-    def rows(idx: np.ndarray, run: str, day: int, etag: str, error: pa.Array) -> pa.RecordBatch:
+    def rows(idx: np.ndarray, run: str, day: int, etag: str, error: list[str | None]) -> pa.RecordBatch:
         k = len(idx)
         digits = pc.utf8_lpad(pa.array(idx).cast(pa.string()), 8, "0")
         at = pa.array(
@@ -296,7 +304,8 @@ def _big_table(path: str, n: int) -> None:
                 "model_version": pa.array(np.full(k, "v1")),
                 "run_id": pa.array(np.full(k, run)),
                 "scored_at": at.cast(pa.timestamp("us", tz="UTC")),
-                "error": error,
+                "error": pa.array(error, pa.string()),
+                "error_kind": pa.array([_kind(e) for e in error], pa.string()),
                 "etag": pc.binary_join_element_wise(pa.array(idx).cast(pa.string()), etag, ""),
                 "size": pa.array(1000 + idx % 50_000),
                 "last_modified": at.cast(pa.timestamp("us", tz="UTC")),
@@ -310,8 +319,8 @@ def _big_table(path: str, n: int) -> None:
     kinds[again % 70 == 1] = "truncated: x"
     kinds[again % 50 == 0] = "read_error: timeout"
     batches = [
-        rows(np.arange(first), "night0", 0, "", pa.nulls(first, pa.string())),
-        rows(again, "night1", 1, "b", pa.array(kinds.tolist(), pa.string())),
+        rows(np.arange(first), "night0", 0, "", [None] * first),
+        rows(again, "night1", 1, "b", kinds.tolist()),
     ]
     write_deltalake(path, pa.RecordBatchReader.from_batches(schema(CLASSES), iter(batches)), partition_by=["dt"])
 
@@ -325,7 +334,7 @@ def test_skips_fit_a_memory_limit_the_window_query_does_not(tmp_path: Path) -> N
             "-c",
             OLD_PROBE,
             table,
-            OLD_KNOWN.format(kept="error IS NULL OR split_part(error, ':', 1) IN $permanent"),
+            OLD_KNOWN.format(kept="error IS NULL OR error_kind IN $permanent"),
             LIMIT,
         ],
         check=False,

@@ -161,7 +161,7 @@ def test_a_local_folder_read_as_an_object_is_a_read_error(tmp_path: Path) -> Non
 
     with pytest.raises(ObjectError, match="is a directory") as exc:
         read_bytes(str(tmp_path))
-    assert exc.value.code == "read_error"
+    assert exc.value.kind == "read_error"
 
 
 def test_a_secret_at_every_cut_position_is_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -583,6 +583,7 @@ def test_skips_resume_incremental_and_error_kinds(tmp_path: Path) -> None:
             {
                 "uri": ["s3://x/n1/5.jpg", "s3://x/n1/6.jpg", "s3://x/n1/7.jpg"],
                 "error": ["read_error: timeout", "truncated: image file is truncated", "access_denied: no"],
+                "error_kind": ["read_error", "truncated", "access_denied"],
                 "etag": ["e5", "e6", "e7"],
                 "size": [100, 100, 100],
             }

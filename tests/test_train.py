@@ -79,7 +79,7 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     """3 classes; a truncated JPEG, a zero-byte file, a text file and a GIF: reported, none fatal."""
     from dragons.local.synth import bad_file_catalogue, write_dataset
     from dragons.train.config import TrainConfig
-    from dragons.train.run import train
+    from dragons.train.run import TrainResult, train
 
     root = workdir / "three"
     write_dataset(str(root), ["drogon", "rhaegal", "viserion"], n_train=14, n_valid=6, seed=3, size=(200, 150))
@@ -90,7 +90,7 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     log_file = workdir / "three.log"
     # decode="separate": the GPU clusters' layout (Ray Data decode actors per
     # worker), end to end; the S3 test above decodes in the workers (CPU "auto").
-    meta = train(
+    result = train(
         TrainConfig(
             data=str(root),
             out=str(out),
@@ -104,6 +104,9 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
             decode="separate",
         )
     )
+    assert isinstance(result, TrainResult) and (result.uri, result.log) == (str(out), str(log_file))
+    meta = result.meta
+    assert result.version == meta["version"] == artifact.load(str(out)).version
     assert meta["resources"]["decode"].startswith("separate"), meta["resources"]
     bad = {b["uri"].rsplit("/", 1)[-1]: b["error"] for b in meta["data"]["bad_images"]}
     assert set(bad) == {"truncated.jpg", "zero_byte.jpg"}
@@ -140,6 +143,58 @@ def test_three_classes_with_bad_files_local(ray_session: None, workdir: Path) ->
     # Without the dashboard Ray Train's placement-group cleaner would fail once a second:
     # the embedded cluster does not start it (nothing of it in the log either).
     assert text.count("Failed to query Ray Train Controller actor state") == 0
+
+
+PURE_PREPARE = """
+import os, sys
+import dragons  # first: Ray's token auth
+import ray
+from dragons.train.checkpoint import RunFolder
+from dragons.train.config import TrainConfig
+from dragons.train.plan import Plan, prepare
+
+data, out = sys.argv[1:]
+cfg = TrainConfig(data=data, out=out, workers=2)
+old = os.path.join(RunFolder.of(cfg).uri, "checkpoint_000000")  # an earlier run's
+os.makedirs(old)
+open(os.path.join(old, "state.pt"), "wb").close()
+files = lambda: sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs)
+before = files()
+plan = prepare(cfg)
+assert isinstance(plan, Plan) and not ray.is_initialized()
+assert files() == before, files()  # the old checkpoints kept, no recipe file, the write probe gone
+assert plan.folder.classes == ["ants", "bees"] and plan.saved is None and plan.spec.mean == (0.5, 0.5, 0.5)
+assert plan.cfg.unresolved()  # the recipe is fit's: it needs the decode check
+sweep = prepare(TrainConfig(data=data), lr_find=True)  # lr-find: no --out, its own run folder
+assert sweep.lr_find and sweep.run.name.startswith("lr-find-") and not ray.is_initialized()
+print("pure")
+"""
+
+
+def test_prepare_starts_no_ray_and_writes_nothing(hymenoptera: Path, tmp_path: Path) -> None:
+    """prepare is a plan: checks and decisions, no Ray started, nothing written (an earlier run's
+    checkpoints are fit's to delete), in a fresh process so that no other test's Ray counts."""
+    out = tmp_path / "model"
+    out.mkdir()
+    p = subprocess.run(
+        [sys.executable, "-c", PURE_PREPARE, str(hymenoptera), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+    )
+    assert p.returncode == 0 and p.stdout.strip().endswith("pure"), p.stderr[-3000:]
+
+
+def test_one_owner_of_the_model_device() -> None:
+    """A GPU resource without CUDA runs the model on the node's CPU: scoring's threads,
+    training's backend and a worker's device all ask raycluster.model_device."""
+    import torch
+
+    from dragons.raycluster import model_device
+
+    assert (model_device(False, True), model_device(True, False), model_device(True, True)) == ("cpu", "cpu", "cuda")
+    assert model_device(True) == ("cuda" if torch.cuda.is_available() else "cpu")  # None: this process's own torch
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -31,8 +31,9 @@ def run_demo(cfg: DemoConfig) -> None:
     data, workdir, epochs = cfg.data, cfg.workdir, cfg.epochs
     from dragons.local import s3server
     from dragons.local.synth import write_bad_files, write_dataset
+    from dragons.score.export import format_table
     from dragons.score.pipeline import ScoreConfig, score
-    from dragons.score.query import format_table, run_sql
+    from dragons.score.query import run_sql
     from dragons.train.config import TrainConfig
     from dragons.train.run import train
 
@@ -75,7 +76,7 @@ def run_demo(cfg: DemoConfig) -> None:
         model_uri, table_uri = f"{out_root}/models/demo", f"{out_root}/tables/scores"
 
         print("\n== train (Ray Train, 2 workers)", flush=True)
-        meta = train(TrainConfig(data=data_uri, out=model_uri, workers=2, epochs=epochs))
+        meta = train(TrainConfig(data=data_uri, out=model_uri, workers=2, epochs=epochs)).meta
         print("\n== score night 1 (Ray Data: model actors that read and decode -> Delta commits in parts)", flush=True)
         log_file = os.path.join(workdir, "score-demo.log")
         manifest = score(

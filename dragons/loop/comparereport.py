@@ -3,22 +3,20 @@ in words, and thumbnails of the images where they disagree.
 
 Thumbnails are small JPEGs written beside the page (``thumbs/``), linked
 relatively as dragons.report's PNGs are, so the folder can be copied or synced
-as a unit. Every text cell goes through ``html.escape``: class names and URIs
+as a unit. Every text cell is escaped (dragons.htmlkit): class names and URIs
 come from users' folders and tables.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
-from typing import Any
-from urllib.parse import quote
 
 from PIL import Image
 
-from dragons import storage
+from dragons import htmlkit, storage
 from dragons.errors import DragonsError
+from dragons.htmlkit import Markup, tag
 from dragons.images import ImageError, decode_to_base
 from dragons.loop.compare import CompareResult, Disagreement
 
@@ -78,120 +76,94 @@ td.text, th.text { text-align: left; word-break: break-all; max-width: 420px; }
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
 def _num(value: float) -> str:
     return f"{value:.4f}"
 
 
-def _table(header: list[str], rows: list[list[str]], text_cols: tuple[int, ...] = ()) -> str:
-    """Cells arrive escaped (some carry markup); header cells are escaped here."""
-    head = "".join(
-        f'<th class="text">{_e(h)}</th>' if j in text_cols else f"<th>{_e(h)}</th>" for j, h in enumerate(header)
-    )
-    body = "".join(
-        "<tr>"
-        + "".join(f'<td class="text">{v}</td>' if j in text_cols else f"<td>{v}</td>" for j, v in enumerate(row))
-        + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _models(result: CompareResult) -> str:
+def _models(result: CompareResult) -> Markup:
     a, b = result.model_a, result.model_b
     rows = [
-        ["model", _e(a.given), _e(b.given), ""],
-        ["artifact", _e(a.uri), _e(b.uri), ""],
-        ["version", _e(a.version), _e(b.version), ""],
-        ["temperature", _e(f"{a.temperature:.3g}"), _e(f"{b.temperature:.3g}"), ""],
-        ["accuracy", _num(a.accuracy), _num(b.accuracy), _e(f"{result.gain:+.4f}")],
-        [
-            "correct",
-            _e(f"{a.correct} / {result.n}"),
-            _e(f"{b.correct} / {result.n}"),
-            _e(f"{b.correct - a.correct:+d}"),
-        ],
-        ["ECE (15 bins)", _num(a.ece), _num(b.ece), _e(f"{b.ece - a.ece:+.4f}")],
-        ["classes", _e(", ".join(a.classes)), _e(", ".join(b.classes)), ""],
+        ["model", a.given, b.given, ""],
+        ["artifact", a.uri, b.uri, ""],
+        ["version", a.version, b.version, ""],
+        ["temperature", f"{a.temperature:.3g}", f"{b.temperature:.3g}", ""],
+        ["accuracy", _num(a.accuracy), _num(b.accuracy), f"{result.gain:+.4f}"],
+        ["correct", f"{a.correct} / {result.n}", f"{b.correct} / {result.n}", f"{b.correct - a.correct:+d}"],
+        ["ECE (15 bins)", _num(a.ece), _num(b.ece), f"{b.ece - a.ece:+.4f}"],
+        ["classes", ", ".join(a.classes), ", ".join(b.classes), ""],
     ]
-    return _table(["", "A (champion)", "B (challenger)", "B \u2212 A"], rows, text_cols=(1, 2))
+    return htmlkit.table(["", "A (champion)", "B (challenger)", "B \u2212 A"], rows, text_cols=(1, 2))
 
 
-def _per_class(result: CompareResult) -> str:
+def _per_class(result: CompareResult) -> Markup:
     rows = []
     for name in result.classes:
         sa, sb = result.model_a.per_class[name], result.model_b.per_class[name]
         rows.append(
             [
-                _e(name),
-                _e(sa["support"]),
+                name,
+                sa["support"],
                 _num(float(sa["precision"])),
                 _num(float(sb["precision"])),
                 _num(float(sa["recall"])),
                 _num(float(sb["recall"])),
-                _e(f"{float(sb['recall']) - float(sa['recall']):+.4f}"),
+                f"{float(sb['recall']) - float(sa['recall']):+.4f}",
             ]
         )
-    return _table(["class", "support", "A precision", "B precision", "A recall", "B recall", "recall B \u2212 A"], rows)
+    header = ["class", "support", "A precision", "B precision", "A recall", "B recall", "recall B \u2212 A"]
+    return htmlkit.table(header, rows)
 
 
-def _mcnemar(result: CompareResult) -> str:
+def _mcnemar(result: CompareResult) -> Markup:
     mc = result.mcnemar
-    table = _table(
+    table = htmlkit.table(
         ["", "B right", "B wrong"],
-        [
-            ["A right", _e(mc.both_right), _e(f"{mc.b} (b)")],
-            ["A wrong", _e(f"{mc.c} (c)"), _e(mc.both_wrong)],
-        ],
+        [["A right", mc.both_right, f"{mc.b} (b)"], ["A wrong", f"{mc.c} (c)", mc.both_wrong]],
     )
-    return f"<p>{_e(mc.sentence())}</p>{table}"
+    return htmlkit.join([tag("p", mc.sentence()), table])
 
 
-def _verdict(d: Disagreement, model: str) -> str:
+def _verdict(d: Disagreement, model: str) -> Markup:
     pred, p = (d.pred_a, d.p_a) if model == "A" else (d.pred_b, d.p_b)
     cls = "right" if pred == d.label else "wrong"
     mark = "\u2713" if cls == "right" else "\u2717"
-    return f'<div class="{cls}">{model}: {_e(pred)} ({p:.2f}) {mark}</div>'
+    return tag("div", f"{model}: {pred} ({p:.2f}) {mark}", class_=cls)
 
 
-def _card(d: Disagreement, thumb: str | None) -> str:
+def _card(d: Disagreement, thumb: str | None) -> Markup:
     name = d.uri.rsplit("/", 1)[-1]
-    img = (
-        f'<img src="{_e(quote(thumb))}" alt="{_e(name)}" loading="lazy">'
-        if thumb
-        else '<div class="muted">no thumbnail</div>'
-    )
-    return (
-        f'<div class="card">{img}<div title="{_e(storage.redact(d.uri))}"><b>{_e(name)}</b></div>'
-        f"<div>true: {_e(d.label)}</div>{_verdict(d, 'A')}{_verdict(d, 'B')}</div>"
-    )
+    picture = htmlkit.img(thumb, name, loading="lazy") if thumb else tag("div", "no thumbnail", class_="muted")
+    named = tag("div", tag("b", name), title=storage.redact(d.uri))
+    truth = tag("div", f"true: {d.label}")
+    return tag("div", htmlkit.join([picture, named, truth, _verdict(d, "A"), _verdict(d, "B")]), class_="card")
 
 
-def _disagreements(result: CompareResult, thumbs: dict[str, str], per_kind: int) -> str:
+def _disagreements(result: CompareResult, thumbs: dict[str, str], per_kind: int) -> list[Markup]:
     groups = _by_kind(result)
     parts = [
-        (
-            f"<p>A and B predict different classes on {len(result.disagreements)} of {result.n} images "
-            "(the probability beside each prediction is that model's, after its calibration).</p>"
+        tag(
+            "p",
+            f"A and B predict different classes on {len(result.disagreements)} of {result.n} images "
+            "(the probability beside each prediction is that model's, after its calibration).",
         )
     ]
     for kind, title in KINDS:
         items = groups[kind]
         shown = items[:per_kind]
-        parts.append(f"<h3>{_e(title)} ({len(items)})</h3>")
+        parts.append(tag("h3", f"{title} ({len(items)})"))
         if not items:
-            parts.append('<p class="muted">none</p>')
+            parts.append(tag("p", "none", class_="muted"))
             continue
         if len(shown) < len(items):
             parts.append(
-                f'<p class="muted">showing {len(shown)} of {len(items)}, the most confident first; '
-                "summary.json lists them all</p>"
+                tag(
+                    "p",
+                    f"showing {len(shown)} of {len(items)}, the most confident first; summary.json lists them all",
+                    class_="muted",
+                )
             )
-        parts.append('<div class="grid">' + "".join(_card(d, thumbs.get(d.uri)) for d in shown) + "</div>")
-    return "\n".join(parts)
+        parts.append(tag("div", htmlkit.join(_card(d, thumbs.get(d.uri)) for d in shown), class_="grid"))
+    return parts
 
 
 def render_html(result: CompareResult, thumbs: dict[str, str], per_kind: int) -> str:
@@ -204,33 +176,26 @@ def render_html(result: CompareResult, thumbs: dict[str, str], per_kind: int) ->
         facts.append(f"{len(result.unreadable)} unreadable image(s) left out for both models")
     if result.unlabelled:
         facts.append(f"{result.unlabelled} unlabelled row(s) skipped")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="verdict {verdict_cls}">{_e(result.verdict())} (exit {result.exit_code})</p>',
-        f"<p>{_e('; '.join(facts))}.</p>",
-        *[f'<p class="muted">note: {_e(n)}</p>' for n in result.notes],
-        "<h2>Models</h2>",
+    parts: list[Markup] = [
+        tag("p", f"{result.verdict()} (exit {result.exit_code})", class_=f"verdict {verdict_cls}"),
+        tag("p", "; ".join(facts) + "."),
+        *[tag("p", f"note: {n}", class_="muted") for n in result.notes],
+        tag("h2", "Models"),
         _models(result),
-        "<h2>Paired test</h2>",
+        tag("h2", "Paired test"),
         _mcnemar(result),
-        "<h2>Per class</h2>",
+        tag("h2", "Per class"),
         _per_class(result),
-        "<h2>Disagreements</h2>",
-        _disagreements(result, thumbs, per_kind),
+        tag("h2", "Disagreements"),
+        *_disagreements(result, thumbs, per_kind),
     ]
     if result.unreadable:
-        rows = [
-            [_e(storage.redact(u)), _e(storage.shorten(err))] for u, err in result.unreadable[:MAX_UNREADABLE_SHOWN]
-        ]
+        rows = [[storage.redact(u), storage.shorten(err)] for u, err in result.unreadable[:MAX_UNREADABLE_SHOWN]]
         more = len(result.unreadable) - MAX_UNREADABLE_SHOWN
-        parts += ["<h2>Unreadable images</h2>", _table(["image", "error"], rows, text_cols=(0, 1))]
+        parts += [tag("h2", "Unreadable images"), htmlkit.table(["image", "error"], rows, text_cols=(0, 1))]
         if more > 0:
-            parts.append(f'<p class="muted">and {more} more (summary.json lists them all)</p>')
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+            parts.append(tag("p", f"and {more} more (summary.json lists them all)", class_="muted"))
+    return htmlkit.page(title, parts, css=_CSS)
 
 
 def write(result: CompareResult, out: str, max_thumbnails: int = 60) -> str:

@@ -11,12 +11,9 @@ from typing import Any, Callable
 from dragons.cliargs import Parser, add_config_args, config_from
 from dragons.errors import DragonsError
 
-FORMATS = ["table", "csv", "json"]  # dragons query / table output; the first is the default
-
 
 def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
-    from dragons.capacity import USE_GPU_CHOICES
-    from dragons.score.config import DECODE_CHOICES, ScoreConfig
+    from dragons.score.config import ScoreConfig
 
     p = Parser(
         prog=prog,
@@ -59,14 +56,11 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
             "skip_memory_limit",
             "no_progress_timeout_s",
         ),
-        choices={"decode": DECODE_CHOICES, "use_gpu": USE_GPU_CHOICES},
-        flags={"gpu_wait_s": "--gpu-wait"},
     )
     add_config_args(
         p.add_argument_group("table files, report and logs"),
         ScoreConfig,
         only=("commit_every", "commit_interval_s", "file_size_mb", "spool_dir", "report", "progress_s", "log_file"),
-        flags={"commit_interval_s": "--commit-interval"},
     )
     return p
 
@@ -139,16 +133,21 @@ def score_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table_args(p: argparse.ArgumentParser) -> None:
-    """The flags every table command shares: which table, and how to print what it answers."""
-    p.add_argument("--table", required=True, help="table root (path or s3://)")
-    p.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="output format")
+def _table_flag(p: argparse.ArgumentParser | Any) -> None:
+    """``--table``: which scores table a reading command opens (query, report, export, table)."""
+    p.add_argument("--table", required=True, help="scores table root (path or s3://)")
+
+
+def _limits_flags(p: argparse.ArgumentParser) -> None:
+    """The query limits (memory, threads, --timeout) of every command that reads the table with DuckDB."""
+    from dragons.score.query import QueryLimits
+
+    # (memory_flag and memory_advice name a caller's own flag in the error: not flags of these commands.)
+    add_config_args(p.add_argument_group("limits"), QueryLimits, only=("memory_limit", "threads", "timeout_s"))
 
 
 def get_query_parser(prog: str = "dragons query") -> argparse.ArgumentParser:
-    from dragons.score.export import FORMATS as EXPORT_FORMATS
-    from dragons.score.export import TABLE_MAX_ROWS
-    from dragons.score.query import QueryLimits
+    from dragons.score.export import FORMATS, TABLE_MAX_ROWS
 
     p = Parser(
         prog=prog,
@@ -156,11 +155,11 @@ def get_query_parser(prog: str = "dragons query") -> argparse.ArgumentParser:
         "(every row), `latest` (newest row per uri and model_version), `runs` (one row "
         "per run: status, parts, counts), `commits` (one row per commit).",
     )
-    p.add_argument("--table", required=True, help="table root (path or s3://)")
+    _table_flag(p)
     p.add_argument(
         "--format",
-        choices=EXPORT_FORMATS,
-        default=EXPORT_FORMATS[0],
+        choices=FORMATS,
+        default=FORMATS[0],
         help=f"table: the terminal, first {TABLE_MAX_ROWS:,} rows; csv, json (JSON Lines) and parquet: "
         "every row, streamed",
     )
@@ -172,7 +171,7 @@ def get_query_parser(prog: str = "dragons query") -> argparse.ArgumentParser:
         "required by --format parquet",
     )
     p.add_argument("--as-of", default=None, help="time travel: a table version (e.g. 3) or an ISO timestamp")
-    add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
+    _limits_flags(p)
     p.add_argument("sql", nargs="?", default=None, help="a SELECT; default: one line per run (the `runs` view)")
     return p
 
@@ -202,7 +201,6 @@ DRIFT_EXIT = 3
 
 
 def get_report_parser(prog: str = "dragons report") -> argparse.ArgumentParser:
-    from dragons.score.query import QueryLimits
     from dragons.score.runreport import ReportOptions
 
     p = Parser(
@@ -212,7 +210,7 @@ def get_report_parser(prog: str = "dragons report") -> argparse.ArgumentParser:
         "with the training set's class mix.",
     )
     g = p.add_argument_group("which run, and where the report goes")
-    g.add_argument("--table", required=True, help="table root (path or s3://)")
+    _table_flag(g)
     g.add_argument("--run-id", default=None, help="the run to report; default: the table's newest complete run")
     g.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and summary.json (path or s3://)")
     g.add_argument(
@@ -233,7 +231,7 @@ def get_report_parser(prog: str = "dragons report") -> argparse.ArgumentParser:
         "changed) is above X (0..1); a model without novelty statistics passes",
     )
     add_config_args(p.add_argument_group("what the report shows"), ReportOptions)
-    add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
+    _limits_flags(p)
     return p
 
 
@@ -312,8 +310,7 @@ def _novelty_verdict(s: dict[str, Any], limit: float | None) -> int:
 
 
 def get_export_parser(prog: str = "dragons export") -> argparse.ArgumentParser:
-    from dragons.score.labelling import FORMATS as LABEL_FORMATS
-    from dragons.score.query import QueryLimits
+    from dragons.score.labelling import LABEL_FORMATS
 
     p = Parser(
         prog=prog,
@@ -321,7 +318,7 @@ def get_export_parser(prog: str = "dragons export") -> argparse.ArgumentParser:
         "Studio tasks with the model's prediction pre-filled, or CSV "
         "(uri,label,score,margin[,novelty]).",
     )
-    p.add_argument("--table", required=True, help="table root (path or s3://)")
+    _table_flag(p)
     p.add_argument("--run-id", required=True, help="the run to take the images from")
     p.add_argument("--uncertain", type=int, default=None, metavar="N", help="how many of its least sure images")
     p.add_argument(
@@ -344,7 +341,7 @@ def get_export_parser(prog: str = "dragons export") -> argparse.ArgumentParser:
         metavar="FILE",
         help="write to this local file (complete, or not at all) instead of stdout",
     )
-    add_config_args(p.add_argument_group("limits"), QueryLimits, flags={"timeout_s": "--timeout"})
+    _limits_flags(p)
     return p
 
 
@@ -372,18 +369,24 @@ def export_main(args: argparse.Namespace) -> int:
 
 
 def get_table_parser(prog: str = "dragons table") -> argparse.ArgumentParser:
+    from dragons.score.export import TEXT_FORMATS
     from dragons.score.maintenance import MaintenanceConfig
 
     p = Parser(prog=prog, description="Delta table maintenance: history, vacuum, optimize (compaction).")
-    p.add_argument("action", choices=["history", "vacuum", "optimize"])
-    _table_args(p)
+    p.add_argument(
+        "action",
+        choices=["history", "vacuum", "optimize"],
+        help="history: the newest commits; vacuum: delete files no version needs; optimize: compact small files",
+    )
+    _table_flag(p)
+    p.add_argument("--format", choices=TEXT_FORMATS, default=TEXT_FORMATS[0], help="output format")
     add_config_args(p, MaintenanceConfig)
     return p
 
 
 def table_main(args: argparse.Namespace) -> int:
     from dragons.score import maintenance
-    from dragons.score.query import format_table
+    from dragons.score.export import format_table
 
     out = maintenance.run(args.action, args.table, config_from(maintenance.MaintenanceConfig, args))
     print(format_table(out, args.format))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES, parse_span
+from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES, check_flags, parse_span
 from dragons.decode import DEFAULT_MAX_BYTES
 from dragons.errors import DragonsError
 from dragons.images import DEFAULT_MAX_PIXELS
@@ -63,13 +63,8 @@ class ScoreConfig:
 
         if not self.output:
             raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
-        if self.decode not in DECODE_CHOICES:
-            raise DragonsError(f"--decode {self.decode!r} is not one of: {', '.join(DECODE_CHOICES)}")
+        check_flags(self.use_gpu, self.gpu_wait_s, self.decode)
         parse_span(self.actors, "--actors")
-        if self.use_gpu not in USE_GPU_CHOICES:
-            raise DragonsError(f"--use-gpu {self.use_gpu!r} is not one of: {', '.join(USE_GPU_CHOICES)}")
-        if self.gpu_wait_s < 0:
-            raise DragonsError("--gpu-wait must be >= 0 (seconds)")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise DragonsError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
         if self.manifest and self.inventory:

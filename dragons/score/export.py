@@ -24,6 +24,7 @@ the final name.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ from dragons import storage
 from dragons.errors import DragonsError
 
 FORMATS = ["table", "csv", "json", "parquet"]  # dragons query --format; the first is the default
+TEXT_FORMATS = FORMATS[:3]  # the ones a command can print (parquet needs --out): dragons table --format
 TABLE_MAX_ROWS = 10_000  # rows the terminal table shows
 JSON_SLICE_ROWS = 4_096  # rows turned into Python objects at a time (JSON has no Arrow writer)
 
@@ -276,6 +278,21 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def format_table(t: pa.Table, fmt: str = FORMATS[0]) -> str:
+    """A small result (``dragons table``, the demo) as text in one of ``TEXT_FORMATS``:
+    every row, except that the terminal ``table`` stops at ``TABLE_MAX_ROWS`` and says so on stderr."""
+    if fmt not in TEXT_FORMATS:
+        raise DragonsError(f"--format {fmt!r}: choose one of {', '.join(TEXT_FORMATS)}")
+    reader = pa.RecordBatchReader.from_batches(t.schema, t.to_batches())
+    if fmt == "table":
+        text = io.StringIO()
+        write_table(reader, text, note=sys.stderr)
+        return text.getvalue().rstrip("\n")
+    data = io.BytesIO()
+    WRITERS[fmt](reader, data)
+    return data.getvalue().decode("utf-8").rstrip("\n")
 
 
 def export(reader: pa.RecordBatchReader, fmt: str, out: str | None = None) -> int:

@@ -26,11 +26,12 @@ passes, each over one range of ``hash(uri)``. The hashes go to files in that
 folder, read back as read-only memory maps: the page cache holds them, which
 the kernel reclaims, so the listing process does not grow with the table.
 
-Error kinds: a row's ``error`` is ``kind: message``. Permanent kinds describe
-the object itself and stay until it changes; every other kind (``read_error``,
-``access_denied``, ``not_found``, timeouts, and any kind not listed) may be
-transient: ``--incremental`` scores those objects again, and
-``--retry-errors`` scores every error row again.
+Error kinds: a row's ``error_kind`` (``dragons.rowerrors.ErrorKind``). Permanent
+kinds describe the object itself and stay until it changes; transient ones
+(``read_error``, ``access_denied``, ``not_found``) may not come back:
+``--incremental`` scores those objects again, and ``--retry-errors`` scores
+every error row again. An error row without a kind (written before the column,
+see ``_kept_sql``) counts as transient.
 """
 
 from __future__ import annotations
@@ -49,18 +50,14 @@ import numpy as np
 import pyarrow as pa
 
 from dragons.errors import DragonsError
-
-# Kinds an unchanged object keeps: its bytes are what they are.
-PERMANENT_ERRORS = ("empty", "not_an_image", "truncated", "too_large", "decode_error")
-# Kinds the decoder writes that another night may not see again (documented; anything
-# not in PERMANENT_ERRORS is treated as transient).
-TRANSIENT_ERRORS = ("read_error", "access_denied", "not_found", "timeout")
+from dragons.rowerrors import ERROR_KIND, PERMANENT
+from dragons.score.engine import QueryLimits, new_connection, open_table, sql_error
 
 _OBJECT_HASH = "hash(uri::VARCHAR, coalesce(etag, '')::VARCHAR, coalesce(size, -1)::BIGINT)"
 _URI_HASH = "hash(uri::VARCHAR)"
 
 # The columns the sets read; nothing else of a row is decoded.
-_SCAN_COLUMNS = ["uri", "etag", "size", "error", "scored_at", "run_id"]
+_SCAN_COLUMNS = ["uri", "etag", "size", "error", ERROR_KIND, "scored_at", "run_id"]
 # Rows per Arrow batch read from the table, and per batch streamed out of a sort:
 # a few MB each, nothing beside DuckDB's memory.
 _SCAN_ROWS = 65_536
@@ -164,9 +161,8 @@ class Skips:
         if page.num_rows == 0 or (self.done.size == 0 and self.known.size == 0):
             return page, 0, 0
         if self._con is None:
-            import duckdb
-
-            self._con = duckdb.connect(":memory:", config={"threads": 1})
+            # Hashes of one listing page at a time: one thread, little memory.
+            self._con = new_connection(QueryLimits(threads=1, memory_limit="256MB", timeout_s=0))
         self._con.register("page", page)
         h = self._con.execute(f"SELECT {_URI_HASH} AS u, {_OBJECT_HASH} AS o FROM page").fetchnumpy()
         self._con.unregister("page")
@@ -210,28 +206,15 @@ def _column(batch: pa.RecordBatch, i: int) -> np.ndarray:
 
 
 class _Builder:
-    """One DuckDB connection, limited to ``limit_bytes``, spilling to ``folder``,
-    and the files of hashes it writes there."""
+    """One DuckDB connection under ``limits``, spilling under ``folder``, and the
+    files of hashes it writes there."""
 
-    def __init__(self, folder: str, limit_bytes: int) -> None:
-        import duckdb
-
-        self.folder, self.limit_bytes = folder, limit_bytes
-        # One thread: the table arrives as one Arrow stream, and each thread would
-        # hold a sort state of its own within the same limit.
-        self.con = duckdb.connect(
-            ":memory:",
-            config={
-                "threads": 1,
-                "memory_limit": f"{limit_bytes}B",
-                "temp_directory": os.path.join(folder, "spill"),
-                "preserve_insertion_order": False,
-            },
-        )
-        # As `dragons query`: no files, no extensions from SQL (spilling is DuckDB's own and still allowed).
-        for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
-            self.con.execute(f"SET {setting} = false")
-        self.con.execute("SET lock_configuration = true")
+    def __init__(self, folder: str, limits: QueryLimits) -> None:
+        self.folder, self.limits = folder, limits
+        self.limit_bytes = parse_memory_limit(limits.memory_limit)
+        self.spill = os.path.join(folder, "spill")
+        # The order of rows is the sorts' business: unordered results stream with less memory.
+        self.con = new_connection(limits, spill_dir=self.spill, ordered=False)
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
@@ -318,8 +301,7 @@ def _known_file(b: _Builder, dataset: Any, model_version: str, run_id: str, retr
     import pyarrow.dataset as pds
 
     flt = (pds.field("model_version") == model_version) & (pds.field("run_id") != run_id)
-    kept = "error IS NULL" if retry_errors else "error IS NULL OR split_part(error, ':', 1) IN $permanent"
-    params = {} if retry_errors else {"permanent": list(PERMANENT_ERRORS)}
+    kept, params = _kept_sql(ERROR_KIND in dataset.schema.names and not retry_errors)
     # schema.newest_row's order (scored_at DESC, then run_id DESC; NULLS LAST is DuckDB's
     # default there), then, for rows that tie on both, the rule a retried listing must
     # repeat: an error row first (score it again), then the smaller object hash.
@@ -349,28 +331,24 @@ def _known_file(b: _Builder, dataset: Any, model_version: str, run_id: str, retr
     return b.path("known.u64")
 
 
+def _kept_sql(permanent_kept: bool) -> tuple[str, dict[str, Any]]:
+    """(SQL, parameters) of a row an unchanged object keeps: one without an error, and
+    with ``permanent_kept`` one whose error is of a permanent kind (the enum's split).
+
+    An error row whose ``error_kind`` is NULL (written before the column existed; a
+    table without the column at all reads as such) counts as transient: its object is
+    scored again, which loses nothing, and the new row has its kind."""
+    if not permanent_kept:
+        return "error IS NULL", {}
+    return f"error IS NULL OR {ERROR_KIND} IN $permanent", {"permanent": sorted(k.value for k in PERMANENT)}
+
+
 def _scan(dataset: Any, flt: Any) -> pa.RecordBatchReader:
-    """The rows ``flt`` selects, only the columns the sets need, a few batches read ahead."""
+    """The rows ``flt`` selects, only the columns the sets need (those the table has), a few batches read ahead."""
+    columns = [c for c in _SCAN_COLUMNS if c in dataset.schema.names]
     return dataset.scanner(
-        columns=_SCAN_COLUMNS, filter=flt, batch_size=_SCAN_ROWS, batch_readahead=2, fragment_readahead=1
+        columns=columns, filter=flt, batch_size=_SCAN_ROWS, batch_readahead=2, fragment_readahead=1
     ).to_reader()
-
-
-def _failure(exc: BaseException, uri: str, run_id: str, memory_limit: str, folder: str) -> DragonsError:
-    """What a failed build tells the user: the limit it hit, the disk, or the table."""
-    first = (str(exc).splitlines() or [type(exc).__name__])[0]
-    lowered = first.lower()
-    if "no space" in lowered or "max_temp_directory_size" in lowered or "temporary director" in lowered:
-        return DragonsError(
-            f"the skip sets of {uri} ran out of temporary disk in {os.path.dirname(folder)}: {first}; "
-            "free space there or point TMPDIR at a bigger disk"
-        )
-    if "out of memory" in lowered:
-        return DragonsError(
-            f"the skip sets of {uri} need more than --skip-memory-limit {memory_limit}: {first}; "
-            "raise it (e.g. --skip-memory-limit 1GB)"
-        )
-    return DragonsError(f"cannot read what {uri} already holds for run {run_id}: {first}")
 
 
 def load_skips(
@@ -384,17 +362,25 @@ def load_skips(
 ) -> Skips:
     """What run ``run_id`` skips, read from the table as of ``version`` (None: no table yet),
     within ``memory_limit`` of DuckDB memory (``--skip-memory-limit``), spilling to TMPDIR."""
-    limit_bytes = parse_memory_limit(memory_limit)
+    parse_memory_limit(memory_limit)  # a bad --skip-memory-limit fails before the table is read
     if version is None:
         return Skips()
     from dragons import storage
-    from dragons.score.table import open_table
 
     with storage.delta_errors(table_root, "read"):
         dataset = open_table(table_root, version).to_pyarrow_dataset()
+    # One thread: the table arrives as one Arrow stream, and each thread would hold a
+    # sort state of its own within the same limit. No deadline: a night waits for its sets.
+    limits = QueryLimits(
+        memory_limit=memory_limit,
+        threads=1,
+        timeout_s=0,
+        memory_flag="--skip-memory-limit",
+        memory_advice="raise it (e.g. --skip-memory-limit 1GB)",
+    )
     folder = tempfile.mkdtemp(prefix="dragons-skips-")
     try:
-        b = _Builder(folder, limit_bytes)
+        b = _Builder(folder, limits)
         try:
             done = _done_file(b, dataset, run_id)
             known = _known_file(b, dataset, model_version, run_id, retry_errors) if incremental else b.path("known.u64")
@@ -402,7 +388,7 @@ def load_skips(
                 open(known, "wb").close()
         finally:
             b.close()
-        shutil.rmtree(os.path.join(folder, "spill"), ignore_errors=True)
+        shutil.rmtree(b.spill, ignore_errors=True)
         # Arrow keeps freed scan buffers for reuse; the listing that follows needs none of them.
         pa.default_memory_pool().release_unused()
         return Skips.on_disk(folder, done, known)
@@ -410,4 +396,5 @@ def load_skips(
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(exc, DragonsError) or not isinstance(exc, Exception):
             raise
-        raise _failure(exc, table_root, run_id, memory_limit, folder) from None
+        what = f"reading what {table_root} holds for run {run_id}"
+        raise sql_error(exc, limits, what=what, disk=os.path.dirname(folder)) from None

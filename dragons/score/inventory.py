@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from dragons import storage
 from dragons.errors import DragonsError
+from dragons.rowerrors import ErrorKind
 from dragons.score.schema import LISTING_SCHEMA
 
 FORMATS = ("CSV", "ORC", "Parquet")
@@ -92,7 +93,7 @@ def _read_manifest(manifest_uri: str) -> dict[str, Any]:
     try:
         raw = storage.read_bytes(manifest_uri)
     except storage.ObjectError as exc:
-        if exc.code == "not_found":
+        if exc.kind is ErrorKind.NOT_FOUND:
             raise DragonsError(f"--inventory {shown} does not exist: {what}") from None
         raise DragonsError(f"--inventory {shown} cannot be read: {storage.redact(str(exc))}") from None
     except DragonsError as exc:  # no such bucket, an endpoint down (storage names which)

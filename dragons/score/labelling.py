@@ -36,7 +36,10 @@ from dragons.score.runreport import (
     per_class,
 )
 
-FORMATS = ["label-studio", "csv"]  # dragons export --format; the first is the default
+LABEL_FORMATS = [
+    "label-studio",
+    "csv",
+]  # dragons export --format (a labelling batch, not a query result); the first is the default
 CSV_COLUMNS = ["uri", "label", "score", "margin"]
 # The names the Label Studio labelling config in docs/reports.md gives its tags.
 FROM_NAME, TO_NAME = "label", "image"
@@ -154,15 +157,15 @@ def render(rows: list[dict[str, Any]], fmt: str, novelty: bool = False) -> bytes
 
 
 def check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise DragonsError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt not in LABEL_FORMATS:
+        raise DragonsError(f"--format {fmt!r}: choose one of {', '.join(LABEL_FORMATS)}")
 
 
 def write_export(
     table_uri: str,
     run_id: str,
     n: int | None,
-    fmt: str = FORMATS[0],
+    fmt: str = LABEL_FORMATS[0],
     out: str | None = None,
     per_class_: bool = False,
     limits: QueryLimits | None = None,

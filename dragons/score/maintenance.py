@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from dragons import storage
 from dragons.errors import DragonsError
-from dragons.score.table import open_table, run_history
+from dragons.score.engine import open_table
+from dragons.score.table import run_history
 
 
 @dataclass

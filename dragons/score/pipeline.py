@@ -42,6 +42,7 @@ from dragons.raycluster import (
     driver_stderr_to_log,
     embedded,
     ensure_ray,
+    model_device,
     size_actors,
 )
 from dragons.runlog import Progress, run_log
@@ -258,7 +259,7 @@ def plan(
     """Size the actor pool for the cluster (``cpus``) and the GPUs granted, choose
     where decoding runs and how many rows each actor call takes. Pure: no Ray."""
     pool = size_actors(parse_span(cfg.actors, "--actors"), cpus, grant.gpus)
-    if grant.gpus and not grant.cuda:  # a GPU resource without CUDA: the model runs on the node's CPU
+    if grant.gpus and model_device(True, grant.cuda) == "cpu":  # a GPU resource without CUDA: the node's CPU
         pool = Pool(pool.lo, pool.hi, pool.cpu, pool.gpu, max(1, int(CPUS_PER_GPU)))
     call_rows = BLOCK_ROWS if pool.gpu else CPU_CALL_ROWS
     if cfg.block_rows:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -32,18 +30,12 @@ import pyarrow as pa
 
 from dragons import storage
 from dragons.errors import DragonsError
-from dragons.score.schema import COMMIT_COLUMNS, LATEST_SQL, RUN_COLUMNS, SUMMARY_SQL
+from dragons.score.engine import QueryLimits, connect_table, guarded, sql_error  # QueryLimits: callers' too
+from dragons.score.schema import COMMIT_COLUMNS, RUN_COLUMNS, SUMMARY_SQL
 
 # Rows per record batch handed out by stream_sql: big enough for Parquet row
 # groups and fast CSV, small enough (a few MB of Arrow) to be nothing beside DuckDB's memory.
 BATCH_ROWS = 65_536
-
-
-@dataclass
-class QueryLimits:
-    memory_limit: str = "1GB"  # DuckDB's memory_limit: beyond it queries spill or fail with a clear error
-    threads: int = 2  # DuckDB worker threads
-    timeout_s: float = 300.0  # wall clock; 0 = none
 
 
 def parse_as_of(value: str | None) -> int | datetime | None:
@@ -69,7 +61,8 @@ def _log_tables(root: str) -> tuple[pa.Table, pa.Table]:
     """The ``commits`` and ``runs`` views' tables, from one read of the commit log."""
     from dragons.score.table import run_history, runs_summary
 
-    commits = run_history(root)
+    with storage.delta_errors(root, "read"):
+        commits = run_history(root)
     runs = runs_summary(commits)
 
     def table(rows: list[dict[str, Any]], cols: dict[str, pa.DataType]) -> pa.Table:
@@ -81,37 +74,15 @@ def _log_tables(root: str) -> tuple[pa.Table, pa.Table]:
 def connect(
     root: str, as_of: int | datetime | None = None, limits: QueryLimits | None = None, commit_log: bool = True
 ) -> Any:
-    """A locked-down DuckDB connection with the views ``scores``, ``latest``, and
-    with ``commit_log`` ``runs`` and ``commits`` (they read the whole Delta log:
-    callers that only scan rows, like a run's skip sets, leave them out)."""
-    import duckdb
-
-    from dragons.score.table import open_table
-
-    limits = limits or QueryLimits()
-    # delta-rs reports storage trouble as OSError, DeltaError, a bare Exception or
-    # a Rust panic (BaseException): each becomes `error: ...` naming the table.
-    with storage.delta_errors(root, "read"):
-        dt = open_table(root, as_of)
-        data = dt.to_pyarrow_dataset()
-        commits, runs = _log_tables(root) if commit_log else (None, None)
-    con = duckdb.connect(
-        ":memory:", config={"threads": max(1, int(limits.threads)), "memory_limit": limits.memory_limit}
-    )
-    try:
-        con.register("scores", data)
-        con.execute(LATEST_SQL)
-        if commit_log:
-            con.register("runs", runs)
-            con.register("commits", commits)
-        # No COPY ... TO, no reading or writing other files, no extensions from a query.
-        con.execute("SET enable_external_access = false")
-        con.execute("SET autoinstall_known_extensions = false")
-        con.execute("SET autoload_known_extensions = false")
-        con.execute("SET lock_configuration = true")
-    except duckdb.Error as exc:
-        con.close()
-        raise DragonsError(f"cannot set up the query engine: {str(exc).splitlines()[0]}") from None
+    """The table's locked-down DuckDB connection (``engine.connect_table``: views ``scores``,
+    ``latest``) and with ``commit_log`` ``runs`` and ``commits`` (they read the whole Delta
+    log: callers that only scan rows leave them out)."""
+    # The log first: a table that cannot be opened fails before a connection exists.
+    logs = _log_tables(root) if commit_log else None
+    con = connect_table(root, limits, as_of)
+    if logs is not None:
+        con.register("commits", logs[0])
+        con.register("runs", logs[1])
     return con
 
 
@@ -130,51 +101,6 @@ def _check_read_only(con: Any, sql: str) -> None:
                 f"the table is opened read-only: {st.type.name} statements are refused; "
                 "only SELECT queries run (against the views `scores`, `latest`, `runs`)"
             )
-
-
-@contextlib.contextmanager
-def _deadline(con: Any, limits: QueryLimits) -> Iterator[threading.Event]:
-    """Interrupts ``con`` after ``--timeout`` seconds (0: never); the event says it did.
-
-    The clock covers the whole query, an export's writing included: a stream
-    that stalls (a slow disk, a reader that stopped) ends like a slow query.
-    """
-    timed_out = threading.Event()
-    timer: threading.Timer | None = None
-    if limits.timeout_s and limits.timeout_s > 0:
-
-        def stop() -> None:
-            timed_out.set()
-            con.interrupt()
-
-        timer = threading.Timer(limits.timeout_s, stop)
-        timer.daemon = True
-        timer.start()
-    try:
-        yield timed_out
-    finally:
-        if timer is not None:
-            timer.cancel()
-
-
-def _query_error(exc: BaseException, limits: QueryLimits, timed_out: threading.Event) -> DragonsError:
-    """What a failed query tells the user: which limit it hit and what to do."""
-    import duckdb
-
-    first = (str(exc).splitlines() or [type(exc).__name__])[0]
-    if timed_out.is_set():
-        return DragonsError(
-            f"query stopped after --timeout {limits.timeout_s:g}s: narrow it "
-            "(WHERE on dt/run_id, fewer columns) or raise --timeout"
-        )
-    if isinstance(exc, duckdb.OutOfMemoryException) or "memory" in first.lower() and "limit" in first.lower():
-        return DragonsError(
-            f"query needs more than --memory-limit {limits.memory_limit}: {first}; "
-            "aggregate more, select fewer columns, or raise --memory-limit"
-        )
-    if isinstance(exc, duckdb.PermissionException) or "external access" in first.lower():
-        return DragonsError(f"the query tried to reach files or the network, which dragons query refuses: {first}")
-    return DragonsError(f"query failed: {first}")
 
 
 @contextlib.contextmanager
@@ -203,12 +129,10 @@ def stream_sql(
     try:
         query = sql or SUMMARY_SQL
         _check_read_only(con, query)
-        with _deadline(con, limits) as timed_out:
-            try:
-                # A blocking query (ORDER BY, aggregates) runs here; a pipeline, batch by batch.
-                source = con.sql(query).to_arrow_reader(batch_rows)
-            except duckdb.Error as exc:
-                raise _query_error(exc, limits, timed_out) from None
+        # The deadline covers the reading too (see engine.deadline): the whole block is guarded.
+        with guarded(con, limits) as timed_out:
+            # A blocking query (ORDER BY, aggregates) runs here; a pipeline, batch by batch.
+            source = con.sql(query).to_arrow_reader(batch_rows)
 
             def batches() -> Iterator[pa.RecordBatch]:
                 while True:
@@ -217,7 +141,7 @@ def stream_sql(
                     except StopIteration:
                         return
                     except (duckdb.Error, pa.ArrowException) as exc:
-                        raise _query_error(exc, limits, timed_out) from None
+                        raise sql_error(exc, limits, timed_out) from None
                     yield batch
 
             yield pa.RecordBatchReader.from_batches(source.schema, batches())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import html
 import io
 import json
 import math
@@ -36,10 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from dragons import storage
+from dragons import htmlkit, storage
 from dragons.columns import NOVELTY
 from dragons.errors import DragonsError
-from dragons.score.query import QueryLimits
+from dragons.htmlkit import Markup, tag
+from dragons.rowerrors import ERROR_KIND, LEGACY_KIND_SQL
+from dragons.score.engine import QueryLimits, guarded
 
 SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.html"
@@ -86,22 +87,17 @@ class RunReader:
         self.prob_columns = [c for c in cols if c.startswith("p_")]
         # Tables written before dragons.novelty have no novelty column until their next append.
         self.has_novelty = NOVELTY in cols
+        # Nor, written before error_kind, that column: their rows' kinds are read from the text.
+        self.kind_sql = f"coalesce({ERROR_KIND}, {LEGACY_KIND_SQL})" if ERROR_KIND in cols else LEGACY_KIND_SQL
 
     def close(self) -> None:
         self.con.close()
 
     def rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        import duckdb
-
-        from dragons.score.query import _deadline, _query_error  # the same limits and messages as `dragons query`
-
-        with _deadline(self.con, self.limits) as timed_out:
-            try:
-                cur = self.con.execute(sql, params or [])
-                names = [d[0] for d in cur.description]
-                return [dict(zip(names, r)) for r in cur.fetchall()]
-            except duckdb.Error as exc:
-                raise _query_error(exc, self.limits, timed_out) from None
+        with guarded(self.con, self.limits):  # the same limits and messages as `dragons query`
+            cur = self.con.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def margin_sql(self) -> str:
         """The top-2 margin of a row (top score less the second-highest probability).
@@ -187,7 +183,7 @@ def confidence_histogram(reader: RunReader, run_id: str, bins: int) -> list[int]
 def errors_by_kind(reader: RunReader, run_id: str) -> tuple[dict[str, int], dict[str, list[dict[str, str]]]]:
     """(kind -> rows, kind -> a few examples). ``min(uri, n)`` keeps n per kind, never the run's error list."""
     rows = reader.rows(
-        f"SELECT trim(split_part(error, ':', 1)) AS kind, count(*) AS n, min(uri, {EXAMPLES_PER_KIND}) AS uris, "
+        f"SELECT {reader.kind_sql} AS kind, count(*) AS n, min(uri, {EXAMPLES_PER_KIND}) AS uris, "
         f"arg_min(error, uri, {EXAMPLES_PER_KIND}) AS msgs "
         "FROM scores WHERE run_id = ? AND error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind",
         [run_id],
@@ -481,82 +477,98 @@ function broken(img){img.dataset.state='broken';var f=img.closest('figure');
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _img(src: str, alt: str) -> str:
-    return f'<img src="{_e(src)}" alt="{_e(alt)}" data-state="loading" onload="loaded(this)" onerror="broken(this)">'
+def _img(src: str, alt: str) -> Markup:
+    return htmlkit.img(src, alt, data_state="loading", onload="loaded(this)", onerror="broken(this)")
 
 
 def _pct(x: float | None) -> str:
-    return "&ndash;" if x is None else f"{100 * x:.1f}%"
+    return "\u2013" if x is None else f"{100 * x:.1f}%"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _num(value: Any) -> Markup:
+    return tag("span", "\u2013" if value is None else value, class_="num")
 
 
-def _thumb(entry: dict[str, Any], failed: dict[str, str]) -> str:
+def _thumb(entry: dict[str, Any], failed: dict[str, str]) -> Markup:
     name = entry["uri"].rsplit("/", 1)[-1]
-    caption = f"{_e(name)}<br>{_e(entry['label'])} {entry['score']:.3f} (margin {entry['margin']:.3f})"
+    lines = [name, f"{entry['label']} {entry['score']:.3f} (margin {entry['margin']:.3f})"]
     if entry.get(NOVELTY) is not None:
-        caption += f"<br>novelty {entry[NOVELTY]:.2f}"
+        lines.append(f"novelty {entry[NOVELTY]:.2f}")
+    caption = tag("figcaption", htmlkit.join(lines, sep="<br>"))
     if entry["uri"] in failed:  # unreadable now: named, never a broken <img>
-        return (
-            f'<figure class="missing" title="{_e(entry["uri"])}"><span class="why">unreadable: '
-            f"{_e(failed[entry['uri']])}</span><figcaption>{caption}</figcaption></figure>"
-        )
+        why = tag("span", f"unreadable: {failed[entry['uri']]}", class_="why")
+        return tag("figure", htmlkit.join([why, caption]), class_="missing", title=entry["uri"])
     src = f"{THUMBS_DIR}/{_thumb_name(entry['uri'])}"
-    return (
-        f'<figure title="{_e(entry["uri"])}">{_img(src, name)}'
-        f'<span class="why"></span><figcaption>{caption}</figcaption></figure>'
-    )
+    return tag("figure", htmlkit.join([_img(src, name), tag("span", "", class_="why"), caption]), title=entry["uri"])
 
 
-def _grids(groups: dict[str, list[dict[str, Any]]], failed: dict[str, str]) -> str:
+def _grids(groups: dict[str, list[dict[str, Any]]], failed: dict[str, str]) -> Markup:
     if not groups:
-        return "<p>none</p>"
-    return "".join(
-        f'<h3>{_e(label)} ({len(items)})</h3><div class="grid">' + "".join(_thumb(e, failed) for e in items) + "</div>"
+        return tag("p", "none")
+    return htmlkit.join(
+        htmlkit.join(
+            [
+                tag("h3", f"{label} ({len(items)})"),
+                tag("div", htmlkit.join(_thumb(e, failed) for e in items), class_="grid"),
+            ]
+        )
         for label, items in groups.items()
     )
 
 
-def _drift_line(s: dict[str, Any]) -> str:
+def _plot(src: str, alt: str) -> Markup:
+    return tag("figure", htmlkit.join([_img(src, alt), tag("span", "", class_="why")]), class_="plot")
+
+
+def _drift_line(s: dict[str, Any]) -> Markup:
     js = s["drift"]["js_distance"]
     if js is None:
-        return '<p class="drift">No previous complete run in this table to compare with.</p>'
-    return (
-        f'<p class="drift">Class-mix drift from <b>{_e(s["previous_run_id"])}</b>: Jensen-Shannon distance '
-        f"<b>{js:.3f}</b> (0 = the same mix, 1 = no class in common)</p>"
+        return tag("p", "No previous complete run in this table to compare with.", class_="drift")
+    return tag(
+        "p",
+        htmlkit.join(
+            [
+                "Class-mix drift from ",
+                tag("b", s["previous_run_id"]),
+                ": Jensen-Shannon distance ",
+                tag("b", f"{js:.3f}"),
+                " (0 = the same mix, 1 = no class in common)",
+            ]
+        ),
+        class_="drift",
     )
 
 
-def _novelty_section(nov: dict[str, Any], previous: str | None, failed: dict[str, str]) -> list[str]:
+def _novelty_section(nov: dict[str, Any], previous: str | None, failed: dict[str, str]) -> list[Markup]:
     """What the model does not know: the share of rows above the training threshold, and the most novel images."""
-    head = "<h2>Novelty: what the model does not know</h2>"
+    head = tag("h2", "Novelty: what the model does not know")
     if nov["share"] is None:
         return [
             head,
-            (
-                "<p>No novelty scores for this run: its model was trained without novelty statistics "
-                "(retrain it with this dragons), or the table predates the novelty column.</p>"
+            tag(
+                "p",
+                "No novelty scores for this run: its model was trained without novelty statistics "
+                "(retrain it with this dragons), or the table predates the novelty column.",
             ),
         ]
     before = (
         "no previous run with novelty to compare with"
         if nov["previous_share"] is None
-        else f"previous run {_e(previous)}: {_pct(nov['previous_share'])}"
+        else f"previous run {previous}: {_pct(nov['previous_share'])}"
     )
-    line = (
-        f'<p class="novelty">Rows above the model\'s novelty threshold ({nov["threshold_p95"]:.2f}, the 95th '
-        f"percentile of its held-out training-time images, so about 5% when nothing changed): "
-        f"<b>{_pct(nov['share'])}</b> ({nov['above']} of {nov['rows']}); {before}.</p>"
+    line = tag(
+        "p",
+        htmlkit.join(
+            [
+                f"Rows above the model's novelty threshold ({nov['threshold_p95']:.2f}, the 95th percentile of its "
+                "held-out training-time images, so about 5% when nothing changed): ",
+                tag("b", _pct(nov["share"])),
+                f" ({nov['above']} of {nov['rows']}); {before}.",
+            ]
+        ),
+        class_="novelty",
     )
-    grid = _grids({"the most novel images": nov["most_novel"]}, failed) if nov["most_novel"] else "<p>none</p>"
+    grid = _grids({"the most novel images": nov["most_novel"]}, failed) if nov["most_novel"] else tag("p", "none")
     return [head, line, grid]
 
 
@@ -565,64 +577,52 @@ def render_html(s: dict[str, Any], failed: dict[str, str]) -> str:
     c = s["counts"]
     mixes = [("this run", s["class_mix"]), ("previous", s["previous_class_mix"]), ("training", s["training_class_mix"])]
     classes = sorted({k for _, m in mixes if m for k in m})
+    change = s["drift"]["per_class"]
     mix_rows = [
-        [_e(k)]
-        + [_pct((m or {}).get(k) if m else None) for _, m in mixes]
-        + [_pct(s["drift"]["per_class"].get(k)) if s["drift"]["per_class"] else "&ndash;"]
+        [k, *[_pct((m or {}).get(k) if m else None) for _, m in mixes], _pct(change.get(k)) if change else "\u2013"]
         for k in classes
     ]
     err_rows = [
-        [
-            _e(k),
-            f'<span class="num">{n}</span>',
-            "<br>".join(f"<code>{_e(x['uri'])}</code>" for x in s["error_examples"].get(k, [])),
-        ]
+        [k, _num(n), htmlkit.join((tag("code", x["uri"]) for x in s["error_examples"].get(k, [])), sep="<br>")]
         for k, n in s["errors_by_kind"].items()
     ]
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in s["uncertain"]:
         groups.setdefault(e["label"], []).append(e)
-    unreadable = "".join(f"<li><code>{_e(u)}</code>: {_e(r)}</li>" for u, r in failed.items())
     title = f"dragons run {s['run_id']}"
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        (
-            f"<p>Table <code>{_e(s['table'])}</code>; status {_e(s['status'])}; model version "
-            f"<code>{_e(s['model_version'])}</code>; input <code>{_e(s['input'])}</code>; previous run: "
-            f"{_e(s['previous_run_id'] or 'none')}. Generated {_e(s['generated_at'])}.</p>"
-        ),
-        _table(
-            ["listed", "skipped", "scored", "errors"],
-            [
-                [
-                    f'<span class="num">{c[k]}</span>' if c[k] is not None else "&ndash;"
-                    for k in ("listed", "skipped", "scored", "errors")
-                ]
-            ],
-        ),
-        "<h2>Class mix</h2>",
+    about = [
+        "Table ",
+        tag("code", s["table"]),
+        f"; status {s['status']}; model version ",
+        tag("code", s["model_version"]),
+        "; input ",
+        tag("code", s["input"]),
+        f"; previous run: {s['previous_run_id'] or 'none'}. Generated {s['generated_at']}.",
+    ]
+    counted = ("listed", "skipped", "scored", "errors")
+    parts: list[Markup] = [
+        tag("p", htmlkit.join(about)),
+        htmlkit.table(counted, [[_num(c[k]) for k in counted]]),
+        tag("h2", "Class mix"),
         _drift_line(s),
-        f'<figure class="plot">{_img(MIX_PLOT, "class mix")}<span class="why"></span></figure>',
-        _table(["class", "this run", "previous", "training", "change vs previous"], mix_rows),
-        "<h2>Confidence</h2>",
-        f'<figure class="plot">{_img(CONFIDENCE_PLOT, "confidence histogram")}<span class="why"></span></figure>',
-        "<h2>Errors</h2>",
-        _table(["kind", "rows", "examples"], err_rows) if err_rows else "<p>No error rows.</p>",
-        f"<h2>The {len(s['uncertain'])} least sure images, by predicted class</h2>",
+        _plot(MIX_PLOT, "class mix"),
+        htmlkit.table(["class", "this run", "previous", "training", "change vs previous"], mix_rows),
+        tag("h2", "Confidence"),
+        _plot(CONFIDENCE_PLOT, "confidence histogram"),
+        tag("h2", "Errors"),
+        htmlkit.table(["kind", "rows", "examples"], err_rows) if err_rows else tag("p", "No error rows."),
+        tag("h2", f"The {len(s['uncertain'])} least sure images, by predicted class"),
         _grids(groups, failed),
-        "<h2>The surest images per predicted class</h2>",
+        tag("h2", "The surest images per predicted class"),
         _grids(s["surest"], failed),
         *_novelty_section(s["novelty"], s["previous_run_id"], failed),
     ]
     if failed:
-        parts += ["<h2>Images that could not be shown</h2>", f"<ul>{unreadable}</ul>"]
+        items = htmlkit.join(tag("li", htmlkit.join([tag("code", u), f": {r}"])) for u, r in failed.items())
+        parts += [tag("h2", "Images that could not be shown"), tag("ul", items)]
     if s["notes"]:
-        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in s["notes"]) + "</ul>"]
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+        parts += [tag("h2", "Notes"), tag("ul", htmlkit.join(tag("li", n) for n in s["notes"]))]
+    return htmlkit.page(title, parts, css=_CSS, script=_SCRIPT)
 
 
 # ----------------------------------------------------------------- the report

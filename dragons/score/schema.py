@@ -12,6 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from dragons.columns import NOVELTY, prob_column
+from dragons.rowerrors import ERROR_KIND
 
 # The partition column: a run's logical date (YYYY-MM-DD).
 PARTITION = "dt"
@@ -31,7 +32,8 @@ PASSTHROUGH = tuple(f.name for f in LISTING_SCHEMA if f.name != "uri")
 
 def schema(classes: list[str]) -> pa.Schema:
     """A scores table's columns: ``label`` is the predicted class (``None`` on an
-    error row), ``score`` its probability, one ``p_<class>`` per class, ``novelty``."""
+    error row), ``score`` its probability, one ``p_<class>`` per class, ``novelty``,
+    and on an error row ``error`` (``kind: message``) and ``error_kind``."""
     cols = [
         pa.field("uri", pa.string(), nullable=False),
         pa.field("label", pa.string()),
@@ -46,6 +48,9 @@ def schema(classes: list[str]) -> pa.Schema:
         pa.field("run_id", pa.string()),
         pa.field("scored_at", pa.timestamp("us", tz="UTC")),
         pa.field("error", pa.string()),
+        # The error's kind alone (dragons.rowerrors.ErrorKind), for SQL. Tables written before it gain
+        # the column on their next append (schema_mode="merge"), as with novelty; older rows read NULL.
+        pa.field(ERROR_KIND, pa.string()),
         *[LISTING_SCHEMA.field(name) for name in PASSTHROUGH],
         pa.field(PARTITION, pa.string()),
     ]

@@ -21,6 +21,7 @@ from dragons import artifact, storage
 from dragons.columns import NOVELTY, prediction_columns, prob_column
 from dragons.decode import DecodeBatch
 from dragons.errors import DragonsError
+from dragons.rowerrors import ERROR_KIND, ErrorKind
 from dragons.score.schema import PASSTHROUGH
 
 
@@ -51,7 +52,7 @@ def refused_rows(block: pa.Table, classes: list[str], max_bytes: int) -> pa.Tabl
     the one a read would give (``storage``'s), built column-wise."""
     n = block.num_rows
     msg = pc.binary_join_element_wise(
-        "too_large: ",
+        f"{ErrorKind.TOO_LARGE}: ",
         block.column("uri"),
         " is ",
         pc.cast(block.column("size"), pa.string()),
@@ -60,6 +61,7 @@ def refused_rows(block: pa.Table, classes: list[str], max_bytes: int) -> pa.Tabl
     )
     nulls = pa.nulls(n, pa.float64())
     cols: dict[str, Any] = {"uri": block.column("uri"), "label": pa.nulls(n, pa.string()), "score": nulls, "error": msg}
+    cols[ERROR_KIND] = pa.repeat(pa.scalar(ErrorKind.TOO_LARGE.value), n)
     cols.update({prob_column(c): nulls for c in classes})
     cols[NOVELTY] = nulls
     return _with_passthrough(pa.table(cols), block)
@@ -110,7 +112,7 @@ class Scorer:
         if isinstance(block, dict):  # decoded upstream (numpy batches with base squares): score what decoded
             listed = pa.table({k: v for k, v in block.items() if k in ("uri", *PASSTHROUGH)})
             probs, novelty = self._probs(block)
-            return self._rows(listed, probs, block["error"], novelty)
+            return self._rows(listed, probs, block["error"], block[ERROR_KIND], novelty)
         assert self.decode is not None, "Arrow blocks go to actors that decode"
         big = too_large(block, self.decode.max_bytes)
         n_big = pc.sum(big).as_py() or 0
@@ -130,7 +132,7 @@ class Scorer:
         n = block.num_rows
         chunks = [_as_numpy(block.slice(i, self.chunk)) for i in range(0, n, self.chunk)]
         pending = self.prefetch.submit(self.decode, chunks[0])
-        probs, novelty, errors = [], [], []
+        probs, novelty, errors, kinds = [], [], [], []
         for i in range(len(chunks)):
             decoded = pending.result()
             if i + 1 < len(chunks):
@@ -139,8 +141,11 @@ class Scorer:
             probs.append(p)
             novelty.append(nov)
             errors.append(decoded["error"])
+            kinds.append(decoded[ERROR_KIND])
             del decoded  # 300 KB an image: only the probabilities go on
-        return self._rows(block, np.concatenate(probs), np.concatenate(errors), np.concatenate(novelty))
+        return self._rows(
+            block, np.concatenate(probs), np.concatenate(errors), np.concatenate(kinds), np.concatenate(novelty)
+        )
 
     def _probs(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, novelty) of a decoded batch: NaN on error rows, and novelty NaN
@@ -156,7 +161,10 @@ class Scorer:
                 novelty[ok] = nov
         return probs, novelty
 
-    def _rows(self, block: pa.Table, probs: np.ndarray, errors: np.ndarray, novelty: np.ndarray) -> pa.Table:
+    def _rows(
+        self, block: pa.Table, probs: np.ndarray, errors: np.ndarray, kinds: np.ndarray, novelty: np.ndarray
+    ) -> pa.Table:
+        """The table's rows; ``errors`` and ``kinds`` are the decoder's, "" where the image decoded."""
         cols = prediction_columns(self.classes, probs, list(errors), novelty)
         rows = pa.table(
             {
@@ -164,6 +172,7 @@ class Scorer:
                 "label": pa.array(cols.pop("label"), pa.string()),
                 "score": pa.array(cols.pop("score"), pa.float64(), from_pandas=True),
                 "error": pa.array(cols.pop("error"), pa.string()),
+                ERROR_KIND: pa.array([k or None for k in kinds], pa.string()),
                 **{k: pa.array(v, pa.float64(), from_pandas=True) for k, v in cols.items()},
             }
         )

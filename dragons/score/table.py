@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from dragons import storage
 from dragons.columns import check_classes
 from dragons.errors import DragonsError
+from dragons.score.engine import QueryLimits, connect_table, guarded, open_table, table_uri
 from dragons.score.schema import PARTITION, schema
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -54,47 +55,9 @@ def check_run_id(run_id: str) -> None:
 # ---------------------------------------------------------------- location
 
 
-def table_uri(root: str) -> str:
-    """The table's URI as delta-rs wants it: ``s3://bucket/prefix`` or an absolute path."""
-    return storage.parse(root).uri.rstrip("/")
-
-
 def storage_options(uri: str) -> dict[str, str]:
     """delta-rs object-store options for the table at ``uri`` (``storage.delta_options``)."""
     return storage.delta_options(uri)
-
-
-def open_table(root: str, version: int | str | datetime | None = None) -> Any:
-    """The Delta table at ``root`` (optionally as of a version or timestamp)."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    uri = table_uri(root)
-    try:
-        dt = DeltaTable(uri, storage_options=storage_options(uri))
-    except TableNotFoundError:
-        hint = ""
-        try:
-            if storage.exists(uri) and any(e.uri.endswith("_manifest.json") for e in storage.list_files(uri)):
-                hint = " (it holds an old Parquet+_manifest.json table: re-score into a new --output)"
-        except DragonsError:
-            pass
-        raise DragonsError(f"no Delta table at {uri}{hint}: nothing has been scored there (check --table)") from None
-    except BaseException as exc:  # delta-rs fails as OSError, DeltaError, Exception or a Rust panic
-        if not storage.is_delta_failure(exc):
-            raise
-        raise storage.delta_failure(uri, exc, "open") from None
-    if version is not None:
-        try:
-            dt.load_as_version(version)
-        except BaseException as exc:  # delta-rs raises several types for a bad version/time
-            if not isinstance(exc, Exception) and not storage.is_delta_failure(exc):
-                raise
-            raise DragonsError(
-                f"--as-of {version}: no such table version ({storage.short_error(exc)}); "
-                f"versions run from 0 to {dt.version()}, see `dragons table history`"
-            ) from None
-    return dt
 
 
 def check_output(root: str) -> None:
@@ -116,8 +79,8 @@ def app_id(run_id: str) -> str:
 
 
 @dataclass
-class RunState:
-    """What the table holds of one run id when a writer starts (one aggregate query)."""
+class RunProgress:
+    """How far a run id has got in the table when a writer starts (one aggregate query)."""
 
     part: int = 0  # the run's last committed part number (its app transaction version); 0 = none
     rows: int = 0  # rows the run holds
@@ -125,26 +88,22 @@ class RunState:
     date: str | None = None  # the run's dt, from its rows
 
 
-def run_state(dt: Any, run_id: str) -> RunState:
+def run_progress(dt: Any, run_id: str) -> RunProgress:
     """The run's part number and rows in table ``dt`` (a DeltaTable at a fixed version)."""
-    import duckdb
-
     part = dt.transaction_version(app_id(run_id)) or 0
-    con = duckdb.connect(":memory:", config={"threads": 1})
+    # One thread, no deadline: a count over one run's rows, which the scan's run_id filter narrows.
+    limits = QueryLimits(threads=1, timeout_s=0)
+    con = connect_table(dt, limits, latest=False)
     try:
-        con.register("scores", dt.to_pyarrow_dataset())
-        row = con.execute(
-            "SELECT count(*), count(error), min(dt) FROM scores WHERE run_id = $r", {"r": run_id}
-        ).fetchone()
-        assert row is not None  # an aggregate always has its one row
-        n, errors, date = row
-    except duckdb.Error as exc:
-        raise DragonsError(
-            f"cannot read what the table holds of run {run_id}: {storage.short_error(exc, 300)}"
-        ) from None
+        with guarded(con, limits, f"reading what the table holds of run {run_id}"):
+            row = con.execute(
+                "SELECT count(*), count(error), min(dt) FROM scores WHERE run_id = $r", {"r": run_id}
+            ).fetchone()
     finally:
         con.close()
-    return RunState(part=int(part), rows=int(n or 0), errors=int(errors or 0), date=date)
+    assert row is not None  # an aggregate always has its one row
+    n, errors, date = row
+    return RunProgress(part=int(part), rows=int(n or 0), errors=int(errors or 0), date=date)
 
 
 @dataclass
@@ -217,12 +176,12 @@ class RunWriter:
 
     # -- start
 
-    def begin(self) -> RunState:
+    def begin(self) -> RunProgress:
         """Read the run's state (creating an empty table where there is none) and,
         with ``replace``, delete its earlier rows. Returns the state found."""
         with storage.delta_errors(self.uri, "open"):
             self._dt = _open_or_create(self.uri, self.schema)
-            state = run_state(self._dt, self.run_id)
+            state = run_progress(self._dt, self.run_id)
         self._part = state.part
         if state.part and not self.replace:
             self._check_binding()
@@ -234,7 +193,7 @@ class RunWriter:
         self.dt = self.date or state.date or self.started.strftime("%Y-%m-%d")
         if self.replace and state.rows:
             self._delete_rows()
-            state = RunState(part=self._part, date=state.date)
+            state = RunProgress(part=self._part, date=state.date)
         self.rows, self.errors = state.rows, state.errors
         self._queued, self._queued_rows, self._queued_errors = self._part, self.rows, self.errors
         self._begun_at = self._part  # this writer's first commit carries the run's info
@@ -492,45 +451,46 @@ class RunWriter:
         )
         conflicts = 0
         n = 0
-        while n < WRITE_ATTEMPTS:
-            n += 1
-            try:
-                write_deltalake(
-                    self._dt,
-                    pa.RecordBatchReader.from_batches(self.schema, self._batches(spool)),
-                    mode="append",
-                    partition_by=[PARTITION],
-                    # A model with other classes adds its p_<class> columns (older rows read NULL there).
-                    schema_mode="merge",
-                    storage_options=storage_options(self.uri),
-                    target_file_size=self.target_file_size,
-                    commit_properties=props,
-                )
-                return int(self._dt.version())
-            except CommitFailedError as exc:
-                landed = _landed(self.uri, attempt)  # our own earlier try may be the commit we lost to
-                if landed is not None:
-                    self._dt = landed[1]
-                    return landed[0]
-                conflicts += 1
-                self._dt = self._after_conflict(exc, conflicts)  # raises unless a retry is safe
-                continue
-            except BaseException as exc:  # S3 trouble: OSError, delta-rs' own error types, a Rust panic
-                if not storage.is_delta_failure(exc):
-                    raise
-                if not isinstance(exc, Exception):  # a panic: the same write would panic again
-                    raise storage.delta_failure(self.uri, exc, "write") from None
-                landed = _landed(self.uri, attempt)
-                if landed is not None:
-                    self._dt = landed[1]
-                    return landed[0]
-                if n == WRITE_ATTEMPTS:
-                    raise DragonsError(
-                        f"cannot write the table at {self.uri} ({n} tries): {storage.short_error(exc)}; the run's "
-                        "committed parts are kept: run the same command again to continue"
-                    ) from None
-                time.sleep(min(30.0, 2.0**n))
-        raise AssertionError("unreachable")
+        # A Rust panic is no Exception: the same write would panic again, so it is not
+        # retried but leaves through delta_errors as the `error:` naming the table.
+        with storage.delta_errors(self.uri, "write"):
+            while n < WRITE_ATTEMPTS:
+                n += 1
+                try:
+                    write_deltalake(
+                        self._dt,
+                        pa.RecordBatchReader.from_batches(self.schema, self._batches(spool)),
+                        mode="append",
+                        partition_by=[PARTITION],
+                        # A model with other classes adds its p_<class> columns (older rows read NULL there).
+                        schema_mode="merge",
+                        storage_options=storage_options(self.uri),
+                        target_file_size=self.target_file_size,
+                        commit_properties=props,
+                    )
+                    return int(self._dt.version())
+                except CommitFailedError as exc:
+                    landed = _landed(self.uri, attempt)  # our own earlier try may be the commit we lost to
+                    if landed is not None:
+                        self._dt = landed[1]
+                        return landed[0]
+                    conflicts += 1
+                    self._dt = self._after_conflict(exc, conflicts)  # raises unless a retry is safe
+                    continue
+                except Exception as exc:  # S3 trouble: OSError, delta-rs' own error types
+                    if not storage.is_delta_failure(exc):
+                        raise
+                    landed = _landed(self.uri, attempt)
+                    if landed is not None:
+                        self._dt = landed[1]
+                        return landed[0]
+                    if n == WRITE_ATTEMPTS:
+                        raise DragonsError(
+                            f"cannot write the table at {self.uri} ({n} tries): {storage.short_error(exc)}; the run's "
+                            "committed parts are kept: run the same command again to continue"
+                        ) from None
+                    time.sleep(min(30.0, 2.0**n))
+            raise AssertionError("unreachable")
 
     def _after_conflict(self, exc: BaseException, conflicts: int) -> Any:
         """A commit delta-rs refused: a fresh handle to retry on, or the error that names the conflict.
@@ -558,7 +518,7 @@ class RunWriter:
         fresh = open_table(self.uri)
         if (fresh.transaction_version(app_id(self.run_id)) or 0) != self._part:
             raise _commit_error(self.uri, self.run_id, exc) from None
-        if kind == DELETE and run_state(fresh, self.run_id).rows != self.rows:
+        if kind == DELETE and run_progress(fresh, self.run_id).rows != self.rows:
             raise DragonsError(
                 f"run {self.run_id}: rows of this run were deleted from {self.uri} while it ran "
                 f"({storage.short_error(exc)}); its counts no longer hold: rescore it with --replace, or "

@@ -45,11 +45,12 @@ class RunFolder:
     storage: str  # the folder runs are kept under (--storage, else <out>/_runs)
 
     @classmethod
-    def of(cls, cfg: TrainConfig) -> "RunFolder":
+    def of(cls, cfg: TrainConfig, lr_find: bool = False) -> "RunFolder":
+        """``lr_find``: dragons lr-find's sweep, whose checkpoints must never meet a training run's."""
         name = cfg.name
         if not name:  # derived from --out, so a --resume with the same --out finds the run
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", storage.parse(cfg.out or cfg.data).uri.strip("/")).strip("-")
-            name = ("lr-find-" if cfg.lr_find_only else "") + slug[-80:]
+            name = ("lr-find-" if lr_find else "") + slug[-80:]
         return cls(name, cfg.storage or storage.join(cfg.out or os.path.expanduser("~/dragons_results"), "_runs"))
 
     @property

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES
+from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES, check_flags
 from dragons.errors import DragonsError
 from dragons.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from dragons.models.registry import ArchSpec
 
 # Mixed precision (--amp); the first is the default. dragons.predictor.amp_dtype
 # maps a choice to a dtype for training and, from the artifact, for inference.
@@ -84,15 +87,20 @@ class TrainConfig:
     progress_s: float = 15.0  # seconds between two progress lines of a long step (decode, precompute, epochs)
     log_file: str = ""  # the run's log (terminal output, workers' lines included); "" = logs/train-<run name>.log, copied to <out>/train.log
     no_progress_timeout_s: float = 300.0  # a stalled Ray Data stage fails after this, with a message
-    lr_find_only: bool = False  # run the learning-rate sweep and stop (dragons lr-find)
 
     AUTO_FIELDS: ClassVar[dict[str, float]] = AUTO
 
-    def validate(self) -> None:
+    def validate(self, artifact: bool = True) -> ArchSpec:
+        """Fail on the first setting out of range, in the flags' words; returns the
+        --arch's registry entry (an unknown one fails first, listing the choices).
+        dragons.train.plan.prepare is the one caller on the way to training.
+
+        ``artifact``: the run writes a model, so --out is required (not dragons lr-find's sweep).
+        """
         from dragons.models.registry import get_spec
         from dragons.preprocess import AUGMENT_PRESETS
 
-        get_spec(self.arch)
+        spec = get_spec(self.arch)
         if self.augment != AUTO_AUGMENT:
             if self.augment not in AUGMENT_PRESETS:
                 raise DragonsError(
@@ -125,17 +133,16 @@ class TrainConfig:
             (self.head_views >= -1, "--head-views must be >= 0 (or auto)"),
             (self.progress_s > 0, "--progress-s must be positive"),
             (self.max_images >= 0, "--max-images must be >= 0"),
-            (self.use_gpu in USE_GPU_CHOICES, f"--use-gpu must be one of: {', '.join(USE_GPU_CHOICES)}"),
-            (self.gpu_wait_s >= 0, "--gpu-wait must be >= 0 (seconds)"),
-            (self.decode in DECODE_CHOICES, f"--decode must be one of: {', '.join(DECODE_CHOICES)}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise DragonsError(msg)
+        check_flags(self.use_gpu, self.gpu_wait_s, self.decode)
         if not self.data and not self.labels:
             raise DragonsError("--data or --labels is required: an image folder, a labels table or a uri,label file")
-        if not self.lr_find_only and not self.out:
+        if artifact and not self.out:
             raise DragonsError("--out is required: where to write the model artifact (local path or s3://...)")
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

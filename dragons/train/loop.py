@@ -25,6 +25,7 @@ import torch
 
 from dragons import runlog
 from dragons.dataconfig import DataConfig
+from dragons.raycluster import model_device
 from dragons.train import checkpoint
 from dragons.train.checkpoint import RunState
 from dragons.train.config import TrainConfig
@@ -44,6 +45,7 @@ class WorkerContext:
     data: DataConfig  # how an image becomes the model's input (decoded to data.base_size squares)
     rows: dict[str, Any]  # "train" / "valid": row tables (uri, label, row id), as object refs
     decode_actors: int  # Ray Data decode actors per worker (0 = the worker decodes its own rows)
+    lr_find_only: bool = False  # dragons lr-find (dragons.train.run.find_lr): the sweep, saved, and nothing else
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -57,8 +59,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = Trainer(worker, checkpoint.restore(ctx.run_dir, worker.model) or RunState(lr=ctx.cfg.lr), train, valid)
     if trainer.run.resumes:
         trainer.say(f"resumed from checkpoint after epoch {trainer.run.epochs_done} (restart #{trainer.run.resumes})")
-    trainer.precompute()
-    if ctx.cfg.lr_find_only:
+    trainer.precompute(lr_find_only=ctx.lr_find_only)
+    if ctx.lr_find_only:
         trainer.save_lr_find()
         return
     if not trainer.phases:
@@ -76,12 +78,11 @@ def _device() -> torch.device:
     import ray.train.torch
 
     device = ray.train.torch.get_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        # A GPU resource on a node without CUDA (a fake node, a broken driver):
-        # the driver has said so once; the model runs on this node's CPU.
+    # A GPU resource on a node without CUDA (a fake node, a broken driver): the
+    # driver has said so once; the model runs on this node's CPU.
+    if model_device(device.type == "cuda") == "cpu":
         return torch.device("cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True
     return device
 
 

@@ -1,20 +1,25 @@
 """Training, driver side, in Ray Train's shape: prepare, fit, save.
 
-    plan = prepare(cfg)       # dragons.train.plan: checks, decode check, recipe
-    fitted = fit(plan)        # GPUs (asked for), workers sized, TorchTrainer.fit
-    meta = save(plan, fitted, wall_s) # calibration, model.json + weights (and a registry version), the report
+    plan = prepare(cfg)                # dragons.train.plan: validation, checks; pure (no Ray, no writes)
+    fitted = fit(plan)                 # Ray up, decode check, recipe, run folder readied; GPUs asked for,
+                                       # workers sized, TorchTrainer.fit
+    meta = save(plan, fitted, wall_s)  # calibration, model.json + weights (and a registry version), the report
 
-:func:`train` runs the three inside the run's log (dragons.runlog).
+:func:`train` runs the three (fit and save inside the run's log, dragons.runlog) and
+returns a :class:`TrainResult`; :func:`find_lr` (``dragons lr-find``) prepares and fits
+the learning-rate sweep alone and returns an :class:`LrFindResult`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -24,12 +29,12 @@ from dragons.capacity import GpuRequest, Grant, decode_beside_model, span_from_c
 from dragons.errors import DragonsError
 from dragons.loop import versions
 from dragons.models.registry import build_model
-from dragons.raycluster import DATA_CPU_SHARE, Resources, cluster, embedded, size_workers
+from dragons.raycluster import DATA_CPU_SHARE, Resources, cluster, embedded, ensure_ray, model_device, size_workers
 from dragons.runlog import run_log, say
-from dragons.train.checkpoint import RunFolder, final_state
+from dragons.train.checkpoint import final_state
 from dragons.train.config import TrainConfig
 from dragons.train.loop import WorkerContext, train_loop_per_worker
-from dragons.train.plan import Plan, prepare
+from dragons.train.plan import Plan, Resolved, prepare, ready, resolve, scan
 from dragons.train.stream import decode_actors_per_worker
 
 log = logging.getLogger("dragons")
@@ -42,7 +47,7 @@ class Sizing:
     workers: int
     cpu_per_worker: float
     use_gpu: bool
-    cuda: bool  # the GPUs have CUDA (False: a fake or broken node; the model runs on its CPU)
+    device: Literal["cuda", "cpu"]  # where the model runs (raycluster.model_device: a GPU without CUDA, its CPU)
     decode_actors: int  # Ray Data decode actors per worker; 0 = the workers decode their own rows
 
     def facts(self) -> dict[str, Any]:
@@ -59,6 +64,7 @@ class Sizing:
 class Fitted:
     """What the workers left: the last checkpoint's state, and its validation predictions."""
 
+    resolved: Resolved  # the plan with its recipe decided: what the workers were handed
     state: dict[str, Any]  # weights ("model"), history, lr, lr_find, tta, resumes
     idx: np.ndarray | None  # row ids (positions in plan.folder.valid)
     probs: np.ndarray | None  # (passes, rows, classes): the plain pass, then TTA
@@ -66,26 +72,32 @@ class Fitted:
     train_s: float
 
 
-def size(plan: Plan, grant: Grant) -> Sizing:
+def size(resolved: Resolved, grant: Grant) -> Sizing:
     """One worker per granted GPU (or CPU workers), never more than training images."""
-    cfg = plan.cfg
+    cfg, n_train = resolved.cfg, resolved.n_train
     workers, cpu, use_gpu = size_workers(cfg.workers, Resources(cluster().cpus, grant.gpus))
-    if workers > plan.n_train:  # every worker needs a training image: each fits on its own shard
-        say(f"{plan.n_train} training image(s): {plan.n_train} worker(s) instead of {workers}")
-        workers = plan.n_train
+    if workers > n_train:  # every worker needs a training image: each fits on its own shard
+        say(f"{n_train} training image(s): {n_train} worker(s) instead of {workers}")
+        workers = n_train
     in_workers = decode_beside_model(cfg.decode, use_gpu)  # else Ray Data decode actors per worker
     actors = 0 if in_workers else decode_actors_per_worker(cluster().cpus, workers, DATA_CPU_SHARE)
     say(
-        f"training {cfg.arch} on {plan.n_train} images ({plan.n_valid} valid) with {workers} worker(s), "
+        f"training {cfg.arch} on {n_train} images ({resolved.n_valid} valid) with {workers} worker(s), "
         f"{'1 GPU' if use_gpu else f'{cpu:g} CPU'} each, decoding {'in the workers' if in_workers else 'in Ray Data actors'}"
     )
-    return Sizing(workers, cpu, use_gpu, grant.cuda, actors)
+    return Sizing(workers, cpu, use_gpu, model_device(use_gpu, grant.cuda), actors)
 
 
 def fit(plan: Plan) -> Fitted:
-    """Run the workers on the GPUs the cluster has or its autoscaler brings (the
-    request is withdrawn when training ends), else on CPUs; returns the last checkpoint."""
-    cfg = plan.cfg
+    """Run the plan, step by step: start Ray (or join its cluster), decode every image
+    once, decide the recipe from what the decode saw, ready the run's folder, then run
+    the workers on the GPUs the cluster has or its autoscaler brings (the request is
+    withdrawn when training ends), else on CPUs. Returns the last checkpoint."""
+    say(plan.folder.summary())
+    ensure_ray(plan.cfg.no_progress_timeout_s)
+    resolved = resolve(plan, scan(plan))
+    ready(plan, resolved)
+    cfg = resolved.cfg
     with GpuRequest(
         "training worker",
         cfg.use_gpu,
@@ -94,18 +106,18 @@ def fit(plan: Plan) -> Fitted:
         max(cfg.progress_s, 10.0),
         local=embedded(),
     ) as grant:
-        sizing = size(plan, grant)
-        trainer = _trainer(plan, sizing)
+        sizing = size(resolved, grant)
+        trainer = _trainer(plan, resolved, sizing)
         t0 = time.perf_counter()
         try:
             result = trainer.fit()
         except Exception as exc:  # TrainingFailedError wraps the worker's exception
             raise DragonsError(f"training failed: {storage.redact(str(exc))[:2000]}") from None
     state, idx, probs = final_state(result)
-    return Fitted(state, idx, probs, sizing, round(time.perf_counter() - t0, 2))
+    return Fitted(resolved, state, idx, probs, sizing, round(time.perf_counter() - t0, 2))
 
 
-def _trainer(plan: Plan, sizing: Sizing) -> Any:
+def _trainer(plan: Plan, resolved: Resolved, sizing: Sizing) -> Any:
     """Ray's TorchTrainer for the plan; the workers run dragons.train.loop."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -113,14 +125,15 @@ def _trainer(plan: Plan, sizing: Sizing) -> Any:
 
     fs, path = storage.filesystem(plan.run.storage)
     context = WorkerContext(
-        cfg=plan.cfg,
-        classes=plan.folder.classes,
+        cfg=resolved.cfg,
+        classes=resolved.folder.classes,
         class_weights=plan.class_weights,
         run_dir=plan.run.uri,
-        data=plan.data,
+        data=resolved.data,
         decode_actors=sizing.decode_actors,
         # Row tables go through the object store once, not pickled per worker.
-        rows={"train": ray.put(plan.rows("train")), "valid": ray.put(plan.rows("valid"))},
+        rows={"train": ray.put(resolved.rows("train")), "valid": ray.put(resolved.rows("valid"))},
+        lr_find_only=plan.lr_find,
     )
     # MALLOC_ARENA_MAX: Ray Data's prefetch threads and torch allocate from
     # different threads, and glibc's per-thread arenas can keep freed batches
@@ -136,7 +149,7 @@ def _trainer(plan: Plan, sizing: Sizing) -> Any:
         train_loop_per_worker,
         train_loop_config={"context": context},
         # A GPU resource without CUDA: the model runs on the node's CPU, where NCCL would not start.
-        torch_config=TorchConfig(backend="nccl" if sizing.use_gpu and sizing.cuda else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if sizing.device == "cuda" else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=sizing.workers,
             use_gpu=sizing.use_gpu,
@@ -147,7 +160,7 @@ def _trainer(plan: Plan, sizing: Sizing) -> Any:
             name=plan.run.name,
             storage_path=path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=plan.cfg.max_failures),
+            failure_config=FailureConfig(max_failures=resolved.cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env_vars},
         ),
@@ -158,7 +171,8 @@ def _trainer(plan: Plan, sizing: Sizing) -> Any:
 
 def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
     """Calibrate on the validation predictions, write the artifact (and its report); returns model.json."""
-    cfg, folder, state = plan.cfg, plan.folder, fitted.state
+    resolved = fitted.resolved
+    cfg, folder, state = resolved.cfg, plan.folder, fitted.state
     model = build_model(cfg.arch, len(folder.classes), weights="none")
     model.load_state_dict(state["model"])
     history = state["history"]
@@ -186,11 +200,11 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
         # Held out: the out-of-fold ECE when T is applied; the raw one (nothing fitted) when it fell back.
         metrics["valid_ece"] = cal.valid_ece
         raw = probs[-1]
-    facts = plan.facts
+    facts = resolved.facts
     meta = {
         "arch": cfg.arch,
         "classes": folder.classes,
-        "data_config": plan.data.to_dict(),  # how an image becomes this model's input
+        "data_config": resolved.data.to_dict(),  # how an image becomes this model's input
         "temperature": temperature,  # calibration (dragons.calibration): probabilities are softmax(log p / T)
         # How T was chosen (method, reason, out-of-fold ECE / NLL before and after); None: no validation predictions.
         "calibration": cal.to_meta() if cal is not None else None,
@@ -204,8 +218,8 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
         "data": {
             "root": folder.root,
             "split": folder.split,
-            "n_train": plan.n_train,
-            "n_valid": plan.n_valid,
+            "n_train": resolved.n_train,
+            "n_valid": resolved.n_valid,
             # The training set's class mix, for drift reports of scoring runs (dragons report).
             "train_class_counts": facts["train_class_counts"],
             "skipped_non_images": len(folder.skipped),
@@ -235,19 +249,20 @@ def save(plan: Plan, fitted: Fitted, wall_s: float) -> dict[str, Any]:
     kept = versions.version_dir(cfg.out, saved["version"])
     say(f"model artifact {cfg.out} (version {saved['version']}; kept as {kept}, {cfg.out}@{versions.LATEST})")
     if cfg.report and idx is not None and probs is not None:
-        _report(plan, fitted, saved, temperature, raw)
+        _report(fitted, saved, temperature, raw)
     return saved
 
 
-def _report(plan: Plan, fitted: Fitted, saved: dict[str, Any], temperature: float, raw: np.ndarray | None) -> None:
+def _report(fitted: Fitted, saved: dict[str, Any], temperature: float, raw: np.ndarray | None) -> None:
     if importlib.util.find_spec("matplotlib") is None:  # the `report` extra is optional
         say("report skipped: matplotlib is not installed (pip install 'dragons[report]')")
         return
     from dragons.report import report_from_predictions
 
     assert fitted.idx is not None and fitted.probs is not None
-    samples = [plan.folder.valid[int(i)] for i in fitted.idx]  # idx: position in folder.valid
-    uri = storage.join(plan.cfg.out, "report")
+    cfg = fitted.resolved.cfg
+    samples = [fitted.resolved.folder.valid[int(i)] for i in fitted.idx]  # idx: position in folder.valid
+    uri = storage.join(cfg.out, "report")
     report_from_predictions(
         uri,
         saved,
@@ -258,28 +273,51 @@ def _report(plan: Plan, fitted: Fitted, saved: dict[str, Any], temperature: floa
         history=fitted.state["history"],
         lr_find=fitted.state.get("lr_find"),
         # probs[-1] is the TTA pass when there is one: say so in the report.
-        extra={"tta": plan.cfg.tta if fitted.state.get("tta") else 0},
+        extra={"tta": cfg.tta if fitted.state.get("tta") else 0},
     )
     say(f"report {storage.join(uri, 'index.html')}")
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train and write the artifact at ``cfg.out``; returns its model.json contents
-    (``dragons lr-find``: the sweep).
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` made: a model artifact, one more version of its registry."""
+
+    uri: str  # the artifact (--out), a registry: its alias latest is this version
+    version: str  # the model's version (the weights' content hash), kept at versions.version_dir(uri, version)
+    meta: dict[str, Any]  # its model.json
+    log: str  # the run's log on this machine (copied to <uri>/train.log)
+
+
+@dataclass(frozen=True)
+class LrFindResult:
+    """What :func:`find_lr` measured: the sweep's losses by rate, and the rate it suggests."""
+
+    lrs: list[float]
+    losses: list[float]  # smoothed, as fastai's lr_find plots them
+    suggestion: float
+    facts: dict[str, Any]  # measured on the way: decode time, bad images, class counts, the recipe's inputs
+    log: str  # the run's log on this machine
+
+
+@contextlib.contextmanager
+def _logged(plan: Plan) -> Iterator[str]:
+    """While inside, the run says everything into its log too: ``cfg.log_file`` or
+    ``logs/train-<run name>.log``. Opened after prepare, so a wrong flag leaves no log."""
+    with run_log(plan.cfg.log_file or os.path.join("logs", f"train-{plan.run.name}.log")) as path:
+        say(f"run log {path}")
+        yield path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train and write the artifact at ``cfg.out`` (a new version of its registry).
 
     The run's log (the workers' progress and epoch table included) is
     ``cfg.log_file`` or ``logs/train-<run name>.log``, copied to ``<out>/train.log``.
     """
-    cfg.validate()
-    path = cfg.log_file or os.path.join("logs", f"train-{RunFolder.of(cfg).name}.log")
     t0 = time.perf_counter()
-    with run_log(path) as path:
-        say(f"run log {path}")
-        plan = prepare(cfg)
-        fitted = fit(plan)
-        if cfg.lr_find_only:
-            return {"lr_find": fitted.state.get("lr_find"), "facts": plan.facts}
-        meta = save(plan, fitted, time.perf_counter() - t0)
+    plan = prepare(cfg)
+    with _logged(plan) as path:
+        meta = save(plan, fit(plan), time.perf_counter() - t0)
     try:  # the log beside the artifact: for S3 outputs the only copy that travels with the model
         with open(path, "rb") as f:
             text = f.read()
@@ -287,4 +325,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         versions.add_file(cfg.out, meta["version"], "train.log", text)  # once: a version's folder is never rewritten
     except Exception as exc:  # the model is saved; a log that cannot be copied must not fail the run
         log.warning("could not copy the run log to %s: %s", cfg.out, storage.shorten(str(exc), 200))
-    return meta
+    return TrainResult(cfg.out, meta["version"], meta, path)
+
+
+def find_lr(cfg: TrainConfig) -> LrFindResult:
+    """``dragons lr-find``: the learning-rate sweep alone, on the workers, over the
+    frozen body's features (as the head phase computes them). It runs in its own
+    run folder (``lr-find-<name>``: never a training run's checkpoints) and writes
+    no artifact, so ``cfg.out`` may be empty. The run's log as :func:`train`'s."""
+    plan = prepare(cfg, lr_find=True)
+    with _logged(plan) as path:
+        fitted = fit(plan)
+    sweep = fitted.state["lr_find"]
+    return LrFindResult(
+        [float(x) for x in sweep["lrs"]],
+        [float(x) for x in sweep["losses"]],
+        float(sweep["suggestion"]),
+        fitted.resolved.facts,
+        path,
+    )

@@ -144,14 +144,15 @@ class Trainer:
         )
         return nov.to_meta()
 
-    def precompute(self) -> None:
+    def precompute(self, lr_find_only: bool = False) -> None:
         """Body features when the head phase or the lr finder needs them; the lr
-        finder sets ``run.lr`` when asked for (lr 0 or lr-find)."""
+        finder sets ``run.lr`` when asked for (lr 0, or ``lr_find_only``: dragons
+        lr-find, which wants the sweep and no head)."""
         cfg, run, worker = self.cfg, self.run, self.worker
         fresh = run.epochs_done == 0
-        if not ((cfg.precompute and fresh) or cfg.lr_find_only or (run.lr == 0 and fresh)):
+        if not ((cfg.precompute and fresh) or lr_find_only or (run.lr == 0 and fresh)):
             return
-        for_head = cfg.precompute and not cfg.lr_find_only
+        for_head = cfg.precompute and not lr_find_only
         # Augmented views give the head the variety fine-tuning would see, at the
         # price of a forward pass each (no backward): cheap augmentation.
         views = cfg.head_views if for_head else 0
@@ -161,7 +162,7 @@ class Trainer:
         if for_head:
             valid_feats, valid_y = worker.features(self.valid, 0, what="precompute valid", spill_dir=spill_dir)
             feats.valid = (valid_feats, valid_y.numpy())
-        if run.lr == 0 or cfg.lr_find_only:
+        if run.lr == 0 or lr_find_only:
             run.lr_find = worker.lr_find(feats.train, feats.train_y)
             run.lr = float(run.lr_find["suggestion"])
             self.say(f"lr_find suggests lr={run.lr:.2e}")
