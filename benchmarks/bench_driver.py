@@ -82,8 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def smallest(args: argparse.Namespace) -> argparse.Namespace:
-    args.folder_n, args.manifest_n, args.inventory_n = [3000], [3000], [3000]
-    args.ceiling_n, args.listing_n, args.commit_every = 5000, 300, 1000
+    # Enough rows for two parts and more than one listing page per source; the suite's smoke run.
+    args.folder_n, args.manifest_n, args.inventory_n = [600], [600], [600]
+    args.ceiling_n, args.listing_n, args.commit_every = 2000, 300, 250
     return args
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from dragons import runlog, signals
+from dragons import raycompat, runlog, signals
 from dragons.errors import DragonsError
 
 log = logging.getLogger("dragons")
@@ -122,8 +122,6 @@ def autoscaler_kind(settle_s: float = 15.0) -> str | None:
 
     A v1 monitor's first reports may name no node yet: read again, up to ``settle_s``.
     """
-    from dragons import raycompat
-
     if raycompat.is_autoscaler_v2():
         return "v2"
     deadline = time.monotonic() + settle_s
@@ -142,8 +140,6 @@ def _v1_report() -> dict | None:
     """The v1 monitor's autoscaler report (rewritten every few seconds), or None
     without one, or when it is minutes old (a monitor that died)."""
     import ray
-
-    from dragons import raycompat
 
     if not ray.is_initialized():
         return None
@@ -176,8 +172,6 @@ def mirrors_only(report: dict) -> bool:
 
 def pending_launches(kind: str | None) -> int:
     """Nodes the autoscaler is launching or waiting for now."""
-
-    from dragons import raycompat
 
     try:
         if kind == "v2":

@@ -15,11 +15,14 @@ import json
 import os
 import re
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 from dragons.cliargs import Parser, add_config_args, guarded
+from dragons.errors import require_plotting
 from dragons.local import cli as local_cli
 from dragons.loop import cli as loop_cli
+from dragons.runlog import VERBOSE_ENV
 from dragons.score import cli as score_cli
 
 # TrainConfig's fields by argument group (the rest: cluster, faults and logs).
@@ -103,10 +106,7 @@ def train_main(args: argparse.Namespace) -> int:
 
 
 def lr_find_main(args: argparse.Namespace) -> int:
-    import tempfile
-
     from dragons import storage
-    from dragons.errors import require_plotting
     from dragons.train.config import TrainConfig
     from dragons.train.run import find_lr
 
@@ -230,7 +230,6 @@ def run_command(cmd: str, argv: Sequence[str], prog: str | None = None) -> int:
     """One command, the same way for ``dragons <cmd>`` and ``jobs/*.py`` (``prog``: the
     name its usage shows): empty ``AWS_*`` unset, flags parsed, ``--verbose``, and a
     :class:`DragonsError` as one ``error:`` line and exit 2."""
-    from dragons.runlog import VERBOSE_ENV
     from dragons.storage import drop_empty_aws_env
 
     # First: AWS_ENDPOINT_URL="" (how env files and Secrets write "not set") is

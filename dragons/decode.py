@@ -14,11 +14,14 @@ apiece before the first image is read.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dragons import storage
 from dragons.errors import DragonsError
@@ -83,8 +86,6 @@ def _map_uris(batch: dict[str, np.ndarray], one: Callable[[str, int | None], Any
     """``one(uri, size)`` over a batch's rows on ``threads`` reader threads of the
     process (PIL releases the GIL while decoding and resizing: decodes overlap too)."""
     if threads not in _POOLS:
-        from concurrent.futures import ThreadPoolExecutor
-
         _POOLS[threads] = ThreadPoolExecutor(max_workers=threads)
     n = len(batch["uri"])
     # A "size" column (the listing's) lets the byte limit act before any request.
@@ -150,10 +151,6 @@ class ScanBatch:
         self.max_bytes = max_bytes
 
     def _one(self, uri: str, size: int | None) -> tuple[int, str]:
-        import io
-
-        from PIL import Image
-
         data = read_one(uri, size, self.max_bytes)
         if isinstance(data, str):
             return 0, data

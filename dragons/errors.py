@@ -3,6 +3,8 @@ the check for an optional extra that a command needs."""
 
 from __future__ import annotations
 
+import importlib.util
+
 
 class DragonsError(Exception):
     """A user-facing error: bad input, missing data, a wrong flag.
@@ -14,7 +16,5 @@ class DragonsError(Exception):
 
 def require_plotting(what: str) -> None:
     """matplotlib is the optional ``report`` extra (cluster nodes do without it)."""
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is None:
         raise DragonsError(f"{what} needs matplotlib, which is not installed: pip install 'dragons[report]'")

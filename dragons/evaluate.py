@@ -11,6 +11,7 @@ import numpy as np
 from dragons import artifact
 from dragons.data import discover
 from dragons.errors import DragonsError, require_plotting
+from dragons.metrics import classification_metrics
 from dragons.predictor import predict_uris
 from dragons.train.config import TrainConfig
 
@@ -49,8 +50,6 @@ def evaluate(
     seed: int = EvaluateConfig.seed,
 ) -> EvaluateResult:
     """Score the validation split of ``data_uri`` and write the report (``report_uri``; None: none)."""
-    from dragons.metrics import classification_metrics
-
     art = artifact.load(model_uri)
     trained = art.meta.get("config") or {}
     valid_pct = float(trained.get("valid_pct", TrainConfig.valid_pct)) if valid_pct == AS_TRAINED else valid_pct

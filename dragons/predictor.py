@@ -29,6 +29,7 @@ from torch import nn
 from dragons import storage
 from dragons.errors import DragonsError
 from dragons.images import ImageError, decode_to_base
+from dragons.models.fuse import fuse_for_inference
 from dragons.novelty import Novelty, distance, unit
 from dragons.preprocess import blend_tta, eval_batch, to_tensor, tta_batches
 
@@ -85,8 +86,6 @@ class Predictor:
     @classmethod
     def from_artifact(cls, art: Any, device: torch.device | None = None, tta: int = 0, threads: int = 0) -> "Predictor":
         """A frozen, fused predictor for a saved artifact (``dragons.artifact.Artifact``)."""
-        from dragons.models.fuse import fuse_for_inference
-
         device = device or default_device()
         if device.type == "cpu" and threads > 0:
             torch.set_num_threads(threads)

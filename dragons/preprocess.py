@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dragons.errors import DragonsError
+
 
 @dataclass(frozen=True)
 class AugmentPreset:
@@ -44,8 +46,6 @@ def get_preset(name: str) -> AugmentPreset:
     try:
         return AUGMENT_PRESETS[name]
     except KeyError:
-        from dragons.errors import DragonsError
-
         raise DragonsError(
             f"unknown augmentation preset {name!r}; choose one of: {', '.join(AUGMENT_PRESETS)}"
         ) from None

@@ -11,14 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
 
-from dragons import raycompat
+from dragons import raycompat, signals
 from dragons.capacity import CPUS_PER_GPU, Span
+from dragons.errors import DragonsError
 from dragons.runlog import ray_output, say, verbose
 
 # Ray Train's print patch echoes every worker print twice; plain stdout is enough.
@@ -75,8 +79,6 @@ def ensure_ray(no_progress_timeout_s: float | None = None) -> None:
         _route_worker_output()
         # ray.init puts its own SIGTERM handler (sys.exit) in place: ours again, so a stop
         # from here on withdraws what the run asked for and says so (dragons.signals).
-        from dragons import signals
-
         signals.rearm()
     if no_progress_timeout_s is not None:
         from ray.data import DataContext
@@ -136,9 +138,6 @@ def driver_stderr_to_log(noise: tuple[str, ...] = DRIVER_NOISE) -> Iterator[None
     before any exception leaves the block, so a traceback is never swallowed.
     ``DRAGONS_VERBOSE=1`` leaves stderr alone.
     """
-    import sys
-    import threading
-
     if verbose():
         yield
         return
@@ -180,7 +179,6 @@ def _check_token_auth() -> None:
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         log.warning("RAY_AUTH_MODE=disabled: this Ray cluster accepts jobs from anyone who can reach its ports")
         return
-    from dragons.errors import DragonsError
 
     raise DragonsError(
         "Ray token authentication is off because ray was imported before dragons; "
@@ -196,8 +194,6 @@ def _forget_dead_cluster_address() -> None:
     it): a dead address there makes them time out and print tracebacks.
     ``ray stop`` would delete it too; a crashed run leaves it behind.
     """
-    import socket
-
     path = raycompat.address_file()
     try:
         with open(path) as f:
@@ -263,8 +259,6 @@ def size_workers(requested: int, res: Resources) -> tuple[int, float, bool]:
     workers as whole CPUs, each asking for a fraction so that ``DATA_CPU_SHARE``
     of the CPUs stay free.
     """
-    from dragons.errors import DragonsError
-
     if res.gpus > 0:
         n = requested or res.gpus
         if n > res.gpus:

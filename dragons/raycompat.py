@@ -28,6 +28,7 @@ of Ray Train's trainer        (~0.1 GB and a process each)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,8 +42,6 @@ def route_worker_output(route: Callable[[dict[str, Any]], None]) -> Callable[[di
     """Send the lines Ray forwards from workers (``{"lines", "pid", "is_err", ...}``)
     to ``route`` instead of Ray's printer; returns Ray's printer (to pass lines
     on as Ray would), or None when this Ray has no such hook (Ray prints)."""
-    import functools
-
     try:
         from ray._private import worker as ray_worker
 

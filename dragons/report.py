@@ -20,9 +20,12 @@ from typing import Any
 from urllib.parse import quote
 
 import matplotlib
+import pyarrow as pa
+import pyarrow.csv as pcsv
 
 from dragons import htmlkit, storage
 from dragons.calibration import describe as describe_calibration
+from dragons.columns import prediction_columns
 from dragons.errors import DragonsError
 from dragons.images import ImageError, decode_to_base
 from dragons.storage import redact_obj
@@ -684,11 +687,6 @@ def _loader(uris: list[str], side: int) -> Any:
 
 def _write_predictions(path: str, uris: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
     """Every image's probabilities beside the report, for a person's own analysis."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
-    from dragons.columns import prediction_columns
-
     # `label` is the prediction, as in every output; the folder's class is `true_label`.
     pred = prediction_columns(classes, probs, [None] * len(uris))
     pred.pop("error")

@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -561,8 +562,6 @@ def delete(uri: str) -> None:
 def check_writable(uri: str, flag: str = "--out") -> None:
     """Fail now, before hours of work, if nothing can be written under ``uri``:
     a missing bucket, a dead endpoint or a denied PUT. Writes and deletes a probe."""
-    import uuid
-
     probe = join(uri, f".dragons-write-probe-{uuid.uuid4().hex[:12]}")
     loc = parse(probe)
     if loc.is_s3:

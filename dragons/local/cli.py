@@ -7,15 +7,17 @@ imports without it, so ``dragons --help`` lists them everywhere.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any, Callable
 
 from dragons.cliargs import Parser, add_config_args, config_from
+from dragons.local import s3server
+from dragons.local.s3server import ServeConfig
 
 
 def get_s3_parser(prog: str = "dragons s3") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="A local S3-compatible endpoint (moto) on 127.0.0.1.")
     sub = p.add_subparsers(dest="s3_cmd", required=True)
-    from dragons.local.s3server import ServeConfig
 
     serve = sub.add_parser("serve", help="run the endpoint until interrupted", formatter_class=p.formatter_class)
     add_config_args(serve, ServeConfig)
@@ -23,10 +25,6 @@ def get_s3_parser(prog: str = "dragons s3") -> argparse.ArgumentParser:
 
 
 def s3_main(args: argparse.Namespace) -> int:
-    import time
-
-    from dragons.local import s3server
-
     cfg = config_from(s3server.ServeConfig, args)
     server = s3server.start(cfg.port)
     server.apply_env()

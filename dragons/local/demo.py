@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from dragons import storage
 from dragons.errors import DragonsError
+from dragons.local import s3server
+from dragons.score.export import format_table
 
 BUCKET = "dragons-demo"
 
@@ -29,9 +31,7 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> None:
     data, workdir, epochs = cfg.data, cfg.workdir, cfg.epochs
-    from dragons.local import s3server
     from dragons.local.synth import write_bad_files, write_dataset
-    from dragons.score.export import format_table
     from dragons.score.pipeline import ScoreConfig, score
     from dragons.score.query import run_sql
     from dragons.train.config import TrainConfig

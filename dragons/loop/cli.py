@@ -10,6 +10,7 @@ import json
 from typing import Any, Callable
 
 from dragons.cliargs import Parser
+from dragons.errors import DragonsError
 
 
 # ----- labels import -----------------------------------------------------------------
@@ -126,7 +127,6 @@ def get_compare_parser(prog: str = "dragons compare") -> argparse.ArgumentParser
 
 
 def compare_main(args: argparse.Namespace) -> int:
-    from dragons.errors import DragonsError
     from dragons.loop.compare import compare
     from dragons.loop.comparereport import write
 

@@ -23,12 +23,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from dragons import artifact, storage
 from dragons.data import VALID_DIRS
 from dragons.errors import DragonsError
 from dragons.images import is_image_name
 from dragons.metrics import classification_metrics
+from dragons.predictor import predict_uris
 
 EXIT_BEATS, EXIT_NOT_BEATEN = 0, 3
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -208,9 +211,6 @@ def _read_table(data: str) -> tuple[list[str], list[str], int]:
     Relative URIs are relative to the table's folder, so a table kept beside its
     images works from anywhere. Extra columns (score, margin, ...) are ignored.
     """
-    import pyarrow.csv as pcsv  # pyarrow is a dependency; only tables need it here
-    import pyarrow.parquet as pq
-
     raw = storage.read_bytes(data)
     try:
         if data.lower().endswith(".csv"):
@@ -363,9 +363,6 @@ def _class_axis(labels: list[str], a: list[str], b: list[str], data: str) -> tup
 
 
 def _scored(art: Any, uris: list[str], tta: int, batch_size: int) -> tuple[np.ndarray, list[str]]:
-    # torch: imported when a comparison actually runs, not for reading data or the test.
-    from dragons.predictor import predict_uris
-
     probs, errors = predict_uris(art, uris, tta=tta, batch_size=batch_size)
     return np.asarray(probs, dtype=np.float64), errors
 

@@ -16,6 +16,7 @@ No torch here: resolving a model URI must stay cheap (the CLI and the score driv
 from __future__ import annotations
 
 import contextlib
+import fcntl  # POSIX only, as dragons is (dragons.signals stops on SIGHUP)
 import getpass
 import hashlib
 import json
@@ -233,8 +234,6 @@ def _s3_failure(uri: str, what: str, exc: BaseException) -> DragonsError:
 def _locked(root: str) -> Iterator[None]:
     """An exclusive flock on ROOT/.aliases.lock: released by the kernel when its holder
     dies, so a killed promotion leaves no stale lock behind."""
-    import fcntl  # POSIX only: local registries live on Linux/macOS disks
-
     path = storage.join(root, LOCK_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a+b") as f:

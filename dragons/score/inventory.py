@@ -36,6 +36,9 @@ from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.orc as porc
+import pyarrow.parquet as pq
 
 from dragons import storage
 from dragons.errors import DragonsError
@@ -389,8 +392,6 @@ def _batches(f: InventoryFile, page_rows: int) -> Iterator[pa.RecordBatch | pa.T
     """The file's raw rows, batch by batch, only the columns we use."""
     fs, path = storage.filesystem(f.uri)
     if f.file_format == "CSV":
-        import pyarrow.csv as pcsv
-
         wanted = [c for c in f.columns if c in _WANTED]
         # Every column as a string first: sizes, booleans and dates are parsed by
         # _page, so an unexpected value is a null rather than a failed night.
@@ -404,15 +405,12 @@ def _batches(f: InventoryFile, page_rows: int) -> Iterator[pa.RecordBatch | pa.T
         yield from reader
         return
     if f.file_format == "Parquet":
-        import pyarrow.parquet as pq
-
         pfile = pq.ParquetFile(fs.open_input_file(path))
         present = [n for n in pfile.schema_arrow.names if normalise(n) in _WANTED]
         if KEY not in map(normalise, present):
             raise _fail(f, f"has no 'key' column (columns: {pfile.schema_arrow.names}): is it an S3 Inventory file?")
         yield from pfile.iter_batches(batch_size=max(page_rows, READ_ROWS), columns=present)
         return
-    import pyarrow.orc as porc
 
     ofile = porc.ORCFile(fs.open_input_file(path))
     present = [n for n in ofile.schema.names if normalise(n) in _WANTED]

@@ -26,6 +26,8 @@ from typing import Any
 
 from dragons import storage
 from dragons.errors import DragonsError
+from dragons.score import export
+from dragons.score.export import safe_cell  # CSV cells that open as text, not formulas
 from dragons.score.query import QueryLimits
 from dragons.score.runreport import (
     RunReader,
@@ -137,10 +139,6 @@ def label_studio_tasks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render(rows: list[dict[str, Any]], fmt: str, novelty: bool = False) -> bytes:
     """The batch as bytes; ``novelty``: CSV gets a ``novelty`` column (empty for rows without one)."""
-    from dragons.score.export import (
-        safe_cell,  # CSV cells that open as text, not formulas
-    )
-
     if fmt == "label-studio":
         return (json.dumps(label_studio_tasks(rows), indent=1) + "\n").encode("utf-8")
     text = io.StringIO()
@@ -173,8 +171,6 @@ def write_export(
 ) -> int:
     """Write the batch to the local file ``out`` (complete, or not at all) or stdout; returns its rows.
     ``n``: the least sure rows (None: none), ``novel``: the most novel rows after them (None: none)."""
-    from dragons.score import export
-
     check_format(fmt)
     path = export.check_target("csv", out)  # the same --out checks as `dragons query` (local, folder exists)
     rows = select(table_uri, run_id, n, per_class_, limits, novel)

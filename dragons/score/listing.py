@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from dragons import storage
 from dragons.errors import DragonsError
+from dragons.score.inventory import inventory_files, read_inventory_file
 from dragons.score.schema import LISTING_SCHEMA
 
 PAGE_ROWS = 1000  # S3's page size; local walks emit tables of the same size
@@ -455,8 +456,6 @@ _ROW_DIGITS = 12
 
 
 def _unit_inventory(unit: Unit, page_rows: int) -> Iterator[tuple[pa.Table, pa.Array]]:
-    from dragons.score.inventory import read_inventory_file
-
     start = 0
     after = -1 if unit.after is None else int(unit.after)
     for t in read_inventory_file(unit.file, page_rows):
@@ -471,6 +470,4 @@ def _unit_inventory(unit: Unit, page_rows: int) -> Iterator[tuple[pa.Table, pa.A
 
 def inventory_units(manifest: str, input_uri: str) -> list[Unit]:
     """One unit per inventory data file."""
-    from dragons.score.inventory import inventory_files
-
     return [Unit("inventory", input_uri, file=f) for f in inventory_files(manifest, input_uri)]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -96,8 +97,6 @@ def optimize(root: str, target_size_mb: int) -> dict[str, object]:
     compaction then conflicts (it removed files the table changed under it) and is
     tried again on the new version, up to ``OPTIMIZE_ATTEMPTS`` times. The night's
     appends never conflict with it: they read nothing."""
-    import time
-
     from deltalake.exceptions import CommitFailedError
 
     if target_size_mb <= 0:

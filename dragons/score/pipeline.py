@@ -21,6 +21,8 @@ import logging
 import math
 import os
 import secrets
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -144,7 +146,6 @@ def _check_spool_dir(path: str) -> None:
     """--spool-dir must be a writable folder before any image is read (it is first written after scoring starts)."""
     if not path:
         return
-    import tempfile
 
     try:
         with tempfile.TemporaryFile(dir=path):
@@ -168,8 +169,6 @@ def _table_version(root: str) -> int | None:
 
 def _dry_run(cfg: ScoreConfig, run_id: str, meta: dict[str, Any]) -> dict[str, Any]:
     """List and filter in this process; print what would be scored; write nothing, start no Ray."""
-    import sys
-
     counts = Counts()
     for block in todo_blocks(
         cfg, _table_version(cfg.output), meta["version"], run_id, listing.PAGE_ROWS, report=lambda _, *c: counts.add(*c)

@@ -23,13 +23,14 @@ import contextlib
 import io
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 
 from dragons import storage
 from dragons.errors import DragonsError
+from dragons.score import export
 from dragons.score.engine import QueryLimits, connect_table, guarded, sql_error  # QueryLimits: callers' too
 from dragons.score.schema import COMMIT_COLUMNS, RUN_COLUMNS, SUMMARY_SQL
 
@@ -51,8 +52,6 @@ def parse_as_of(value: str | None) -> int | datetime | None:
             f"--as-of {value!r}: give a table version (e.g. 3) or an ISO timestamp (e.g. 2026-11-28T02:00:00Z)"
         ) from None
     if ts.tzinfo is None:
-        from datetime import timezone
-
         ts = ts.replace(tzinfo=timezone.utc)
     return ts
 
@@ -161,8 +160,6 @@ def run_sql(
 def format_table(t: pa.Table, fmt: str = "table", max_rows: int = 10_000) -> str:
     """``t`` as text in ``fmt`` (table, csv or json): every row, except that the
     terminal ``table`` shows at most ``max_rows`` and then says so on stderr."""
-    from dragons.score import export
-
     reader = pa.RecordBatchReader.from_batches(t.schema, t.to_batches())
     if fmt == "table":
         text = io.StringIO()

@@ -37,10 +37,13 @@ import numpy as np
 
 from dragons import htmlkit, storage
 from dragons.columns import NOVELTY
-from dragons.errors import DragonsError
+from dragons.decode import read_one, row_error
+from dragons.errors import DragonsError, require_plotting
 from dragons.htmlkit import Markup, tag
+from dragons.images import DecodeOptions, decode
 from dragons.rowerrors import ERROR_KIND, LEGACY_KIND_SQL
 from dragons.score.engine import QueryLimits, guarded
+from dragons.score.query import connect
 
 SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.html"
@@ -77,8 +80,6 @@ class RunReader:
     with every query under the ``--timeout`` and ``--memory-limit`` of ``dragons query``."""
 
     def __init__(self, table_uri: str, limits: QueryLimits | None = None) -> None:
-        from dragons.score.query import connect
-
         self.table_uri = table_uri
         self.limits = limits or QueryLimits()
         self.con = connect(table_uri, limits=self.limits)
@@ -364,9 +365,6 @@ class _Thumbnailer:
 
     def one(self, uri: str) -> str | None:
         """Write ``uri``'s thumbnail; None when written, else why not (as the table's error rows say it)."""
-        from dragons.decode import read_one, row_error
-        from dragons.images import DecodeOptions, decode
-
         data = read_one(uri)  # the listed key verbatim, as scoring read it
         if isinstance(data, str):
             return storage.redact(data)
@@ -760,8 +758,6 @@ def write_run_report(
     table (default: its newest complete run); returns the summary.
 
     ``out_dir`` is a local folder or ``s3://`` (built locally, then uploaded)."""
-    from dragons.errors import require_plotting
-
     opts = ReportOptions(top=top, surest=surest, bins=bins, thumb_px=thumb_px, novel=novel)
     opts.validate()
     require_plotting("dragons report")  # before any query: the report extra is optional

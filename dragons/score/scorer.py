@@ -21,6 +21,7 @@ from dragons import artifact, storage
 from dragons.columns import NOVELTY, prediction_columns, prob_column
 from dragons.decode import DecodeBatch
 from dragons.errors import DragonsError
+from dragons.predictor import Predictor
 from dragons.rowerrors import ERROR_KIND, ErrorKind
 from dragons.score.schema import PASSTHROUGH
 
@@ -96,8 +97,6 @@ class Scorer:
         chunk: int = 8,
         pinned: tuple[str, list[str]] | None = None,
     ) -> None:
-        from dragons.predictor import Predictor
-
         self.art = artifact.load(model_uri)
         if pinned is not None:
             check_pinned(model_uri, self.art.version, self.art.classes, *pinned)

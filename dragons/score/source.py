@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,11 +21,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from dragons import storage
 from dragons.errors import DragonsError
 from dragons.score import listing
 from dragons.score.config import ScoreConfig
+from dragons.score.incremental import Skips, load_skips
+from dragons.score.inventory import inventory_pages
 from dragons.score.schema import LISTING_SCHEMA
 
 log = logging.getLogger("dragons.score")
@@ -66,9 +71,6 @@ def _manifest_pages(uri: str, page_rows: int) -> Iterator[pa.Table]:
     ``uri`` is required; ``size``, ``etag`` and ``last_modified`` are used when the file
     has them (a manifest written from a listing or an inventory): a size lets the scoring
     actor refuse an object over --max-bytes unread, as from a listing."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
     fs, path = storage.filesystem(uri)
     shown = storage.redact(uri)
     types = {f.name: f.type for f in LISTING_SCHEMA}
@@ -127,8 +129,6 @@ def listing_pages(cfg: ScoreConfig) -> Iterator[pa.Table]:
     if not cfg.input:
         raise DragonsError("give --input (a prefix to score) or --manifest (a file of URIs)")
     if cfg.inventory:
-        from dragons.score.inventory import inventory_pages
-
         yield from inventory_pages(cfg.inventory, cfg.input, listing.PAGE_ROWS)
         return
     yield from listing.iter_listing(cfg.input)
@@ -209,8 +209,6 @@ class CountsActor:
 
 def load_run_skips(cfg: ScoreConfig, version: int | None, model_version: str, run_id: str) -> Any:
     """The run's skip sets as of ``version``, within --skip-memory-limit."""
-    from dragons.score.incremental import load_skips
-
     return load_skips(
         cfg.output,
         version,
@@ -247,8 +245,6 @@ def _load_skips(
     """A stream's skip sets: the driver's files when the stream runs on its node, else built here."""
     if shared is not None:
         import ray
-
-        from dragons.score.incremental import Skips
 
         if ray.get_runtime_context().get_node_id() == shared.node and all(
             os.path.exists(p) for p in (shared.done, shared.known)
@@ -292,8 +288,6 @@ def new_counts() -> Any:
     """The actor that holds a streamed listing's counts, beside the driver: a lost
     worker node must not take the run's counts with it. Named (``COUNTS_ACTOR_PREFIX``
     and a random suffix) so that an operator or a test can find the streams' processes."""
-    import secrets
-
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

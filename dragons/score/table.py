@@ -29,6 +29,7 @@ import re
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
@@ -326,8 +327,6 @@ class RunWriter:
 
     def _hand_off(self) -> None:
         """Queue the pending rows as the next part; the committer thread commits it."""
-        from concurrent.futures import ThreadPoolExecutor
-
         self._raise_failed()
         while len(self._inflight) >= 2:  # commits slower than scoring: wait, rather than queue spools without end
             self._inflight.pop(0).result()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from dragons import runlog
@@ -106,8 +107,6 @@ def _quiet_logs() -> None:
 
 def _shards(ctx: WorkerContext, rank: int, world_size: int) -> tuple[StreamShard, StreamShard]:
     """This rank's train and valid rows, decoded by Ray Data as the worker goes."""
-    import ray
-
     cfg = ctx.cfg
     rows: dict[str, dict[str, np.ndarray]] = {
         k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in ctx.rows.items()

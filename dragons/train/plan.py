@@ -27,6 +27,7 @@ from dragons import storage
 from dragons.columns import check_classes
 from dragons.data import ImageFolder, discover
 from dragons.dataconfig import DataConfig
+from dragons.decode import ScanBatch
 from dragons.errors import DragonsError
 from dragons.models.registry import ArchSpec, build_model
 from dragons.raycluster import DATA_CPU_SHARE, cluster, data_tasks
@@ -205,8 +206,6 @@ def scan_folder(
     Memory: only a few numbers per image come back to the driver.
     """
     import ray.data
-
-    from dragons.decode import ScanBatch
 
     rows = [{"uri": s.uri, "pos": i, "split": "train"} for i, s in enumerate(folder.train)]
     rows += [{"uri": s.uri, "pos": i, "split": "valid"} for i, s in enumerate(folder.valid)]

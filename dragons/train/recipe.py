@@ -39,6 +39,7 @@ import json
 from typing import Any
 
 from dragons.dataconfig import DEFAULT_CROP_PCT
+from dragons.errors import DragonsError
 from dragons.train.config import AUTO, AUTO_AUGMENT, TrainConfig
 
 RECIPE_FILE = "recipe.json"  # in the run's folder: what resolve decided at the run's start
@@ -136,8 +137,6 @@ def to_json(cfg: TrainConfig, chosen: dict[str, Any], classes: list[str], n_trai
 
 def from_json(raw: bytes, where: str) -> dict[str, Any]:
     """A RECIPE_FILE's contents, checked."""
-    from dragons.errors import DragonsError
-
     try:
         saved = json.loads(raw)
         if not isinstance(saved.get("settings"), dict) or not isinstance(saved.get("classes"), list):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import ray
 
 from dragons import artifact, raycompat, storage
 from dragons.calibration import Calibration, apply_temperature, calibrate
@@ -119,7 +120,6 @@ def fit(plan: Plan) -> Fitted:
 
 def _trainer(plan: Plan, resolved: Resolved, sizing: Sizing) -> Any:
     """Ray's TorchTrainer for the plan; the workers run dragons.train.loop."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

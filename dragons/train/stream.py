@@ -27,6 +27,8 @@ batches whose sizes differ by at most one (:func:`split_sizes`).
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -166,9 +168,6 @@ class StreamShard:
         reads and decodes overlap on ``DecodeBatch``'s I/O threads (PIL and torch
         release the GIL). What a CPU cluster saves: a decode process per worker
         (~0.11 GB and seconds of imports each) and a copy through the object store."""
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
-
         from dragons.decode import DecodeBatch
 
         decode = DecodeBatch(self.base_size, self.max_pixels, io_threads=DECODE_IO_THREADS)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dragons import novelty
 from dragons.runlog import say
 from dragons.telemetry import TrainMetrics
 from dragons.train import checkpoint
@@ -112,8 +113,6 @@ class Trainer:
 
         When the body never trained (the head recipe) the precomputed eval-view features are the
         final model's: no image is read again. Otherwise one eval pass over both shards."""
-        from dragons import novelty
-
         worker, feats = self.worker, self.feats
         if feats is not None and "head" in self.phases and self.phases[-1] == "head":
             n = len(self.train)  # rows k * n + i hold view k: view 0 is the eval view
