@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_layers import _modules
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Module (or package) -> why importing it is heavy. A dotted key is heavy on top of its parent.
@@ -47,16 +49,7 @@ HEAVY: dict[str, str] = {
 }
 
 
-def _modules() -> dict[str, Path]:
-    out = {}
-    for path in sorted((REPO / "dragons").rglob("*.py")):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        out[name] = path
-    return out
-
-
-MODULES = _modules()
+MODULES = _modules()  # every dragons module by name, as test_layers reads them
 
 
 def _is_type_checking(node: ast.AST) -> bool:
