@@ -1,9 +1,13 @@
 """Run in a subprocess by tests/test_drills.py: a 2-node Ray cluster on this
-machine (ray.cluster_utils.Cluster, own RAY_TMPDIR), one node killed while
-dragons scores or trains on it. Prints one JSON line with what happened.
+machine (ray.cluster_utils.Cluster, own RAY_TMPDIR), a node killed while
+dragons scores on it, then another node added and killed while dragons trains
+on it. Prints one JSON line a drill with what happened.
 
-    python tests/drill_node_loss.py score MODEL INPUT OUTPUT RUN_ID
+    python tests/drill_node_loss.py score MODEL INPUT OUTPUT RUN_ID [train DATA OUT STORAGE]
     python tests/drill_node_loss.py train DATA OUT STORAGE
+
+One cluster for both drills: its start and the driver's imports (torch, Ray)
+are paid once; the training drill's worker node is a fresh one either way.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def node_args() -> dict:
 def main() -> None:
     from ray.cluster_utils import Cluster
 
-    mode, *args = sys.argv[1:]
+    drills = _drills(sys.argv[1:])
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -49,21 +53,31 @@ def main() -> None:
             "dashboard_port": _free_port(),
         },
     )
-    victim = cluster.add_node(**node_args())
-    cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address  # dragons' ensure_ray joins it
-    events: dict = {"killed": None, "added": False}
     try:
-        if mode == "score":
-            out = _score(cluster, victim, events, *args)
-        else:
-            out = _train(cluster, victim, events, *args)
+        for mode, args in drills:
+            victim = cluster.add_node(**node_args())  # a fresh worker node for each drill
+            cluster.wait_for_nodes()
+            events: dict = {"killed": None, "added": False}
+            out = (_score if mode == "score" else _train)(cluster, victim, events, *args)
+            print(f"DRILL {mode} " + json.dumps({**events, **out}), flush=True)
     finally:
         import ray
 
         ray.shutdown()
         cluster.shutdown()
-    print("DRILL " + json.dumps({**events, **out}), flush=True)
+
+
+def _drills(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """``score`` takes 4 arguments, ``train`` 3; either or both, in order."""
+    drills, arity = [], {"score": 4, "train": 3}
+    while argv:
+        mode = argv[0]
+        if mode not in arity or len(argv) < 1 + arity[mode]:
+            raise SystemExit(__doc__)
+        drills.append((mode, argv[1 : 1 + arity[mode]]))
+        argv = argv[1 + arity[mode] :]
+    return drills
 
 
 def _kill_during(cluster, victim, events: dict, ready, work, replace: bool):  # type: ignore[no-untyped-def]

@@ -54,6 +54,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("step_speed.py", ["--smallest"], r"fwd\+bwd \d+\.\d ms/img"),
     ("memtop.py", ["true"], r"^MEMTOP rc=0 wall="),
     ("memrun.sh", ["true"], r"^MEMRUN rc=0 wall="),
+    ("suite_cpu.py", ["--", "sleep", "2"], r"^  \"busy_cpu_s\": \d"),
 ]
 
 

@@ -273,50 +273,60 @@ def test_permission_denied_on_input_and_output(
     assert proxy.stats.faults["deny"] >= 3
 
 
-def _node_drill(args: list[str], tmp_path: Path) -> dict:
+@pytest.fixture(scope="module")
+def node_drills(tiny_model: str, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Both node-loss drills in one run of tests/drill_node_loss.py: one 2-node cluster,
+    a node lost while scoring, then a fresh node lost while training (each drill's
+    figures come back as its own line)."""
+    from dragons.local.synth import write_dataset
+
+    tmp = tmp_path_factory.mktemp("node-drills")
+    client = storage.boto3_client()
+    for i in range(NODE_DRILL_IMAGES):
+        client.put_object(Bucket=bucket, Key=f"drill-node/img{i:04d}.jpg", Body=jpeg(i % 20, size=(320, 240)))
+    write_dataset(str(tmp / "data"), ["drogon", "viserion"], n_train=12, n_valid=6, seed=5, size=(96, 72))
+    storage.upload_dir(tmp / "data", f"s3://{bucket}/drill-node-train")
+    args = [
+        *("score", tiny_model, f"s3://{bucket}/drill-node", f"s3://{bucket}/tables/drill-node", "node-loss"),
+        *(
+            "train",
+            f"s3://{bucket}/drill-node-train",
+            f"s3://{bucket}/models/drill-node",
+            f"s3://{bucket}/drill-node-runs",
+        ),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ray_tmp = Path("/tmp") / f"rn{os.getpid()}{int(time.time() * 1000) % 100000}"
     ray_tmp.mkdir()
     env.update({"RAY_TMPDIR": str(ray_tmp), "DRAGONS_PROGRESS_BARS": "0"})
     try:
-        p = _run_group([sys.executable, str(REPO / "tests" / "drill_node_loss.py"), *args], tmp_path, env, 540)
+        p = _run_group([sys.executable, str(REPO / "tests" / "drill_node_loss.py"), *args], tmp, env, 900)
     finally:
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
-    lines = [line for line in p.stdout.splitlines() if line.startswith("DRILL ")]
-    assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-5000:]
-    return json.loads(lines[-1][len("DRILL ") :])
+    found = {}
+    for line in p.stdout.splitlines():
+        if line.startswith("DRILL "):
+            mode, figures = line[len("DRILL ") :].split(" ", 1)
+            found[mode] = json.loads(figures)
+    assert p.returncode == 0 and set(found) == {"score", "train"}, (p.stdout + p.stderr)[-5000:]
+    return found
+
+
+NODE_DRILL_IMAGES = 160
 
 
 @pytest.mark.slow
-def test_node_lost_during_scoring(tiny_model: str, bucket: str, tmp_path: Path) -> None:
-    n = 160
-    client = storage.boto3_client()
-    for i in range(n):
-        client.put_object(Bucket=bucket, Key=f"drill-node/img{i:04d}.jpg", Body=jpeg(i % 20, size=(320, 240)))
-    out = f"s3://{bucket}/tables/drill-node"
-    res = _node_drill(["score", tiny_model, f"s3://{bucket}/drill-node", out, "node-loss"], tmp_path)
+def test_node_lost_during_scoring(node_drills: dict[str, dict], bucket: str) -> None:
+    res, n = node_drills["score"], NODE_DRILL_IMAGES
     assert res["killed"], res
     assert res["listed"] == res["rows"] == n and res["errors"] == 0, res
-    counts = Counter(r["uri"] for r in rows_of(out, "node-loss"))
+    counts = Counter(r["uri"] for r in rows_of(f"s3://{bucket}/tables/drill-node", "node-loss"))
     assert len(counts) == n and set(counts.values()) == {1}
 
 
 @pytest.mark.slow
-def test_node_lost_during_training_resumes(bucket: str, tmp_path: Path) -> None:
-    from dragons.local.synth import write_dataset
-
-    local = tmp_path / "data"
-    write_dataset(str(local), ["drogon", "viserion"], n_train=12, n_valid=6, seed=5, size=(96, 72))
-    storage.upload_dir(local, f"s3://{bucket}/drill-node-train")
-    res = _node_drill(
-        [
-            "train",
-            f"s3://{bucket}/drill-node-train",
-            f"s3://{bucket}/models/drill-node",
-            f"s3://{bucket}/drill-node-runs",
-        ],
-        tmp_path,
-    )
+def test_node_lost_during_training_resumes(node_drills: dict[str, dict], bucket: str) -> None:
+    res = node_drills["train"]
     assert res["killed"] and res["added"], res
     assert res["resumes"] >= 1 and res["epochs"] >= 2, res
     assert storage.exists(f"s3://{bucket}/models/drill-node/model.json")

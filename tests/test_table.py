@@ -456,10 +456,11 @@ def test_concurrent_writers_same_id_are_fenced(bucket: str) -> None:
 def _rows_of(table: str, run_id: str) -> int:
     from deltalake import DeltaTable
 
-    from dragons.score.table import storage_options, table_uri
+    from dragons.score.table import table_uri
+    from dragons.storage import delta_options
 
     uri = table_uri(table)
-    if not DeltaTable.is_deltatable(uri, storage_options=storage_options(uri)):
+    if not DeltaTable.is_deltatable(uri, storage_options=delta_options(uri)):
         return 0
     return _count(table, f"run_id = '{run_id}'")
 
@@ -538,7 +539,7 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
     import duckdb_extension_delta
     import polars as pl
 
-    from dragons.score.table import storage_options
+    from dragons.storage import delta_options
 
     for table in (str(tmp_path / "t"), f"s3://{bucket}/tables/engines"):
         _commit(table, "e1", 40)
@@ -549,7 +550,7 @@ def test_other_engines_read_the_same_rows(bucket: str, tmp_path: Path) -> None:
             for r in run_sql(table, "SELECT run_id, count(*) AS n FROM scores GROUP BY 1").to_pylist()
         }
         assert ours == {"e1": 30, "e2": 25}
-        pol = pl.scan_delta(table, storage_options=storage_options(table) or None).group_by("run_id").len().collect()
+        pol = pl.scan_delta(table, storage_options=delta_options(table) or None).group_by("run_id").len().collect()
         assert dict(zip(pol["run_id"].to_list(), pol["len"].to_list())) == ours
         if table.startswith("s3://"):
             continue  # DuckDB's delta_scan on S3 needs the httpfs extension and S3 secrets; local shows the same files

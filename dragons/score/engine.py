@@ -116,8 +116,9 @@ def connect_table(
     dataset on demand and pushes column selection and filters into the scan."""
     import duckdb
 
-    with storage.delta_errors(table if isinstance(table, str) else table.table_uri, "read"):
-        dt = open_table(table, as_of) if isinstance(table, str) else table
+    # A root is opened (and its errors named) by open_table; an open table's scan is read here.
+    dt = open_table(table, as_of) if isinstance(table, str) else table
+    with storage.delta_errors(dt.table_uri, "read"):
         data = dt.to_pyarrow_dataset()
     con = new_connection(limits or QueryLimits())
     try:

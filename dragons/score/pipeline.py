@@ -162,7 +162,7 @@ def _table_version(root: str) -> int | None:
 
     uri = table.table_uri(root)
     with storage.delta_errors(uri, "read"):
-        if not DeltaTable.is_deltatable(uri, storage_options=table.storage_options(uri)):
+        if not DeltaTable.is_deltatable(uri, storage_options=storage.delta_options(uri)):
             return None
     return int(table.open_table(root).version())
 

@@ -56,11 +56,6 @@ def check_run_id(run_id: str) -> None:
 # ---------------------------------------------------------------- location
 
 
-def storage_options(uri: str) -> dict[str, str]:
-    """delta-rs object-store options for the table at ``uri`` (``storage.delta_options``)."""
-    return storage.delta_options(uri)
-
-
 def check_output(root: str) -> None:
     """Fail before any image is read when the output cannot be written (a missing
     bucket, a wrong endpoint, a read-only credential): storage's write probe, whose
@@ -463,7 +458,7 @@ class RunWriter:
                         partition_by=[PARTITION],
                         # A model with other classes adds its p_<class> columns (older rows read NULL there).
                         schema_mode="merge",
-                        storage_options=storage_options(self.uri),
+                        storage_options=storage.delta_options(self.uri),
                         target_file_size=self.target_file_size,
                         commit_properties=props,
                     )
@@ -589,7 +584,7 @@ def bound_model_version(root: str, run_id: str) -> str | None:
 
     uri = table_uri(root)
     with storage.delta_errors(uri, "read"):
-        if not DeltaTable.is_deltatable(uri, storage_options=storage_options(uri)):
+        if not DeltaTable.is_deltatable(uri, storage_options=storage.delta_options(uri)):
             return None
         dt = open_table(root)
         if not dt.transaction_version(app_id(run_id)):
@@ -607,7 +602,7 @@ def _open_or_create(uri: str, schema_: pa.Schema) -> Any:
     from deltalake import DeltaTable, write_deltalake
     from deltalake.transaction import CommitProperties
 
-    opts = storage_options(uri)
+    opts = storage.delta_options(uri)
     if not DeltaTable.is_deltatable(uri, storage_options=opts):
         try:
             write_deltalake(
