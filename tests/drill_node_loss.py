@@ -1,7 +1,7 @@
 """Run in a subprocess by tests/test_drills.py: a 2-node Ray cluster on this
 machine (ray.cluster_utils.Cluster, own RAY_TMPDIR), a node killed while
 dragons scores on it, then another node added and killed while dragons trains
-on it. Prints one JSON line a drill with what happened.
+on it. Prints one JSON line per drill with what happened.
 
     python tests/drill_node_loss.py score MODEL INPUT OUTPUT RUN_ID [train DATA OUT STORAGE]
     python tests/drill_node_loss.py train DATA OUT STORAGE

@@ -273,6 +273,9 @@ def test_permission_denied_on_input_and_output(
     assert proxy.stats.faults["deny"] >= 3
 
 
+NODE_DRILL_IMAGES = 160
+
+
 @pytest.fixture(scope="module")
 def node_drills(tiny_model: str, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Both node-loss drills in one run of tests/drill_node_loss.py: one 2-node cluster,
@@ -310,9 +313,6 @@ def node_drills(tiny_model: str, bucket: str, tmp_path_factory: pytest.TempPathF
             found[mode] = json.loads(figures)
     assert p.returncode == 0 and set(found) == {"score", "train"}, (p.stdout + p.stderr)[-5000:]
     return found
-
-
-NODE_DRILL_IMAGES = 160
 
 
 @pytest.mark.slow
